@@ -125,7 +125,7 @@ float E2m1ToFloat(uint8_t code) {
 
 uint8_t FloatToE2m1(float value) {
   const uint8_t sign = std::signbit(value) ? 0x8 : 0x0;
-  const float magnitude = std::fabs(value);
+  const float magnitude = std::min(std::fabs(value), 6.0f);  // saturate (also +-inf)
   int best = 0;
   float best_distance = std::numeric_limits<float>::infinity();
   for (int code = 0; code < 8; ++code) {

@@ -130,6 +130,8 @@ void Attention(const LayerContext& ctx, const std::vector<float>& y, std::vector
   }
 
   std::vector<float> o(static_cast<size_t>(T * H * hd), 0.0f);
+  // Indexer choices per token (-1 padded), for the trace.
+  std::vector<int32_t> selected(ratio == 4 && ctx.trace ? static_cast<size_t>(T * c.index_topk) : 0, -1);
   const float softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   for (const auto& chunk : ctx.chunks) {
     // Window keys: positions [first, start + count), old ones from the state's ring.
@@ -165,6 +167,9 @@ void Attention(const LayerContext& ctx, const std::vector<float>& y, std::vector
         const int64_t visible = ratio > 0 ? (p + 1) / ratio : 0;
         if (ratio == 128 || (ratio == 4 && visible <= c.index_topk)) {
           for (int64_t j = 0; j < visible; ++j) candidates.push_back(compressed.data() + j * hd);
+          if (!selected.empty()) {
+            for (int64_t j = 0; j < visible; ++j) selected[t * c.index_topk + j] = static_cast<int32_t>(j);
+          }
         } else if (ratio == 4) {
           index_scores.assign(static_cast<size_t>(visible), 0.0f);
           for (int64_t j = 0; j < visible; ++j) {
@@ -178,7 +183,11 @@ void Attention(const LayerContext& ctx, const std::vector<float>& y, std::vector
             }
             index_scores[j] = static_cast<float>(s);
           }
-          for (int64_t j : TopK(index_scores, c.index_topk)) candidates.push_back(compressed.data() + j * hd);
+          const auto top = TopK(index_scores, c.index_topk);
+          for (size_t n = 0; n < top.size(); ++n) {
+            candidates.push_back(compressed.data() + top[n] * hd);
+            if (!selected.empty()) selected[t * c.index_topk + static_cast<int64_t>(n)] = static_cast<int32_t>(top[n]);
+          }
         }
         scores.resize(candidates.size());
         for (int64_t h = 0; h < H; ++h) {
@@ -210,6 +219,7 @@ void Attention(const LayerContext& ctx, const std::vector<float>& y, std::vector
       std::copy_n(e + format.data_bytes(), format.scale_bytes(), slot.scales);
     }
   }
+  if (!selected.empty()) ctx.trace->Append(ctx.trace_prefix + "attn.indexer.topk", c.index_topk, selected);
   kernels::ApplyRope(o.data(), T, H * hd, H, hd, nope, rd, pos, ctx.inv_freq, true);
 
   // Grouped low-rank output: group g's heads through wo_a[g], then wo_b over all groups.

@@ -137,6 +137,12 @@ void HcHead(const ModelConfig& c, const HcHeadWeights& w, const float* x, int64_
 
 }  // namespace internal
 
+void ForwardTrace::Append(const std::string& name, int64_t cols, std::span<const int32_t> row_major) {
+  auto& table = tables[name];
+  table.cols = cols;
+  table.values.insert(table.values.end(), row_major.begin(), row_major.end());
+}
+
 absl::Status Dsv4Model::CheckBatch(std::span<const SequenceChunk> batch, bool mtp, int64_t* total) const {
   const auto& c = config();
   *total = 0;
@@ -163,7 +169,7 @@ absl::Status Dsv4Model::CheckBatch(std::span<const SequenceChunk> batch, bool mt
 }
 
 void Dsv4Model::RunLayer(const LayerWeights& layer, std::span<const SequenceChunk> batch, bool mtp,
-                         std::vector<float>& x) const {
+                         std::vector<float>& x, ForwardTrace* trace) const {
   const auto& c = config();
   std::vector<ChunkRows> chunks;
   std::vector<int64_t> positions;
@@ -180,7 +186,8 @@ void Dsv4Model::RunLayer(const LayerWeights& layer, std::span<const SequenceChun
   const int64_t T = offset;
   const int ratio = mtp ? 0 : layer.spec.compress_ratio;
   LayerContext ctx{c, layer, layer.spec.layer_id, ratio,
-                   ratio > 0 ? rope_.compressed.data() : rope_.plain.data(), chunks, positions};
+                   ratio > 0 ? rope_.compressed.data() : rope_.plain.data(), chunks, positions, trace,
+                   mtp ? std::string("mtp.0.") : absl::StrCat("layers.", layer.spec.layer_id, ".")};
   std::vector<float> y, post, comb, out(static_cast<size_t>(T * c.hidden_size));
   internal::HcPre(c, layer.hc_attn, x, T, y, post, comb);
   kernels::RmsNorm(y.data(), T, c.hidden_size, layer.attn_norm.data(), static_cast<float>(c.rms_norm_eps), y.data());
@@ -219,7 +226,7 @@ void Dsv4Model::Head(std::span<const SequenceChunk> batch, const HcHeadWeights& 
 }
 
 absl::Status Dsv4Model::Forward(std::span<const SequenceChunk> batch, const HiddenStates* input, HiddenStates* output,
-                                ForwardResult* result) const {
+                                ForwardResult* result, ForwardTrace* trace) const {
   const auto& w = *weights_;
   const auto& c = config();
   int64_t T = 0;
@@ -245,7 +252,7 @@ absl::Status Dsv4Model::Forward(std::span<const SequenceChunk> batch, const Hidd
     }
     x = input->values;
   }
-  for (const auto& layer : w.layers) RunLayer(layer, batch, false, x);
+  for (const auto& layer : w.layers) RunLayer(layer, batch, false, x, trace);
   for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
   if (w.is_last_stage()) {
     if (!result) return absl::InvalidArgumentError("the last pipeline stage needs a result");
@@ -259,7 +266,7 @@ absl::Status Dsv4Model::Forward(std::span<const SequenceChunk> batch, const Hidd
 }
 
 absl::Status Dsv4Model::ForwardMtp(std::span<const SequenceChunk> batch, std::span<const float> hidden,
-                                   ForwardResult* result) const {
+                                   ForwardResult* result, ForwardTrace* trace) const {
   const auto& w = *weights_;
   const auto& c = config();
   if (!w.mtp) return absl::FailedPreconditionError("this model was loaded without its MTP layer");
@@ -288,7 +295,7 @@ absl::Status Dsv4Model::ForwardMtp(std::span<const SequenceChunk> batch, std::sp
   for (int64_t t = 0; t < T; ++t)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t d = 0; d < D; ++d) x[(t * M + m) * D + d] += e_proj[t * D + d];
-  RunLayer(mtp.layer, batch, true, x);
+  RunLayer(mtp.layer, batch, true, x, trace);
   for (const auto& chunk : batch) {
     chunk.state->set_mtp_length(chunk.state->mtp_length() + static_cast<int64_t>(chunk.tokens.size()));
   }

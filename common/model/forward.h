@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <memory>
 #include <span>
 #include <vector>
@@ -27,6 +29,18 @@ struct HiddenStates {
   std::vector<float> values;
 };
 
+// Discrete decisions the forward took, by name ("layers.3.ffn.experts" [T, k], "layers.1.attn.indexer.topk"
+// [T, index_topk] padded with -1, "mtp.0.ffn.experts"), appended row by row across calls. For EPLB's
+// expert-load counts and for checking a reference implementation against the same choices.
+struct ForwardTrace {
+  struct Table {
+    int64_t cols = 0;
+    std::vector<int32_t> values;
+  };
+  std::map<std::string, Table> tables;
+  void Append(const std::string& name, int64_t cols, std::span<const int32_t> row_major);
+};
+
 struct ForwardResult {
   // [rows, vocab]: per chunk, every token's row when all_logits, else its last token's row.
   std::vector<float> logits;
@@ -46,13 +60,13 @@ class Dsv4Model {
   // take the previous stage's hidden states. The last stage fills `result`; earlier ones fill
   // `output`. Every chunk's state advances by its token count.
   absl::Status Forward(std::span<const SequenceChunk> batch, const HiddenStates* input, HiddenStates* output,
-                       ForwardResult* result) const;
+                       ForwardResult* result, ForwardTrace* trace = nullptr) const;
 
   // One MTP step per chunk token: chunk.tokens are the *next* tokens (t_{q+1}); `hidden` holds the
   // target's pre-hc_head streams of positions q ([tokens, hc_mult*hidden]); positions continue from
   // state->mtp_length(). Fills draft logits (rows as in Forward) and the draft's own pre-head streams.
   absl::Status ForwardMtp(std::span<const SequenceChunk> batch, std::span<const float> hidden,
-                          ForwardResult* result) const;
+                          ForwardResult* result, ForwardTrace* trace = nullptr) const;
 
  private:
   struct Rope {
@@ -60,8 +74,8 @@ class Dsv4Model {
     std::vector<double> compressed;  // compress_rope_theta with YaRN
   };
   absl::Status CheckBatch(std::span<const SequenceChunk> batch, bool mtp, int64_t* total) const;
-  void RunLayer(const LayerWeights& layer, std::span<const SequenceChunk> batch, bool mtp,
-                std::vector<float>& x) const;
+  void RunLayer(const LayerWeights& layer, std::span<const SequenceChunk> batch, bool mtp, std::vector<float>& x,
+                ForwardTrace* trace) const;
   void Head(std::span<const SequenceChunk> batch, const HcHeadWeights& hc_head, const std::vector<float>& norm,
             const std::vector<float>& x, ForwardResult* result) const;
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "common/model/forward.h"
@@ -26,6 +27,8 @@ struct LayerContext {
   const double* inv_freq;    // rope frequencies of this layer
   std::span<const ChunkRows> chunks;
   std::span<const int64_t> positions;  // [T]
+  ForwardTrace* trace;       // may be null
+  std::string trace_prefix;  // "layers.3." or "mtp.0."
 };
 
 // y: [T, D] normalized attention input. Writes out [T, D]. Updates the window, compressed entries,

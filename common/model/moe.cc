@@ -43,6 +43,7 @@ void Moe(const LayerContext& ctx, const std::vector<float>& y, std::span<const i
   std::vector<std::vector<float>> expert_weights(static_cast<size_t>(E));
   std::vector<double> score(static_cast<size_t>(E));
   std::vector<int64_t> chosen(static_cast<size_t>(k));
+  std::vector<int32_t> trace_rows;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t e = 0; e < E; ++e) score[e] = SqrtSoftplus(logits[t * E + e]);
     if (ctx.layer.spec.hash_routed) {
@@ -56,6 +57,7 @@ void Moe(const LayerContext& ctx, const std::vector<float>& y, std::span<const i
       });
       std::copy_n(order.begin(), k, chosen.begin());
     }
+    if (ctx.trace) trace_rows.insert(trace_rows.end(), chosen.begin(), chosen.end());
     double sum = 0.0;
     for (int64_t i = 0; i < k; ++i) sum += score[chosen[i]];
     for (int64_t i = 0; i < k; ++i) {
@@ -64,6 +66,7 @@ void Moe(const LayerContext& ctx, const std::vector<float>& y, std::span<const i
     }
   }
 
+  if (ctx.trace) ctx.trace->Append(ctx.trace_prefix + "ffn.experts", k, trace_rows);
   RunExpert(w.shared, y.data(), T, limit, out.data());
   std::vector<float> gathered, result;
   for (int64_t e = 0; e < E; ++e) {

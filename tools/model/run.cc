@@ -1,6 +1,7 @@
 // tandem-model run | forward: the offline DSV4 forward, optionally split into chained pipeline slices.
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 
@@ -9,6 +10,7 @@
 #include "common/core/logging.h"
 #include "common/kernels/kernels.h"
 #include "common/model/forward.h"
+#include "common/model/safetensors.h"
 #include "tools/model/commands.h"
 
 namespace tandem::tools {
@@ -78,13 +80,14 @@ class Pipeline {
   const model::Dsv4Model& last() const { return *stages_.back(); }
   model::SequenceState& last_state() { return *states_.back(); }
 
-  absl::Status Step(std::span<const int32_t> tokens, bool all_logits, model::ForwardResult* result) {
+  absl::Status Step(std::span<const int32_t> tokens, bool all_logits, model::ForwardResult* result,
+                    model::ForwardTrace* trace = nullptr) {
     model::HiddenStates hidden, next;
     for (size_t s = 0; s < stages_.size(); ++s) {
       model::SequenceChunk chunk{states_[s].get(), tokens, all_logits};
       const bool last = s + 1 == stages_.size();
       TANDEM_RETURN_IF_ERROR(stages_[s]->Forward({&chunk, 1}, s == 0 ? nullptr : &hidden, last ? nullptr : &next,
-                                                 last ? result : nullptr));
+                                                 last ? result : nullptr, trace));
       std::swap(hidden, next);
     }
     return absl::OkStatus();
@@ -116,17 +119,28 @@ int Fail(const char* command, const absl::Status& status) {
 
 // Prefills `ids` (chunked), appending every token's logits when all_logits; returns the last row.
 absl::Status Prefill(Pipeline& p, const std::vector<int32_t>& ids, int64_t chunk_size, bool all_logits,
-                     std::vector<float>* logits, std::vector<float>* hidden) {
+                     std::vector<float>* logits, std::vector<float>* hidden, model::ForwardTrace* trace = nullptr) {
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t step = chunk_size > 0 ? chunk_size : n;
   for (int64_t begin = 0; begin < n; begin += step) {
     const int64_t count = std::min(step, n - begin);
     model::ForwardResult result;
-    TANDEM_RETURN_IF_ERROR(p.Step({ids.data() + begin, static_cast<size_t>(count)}, all_logits || begin + count == n, &result));
+    TANDEM_RETURN_IF_ERROR(
+        p.Step({ids.data() + begin, static_cast<size_t>(count)}, all_logits || begin + count == n, &result, trace));
     if (all_logits || begin + count == n) logits->insert(logits->end(), result.logits.begin(), result.logits.end());
     if (hidden) hidden->insert(hidden->end(), result.pre_head_hidden.begin(), result.pre_head_hidden.end());
   }
   return absl::OkStatus();
+}
+
+absl::Status WriteTrace(const std::string& path, const model::ForwardTrace& trace) {
+  model::SafetensorsWriter writer;
+  for (const auto& [name, table] : trace.tables) {
+    std::vector<uint8_t> bytes(table.values.size() * sizeof(int32_t));
+    std::memcpy(bytes.data(), table.values.data(), bytes.size());
+    writer.Add(name, DType::kI32, {static_cast<int64_t>(table.values.size()) / table.cols, table.cols}, std::move(bytes));
+  }
+  return writer.Write(path);
 }
 
 int32_t Argmax(const float* row, int64_t n) { return static_cast<int32_t>(std::max_element(row, row + n) - row); }
@@ -174,18 +188,23 @@ void AddRunCommands(CLI::App& app, int& exit_code) {
   auto fwd_args = std::make_shared<EngineArgs>();
   auto logits_out = std::make_shared<std::string>();
   auto mtp_out = std::make_shared<std::string>();
+  auto decisions_out = std::make_shared<std::string>();
   auto* forward = app.add_subcommand("forward", "one forward over the prompt; writes every position's logits as .npy");
   AddEngineOptions(forward, *fwd_args);
   forward->add_option("--logits-out", *logits_out, "float32 [T, vocab] .npy")->required();
   forward->add_option("--mtp-logits-out", *mtp_out, "float32 [T-1, vocab] .npy of MTP draft logits (next tokens prompt[1:])");
-  forward->callback([fwd_args, logits_out, mtp_out, &exit_code] {
+  forward->add_option("--decisions-out", *decisions_out,
+                      "safetensors of the discrete choices taken (expert ids, indexer top-k) per layer");
+  forward->callback([fwd_args, logits_out, mtp_out, decisions_out, &exit_code] {
     auto ids = ParseIds(fwd_args->prompt_ids);
     if (!ids.ok()) { exit_code = Fail("forward", ids.status()); return; }
     auto pipeline = Pipeline::Load(*fwd_args);
     if (!pipeline.ok()) { exit_code = Fail("forward", pipeline.status()); return; }
     const auto& c = pipeline->config();
     std::vector<float> logits, hidden;
-    if (auto s = Prefill(*pipeline, *ids, fwd_args->chunk_size, true, &logits, &hidden); !s.ok()) {
+    model::ForwardTrace trace;
+    model::ForwardTrace* tracing = decisions_out->empty() ? nullptr : &trace;
+    if (auto s = Prefill(*pipeline, *ids, fwd_args->chunk_size, true, &logits, &hidden, tracing); !s.ok()) {
       exit_code = Fail("forward", s);
       return;
     }
@@ -196,8 +215,11 @@ void AddRunCommands(CLI::App& app, int& exit_code) {
       std::vector<float> h(hidden.begin(), hidden.begin() + (T - 1) * c.hc_dim());
       model::SequenceChunk chunk{&pipeline->last_state(), next, true};
       model::ForwardResult draft;
-      if (auto s = pipeline->last().ForwardMtp({&chunk, 1}, h, &draft); !s.ok()) { exit_code = Fail("forward", s); return; }
+      if (auto s = pipeline->last().ForwardMtp({&chunk, 1}, h, &draft, tracing); !s.ok()) { exit_code = Fail("forward", s); return; }
       if (auto s = WriteNpy(*mtp_out, draft.logits, T - 1, c.vocab_size); !s.ok()) { exit_code = Fail("forward", s); return; }
+    }
+    if (tracing) {
+      if (auto s = WriteTrace(*decisions_out, trace); !s.ok()) { exit_code = Fail("forward", s); return; }
     }
   });
 }
