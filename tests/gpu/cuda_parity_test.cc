@@ -40,9 +40,25 @@ TEST_F(CudaParity, KvEntriesAreByteIdentical) {
     uint8_t* e = cpu.data() + i * format.entry_bytes();
     QuantizeKvEntry(format, x.data() + i * format.dim(), e, e + format.data_bytes());
   }
-  int64_t mismatches = 0;
-  for (size_t i = 0; i < cpu.size(); ++i) mismatches += cpu[i] != gpu[i];
-  EXPECT_EQ(mismatches, 0) << "of " << cpu.size() << " bytes";
+  // Mismatches by region of the entry, and the first few, so a failure says where to look.
+  int64_t mismatches = 0, by_region[4] = {};
+  std::string first;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    if (cpu[i] == gpu[i]) continue;
+    ++mismatches;
+    const int64_t offset = static_cast<int64_t>(i) % format.entry_bytes();
+    const int region = offset < format.nope_dim ? 0 : offset < format.data_bytes() ? 1 : offset < format.data_bytes() + 7 ? 2 : 3;
+    ++by_region[region];
+    if (mismatches <= 5) {
+      const int64_t entry = static_cast<int64_t>(i) / format.entry_bytes();
+      const int64_t dim = offset < format.nope_dim ? offset
+                          : offset < format.data_bytes() ? format.nope_dim + (offset - format.nope_dim) / 2 : 0;
+      first += " [entry " + std::to_string(entry) + " byte " + std::to_string(offset) + " cpu " + std::to_string(cpu[i]) +
+               " gpu " + std::to_string(gpu[i]) + " x " + std::to_string(x[entry * format.dim() + dim]) + "]";
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << cpu.size() << " bytes; fp8 " << by_region[0] << " rope " << by_region[1]
+                           << " scales " << by_region[2] << " pad " << by_region[3] << ";" << first;
 }
 
 TEST_F(CudaParity, RmsNormMatchesCpu) {

@@ -34,8 +34,9 @@ __global__ void QuantizeKvKernel(const float* x, int64_t nope, int64_t rope, int
     if (lane == 0) e[data_bytes + t] = static_cast<uint8_t>(power + 127);
   }
   for (int64_t i = threadIdx.x; i < rope; i += blockDim.x) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(v[nope + i]);
-    const unsigned short bits = *reinterpret_cast<const unsigned short*>(&h);
+    // bf16 by round-to-nearest-even on the bits, exactly as the CPU's FloatToBf16 (NaN kept quiet).
+    const unsigned int f = __float_as_uint(v[nope + i]);
+    const unsigned int bits = isnan(v[nope + i]) ? ((f >> 16) | 0x40u) : ((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
     e[nope + 2 * i] = static_cast<uint8_t>(bits & 0xff);
     e[nope + 2 * i + 1] = static_cast<uint8_t>(bits >> 8);
   }
