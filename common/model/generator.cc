@@ -7,6 +7,7 @@
 
 #include "common/core/dtype.h"
 #include "common/core/logging.h"
+#include "common/core/random.h"
 #include "common/model/safetensors.h"
 #include "common/model/weights.h"
 
@@ -44,48 +45,7 @@ ModelConfig BaseConfig() {
   return c;
 }
 
-// SplitMix64-seeded xoshiro256**: fast, reproducible per tensor name.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) {
-    for (auto& s : state_) {
-      seed += 0x9e3779b97f4a7c15ull;
-      uint64_t z = seed;
-      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-      s = z ^ (z >> 31);
-    }
-  }
-  uint64_t Next() {
-    const uint64_t result = Rotl(state_[1] * 5, 7) * 9;
-    const uint64_t t = state_[1] << 17;
-    state_[2] ^= state_[0];
-    state_[3] ^= state_[1];
-    state_[1] ^= state_[2];
-    state_[0] ^= state_[3];
-    state_[2] ^= t;
-    state_[3] = Rotl(state_[3], 45);
-    return result;
-  }
-  double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
-  double Normal() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
-    }
-    const double u = std::max(Uniform(), 1e-300), v = Uniform();
-    const double radius = std::sqrt(-2.0 * std::log(u));
-    spare_ = radius * std::sin(2.0 * M_PI * v);
-    has_spare_ = true;
-    return radius * std::cos(2.0 * M_PI * v);
-  }
-
- private:
-  static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  uint64_t state_[4];
-  bool has_spare_ = false;
-  double spare_ = 0.0;
-};
+using Rng = Xoshiro256;
 
 uint64_t HashName(const std::string& name) {
   uint64_t h = 1469598103934665603ull;
