@@ -1,0 +1,86 @@
+// Per-request sampling and finish rules (reference/text-and-api.md §7): validated parameters,
+// penalties over output tokens, temperature/top-k/top-p/min-p, seeded draws, stop ids, min/max tokens.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/core/status.h"
+
+namespace tandem::engine {
+
+// As a client sends them: every field optional, so "not given" and "zero" stay distinct.
+struct SamplingParams {
+  std::optional<double> temperature;
+  std::optional<double> top_p;
+  std::optional<int64_t> top_k;  // -1: all
+  std::optional<double> min_p;
+  std::optional<double> repetition_penalty;
+  std::optional<double> frequency_penalty;
+  std::optional<double> presence_penalty;
+  std::optional<uint64_t> seed;
+  std::optional<int64_t> max_new_tokens;
+  std::optional<int64_t> min_new_tokens;
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;
+  std::vector<std::pair<int32_t, double>> logit_bias;
+};
+
+// Validated and defaulted.
+struct SamplingConfig {
+  bool greedy = true;
+  double temperature = 1.0;
+  double top_p = 1.0;
+  int64_t top_k = -1;
+  double min_p = 0.0;
+  double repetition_penalty = 1.0;
+  double frequency_penalty = 0.0;
+  double presence_penalty = 0.0;
+  uint64_t seed = 0;
+  int64_t max_new_tokens = 128;
+  int64_t min_new_tokens = 0;
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;  // the request's own
+  std::vector<std::pair<int32_t, double>> logit_bias;
+};
+
+// INVALID_ARGUMENT naming the field for anything out of range ("top_p must be in (0, 1], got 1.5").
+// Without a seed, a fresh random one is drawn.
+absl::StatusOr<SamplingConfig> ValidateSampling(const SamplingParams& params, int64_t vocab_size,
+                                                int64_t max_new_tokens_limit);
+
+enum class FinishReason { kNone, kLength, kStop };
+std::string FinishReasonName(FinishReason reason);
+
+class RequestSampler {
+ public:
+  // eos_token_ids: the model's end-of-sequence ids (ignored when ignore_eos).
+  RequestSampler(SamplingConfig config, std::vector<int32_t> eos_token_ids);
+
+  // Picks the next token from one row of logits (modified in place).
+  int32_t Sample(std::span<float> logits);
+  // Records an accepted token and says whether the request is done.
+  FinishReason Accept(int32_t token);
+
+  int64_t generated() const { return generated_; }
+  const SamplingConfig& config() const { return config_; }
+  // The matched stop id when Accept returned kStop (it is not part of the visible output).
+  std::optional<int32_t> matched_stop() const { return matched_stop_; }
+
+ private:
+  double NextUniform();
+  bool IsStop(int32_t token) const;
+
+  SamplingConfig config_;
+  std::vector<int32_t> eos_token_ids_;
+  std::unordered_map<int32_t, int64_t> output_counts_;
+  int64_t generated_ = 0;
+  uint64_t rng_state_;
+  std::optional<int32_t> matched_stop_;
+};
+
+}  // namespace tandem::engine
