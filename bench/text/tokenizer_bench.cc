@@ -1,0 +1,106 @@
+// Single-thread throughput of the text layer on a JSON-lines corpus (one JSON string per line):
+// encode, decode and streaming detokenization. Prints one JSON object; bench_tokenizer.py drives
+// it next to HF `tokenizers` and writes the CSV and plot.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/text/detokenizer.h"
+#include "common/text/tokenizer.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using tandem::text::TokenId;
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Median over `passes` timed runs of `body` (after one untimed warm-up run).
+template <typename Body>
+double MedianSeconds(int passes, Body&& body) {
+  body();
+  std::vector<double> times;
+  for (int i = 0; i < passes; ++i) {
+    const auto start = Clock::now();
+    body();
+    times.push_back(Seconds(start));
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::cerr << "usage: tandem-text-bench TOKENIZER_DIR CORPUS.jsonl [PASSES]\n";
+    return 2;
+  }
+  const int passes = argc > 3 ? std::max(1, std::atoi(argv[3])) : 5;
+  auto loaded = tandem::text::Tokenizer::Load(argv[1]);
+  if (!loaded.ok()) {
+    std::cerr << "tandem-text-bench: " << loaded.status().message() << "\n";
+    return 1;
+  }
+  const tandem::text::Tokenizer& tokenizer = **loaded;
+  std::ifstream in(argv[2]);
+  if (!in) {
+    std::cerr << "tandem-text-bench: cannot open " << argv[2] << "\n";
+    return 1;
+  }
+  std::vector<std::string> texts;
+  size_t bytes = 0;
+  for (std::string line; std::getline(in, line);) {
+    const auto value = nlohmann::json::parse(line, nullptr, false);
+    if (!value.is_string()) continue;
+    texts.push_back(value.get<std::string>());
+    bytes += texts.back().size();
+  }
+
+  std::vector<std::vector<TokenId>> ids(texts.size());
+  size_t tokens = 0;
+  const double encode_s = MedianSeconds(passes, [&] {
+    tokens = 0;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      ids[i] = tokenizer.Encode(texts[i]);
+      tokens += ids[i].size();
+    }
+  });
+  size_t decoded_bytes = 0;
+  const double decode_s = MedianSeconds(passes, [&] {
+    decoded_bytes = 0;
+    for (const auto& list : ids) decoded_bytes += tokenizer.Decode(list).size();
+  });
+  const double stream_s = MedianSeconds(passes, [&] {
+    for (const auto& list : ids) {
+      tandem::text::IncrementalDetokenizer detokenizer(tokenizer, true);
+      for (const TokenId id : list) decoded_bytes += detokenizer.Push(id).size();
+      decoded_bytes += detokenizer.Finish().size();
+    }
+  });
+  const double stream_stop_s = MedianSeconds(passes, [&] {
+    for (const auto& list : ids) {
+      tandem::text::StreamDecoder decoder(tokenizer, {.stop_strings = {"<|im_end|>", "\n\nUser:"}, .stop_token_ids = {1}});
+      for (const TokenId id : list) decoded_bytes += decoder.Push(id).text.size();
+      decoded_bytes += decoder.Finish().size();
+    }
+  });
+  nlohmann::json out = {{"texts", texts.size()},
+                        {"bytes", bytes},
+                        {"tokens", tokens},
+                        {"encode_s", encode_s},
+                        {"decode_s", decode_s},
+                        {"stream_detokenize_s", stream_s},
+                        {"stream_with_stops_s", stream_stop_s},
+                        {"checksum", decoded_bytes % 1000}};
+  std::cout << out.dump() << "\n";
+  return 0;
+}
