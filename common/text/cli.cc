@@ -158,6 +158,8 @@ int Run(const std::vector<std::string>& args, bool detokenize) {
 
 }  // namespace
 
+std::string_view TokenizeCommandUsage() { return kUsage; }
+
 int RunTokenizeCommand(const std::vector<std::string>& args, bool detokenize) {
   try {
     return Run(args, detokenize);

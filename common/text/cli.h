@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace tandem::text {
@@ -11,5 +12,8 @@ namespace tandem::text {
 // space-separated ids. detokenize: one line of space-separated ids (or a JSON array) → the text
 // (a JSON string per line with --json, so newlines survive). Returns the exit code; never throws.
 int RunTokenizeCommand(const std::vector<std::string>& args, bool detokenize);
+
+// The usage text of both commands (for the caller's --help).
+std::string_view TokenizeCommandUsage();
 
 }  // namespace tandem::text

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
     auto* cmd = app.add_subcommand(detokenize ? "detokenize" : "tokenize",
                                    detokenize ? "ids on stdin -> text on stdout" : "text on stdin -> ids on stdout");
     cmd->allow_extras();
+    cmd->footer(std::string(tandem::text::TokenizeCommandUsage()));
     cmd->callback([cmd, detokenize, &exit_code] {
       exit_code = tandem::text::RunTokenizeCommand(cmd->remaining(), detokenize);
     });

@@ -1,4 +1,5 @@
-// Stand-in for `tandem-model tokenize|detokenize DIR` until tools/model wires RunTokenizeCommand in.
+// `tandem-text-cli tokenize|detokenize DIR`: the same commands as tandem-model's, for builds without
+// tools/ (core-only) so the tokenizer parity test can run there too.
 #include <string>
 #include <vector>
 
