@@ -12,8 +12,9 @@ namespace {
 
 using namespace tandem::text;
 
-void CheckStream(const ToolParseResult& expected, const std::vector<std::string_view>& chunks) {
-  DsmlToolParser parser;
+void CheckStream(const ToolParseResult& expected, const std::vector<std::string_view>& chunks,
+                 const ToolNames& names) {
+  DsmlToolParser parser(names);
   std::string content;
   std::vector<ToolCall> calls;
   auto absorb = [&](const ToolStreamUpdate& update) {
@@ -41,15 +42,21 @@ void CheckStream(const ToolParseResult& expected, const std::vector<std::string_
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  if (size < 1) return 0;
-  const std::string_view text(reinterpret_cast<const char*>(data) + 1, size - 1);
-  const ToolParseResult expected = ParseDsmlToolCalls(text);
-  const size_t cut = text.empty() ? 0 : data[0] % (text.size() + 1);
-  CheckStream(expected, {text.substr(0, cut), text.substr(cut)});
+  if (size < 2) return 0;
+  // data[0] & 1: only tools "f" and "get_weather" are known (others are dropped); data[1]: the cut.
+  const ToolNames names = (data[0] & 1) ? ToolNames(absl::flat_hash_set<std::string>{"f", "get_weather"})
+                                        : ToolNames(std::nullopt);
+  const std::string_view text(reinterpret_cast<const char*>(data) + 2, size - 2);
+  const ToolParseResult expected = ParseDsmlToolCalls(text, names);
+  for (const ToolCall& call : expected.calls) {
+    if (names.has_value() && !names->contains(call.name)) fuzz::Fail("a call to an unknown tool was kept");
+  }
+  const size_t cut = data[1] % (text.size() + 1);
+  CheckStream(expected, {text.substr(0, cut), text.substr(cut)}, names);
   if (text.size() <= 128) {
     std::vector<std::string_view> bytes;
     for (size_t i = 0; i < text.size(); ++i) bytes.push_back(text.substr(i, 1));
-    CheckStream(expected, bytes);
+    CheckStream(expected, bytes, names);
   }
   return 0;
 }

@@ -53,9 +53,11 @@ for target in "${targets[@]}"; do
   mkdir -p "$corpus"
   seeds=()
   [ -d "$here/seeds/$target" ] && seeds=("$here/seeds/$target")
+  dict=()
+  [ -f "$here/dicts/$target.dict" ] && dict=(-dict="$here/dicts/$target.dict")
   echo "== $target: $runs runs"
   if ! "$binary" -runs="$runs" -max_len="${FUZZ_MAX_LEN:-4096}" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
-       -artifact_prefix="$build/$target-" "$corpus" "${seeds[@]}" 2>"$build/$target.log"; then
+       "${dict[@]}" -artifact_prefix="$build/$target-" "$corpus" "${seeds[@]}" 2>"$build/$target.log"; then
     tail -40 "$build/$target.log"
     status=1
   else
