@@ -8,6 +8,8 @@ APT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libabsl-dev libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev libpcre2-dev
   libopenblas-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler prometheus-cpp-dev libcpp-httplib-dev
+  prometheus
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,221 @@
+#include "common/engine/engine.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <future>
+
+#include <spdlog/spdlog.h>
+
+#include "common/engine/paged_state.h"
+#include "common/kernels/kernels.h"
+
+namespace tandem::engine {
+namespace {
+
+int64_t PhysicalMemoryBytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
+}
+
+// What the checkpoint occupies: counted against --mem-fraction-static like sglang counts the weights.
+int64_t CheckpointBytes(const std::string& dir) {
+  int64_t total = 0;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (entry.path().extension() == ".safetensors") total += static_cast<int64_t>(entry.file_size(ec));
+  }
+  return total;
+}
+
+constexpr auto kThroughputWindow = std::chrono::seconds(5);
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->options_ = options;
+  kernels::SetThreads(options.threads);
+  kernels::SetDeterministic(options.deterministic);
+
+  model::LoadOptions load;
+  load.expert_dtype = options.expert_dtype;
+  load.drop_cache_after_load = options.drop_cache_after_load;
+  load.show_progress = options.show_progress;
+  TANDEM_ASSIGN_OR_RETURN(auto weights, model::LoadModelWeights(options.model_dir, load));
+  engine->weights_ = std::shared_ptr<const model::ModelWeights>(std::move(weights));
+  const auto& config = engine->weights_->config;
+  engine->model_ = std::make_unique<model::Dsv4Model>(engine->weights_);
+
+  if (options.page_size <= 0 || options.page_size % 128 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--page-size must be a positive multiple of 128 (C128 entries are paged in ",
+                                                   "lock-step with tokens), got ", options.page_size));
+  }
+  const cache::CacheShapes shapes = CacheShapesFor(config, options.page_size);
+  TANDEM_ASSIGN_OR_RETURN(const cache::StageLayout layout,
+                          StageLayoutFor(config, 0, static_cast<int>(config.num_hidden_layers), /*with_mtp=*/true));
+  cache::SizingOptions sizing;
+  sizing.swa_full_tokens_ratio = options.swa_full_tokens_ratio;
+  sizing.max_running_requests = options.scheduler.max_running_requests;
+  if (options.cache_budget_bytes > 0) {
+    sizing.budget_bytes = options.cache_budget_bytes;
+  } else if (options.mem_fraction_static > 0) {
+    sizing.mem_fraction_static = options.mem_fraction_static;
+    sizing.memory_total_bytes = PhysicalMemoryBytes();
+    sizing.static_bytes = CheckpointBytes(options.model_dir);
+  } else {
+    sizing.budget_bytes = EngineOptions::kDefaultCpuBudgetBytes;
+  }
+  TANDEM_ASSIGN_OR_RETURN(engine->plan_, cache::PlanPools(shapes, layout, sizing));
+  TANDEM_ASSIGN_OR_RETURN(engine->pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts));
+  spdlog::info("{}", engine->plan_.Summary());
+  engine->scheduler_ = std::make_unique<Scheduler>(engine->model_.get(), engine->pools_.get(), options.scheduler);
+  engine->load_.scheduler = engine->scheduler_->Stats();
+  engine->thread_ = std::thread([e = engine.get()] { e->Loop(); });
+  TANDEM_RETURN_IF_ERROR(engine->WarmUp());
+  return engine;
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+std::string Engine::expert_dtype_name() const {
+  return weights_->expert_dtype == model::ExpertDType::kFp8 ? "fp8" : "fp4";
+}
+
+absl::Status Engine::Submit(NewRequest request) {
+  if (draining_.load()) return absl::UnavailableError("the engine is draining and takes no new requests");
+  if (!request.sink) return absl::InvalidArgumentError("a request needs a sink for its updates");
+  TANDEM_RETURN_IF_ERROR(scheduler_->Validate(request));
+  std::lock_guard lock(mutex_);
+  if (live_.contains(request.id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request id \"", request.id, "\" is already live on this engine"));
+  }
+  const auto limit = static_cast<size_t>(options_.scheduler.max_queued_requests + options_.scheduler.max_running_requests);
+  if (live_.size() >= limit) {
+    return absl::ResourceExhaustedError(absl::StrCat("the engine is full (", live_.size(), " live requests)"));
+  }
+  live_.insert(request.id);
+  // The wrapper keeps the live set and the throughput window current.
+  request.sink = [this, id = request.id, sink = std::move(request.sink)](RequestUpdate&& update) {
+    const bool finished = update.finished;
+    const auto tokens = static_cast<int64_t>(update.tokens.size());
+    sink(std::move(update));
+    std::lock_guard lock(mutex_);
+    if (tokens > 0) recent_tokens_.emplace_back(std::chrono::steady_clock::now(), tokens);
+    if (finished) {
+      live_.erase(id);
+      if (live_.empty()) idle_cv_.notify_all();
+    }
+  };
+  inbox_.push_back(std::move(request));
+  wake_.notify_one();
+  return absl::OkStatus();
+}
+
+bool Engine::Abort(const std::string& id, absl::Status reason) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!live_.contains(id)) return false;
+    aborts_.emplace_back(id, std::move(reason));
+  }
+  wake_.notify_one();
+  return true;
+}
+
+EngineLoad Engine::Load() const {
+  std::lock_guard lock(mutex_);
+  return load_;
+}
+
+absl::Status Engine::CheckAccounting() {
+  auto done = std::make_shared<std::promise<absl::Status>>();
+  auto result = done->get_future();
+  {
+    std::lock_guard lock(mutex_);
+    calls_.push_back([this, done] { done->set_value(scheduler_->CheckAccounting()); });
+  }
+  wake_.notify_one();
+  return result.get();
+}
+
+int64_t Engine::Drain(std::chrono::milliseconds timeout) {
+  draining_.store(true);
+  std::unique_lock lock(mutex_);
+  idle_cv_.wait_for(lock, timeout, [&] { return live_.empty(); });
+  const auto left = static_cast<int64_t>(live_.size());
+  if (left > 0) {
+    spdlog::warn("drain: {} requests still running after {} ms; aborting them", left, timeout.count());
+    calls_.push_back([this] { scheduler_->AbortAll(absl::UnavailableError("the engine is shutting down")); });
+    wake_.notify_one();
+    idle_cv_.wait(lock, [&] { return live_.empty(); });
+  }
+  return left;
+}
+
+absl::Status Engine::WarmUp() {
+  auto done = std::make_shared<std::promise<absl::Status>>();
+  auto result = done->get_future();
+  NewRequest warm;
+  warm.id = "tandem-warmup";
+  warm.prompt = {static_cast<int32_t>(config().bos_token_id)};
+  warm.sampling.temperature = 0.0;
+  warm.sampling.max_new_tokens = 1;
+  warm.sink = [done](RequestUpdate&& update) {
+    if (update.finished) done->set_value(update.status);
+  };
+  TANDEM_RETURN_IF_ERROR(Submit(std::move(warm)));
+  const absl::Status status = result.get();
+  if (!status.ok()) return absl::InternalError(absl::StrCat("warm-up step failed: ", status.message()));
+  return absl::OkStatus();
+}
+
+void Engine::Loop() {
+  while (true) {
+    std::deque<NewRequest> incoming;
+    std::vector<std::pair<std::string, absl::Status>> aborts;
+    std::vector<std::function<void()>> calls;
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || !inbox_.empty() || !aborts_.empty() || !calls_.empty() || !scheduler_idle_; });
+      if (stop_) break;
+      incoming.swap(inbox_);
+      aborts.swap(aborts_);
+      calls.swap(calls_);
+    }
+    for (auto& request : incoming) {
+      UpdateSink sink = request.sink;
+      if (auto status = scheduler_->Add(std::move(request)); !status.ok()) {
+        RequestUpdate update;
+        update.finished = true;
+        update.status = status;
+        sink(std::move(update));
+      }
+    }
+    for (auto& [id, reason] : aborts) scheduler_->Abort(id, reason);
+    for (auto& call : calls) call();
+    if (auto stepped = scheduler_->Step(); !stepped.ok()) {
+      spdlog::error("scheduler step: {}", stepped.status().ToString());
+    }
+    SchedulerStats stats = scheduler_->Stats();
+    std::lock_guard lock(mutex_);
+    const auto now = std::chrono::steady_clock::now();
+    while (!recent_tokens_.empty() && now - recent_tokens_.front().first > kThroughputWindow) recent_tokens_.pop_front();
+    int64_t tokens = 0;
+    for (const auto& [when, count] : recent_tokens_) tokens += count;
+    load_.generation_throughput =
+        recent_tokens_.empty() ? 0.0 : static_cast<double>(tokens) / std::chrono::duration<double>(kThroughputWindow).count();
+    load_.scheduler = std::move(stats);
+    scheduler_idle_ = scheduler_->idle();
+  }
+  scheduler_->AbortAll(absl::UnavailableError("the engine stopped"));
+}
+
+}  // namespace tandem::engine

@@ -1,0 +1,104 @@
+// A serving engine: the model, its state pools and the scheduler on a thread of their own, with a
+// thread-safe front (submit, abort, loads, drain) for the gRPC service.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "common/cache/pools.h"
+#include "common/core/status.h"
+#include "common/engine/scheduler.h"
+#include "common/model/forward.h"
+#include "common/model/weights.h"
+
+namespace tandem::engine {
+
+struct EngineOptions {
+  std::string model_dir;
+  int64_t page_size = 256;
+  SchedulerOptions scheduler;
+  // Pool memory: an explicit budget wins; else mem_fraction_static of the device's memory (host RAM on
+  // the CPU) minus the weights; else kDefaultCpuBudgetBytes.
+  int64_t cache_budget_bytes = 0;
+  double mem_fraction_static = 0;
+  double swa_full_tokens_ratio = 0.8;
+  std::optional<model::ExpertDType> expert_dtype;
+  bool drop_cache_after_load = false;
+  bool deterministic = false;
+  int threads = 0;  // CPU threads for the forward (0: all cores)
+  bool show_progress = true;
+  static constexpr int64_t kDefaultCpuBudgetBytes = int64_t{1} << 30;
+};
+
+struct EngineLoad {
+  SchedulerStats scheduler;
+  double generation_throughput = 0;  // tokens/s over the last few seconds
+};
+
+class Engine {
+ public:
+  // Loads the weights, sizes the pools, starts the scheduler thread and runs one warm-up request.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Queues a request; its sink gets every update on the scheduler thread, the last one with
+  // `finished` set. Errors come back here, before anything is queued: INVALID_ARGUMENT (bad input),
+  // ALREADY_EXISTS (a live id), RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
+  absl::Status Submit(NewRequest request);
+  // Ends a live request; its sink's final update carries `reason`. False when the id is not live.
+  bool Abort(const std::string& id, absl::Status reason = absl::AbortedError("aborted by request"));
+
+  EngineLoad Load() const;
+  const model::ModelConfig& config() const { return weights_->config; }
+  const EngineOptions& options() const { return options_; }
+  const cache::PoolPlan& pool_plan() const { return plan_; }
+  int64_t max_context_tokens() const { return scheduler_->max_context_tokens(); }
+  std::string expert_dtype_name() const;
+  // Page accounting of every pool (runs on the scheduler thread).
+  absl::Status CheckAccounting();
+
+  // Stops taking requests (Submit answers UNAVAILABLE), lets running ones finish until `timeout`,
+  // then aborts what is left with UNAVAILABLE. Returns the number aborted.
+  int64_t Drain(std::chrono::milliseconds timeout);
+  bool draining() const { return draining_.load(); }
+
+ private:
+  Engine() = default;
+  void Loop();
+  absl::Status WarmUp();
+
+  EngineOptions options_;
+  std::shared_ptr<const model::ModelWeights> weights_;
+  std::unique_ptr<model::Dsv4Model> model_;
+  cache::PoolPlan plan_;
+  std::unique_ptr<cache::StatePools> pools_;
+  std::unique_ptr<Scheduler> scheduler_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable idle_cv_;
+  std::deque<NewRequest> inbox_;
+  std::vector<std::pair<std::string, absl::Status>> aborts_;
+  std::vector<std::function<void()>> calls_;  // run on the scheduler thread
+  absl::flat_hash_set<std::string> live_;
+  bool stop_ = false;
+  bool scheduler_idle_ = true;
+  EngineLoad load_;
+  std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_tokens_;
+  std::atomic<bool> draining_{false};
+  std::thread thread_;
+};
+
+}  // namespace tandem::engine

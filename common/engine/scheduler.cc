@@ -1,0 +1,380 @@
+#include "common/engine/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include <spdlog/spdlog.h>
+
+namespace tandem::engine {
+
+struct Scheduler::Sequence {
+  Sequence(NewRequest r, SamplingConfig config, std::vector<int32_t> eos)
+      : request(std::move(r)), sampler(std::move(config), std::move(eos)) {
+    tokens = request.prompt;
+    prompt_length = static_cast<int64_t>(tokens.size());
+  }
+  NewRequest request;
+  std::vector<int32_t> tokens;  // the prompt, then the visible output
+  int64_t prompt_length = 0;
+  RequestSampler sampler;
+  std::unique_ptr<PagedSequenceState> state;  // null while waiting
+  int64_t cached_tokens = 0;
+  int64_t retractions = 0;
+  uint64_t admission = 0;
+  bool admitted_once = false;
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
+  std::optional<double> queue_seconds;  // reported with the next update
+
+  int64_t computed() const { return state ? state->length() : 0; }
+  int64_t total() const { return static_cast<int64_t>(tokens.size()); }
+  bool decoding() const { return state && computed() + 1 == total() && total() > prompt_length; }
+  int64_t remaining_new_tokens() const { return sampler.config().max_new_tokens - sampler.generated(); }
+};
+
+namespace {
+
+int64_t PagesFor(int64_t tokens, int64_t page_size) { return (tokens + page_size - 1) / page_size; }
+
+// log-softmax of the raw row: the sampled token's logprob and the `top` most likely tokens.
+TokenOutput Logprobs(std::span<const float> row, int32_t token, int32_t top) {
+  const float max = *std::max_element(row.begin(), row.end());
+  double sum = 0;
+  for (float v : row) sum += std::exp(static_cast<double>(v - max));
+  const double lse = static_cast<double>(max) + std::log(sum);
+  TokenOutput out;
+  out.token = token;
+  out.logprob = static_cast<float>(row[static_cast<size_t>(token)] - lse);
+  if (top > 0) {
+    std::vector<int32_t> order(row.size());
+    std::iota(order.begin(), order.end(), 0);
+    const auto k = std::min<size_t>(static_cast<size_t>(top), order.size());
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
+                      [&](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+    for (size_t i = 0; i < k; ++i) out.top.push_back({order[i], static_cast<float>(row[order[i]] - lse)});
+  }
+  return out;
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const model::Dsv4Model* model, cache::StatePools* pools, SchedulerOptions options)
+    : model_(model), pools_(pools), options_(options) {
+  if (options_.enable_prefix_cache) prefix_cache_ = std::make_unique<cache::RadixCache>(pools_);
+  eos_token_ids_ = {static_cast<int32_t>(model_->config().eos_token_id)};
+  max_context_ = pools_->token_pages().total() * pools_->page_size();
+}
+
+Scheduler::~Scheduler() {
+  AbortAll(absl::UnavailableError("engine stopped"));
+  prefix_cache_.reset();
+}
+
+absl::Status Scheduler::Validate(const NewRequest& request) const {
+  const int64_t vocab = model_->config().vocab_size;
+  if (request.prompt.empty()) return absl::InvalidArgumentError("input_ids is empty: a prompt needs at least one token");
+  for (size_t i = 0; i < request.prompt.size(); ++i) {
+    const int32_t id = request.prompt[i];
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("input_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  if (request.top_logprobs < 0 || request.top_logprobs > 20) {
+    return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, 20], got ", request.top_logprobs));
+  }
+  TANDEM_ASSIGN_OR_RETURN(const SamplingConfig config,
+                          ValidateSampling(request.sampling, vocab, options_.max_new_tokens_limit));
+  const int64_t prompt = static_cast<int64_t>(request.prompt.size());
+  if (prompt + config.max_new_tokens > max_context_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt, " tokens plus max_new_tokens ", config.max_new_tokens, " exceeds the engine's maximum context of ",
+        max_context_, " tokens (", pools_->token_pages().total(), " token pages of ", pools_->page_size(), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::Add(NewRequest request) {
+  TANDEM_RETURN_IF_ERROR(Validate(request));
+  if (live_.contains(request.id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request id \"", request.id, "\" is already live on this engine"));
+  }
+  if (static_cast<int64_t>(waiting_.size()) >= options_.max_queued_requests) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the engine's queue is full (", options_.max_queued_requests, " waiting requests)"));
+  }
+  TANDEM_ASSIGN_OR_RETURN(SamplingConfig config,
+                          ValidateSampling(request.sampling, model_->config().vocab_size, options_.max_new_tokens_limit));
+  auto seq = std::make_unique<Sequence>(std::move(request), std::move(config), eos_token_ids_);
+  live_[seq->request.id] = seq.get();
+  waiting_.push_back(std::move(seq));
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Scheduler::Sequence> Scheduler::Take(const std::string& id) {
+  auto it = live_.find(id);
+  if (it == live_.end()) return nullptr;
+  Sequence* target = it->second;
+  live_.erase(it);
+  auto take_from = [target](auto& list) -> std::unique_ptr<Sequence> {
+    for (auto i = list.begin(); i != list.end(); ++i) {
+      if (i->get() == target) {
+        auto owned = std::move(*i);
+        list.erase(i);
+        return owned;
+      }
+    }
+    return nullptr;
+  };
+  if (auto seq = take_from(running_)) return seq;
+  return take_from(waiting_);
+}
+
+bool Scheduler::Abort(const std::string& id, const absl::Status& reason) {
+  auto seq = Take(id);
+  if (!seq) return false;
+  ReleaseState(*seq, /*cache_it=*/false);
+  RequestUpdate update;
+  update.finished = true;
+  update.status = reason;
+  Emit(*seq, std::move(update));
+  return true;
+}
+
+void Scheduler::AbortAll(const absl::Status& reason) {
+  std::vector<std::string> ids;
+  for (const auto& seq : running_) ids.push_back(seq->request.id);
+  for (const auto& seq : waiting_) ids.push_back(seq->request.id);
+  for (const auto& id : ids) Abort(id, reason);
+}
+
+void Scheduler::Emit(Sequence& seq, RequestUpdate update) {
+  update.prompt_tokens = seq.prompt_length;
+  update.completion_tokens = seq.sampler.generated();
+  update.cached_tokens = seq.cached_tokens;
+  update.retractions = seq.retractions;
+  if (seq.queue_seconds) {
+    update.queue_seconds = seq.queue_seconds;
+    seq.queue_seconds.reset();
+  }
+  if (seq.request.sink) seq.request.sink(std::move(update));
+}
+
+void Scheduler::ReleaseState(Sequence& seq, bool cache_it) {
+  if (!seq.state) return;
+  if (cache_it && prefix_cache_ && seq.state->length() >= pools_->page_size()) {
+    auto inserted = seq.state->InsertInto(prefix_cache_.get(), seq.tokens);
+    if (!inserted.ok()) spdlog::warn("prefix cache: request {}: {}", seq.request.id, std::string(inserted.status().message()));
+  }
+  seq.state->Release();
+  seq.state.reset();
+}
+
+bool Scheduler::Admit(Sequence& seq) {
+  if (static_cast<int64_t>(running_.size()) >= options_.max_running_requests) return false;
+  const int64_t page = pools_->page_size();
+  seq.state = std::make_unique<PagedSequenceState>(pools_);
+  int64_t cached = 0;
+  if (prefix_cache_ && seq.total() > 1) {
+    const auto match = prefix_cache_->MatchPrefix(std::span<const int32_t>(seq.tokens).first(seq.tokens.size() - 1));
+    if (match.tokens > 0) {
+      if (auto status = seq.state->AdoptPrefix(prefix_cache_.get(), match); status.ok()) {
+        cached = match.tokens;
+      } else {
+        spdlog::warn("prefix cache: request {}: {}", seq.request.id, std::string(status.message()));
+        seq.state->Release();
+      }
+    }
+  }
+  // The whole prompt, plus up to a page of output so that admitted requests can start decoding.
+  const int64_t want = std::min(seq.total() + std::min(seq.remaining_new_tokens(), page), max_context_);
+  auto status = seq.state->Reserve(want);
+  if (!status.ok() && prefix_cache_) {
+    const int64_t pages = PagesFor(want, page) - PagesFor(cached, page);
+    prefix_cache_->Evict(pages, 1);
+    status = seq.state->Reserve(want);
+  }
+  if (!status.ok()) {
+    seq.state->Release();
+    seq.state.reset();
+    return false;
+  }
+  if (!seq.admitted_once) {
+    seq.admitted_once = true;
+    seq.cached_tokens = std::min(cached, seq.prompt_length);
+    seq.queue_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - seq.arrival).count();
+  }
+  seq.admission = next_admission_++;
+  return true;
+}
+
+bool Scheduler::EnsureReserved(Sequence& seq, int64_t length) {
+  if (seq.state->reserved() >= length) return true;
+  if (seq.state->Reserve(length).ok()) return true;
+  if (prefix_cache_) {
+    prefix_cache_->Evict(PagesFor(length - seq.state->reserved(), pools_->page_size()), 0);
+    if (seq.state->Reserve(length).ok()) return true;
+  }
+  return false;
+}
+
+// Retracts the newest running request: its pages go back, its output so far is kept, and it waits at
+// the front of the queue to be recomputed (prompt + output) when pages free up.
+bool Scheduler::Retract(const Sequence* keep) {
+  if (running_.empty()) return false;
+  auto seq = std::move(running_.back());
+  running_.pop_back();
+  if (seq.get() != keep) {
+    spdlog::info("retracting request {} ({} tokens) to free pages", seq->request.id, seq->total());
+  }
+  ReleaseState(*seq, /*cache_it=*/false);
+  ++seq->retractions;
+  ++retractions_total_;
+  waiting_.push_front(std::move(seq));
+  return true;
+}
+
+int64_t Scheduler::PrefillChunk(const Sequence& seq, int64_t budget) const {
+  const int64_t begin = seq.computed();
+  const int64_t remaining = seq.total() - begin;
+  int64_t count = std::min(remaining, budget);
+  if (prefix_cache_ && count > 0) {
+    // End chunks on page boundaries where possible: only there can the state be kept for reuse.
+    const int64_t page = pools_->page_size();
+    const int64_t last_boundary = (seq.total() - 1) / page * page;
+    if (begin < last_boundary && begin + count > last_boundary) {
+      count = last_boundary - begin;
+    } else if (count < remaining) {
+      const int64_t aligned = (begin + count) / page * page - begin;
+      if (aligned > 0) count = aligned;
+    }
+  }
+  return count;
+}
+
+absl::StatusOr<bool> Scheduler::Step() {
+  if (idle()) return false;
+  const int64_t page = pools_->page_size();
+
+  // Decoding requests need room for one more position; retract the newest ones until they have it.
+  for (size_t i = 0; i < running_.size();) {
+    Sequence& seq = *running_[i];
+    if (!seq.decoding()) {
+      ++i;
+      continue;
+    }
+    bool retracted_self = false;
+    while (!EnsureReserved(seq, seq.computed() + 1)) {
+      const bool self = running_.back().get() == &seq;
+      Retract(&seq);
+      if (self) {
+        retracted_self = true;
+        break;
+      }
+    }
+    if (!retracted_self) ++i;
+  }
+
+  std::vector<Planned> plan;
+  int64_t budget = options_.chunked_prefill_size;
+  for (auto& seq : running_) {
+    if (seq->decoding()) {
+      plan.push_back({seq.get(), 1});
+    } else if (budget > 0) {
+      const int64_t count = PrefillChunk(*seq, budget);
+      if (count > 0) {
+        plan.push_back({seq.get(), count});
+        budget -= count;
+      }
+    }
+  }
+  while (!waiting_.empty() && budget > 0) {
+    Sequence& head = *waiting_.front();
+    if (!Admit(head)) break;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+    const int64_t count = PrefillChunk(head, budget);
+    plan.push_back({&head, count});
+    budget -= count;
+  }
+  if (plan.empty()) {
+    if (running_.empty() && !waiting_.empty()) {
+      // Validation guarantees a request fits an empty engine; anything else is a bug, not a hang.
+      Abort(waiting_.front()->request.id,
+            absl::ResourceExhaustedError("the request does not fit the engine's pools even when it runs alone"));
+      return true;
+    }
+    return false;
+  }
+
+  std::vector<model::SequenceChunk> batch;
+  batch.reserve(plan.size());
+  for (const auto& p : plan) {
+    batch.push_back({p.seq->state.get(),
+                     std::span<const int32_t>(p.seq->tokens).subspan(static_cast<size_t>(p.seq->computed()),
+                                                                    static_cast<size_t>(p.count)),
+                     false});
+  }
+  model::ForwardResult result;
+  if (auto status = model_->Forward(batch, nullptr, nullptr, &result); !status.ok()) {
+    spdlog::error("forward failed: {}", status.ToString());
+    for (const auto& p : plan) Abort(p.seq->request.id, absl::InternalError(absl::StrCat("forward failed: ", status.message())));
+    return status;
+  }
+
+  const int64_t vocab = model_->config().vocab_size;
+  // Finished requests give their pages back before their sink hears of it.
+  std::vector<std::pair<std::string, RequestUpdate>> finished;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    Sequence& seq = *plan[i].seq;
+    if (prefix_cache_ && seq.computed() % page == 0) {
+      if (auto status = seq.state->CaptureBoundary(); !status.ok()) {
+        spdlog::debug("prefix cache: no snapshot for {} at {}: {}", seq.request.id, seq.computed(), std::string(status.message()));
+      }
+    }
+    if (seq.computed() != seq.total()) {
+      continue;
+    }
+    std::span<float> row(result.logits.data() + static_cast<int64_t>(i) * vocab, static_cast<size_t>(vocab));
+    std::vector<float> raw;
+    if (seq.request.return_logprobs) raw.assign(row.begin(), row.end());
+    const int32_t token = seq.sampler.Sample(row);
+    const FinishReason reason = seq.sampler.Accept(token);
+    RequestUpdate update;
+    if (reason != FinishReason::kStop) {
+      seq.tokens.push_back(token);
+      update.tokens.push_back(seq.request.return_logprobs ? Logprobs(raw, token, seq.request.top_logprobs)
+                                                          : TokenOutput{token, 0, {}});
+    }
+    if (reason != FinishReason::kNone) {
+      update.finished = true;
+      update.finish_reason = reason;
+      update.matched_stop = seq.sampler.matched_stop();
+      finished.emplace_back(seq.request.id, std::move(update));
+      continue;
+    }
+    Emit(seq, std::move(update));
+  }
+  for (auto& [id, update] : finished) {
+    auto seq = Take(id);
+    ReleaseState(*seq, /*cache_it=*/true);
+    Emit(*seq, std::move(update));
+  }
+  return true;
+}
+
+SchedulerStats Scheduler::Stats() const {
+  SchedulerStats stats;
+  stats.running = static_cast<int64_t>(running_.size());
+  stats.waiting = static_cast<int64_t>(waiting_.size());
+  for (const auto& seq : waiting_) stats.waiting_uncached_tokens += seq->total();
+  stats.retractions_total = retractions_total_;
+  if (prefix_cache_) stats.prefix_cached_tokens = prefix_cache_->stats().cached_tokens;
+  stats.max_total_tokens = max_context_;
+  stats.pools = pools_->Usage();
+  const auto& tokens = pools_->token_pages();
+  stats.token_usage = tokens.total() > 0 ? static_cast<double>(tokens.used()) / static_cast<double>(tokens.total()) : 0.0;
+  return stats;
+}
+
+}  // namespace tandem::engine

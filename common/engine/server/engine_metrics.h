@@ -1,0 +1,54 @@
+// The engine's Prometheus metrics: sglang's meanings and bucket sets under tandem_ names
+// (reference/ecosystem.md §2.1), labelled model_name and role.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include "common/engine/engine.h"
+
+namespace tandem::engine {
+
+class EngineMetrics {
+ public:
+  EngineMetrics(const std::string& model_name, const std::string& role);
+
+  prometheus::Registry& registry() { return *registry_; }
+
+  void RequestStarted() { requests_->Increment(); }
+  void RequestFinished(const RequestUpdate& last, double e2e_seconds);
+  void FirstToken(double ttft_seconds) { ttft_->Observe(ttft_seconds); }
+  void InterToken(double seconds) { itl_->Observe(seconds); }
+  void Queued(double seconds) { queue_time_->Observe(seconds); }
+  // Gauges from the engine's current load; called before each scrape.
+  void Refresh(const EngineLoad& load);
+  std::string Scrape(const EngineLoad& load);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Labels labels_;
+  prometheus::Counter* requests_;
+  prometheus::Counter* aborted_;
+  prometheus::Counter* prompt_tokens_;
+  prometheus::Counter* generation_tokens_;
+  prometheus::Counter* cached_tokens_;
+  prometheus::Counter* retractions_;
+  prometheus::Histogram* ttft_;
+  prometheus::Histogram* itl_;
+  prometheus::Histogram* e2e_;
+  prometheus::Histogram* queue_time_;
+  prometheus::Gauge* running_;
+  prometheus::Gauge* queued_;
+  prometheus::Gauge* token_usage_;
+  prometheus::Gauge* throughput_;
+  prometheus::Gauge* cache_hit_rate_;
+  prometheus::Family<prometheus::Gauge>* pool_used_;
+  prometheus::Family<prometheus::Gauge>* pool_total_;
+};
+
+}  // namespace tandem::engine

@@ -1,0 +1,169 @@
+#include "common/engine/server/serve.h"
+
+#include <signal.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include "common/engine/server/engine_metrics.h"
+#include "common/engine/server/engine_service.h"
+#include "common/metrics/metrics.h"
+#include "common/metrics/side_port.h"
+
+namespace tandem::engine {
+namespace {
+
+constexpr const char* kServiceName = "tandem.v1.Engine";
+
+const char* RoleName(v1::Role role) {
+  switch (role) {
+    case v1::ROLE_PREFILL: return "prefill";
+    case v1::ROLE_DECODE: return "decode";
+    default: return "mixed";
+  }
+}
+
+// FNV-1a over config.json: engines and routers compare it to be sure they serve one model.
+std::string ConfigHash(const std::string& model_dir) {
+  std::ifstream in(std::filesystem::path(model_dir) / "config.json", std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  uint64_t hash = 1469598103934665603ull;
+  for (unsigned char c : text.str()) {
+    hash ^= c;
+    hash *= 1099511628211ull;
+  }
+  return fmt::format("{:016x}", hash);
+}
+
+}  // namespace
+
+void AddServeFlags(CLI::App& app, ServeOptions& o) {
+  auto& e = o.engine;
+  auto& s = e.scheduler;
+  app.add_option("--model", e.model_dir, "model directory (config.json, *.safetensors)")->required()->check(CLI::ExistingDirectory);
+  app.add_option("--host", o.host, "address to listen on")->capture_default_str();
+  app.add_option("--grpc-port", o.grpc_port, "gRPC port (engine API, health, reflection)")->capture_default_str()->check(CLI::Range(0, 65535));
+  app.add_option("--http-port", o.http_port, "HTTP side port (/health, /metrics)")->capture_default_str()->check(CLI::Range(0, 65535));
+  app.add_option("--served-model-name", o.served_model_name, "model name in metrics and model info (default: the directory's name)");
+  app.add_option("--page-size", e.page_size, "tokens per KV page (multiple of 128)")->capture_default_str();
+  app.add_option("--chunked-prefill-size", s.chunked_prefill_size, "prompt tokens per scheduler step")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--max-running-requests", s.max_running_requests, "requests decoding at once")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--max-queued-requests", s.max_queued_requests, "requests waiting before RESOURCE_EXHAUSTED")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--max-new-tokens-limit", s.max_new_tokens_limit, "largest max_new_tokens a request may ask for")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--mem-fraction-static", e.mem_fraction_static,
+                 "fraction of device memory (host RAM on the CPU) for weights and KV pools")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--cache-budget-mb", o.cache_budget_mb, "explicit KV/state pool budget in MiB (default 1024 on the CPU)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--swa-full-tokens-ratio", e.swa_full_tokens_ratio, "window-resident tokens per cacheable token")
+      ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  app.add_option("--expert-dtype", [&e](const std::vector<std::string>& v) {
+       e.expert_dtype = v.front() == "fp8" ? model::ExpertDType::kFp8 : model::ExpertDType::kFp4;
+       return true;
+     }, "run routed experts as fp4 (MXFP4) or fp8")->check(CLI::IsMember({"fp4", "fp8"}));
+  app.add_flag("--weight-loader-drop-cache-after-load", e.drop_cache_after_load, "drop each shard from the page cache once loaded");
+  app.add_flag("--deterministic", e.deterministic, "batch-invariant kernels: a request's tokens never depend on its batch");
+  app.add_flag("--disable-prefix-cache", o.disable_prefix_cache, "no radix prefix cache");
+  app.add_option("--threads", e.threads, "CPU threads for the forward (0: all cores)")->capture_default_str();
+  app.add_option("--drain-timeout", o.drain_timeout_seconds, "seconds SIGTERM waits for running requests")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error")
+      ->capture_default_str()->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
+}
+
+int RunServer(ServeOptions o, const char* binary) {
+  spdlog::set_level(spdlog::level::from_str(o.log_level));
+  o.engine.scheduler.enable_prefix_cache = !o.disable_prefix_cache;
+  if (o.cache_budget_mb > 0) o.engine.cache_budget_bytes = o.cache_budget_mb << 20;
+  o.engine.show_progress = true;
+  if (o.served_model_name.empty()) {
+    o.served_model_name = std::filesystem::path(o.engine.model_dir).lexically_normal().filename().string();
+    if (o.served_model_name.empty()) o.served_model_name = std::filesystem::path(o.engine.model_dir).parent_path().filename().string();
+  }
+  const char* role = RoleName(o.role);
+
+  // Signals go to one waiting thread, not to whichever thread happens to run.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::atomic<bool> serving{false};
+  EngineMetrics engine_metrics(o.served_model_name, role);
+  std::unique_ptr<Engine> engine;
+  std::atomic<Engine*> engine_ptr{nullptr};
+  metrics::SidePort http;
+  http.AddGet("/health", [&serving] {
+    return serving.load() ? metrics::HttpReply{200, "{\"status\":\"ok\"}"}
+                          : metrics::HttpReply{503, "{\"status\":\"starting or draining\"}"};
+  });
+  http.AddGet("/metrics", [&engine_metrics, &engine_ptr] {
+    Engine* e = engine_ptr.load();
+    return metrics::HttpReply{200, engine_metrics.Scrape(e ? e->Load() : EngineLoad{}), metrics::kExpositionContentType};
+  });
+  if (auto status = http.Start(o.host, o.http_port); !status.ok()) {
+    spdlog::error("{}: {}", binary, std::string(status.message()));
+    return 1;
+  }
+
+  auto created = Engine::Create(o.engine);
+  if (!created.ok()) {
+    spdlog::error("{}: {}", binary, std::string(created.status().message()));
+    return created.status().code() == absl::StatusCode::kInvalidArgument || created.status().code() == absl::StatusCode::kNotFound ? 2 : 1;
+  }
+  engine = std::move(*created);
+  engine_ptr.store(engine.get());
+
+  ServiceInfo info{o.engine.model_dir, o.served_model_name, o.role, ConfigHash(o.engine.model_dir)};
+  EngineService service(engine.get(), &engine_metrics, info);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(absl::StrCat(o.host, ":", o.grpc_port), grpc::InsecureServerCredentials(), &grpc_port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || grpc_port == 0) {
+    spdlog::error("{}: cannot listen on {}:{} for gRPC (in use?)", binary, o.host, o.grpc_port);
+    return 1;
+  }
+  auto* health = server->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  health->SetServingStatus(kServiceName, true);
+  serving.store(true);
+  if (o.role == v1::ROLE_PREFILL) {
+    spdlog::warn("{}: the bootstrap server (port {}) and KV transfer are not built yet; Generate answers UNIMPLEMENTED", binary,
+                 o.bootstrap_port);
+  }
+  spdlog::info("{} ({}) serving {}: grpc {}:{}, http {}:{}", binary, role, o.served_model_name, o.host, grpc_port, o.host, http.port());
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  spdlog::info("{}: {} received; draining (up to {} s)", binary, signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
+               o.drain_timeout_seconds);
+  serving.store(false);
+  health->SetServingStatus("", false);
+  health->SetServingStatus(kServiceName, false);
+  const int64_t aborted = engine->Drain(std::chrono::milliseconds(static_cast<int64_t>(o.drain_timeout_seconds * 1000)));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  http.Stop();
+  engine_ptr.store(nullptr);
+  engine.reset();
+  spdlog::info("{}: stopped ({} requests aborted by the drain)", binary, aborted);
+  return 0;
+}
+
+}  // namespace tandem::engine

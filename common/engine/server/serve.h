@@ -1,0 +1,33 @@
+// What tandem-decode and tandem-prefill share: their flags and the server's life (HTTP side port up
+// first, weights, warm-up, gRPC with health and reflection, SIGTERM/SIGINT drain, exit 0).
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "common/engine/engine.h"
+#include "tandem/v1/engine.pb.h"
+
+namespace tandem::engine {
+
+struct ServeOptions {
+  v1::Role role = v1::ROLE_MIXED;
+  std::string host = "0.0.0.0";
+  int grpc_port = 0;
+  int http_port = 0;
+  int bootstrap_port = 0;  // prefill only
+  std::string served_model_name;
+  double drain_timeout_seconds = 30;
+  std::string log_level = "info";
+  int64_t cache_budget_mb = 0;
+  bool disable_prefix_cache = false;
+  EngineOptions engine;
+};
+
+// The engine flags of DESIGN.md on `app`, defaults in `options`.
+void AddServeFlags(CLI::App& app, ServeOptions& options);
+// Runs until SIGTERM or SIGINT; returns the process exit code (0 after a clean drain).
+int RunServer(ServeOptions options, const char* binary);
+
+}  // namespace tandem::engine
