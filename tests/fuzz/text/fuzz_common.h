@@ -6,9 +6,18 @@
 #include <memory>
 #include <string>
 
+#include <spdlog/spdlog.h>
+
 #include "common/text/tokenizer.h"
 
 namespace tandem::text::fuzz {
+
+// The library warns on odd input (e.g. a call to an unknown tool); at fuzzing rates that flood
+// only slows the run down, so logging is off in every fuzz binary.
+inline const bool kLoggingOff = [] {
+  spdlog::set_level(spdlog::level::off);
+  return true;
+}();
 
 inline const Tokenizer& V4Tokenizer() {
   static const std::unique_ptr<Tokenizer> tokenizer = [] {

@@ -305,6 +305,111 @@ TEST(ChatEncoding, BadRequestsAreInvalidArgument) {
   EXPECT_NE(status.message().find("messages[1].tool_calls[0]"), std::string_view::npos) << status;
 }
 
+// §1.3 over several turns: in thinking mode with drop_thinking, only the turn being generated opens
+// <think>; earlier assistants lose their reasoning and an earlier developer turn is dropped.
+TEST(ChatEncoding, ManyTurnsThinkingDropsEarlierReasoningAndDeveloperTurns) {
+  const std::string messages = R"([{"role": "system", "content": "S"},
+      {"role": "user", "content": "u1"},
+      {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+      {"role": "developer", "content": "D"},
+      {"role": "user", "content": "u2"},
+      {"role": "assistant", "content": "a2", "reasoning_content": "r2"},
+      {"role": "latest_reminder", "content": "L"},
+      {"role": "user", "content": "u3"}])";
+  EXPECT_EQ(Encode(messages, Thinking()),
+            kBos + "S<｜User｜>u1<｜Assistant｜></think>a1" + kEos + "<｜User｜>u2<｜Assistant｜></think>a2" + kEos +
+                "<｜latest_reminder｜>L<｜User｜>u3<｜Assistant｜><think>");
+  // Chat mode drops nothing: the developer turn is a user turn of its own.
+  EXPECT_EQ(Encode(messages),
+            kBos + "S<｜User｜>u1<｜Assistant｜></think>a1" + kEos + "<｜User｜>D<｜User｜>u2<｜Assistant｜></think>a2" +
+                kEos + "<｜latest_reminder｜>L<｜User｜>u3<｜Assistant｜></think>");
+  // Without dropping, every turn opens thinking and every assistant keeps its reasoning.
+  ChatEncodeOptions keep = Thinking();
+  keep.drop_thinking = false;
+  EXPECT_EQ(Encode(messages, keep),
+            kBos + "S<｜User｜>u1<｜Assistant｜><think>r1</think>a1" + kEos +
+                "<｜User｜>D<｜User｜>u2<｜Assistant｜><think>r2</think>a2" + kEos +
+                "<｜latest_reminder｜>L<｜User｜>u3<｜Assistant｜><think>");
+}
+
+TEST(ChatEncoding, AssistantAfterTheLastUserTurnKeepsItsReasoning) {
+  EXPECT_EQ(Encode(R"([{"role": "user", "content": "q"}, {"role": "assistant", "content": "A", "reasoning_content": "r"}])",
+                   Thinking()),
+            kBos + "<｜User｜>q<｜Assistant｜><think>r</think>A" + kEos);
+  // wo_eos (internal): the turn is left open.
+  EXPECT_EQ(Encode(R"([{"role": "user", "content": "q"}, {"role": "assistant", "content": "A", "wo_eos": true}])"),
+            kBos + "<｜User｜>q<｜Assistant｜></think>A");
+}
+
+// §1.3 + §1.7: a tool call loop with tools in the request keeps all reasoning across many turns.
+TEST(ChatEncoding, ToolLoopOverSeveralTurnsKeepsAllReasoning) {
+  const std::string prompt = EncodeRequest(R"([{"role": "user", "content": "weather in Paris and Rome?"},
+      {"role": "assistant", "content": "", "reasoning_content": "r1", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+      {"role": "assistant", "content": "", "reasoning_content": "r2", "tool_calls": [
+        {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\", \"days\": 2}"}}]},
+      {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+      {"role": "assistant", "content": "Paris sunny, Rome rain.", "reasoning_content": "r3"},
+      {"role": "user", "content": "thanks"}])",
+                                           kWeatherTool, Thinking());
+  const auto call = [](const std::string& params) {
+    return "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n" + params +
+           "\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+  };
+  const std::string history =
+      "<｜User｜>weather in Paris and Rome?<｜Assistant｜><think>r1</think>" +
+      call("<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>") + kEos +
+      "<｜User｜><tool_result>sunny</tool_result><｜Assistant｜><think>r2</think>" +
+      call("<｜DSML｜parameter name=\"city\" string=\"true\">Rome</｜DSML｜parameter>\n"
+           "<｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>") +
+      kEos + "<｜User｜><tool_result>rain</tool_result><｜Assistant｜><think>r3</think>Paris sunny, Rome rain." + kEos +
+      "<｜User｜>thanks<｜Assistant｜><think>";
+  ASSERT_GE(prompt.size(), history.size());
+  EXPECT_EQ(prompt.substr(prompt.size() - history.size()), history);
+  EXPECT_EQ(prompt.substr(0, kBos.size() + 10), kBos + "\n\n## Tools");
+}
+
+TEST(ChatEncoding, ToolResultsWithUnknownIdsSortFirstAndOddContentIsRendered) {
+  const std::string prompt = Encode(R"([{"role": "user", "content": "go"},
+      {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "a", "function": {"name": "f", "arguments": {}}}, {"id": "b", "function": {"name": "g", "arguments": {}}}]},
+      {"role": "tool", "tool_call_id": "b", "content": [{"type": "text", "text": "B"}, {"type": "image_url"}]},
+      {"role": "tool", "tool_call_id": "zzz", "content": {"k": [1, "杭州"]}},
+      {"role": "tool", "tool_call_id": "a", "content": null}])");
+  const std::string tail = kEos + "<｜User｜><tool_result>{\"k\": [1, \"杭州\"]}</tool_result>\n\n<tool_result></tool_result>"
+                                  "\n\n<tool_result>B\n\n[Unsupported image_url]</tool_result><｜Assistant｜></think>";
+  ASSERT_GE(prompt.size(), tail.size());
+  EXPECT_EQ(prompt.substr(prompt.size() - tail.size()), tail);
+}
+
+TEST(ChatEncoding, DeveloperTurnCarriesToolsAndResponseFormat) {
+  const std::string prompt = Encode(std::string(R"([{"role": "developer", "content": "D", "tools": )") + kWeatherTool +
+                                    R"(, "response_format": {"type": "json_object"}}])");
+  const std::string head = kBos + "<｜User｜>D\n\n## Tools\n\n";
+  ASSERT_GE(prompt.size(), head.size());
+  EXPECT_EQ(prompt.substr(0, head.size()), head);
+  const std::string tail = "tool calls.\n\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to "
+                           "reply:\n{\"type\": \"json_object\"}<｜Assistant｜></think>";
+  ASSERT_GE(prompt.size(), tail.size());
+  EXPECT_EQ(prompt.substr(prompt.size() - tail.size()), tail);
+}
+
+TEST(ChatEncoding, EffortPrefixComesBeforeSystemTextAndTools) {
+  ChatEncodeOptions options = Thinking();
+  options.reasoning_effort = "max";
+  const std::string prompt = EncodeRequest(R"([{"role": "user", "content": "q"}])", kWeatherTool, options);
+  const std::string b_start = "Reasoning Effort: Beyond maximum \u2014 exhaustive";
+  EXPECT_EQ(prompt.substr(0, kBos.size() + b_start.size()), kBos + b_start);
+  EXPECT_NE(prompt.find("undiscovered.\n\n\n\n## Tools\n\n"), std::string::npos);  // empty system text, then tools
+  EXPECT_EQ(prompt.substr(prompt.size() - std::string("<｜User｜>q<｜Assistant｜><think>").size()),
+            "<｜User｜>q<｜Assistant｜><think>");
+  // The effort is a thinking-mode prompt only, also with tools.
+  options.thinking = false;
+  EXPECT_EQ(EncodeRequest(R"([{"role": "user", "content": "q"}])", kWeatherTool, options).find("Reasoning Effort"),
+            std::string::npos);
+}
+
 TEST(ChatEncoding, PromptTokensStartWithOneBos) {
   TANDEM_REQUIRE_V4_TOKENIZER(tokenizer);
   const auto ids = tokenizer->Encode(Encode(R"([{"role": "user", "content": "Hello"}])"));

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "common/text/detokenizer.h"
+#include "common/text/dsml_structure.h"
 #include "common/text/utf8.h"
 #include "tests/unit/text/test_tokenizer.h"
 
@@ -243,12 +244,31 @@ TEST(DsmlToolParser, StreamsArgumentsPieceByPiece) {
       "<｜DSML｜parameter name=\"note\" string=\"true\">a window seat, please</｜DSML｜parameter>\n"
       "<｜DSML｜parameter name=\"prefs\" string=\"false\">{\"meal\": \"veg\", \"bags\": [1, 2]}</｜DSML｜parameter>\n"
       "</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
-  const std::vector<std::string> chunks = Chunkings(text).front();  // one character each
-  const StreamOutcome streamed = Stream(chunks, std::nullopt);
-  EXPECT_GT(streamed.argument_deltas, 8u);
+  // One character per chunk, and (with the V4 tokenizer) one token per chunk as the model emits it.
+  std::vector<std::vector<std::string>> chunkings = {Chunkings(text).front()};
+  if (testing::V4Tokenizer() != nullptr) chunkings.push_back(Chunkings(text).back());
+  for (const auto& chunks : chunkings) {
+    const StreamOutcome streamed = Stream(chunks, std::nullopt);
+    EXPECT_GT(streamed.argument_deltas, 8u) << chunks.size() << " chunks";
+    ASSERT_EQ(streamed.calls.size(), 1u);
+    EXPECT_EQ(streamed.calls[0].arguments,
+              R"({"note": "a window seat, please", "prefs": {"meal": "veg", "bags": [1, 2]}})");
+    EXPECT_EQ(streamed.content, "Checking.");
+  }
+}
+
+// A JSON-body invoke streamed token by token: deltas arrive before the call closes, and they add
+// up to the one-shot arguments.
+TEST(DsmlToolParser, StreamsJsonBodiesPieceByPiece) {
+  const std::string text =
+      "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n{\"location\": \"Beijing\", \"unit\": \"celsius\"}\n"
+      "</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+  const ToolParseResult one_shot = ParseEverywhere(text);
+  ExpectCalls(one_shot, {{"get_weather", R"({"location": "Beijing", "unit": "celsius"})"}});
+  const StreamOutcome streamed = Stream(Chunkings(text).front(), std::nullopt);
+  EXPECT_GT(streamed.argument_deltas, 1u);
   ASSERT_EQ(streamed.calls.size(), 1u);
-  EXPECT_EQ(streamed.calls[0].arguments, R"({"note": "a window seat, please", "prefs": {"meal": "veg", "bags": [1, 2]}})");
-  EXPECT_EQ(streamed.content, "Checking.");
+  EXPECT_EQ(streamed.calls[0].arguments, one_shot.calls[0].arguments);
 }
 
 TEST(DsmlToolParser, PlainTextStreamsImmediately) {
@@ -269,6 +289,48 @@ TEST(DsmlToolParser, ClosingTagsNeverReachContent) {
   EXPECT_EQ(content, "abc");
   const auto after = ParseEverywhere(kWeatherCall + "\n");
   EXPECT_EQ(after.content.find("tool_calls"), std::string::npos);
+}
+
+// §2.5 structural tag / structure_info: the trigger and the end tag (one newline, not two), and
+// what a grammar following the structure writes parses back to the constrained arguments.
+TEST(DsmlStructure, StructureInfoOfTheV4Detector) {
+  const DsmlCallStructure structure = DsmlStructureFor("get_weather");
+  EXPECT_EQ(structure.begin, "<｜DSML｜invoke name=\"get_weather\">\n");
+  EXPECT_EQ(structure.end, "</｜DSML｜invoke>\n");
+  EXPECT_EQ(structure.end.find("\n\n"), std::string::npos);
+  EXPECT_EQ(structure.trigger, "<｜DSML｜invoke");
+  EXPECT_EQ(dsml::kStructuralTagName, "deepseek_v4");
+  // A section written along the structure (as a grammar would) parses to exactly the body.
+  const std::string text = "Let me look.\n\n<｜DSML｜tool_calls>\n" + structure.begin + R"({"city": "Paris", "days": 2})" +
+                           structure.end + DsmlStructureFor("get_time").begin + "{}" + DsmlStructureFor("get_time").end +
+                           "</｜DSML｜tool_calls>";
+  const auto result = ParseEverywhere(text);
+  EXPECT_EQ(result.content, "Let me look.");
+  ExpectCalls(result, {{"get_weather", R"({"city": "Paris", "days": 2})"}, {"get_time", "{}"}});
+}
+
+TEST(DsmlStructure, StructuralTagForAutoAndNamedToolChoice) {
+  const auto tools = nlohmann::ordered_json::parse(R"([
+      {"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+      {"type": "function", "function": {"name": "get_time"}}])");
+  const auto tag = DsmlStructuralTag(tools);
+  ASSERT_TRUE(tag.ok()) << tag.status();
+  EXPECT_EQ((*tag)["type"], "structural_tag");
+  EXPECT_EQ((*tag)["triggers"], nlohmann::ordered_json::array({"<｜DSML｜invoke"}));
+  ASSERT_EQ((*tag)["structures"].size(), 2u);
+  EXPECT_EQ((*tag)["structures"][0]["begin"], "<｜DSML｜invoke name=\"get_weather\">\n");
+  EXPECT_EQ((*tag)["structures"][0]["end"], "</｜DSML｜invoke>\n");
+  EXPECT_EQ((*tag)["structures"][0]["schema"]["required"][0], "city");
+  EXPECT_EQ((*tag)["structures"][1]["schema"], nlohmann::ordered_json::parse(R"({"type": "object"})"));
+  // A named tool_choice keeps only that tool; naming a missing tool is a 400.
+  const auto named = DsmlStructuralTag(tools, "get_time");
+  ASSERT_TRUE(named.ok());
+  ASSERT_EQ((*named)["structures"].size(), 1u);
+  EXPECT_EQ((*named)["structures"][0]["begin"], "<｜DSML｜invoke name=\"get_time\">\n");
+  EXPECT_EQ(DsmlStructuralTag(tools, "nope").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(DsmlStructuralTag(nlohmann::ordered_json::parse(R"([{"type": "function"}])")).ok());
+  EXPECT_FALSE(DsmlStructuralTag(nlohmann::ordered_json::object()).ok());
 }
 
 }  // namespace
