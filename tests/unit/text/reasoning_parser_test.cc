@@ -2,28 +2,43 @@
 
 #include <gtest/gtest.h>
 
+#include <string_view>
+#include <vector>
+
 #include "common/text/output_parser.h"
 
 namespace tandem::text {
 namespace {
 
-// The one-shot split, after checking that every two-way split of the text streams to the same.
+ReasoningSplit StreamPieces(const std::vector<std::string_view>& pieces, ReasoningOptions options) {
+  ReasoningParser parser(options);
+  ReasoningSplit streamed;
+  for (const std::string_view piece : pieces) {
+    const ReasoningSplit part = parser.Push(piece);
+    streamed.reasoning += part.reasoning;
+    streamed.content += part.content;
+  }
+  const ReasoningSplit last = parser.Finish();
+  streamed.reasoning += last.reasoning;
+  streamed.content += last.content;
+  return streamed;
+}
+
+// The one-shot split, after checking that every two-way split of the text, and one byte per
+// chunk, stream to the same.
 ReasoningSplit SplitEverywhere(const std::string& text, ReasoningOptions options = {}) {
   const ReasoningSplit one_shot = ParseReasoning(text, options);
+  const std::string_view view(text);
   for (size_t cut = 0; cut <= text.size(); ++cut) {
-    ReasoningParser parser(options);
-    ReasoningSplit streamed;
-    for (const std::string_view piece : {std::string_view(text).substr(0, cut), std::string_view(text).substr(cut)}) {
-      const ReasoningSplit part = parser.Push(piece);
-      streamed.reasoning += part.reasoning;
-      streamed.content += part.content;
-    }
-    const ReasoningSplit last = parser.Finish();
-    streamed.reasoning += last.reasoning;
-    streamed.content += last.content;
+    const ReasoningSplit streamed = StreamPieces({view.substr(0, cut), view.substr(cut)}, options);
     EXPECT_EQ(streamed.reasoning, one_shot.reasoning) << "cut at " << cut << " of " << text;
     EXPECT_EQ(streamed.content, one_shot.content) << "cut at " << cut << " of " << text;
   }
+  std::vector<std::string_view> bytes;
+  for (size_t i = 0; i < text.size(); ++i) bytes.push_back(view.substr(i, 1));
+  const ReasoningSplit streamed = StreamPieces(bytes, options);
+  EXPECT_EQ(streamed.reasoning, one_shot.reasoning) << "byte by byte: " << text;
+  EXPECT_EQ(streamed.content, one_shot.content) << "byte by byte: " << text;
   return one_shot;
 }
 
