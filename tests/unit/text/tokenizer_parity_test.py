@@ -66,9 +66,27 @@ def test_package_example(hf):
     assert hf.encode(text).ids == expected
 
 
-def test_corpus_ids_match_hf(hf):
+REQUIRED_CATEGORIES = ("english", "code", "cjk", "japanese", "korean", "arabic", "indic_thai", "emoji",
+                       "digits", "whitespace", "specials")
+
+
+def test_corpus_covers_the_required_categories():
     corpus = build_corpus()
     assert len(corpus) >= 2000
+    counts = {}
+    for category, _ in corpus:
+        counts[category] = counts.get(category, 0) + 1
+    for category in REQUIRED_CATEGORIES:
+        assert counts.get(category, 0) >= 100, (category, counts)
+    texts = [text for _, text in corpus]
+    assert any("\u200d" in t for t in texts), "ZWJ emoji sequences"
+    assert any(len(t) >= 30 and t.isdigit() for t in texts), "long digit runs"
+    assert any("\u0e34" in t or "\u094d" in t for t in texts), "Indic/Thai combining marks"
+    assert len(invalid_utf8_lines()) >= 100
+
+
+def test_corpus_ids_match_hf(hf):
+    corpus = build_corpus()
     texts = [text for _, text in corpus]
     ours = ours_encode(texts)
     theirs = [e.ids for e in hf.encode_batch(texts)]
@@ -91,11 +109,18 @@ def test_round_trip_matches_hf(hf):
     texts = [text for _, text in corpus]
     ids = [e.ids for e in hf.encode_batch(texts)]
     decoded = ours_decode(ids)
+    round_trips = 0
     for text, id_list, ours in zip(texts, ids, decoded):
         theirs = hf.decode(id_list, skip_special_tokens=False)
         assert ours == theirs, (text, id_list)
         if theirs == text:
+            round_trips += 1
+    # And with our own ids: decode(encode(s)) == s wherever HF round-trips s.
+    ours_round = ours_decode(ours_encode(texts))
+    for text, id_list, ours in zip(texts, ids, ours_round):
+        if hf.decode(id_list, skip_special_tokens=False) == text:
             assert ours == text
+    assert round_trips >= len(texts) - 5, "almost every corpus string should round-trip"
 
 
 def test_skip_special_tokens_matches_hf(hf):
