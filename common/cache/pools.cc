@@ -41,6 +41,7 @@ StatePools::StatePools(const CacheShapes& shapes, const StageLayout& layout, con
 
 void StatePools::Allocate(Region& region, int64_t layers, int64_t pages, int64_t page_bytes) {
   region.layers = layers;
+  region.page_bytes = page_bytes;
   region.layer_stride = pages * page_bytes;
   region.size = layers * region.layer_stride;
   if (region.size > 0) {

@@ -94,6 +94,14 @@ class StatePools {
   const RingLayout& ring_layout(StateKind kind) const;
   // A pool's whole memory, layer-major ([layer][page][page bytes]): what transfers register.
   std::span<uint8_t> region(PoolKind kind);
+  // The pool's layers, bytes of one page (or slot) of one layer, and where page `page` of `layer` starts
+  // inside region(kind): how a transfer names a request's pages.
+  int64_t layers(PoolKind kind) const { return regions_[static_cast<size_t>(kind)].layers; }
+  int64_t layer_page_bytes(PoolKind kind) const { return regions_[static_cast<size_t>(kind)].page_bytes; }
+  int64_t page_offset(PoolKind kind, int64_t layer, PageId page) const {
+    const Region& r = regions_[static_cast<size_t>(kind)];
+    return layer * r.layer_stride + static_cast<int64_t>(page) * r.page_bytes;
+  }
 
   // A running request's window page and rings, all or nothing; rings start clear.
   absl::StatusOr<StateSlots> AcquireSlots();
@@ -115,6 +123,7 @@ class StatePools {
     int64_t size = 0;
     int64_t layers = 0;
     int64_t layer_stride = 0;  // pages × page bytes
+    int64_t page_bytes = 0;    // one page of one layer
   };
   static void Allocate(Region& region, int64_t layers, int64_t pages, int64_t page_bytes);
   Region& region_of(PoolKind kind) { return regions_[static_cast<size_t>(kind)]; }
