@@ -6,5 +6,6 @@
 namespace tandem::bench {
 
 void AddKernelsCommand(CLI::App& app, int& exit_code);  // tandem-bench kernels
+void AddServeCommand(CLI::App& app, int& exit_code);    // tandem-bench serve
 
 }  // namespace tandem::bench

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error");
   int exit_code = 0;
   tandem::bench::AddKernelsCommand(app, exit_code);
+  tandem::bench::AddServeCommand(app, exit_code);
   app.parse_complete_callback([&] { tandem::InitLogging(log_level); });
   try {
     app.parse(argc, argv);

@@ -138,8 +138,9 @@ bool WriteCsv(const std::string& path, const std::vector<Result>& results) {
   return static_cast<bool>(out);
 }
 
-bool MakePlot(const std::string& csv, const std::string& png) {
-  const std::string script = TANDEM_BENCH_PLOT_SCRIPT;
+bool MakePlot(const std::string& csv, const std::string& png) { return RunPlotScript(TANDEM_BENCH_PLOT_SCRIPT, csv, png); }
+
+bool RunPlotScript(const std::string& script, const std::string& csv, const std::string& png) {
   const std::string python = FindPython();
   std::string why;
   std::error_code ec;

@@ -59,8 +59,11 @@ class Table {
 // Writes every result as CSV (header: config,section,op,mode,tokens,ms,gflops,gbps,flops,bytes,runs,note).
 bool WriteCsv(const std::string& path, const std::vector<Result>& results);
 
-// Runs plot_kernels.py with the project venv's python (TANDEM_PYTHON, else the nearest .venv above
+// Runs `script CSV PNG` with the project venv's python (TANDEM_PYTHON, else the nearest .venv above
 // the executable). Returns false after printing how to make the plot by hand.
+bool RunPlotScript(const std::string& script, const std::string& csv, const std::string& png);
+
+// RunPlotScript with plot_kernels.py.
 bool MakePlot(const std::string& csv, const std::string& png);
 
 }  // namespace tandem::bench
