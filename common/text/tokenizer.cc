@@ -155,6 +155,7 @@ struct Tokenizer::Impl {
   std::vector<uint8_t> id_special;
 
   std::vector<AddedToken> added;
+  absl::flat_hash_map<std::string, TokenId> added_ids;  // content → id (the first entry wins)
   AddedTokenMatcher raw_matcher;         // non-normalized added tokens (matched first)
   AddedTokenMatcher normalized_matcher;  // normalized ones (matched in what is left)
   std::vector<size_t> raw_tokens;        // matcher token index → index into `added`
@@ -455,6 +456,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJsonText(std::string_v
     token.rstrip = entry.value("rstrip", false);
     token.single_word = entry.value("single_word", false);
     impl->SetId(token.id, token.content);
+    impl->added_ids.emplace(token.content, token.id);
     impl->added.push_back(std::move(token));
   }
   absl::flat_hash_map<std::string, bool> special_contents;
@@ -552,8 +554,8 @@ std::optional<std::string> Tokenizer::IdToToken(TokenId id) const {
 }
 
 std::optional<TokenId> Tokenizer::TokenToId(std::string_view token) const {
-  for (const AddedToken& added : impl_->added) {
-    if (added.content == token) return added.id;
+  if (const auto added = impl_->added_ids.find(AbslView(token)); added != impl_->added_ids.end()) {
+    return added->second;
   }
   const auto it = impl_->vocab.find(AbslView(token));
   if (it == impl_->vocab.end()) return std::nullopt;
