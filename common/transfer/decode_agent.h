@@ -1,0 +1,100 @@
+// The decode side of a PD hand-over: the bootstrap client (one cached, heartbeated connection per prefill
+// worker) and the per-room protocol that receives a request's state into pages decode reserved.
+//
+// Calls in order, per room:  Register (connects on first use, sends the destination segments) ->
+// WaitCompletion (first token, payload; the checksum is verified here) -> Ack. RoomDone says when the
+// pages may be freed or reused: after Ack, or once an abort is acknowledged, the peer died, or the lease ran out.
+#pragma once
+
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/transfer/control_loop.h"
+#include "common/transfer/room.h"
+#include "common/transfer/transport.h"
+#include "common/transfer/wire.h"
+
+namespace tandem::transfer {
+
+class DecodeAgent {
+ public:
+  // `local` carries descriptor + layout hash; transport kind, address and region keys are filled in here, so
+  // register every region with the transport before creating the agent.
+  static absl::StatusOr<std::unique_ptr<DecodeAgent>> Create(KvTransport* transport, Handshake local,
+                                                             const AgentOptions& options);
+  ~DecodeAgent();
+  DecodeAgent(const DecodeAgent&) = delete;
+  DecodeAgent& operator=(const DecodeAgent&) = delete;
+
+  // Connects and handshakes with a prefill worker's bootstrap port unless already connected. An
+  // incompatible peer is FAILED_PRECONDITION naming what differs; an unreachable one UNAVAILABLE.
+  absl::Status Connect(const std::string& host, uint16_t port);
+  // Hands prefill the destination of `room` (segments of our registered regions, canonical order).
+  absl::Status Register(RoomId room, const std::string& host, uint16_t port, std::vector<Segment> destination,
+                        RoomDone on_done);
+  // Waits for prefill's COMPLETE and verifies the checksum over the destination. Errors: the room's final
+  // status (ABORTED with the peer's reason, UNAVAILABLE, DEADLINE_EXCEEDED for the lease, DATA_LOSS for a
+  // checksum mismatch, NOT_FOUND for a prefill refusal of an unknown room); DEADLINE_EXCEEDED when `timeout`
+  // passes first, in which case the room stays live.
+  absl::StatusOr<Completion> WaitCompletion(RoomId room, std::chrono::milliseconds timeout);
+  // Tells prefill the state arrived; RoomDone(OK) runs before this returns.
+  absl::Status Ack(RoomId room);
+  // Tells prefill to stop; RoomDone(ABORTED) runs once prefill acknowledged (no put of its is in flight),
+  // or the connection died, or abort_ack_timeout passed.
+  absl::Status Abort(RoomId room, std::string_view reason);
+
+  AgentMetrics metrics() const;
+  void set_on_room_transferred(RoomTransferred callback);
+  size_t connection_count() const;
+
+ private:
+  enum class State { kWaiting, kArrived, kVerifying, kCompleted, kAborting };
+  struct Room {
+    State state = State::kWaiting;
+    RoomDone on_done;
+    ConnectionId connection = 0;
+    std::vector<Segment> destination;
+    Clock::time_point registered;
+    Clock::time_point deadline;
+    CompleteMessage complete;
+    absl::Status final;           // the status RoomDone gets
+    absl::Status abort_status;    // while kAborting
+    Clock::time_point abort_deadline;
+  };
+  struct Connection {
+    std::string address;  // host:port
+    Handshake prefill;
+  };
+  using Deferred = std::vector<std::function<void()>>;
+
+  DecodeAgent(KvTransport* transport, Handshake local, const AgentOptions& options);
+  absl::StatusOr<ConnectionId> GetConnection(const std::string& host, uint16_t port);
+  void OnFrame(ConnectionId id, FrameType type, std::string_view payload);
+  void OnClosed(ConnectionId id, const absl::Status& reason);
+  void OnTick();
+  void EndLocked(RoomId room, absl::Status status, Deferred& deferred);
+  void SendLater(ConnectionId id, FrameType type, std::string payload, Deferred& deferred);
+  static void Run(Deferred& deferred);
+
+  KvTransport* const transport_;
+  Handshake local_;
+  const AgentOptions options_;
+  std::unique_ptr<ControlLoop> loop_;
+
+  std::mutex connect_mutex_;  // one handshake at a time, so concurrent Registers share one connection
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::map<RoomId, Room> rooms_;
+  std::map<std::string, ConnectionId> by_address_;
+  std::map<ConnectionId, Connection> connections_;
+  RecentOutcomes recent_;  // what the Wait calls report for a room that just ended
+  AgentMetrics counters_;
+  RoomTransferred on_room_transferred_;
+};
+
+}  // namespace tandem::transfer
