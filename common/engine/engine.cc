@@ -71,6 +71,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   TANDEM_ASSIGN_OR_RETURN(engine->pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts));
   spdlog::info("{}", engine->plan_.Summary());
   engine->scheduler_ = std::make_unique<Scheduler>(engine->model_.get(), engine->pools_.get(), options.scheduler);
+  if (options.role != EngineRole::kMixed) {
+    if (!options.links) return absl::InvalidArgumentError("a prefill or decode engine needs its transfer links");
+    TANDEM_ASSIGN_OR_RETURN(engine->links_, options.links(*engine->pools_, [e = engine.get()] { e->Wake(); }));
+    engine->scheduler_->SetRole(options.role, engine->links_.prefill.get(), engine->links_.decode.get());
+  }
   engine->load_.scheduler = engine->scheduler_->Stats();
   engine->thread_ = std::thread([e = engine.get()] { e->Loop(); });
   TANDEM_RETURN_IF_ERROR(engine->WarmUp());
@@ -160,7 +165,17 @@ int64_t Engine::Drain(std::chrono::milliseconds timeout) {
   return left;
 }
 
+void Engine::Wake() {
+  {
+    std::lock_guard lock(mutex_);
+    woken_ = true;
+  }
+  wake_.notify_one();
+}
+
 absl::Status Engine::WarmUp() {
+  // Disaggregated engines warm up on their first real request (a warm-up needs the other engine).
+  if (options_.role != EngineRole::kMixed) return absl::OkStatus();
   auto done = std::make_shared<std::promise<absl::Status>>();
   auto result = done->get_future();
   NewRequest warm;
@@ -184,7 +199,16 @@ void Engine::Loop() {
     std::vector<std::function<void()>> calls;
     {
       std::unique_lock lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || !inbox_.empty() || !aborts_.empty() || !calls_.empty() || !scheduler_idle_; });
+      auto ready = [&] {
+        return stop_ || !inbox_.empty() || !aborts_.empty() || !calls_.empty() || woken_ || (!scheduler_idle_ && !waiting_on_peer_);
+      };
+      // Requests that only wait on the other engine are polled on its nudges, and every few ms anyway.
+      if (waiting_on_peer_) {
+        wake_.wait_for(lock, std::chrono::milliseconds(5), ready);
+      } else {
+        wake_.wait(lock, ready);
+      }
+      woken_ = false;
       if (stop_) break;
       incoming.swap(inbox_);
       aborts.swap(aborts_);
@@ -214,6 +238,7 @@ void Engine::Loop() {
         recent_tokens_.empty() ? 0.0 : static_cast<double>(tokens) / std::chrono::duration<double>(kThroughputWindow).count();
     load_.scheduler = std::move(stats);
     scheduler_idle_ = scheduler_->idle();
+    waiting_on_peer_ = scheduler_->waiting_on_peer();
   }
   scheduler_->AbortAll(absl::UnavailableError("the engine stopped"));
 }

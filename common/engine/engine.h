@@ -23,8 +23,18 @@
 
 namespace tandem::engine {
 
+// The transfer links of a prefill or decode engine, made once the pools exist (they register the pools'
+// memory). `wake` nudges the scheduler thread when the other engine answered.
+struct DisaggregationLinks {
+  std::unique_ptr<PrefillLink> prefill;
+  std::unique_ptr<DecodeLink> decode;
+};
+using LinkFactory = std::function<absl::StatusOr<DisaggregationLinks>(cache::StatePools& pools, std::function<void()> wake)>;
+
 struct EngineOptions {
   std::string model_dir;
+  EngineRole role = EngineRole::kMixed;
+  LinkFactory links;  // required for the prefill and decode roles
   int64_t page_size = 256;
   SchedulerOptions scheduler;
   // Pool memory: an explicit budget wins; else mem_fraction_static of the device's memory (host RAM on
@@ -66,6 +76,8 @@ class Engine {
   const cache::PoolPlan& pool_plan() const { return plan_; }
   int64_t max_context_tokens() const { return scheduler_->max_context_tokens(); }
   std::string expert_dtype_name() const;
+  // Called by the transfer links when the other engine answered.
+  void Wake();
   // Page accounting of every pool (runs on the scheduler thread).
   absl::Status CheckAccounting();
 
@@ -84,6 +96,7 @@ class Engine {
   std::unique_ptr<model::Dsv4Model> model_;
   cache::PoolPlan plan_;
   std::unique_ptr<cache::StatePools> pools_;
+  DisaggregationLinks links_;
   std::unique_ptr<Scheduler> scheduler_;
 
   mutable std::mutex mutex_;
@@ -95,6 +108,8 @@ class Engine {
   absl::flat_hash_set<std::string> live_;
   bool stop_ = false;
   bool scheduler_idle_ = true;
+  bool waiting_on_peer_ = false;
+  bool woken_ = false;
   EngineLoad load_;
   std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_tokens_;
   std::atomic<bool> draining_{false};

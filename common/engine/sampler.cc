@@ -25,6 +25,7 @@ std::string FinishReasonName(FinishReason reason) {
   switch (reason) {
     case FinishReason::kLength: return "length";
     case FinishReason::kStop: return "stop";
+    case FinishReason::kTransferred: return "transferred";
     default: return "";
   }
 }
@@ -157,6 +158,11 @@ int32_t RequestSampler::Sample(std::span<float> logits) {
     if (u < 0) return order[i];
   }
   return order[kept - 1];
+}
+
+FinishReason RequestSampler::AcceptSampledElsewhere(int32_t token) {
+  if (!config_.greedy) NextUniform();
+  return Accept(token);
 }
 
 FinishReason RequestSampler::Accept(int32_t token) {

@@ -53,7 +53,8 @@ struct SamplingConfig {
 absl::StatusOr<SamplingConfig> ValidateSampling(const SamplingParams& params, int64_t vocab_size,
                                                 int64_t max_new_tokens_limit);
 
-enum class FinishReason { kNone, kLength, kStop };
+// kTransferred: a prefill-role request whose state and first token were handed to a decode engine.
+enum class FinishReason { kNone, kLength, kStop, kTransferred };
 std::string FinishReasonName(FinishReason reason);
 
 class RequestSampler {
@@ -65,6 +66,9 @@ class RequestSampler {
   int32_t Sample(std::span<float> logits);
   // Records an accepted token and says whether the request is done.
   FinishReason Accept(int32_t token);
+  // Accepts a token another engine sampled with this same configuration (the first token of a
+  // disaggregated request): the draw it took is skipped here, so later draws match a mixed engine's.
+  FinishReason AcceptSampledElsewhere(int32_t token);
 
   int64_t generated() const { return generated_; }
   const SamplingConfig& config() const { return config_; }

@@ -25,10 +25,24 @@ struct Scheduler::Sequence {
   bool admitted_once = false;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
   std::optional<double> queue_seconds;  // reported with the next update
+  // Disaggregation. Decode role: awaiting_state from admission until the hand-over arrived.
+  // Prefill role: the manifest of the prompt's state, pages shipped so far, the hand-over once the
+  // prompt is done, and whether decode was told.
+  bool awaiting_state = false;
+  bool state_received = false;
+  bool destination_ready = false;
+  std::optional<StateManifest> manifest;
+  int64_t shipped_pages = 0;
+  std::optional<Handoff> handoff;
+  bool completed_sent = false;
+  bool pd_done = false;  // the room needs no abort any more
 
+  bool pd() const { return request.role != EngineRole::kMixed; }
   int64_t computed() const { return state ? state->length() : 0; }
   int64_t total() const { return static_cast<int64_t>(tokens.size()); }
-  bool decoding() const { return state && computed() + 1 == total() && total() > prompt_length; }
+  bool decoding() const { return state && !awaiting_state && computed() + 1 == total() && total() > prompt_length; }
+  bool prefilling() const { return state && !awaiting_state && !handoff && computed() < total() && !decoding(); }
+  bool retractable() const { return state && !awaiting_state && request.role != EngineRole::kPrefill; }
   int64_t remaining_new_tokens() const { return sampler.config().max_new_tokens - sampler.generated(); }
 };
 
@@ -65,6 +79,21 @@ Scheduler::Scheduler(const model::Dsv4Model* model, cache::StatePools* pools, Sc
   max_context_ = pools_->token_pages().total() * pools_->page_size();
 }
 
+const char* EngineRoleName(EngineRole role) {
+  switch (role) {
+    case EngineRole::kPrefill: return "prefill";
+    case EngineRole::kDecode: return "decode";
+    case EngineRole::kMixed: break;
+  }
+  return "mixed";
+}
+
+void Scheduler::SetRole(EngineRole role, PrefillLink* prefill, DecodeLink* decode) {
+  role_ = role;
+  prefill_link_ = prefill;
+  decode_link_ = decode;
+}
+
 Scheduler::~Scheduler() {
   AbortAll(absl::UnavailableError("engine stopped"));
   prefix_cache_.reset();
@@ -72,6 +101,16 @@ Scheduler::~Scheduler() {
 
 absl::Status Scheduler::Validate(const NewRequest& request) const {
   const int64_t vocab = model_->config().vocab_size;
+  if (request.role != role_) {
+    return absl::FailedPreconditionError(absl::StrCat("this engine serves the ", EngineRoleName(role_), " role; the request is for ",
+                                                      EngineRoleName(request.role)));
+  }
+  if (request.role != EngineRole::kMixed && request.room.room == 0) {
+    return absl::InvalidArgumentError("disaggregation.room is missing (0 is not a room)");
+  }
+  if (request.role == EngineRole::kDecode && (request.room.bootstrap_host.empty() || request.room.bootstrap_port <= 0)) {
+    return absl::InvalidArgumentError("disaggregation.bootstrap_host/bootstrap_port of the prefill worker are missing");
+  }
   if (request.prompt.empty()) return absl::InvalidArgumentError("input_ids is empty: a prompt needs at least one token");
   for (size_t i = 0; i < request.prompt.size(); ++i) {
     const int32_t id = request.prompt[i];
@@ -105,6 +144,13 @@ absl::Status Scheduler::Add(NewRequest request) {
   }
   TANDEM_ASSIGN_OR_RETURN(SamplingConfig config,
                           ValidateSampling(request.sampling, model_->config().vocab_size, options_.max_new_tokens_limit));
+  if (request.role == EngineRole::kPrefill) {
+    if (!prefill_link_) return absl::FailedPreconditionError("prefill role without a transfer link");
+    TANDEM_RETURN_IF_ERROR(prefill_link_->Expect(request.room.room));
+  }
+  if (request.role == EngineRole::kDecode && !decode_link_) {
+    return absl::FailedPreconditionError("decode role without a transfer link");
+  }
   auto seq = std::make_unique<Sequence>(std::move(request), std::move(config), eos_token_ids_);
   live_[seq->request.id] = seq.get();
   waiting_.push_back(std::move(seq));
@@ -133,6 +179,11 @@ std::unique_ptr<Scheduler::Sequence> Scheduler::Take(const std::string& id) {
 bool Scheduler::Abort(const std::string& id, const absl::Status& reason) {
   auto seq = Take(id);
   if (!seq) return false;
+  if (seq->pd() && !seq->pd_done) {
+    seq->pd_done = true;
+    if (seq->request.role == EngineRole::kPrefill) prefill_link_->Abort(seq->request.room.room, reason);
+    if (seq->request.role == EngineRole::kDecode) decode_link_->Abort(seq->request.room.room, reason);
+  }
   ReleaseState(*seq, /*cache_it=*/false);
   RequestUpdate update;
   update.finished = true;
@@ -170,12 +221,13 @@ void Scheduler::ReleaseState(Sequence& seq, bool cache_it) {
   seq.state.reset();
 }
 
-bool Scheduler::Admit(Sequence& seq) {
+absl::StatusOr<bool> Scheduler::Admit(Sequence& seq) {
   if (static_cast<int64_t>(running_.size()) >= options_.max_running_requests) return false;
+  const bool needs_state = seq.request.role == EngineRole::kDecode && !seq.state_received;
   const int64_t page = pools_->page_size();
   seq.state = std::make_unique<PagedSequenceState>(pools_);
   int64_t cached = 0;
-  if (prefix_cache_ && seq.total() > 1) {
+  if (prefix_cache_ && seq.total() > 1 && !needs_state) {
     const auto match = prefix_cache_->MatchPrefix(std::span<const int32_t>(seq.tokens).first(seq.tokens.size() - 1));
     if (match.tokens > 0) {
       if (auto status = seq.state->AdoptPrefix(prefix_cache_.get(), match); status.ok()) {
@@ -186,8 +238,10 @@ bool Scheduler::Admit(Sequence& seq) {
       }
     }
   }
-  // The whole prompt, plus up to a page of output so that admitted requests can start decoding.
-  const int64_t want = std::min(seq.total() + std::min(seq.remaining_new_tokens(), page), max_context_);
+  // The whole prompt, plus up to a page of output so that admitted requests can start decoding
+  // (a prefill-role request never decodes here).
+  const int64_t headroom = seq.request.role == EngineRole::kPrefill ? 0 : std::min(seq.remaining_new_tokens(), page);
+  const int64_t want = std::min(seq.total() + headroom, max_context_);
   auto status = seq.state->Reserve(want);
   if (!status.ok() && prefix_cache_) {
     const int64_t pages = PagesFor(want, page) - PagesFor(cached, page);
@@ -198,6 +252,15 @@ bool Scheduler::Admit(Sequence& seq) {
     seq.state->Release();
     seq.state.reset();
     return false;
+  }
+  if (seq.pd() && !seq.manifest) {
+    // Both legs describe the prompt's state in the same canonical order (state_manifest.h).
+    TANDEM_ASSIGN_OR_RETURN(auto manifest, StateManifest::Build(*pools_, *seq.state, seq.prompt_length));
+    seq.manifest = std::move(manifest);
+    if (needs_state) {
+      seq.awaiting_state = true;
+      TANDEM_RETURN_IF_ERROR(decode_link_->Register(seq.request.room, *seq.manifest));
+    }
   }
   if (!seq.admitted_once) {
     seq.admitted_once = true;
@@ -218,20 +281,146 @@ bool Scheduler::EnsureReserved(Sequence& seq, int64_t length) {
   return false;
 }
 
-// Retracts the newest running request: its pages go back, its output so far is kept, and it waits at
-// the front of the queue to be recomputed (prompt + output) when pages free up.
-bool Scheduler::Retract(const Sequence* keep) {
-  if (running_.empty()) return false;
-  auto seq = std::move(running_.back());
-  running_.pop_back();
-  if (seq.get() != keep) {
-    spdlog::info("retracting request {} ({} tokens) to free pages", seq->request.id, seq->total());
+// The newest running request that can be recomputed locally (not one whose state is in flight, nor a
+// prefill-role request whose pages decode is being written from).
+Scheduler::Sequence* Scheduler::NewestRetractable() {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    if ((*it)->retractable()) return it->get();
   }
+  return nullptr;
+}
+
+// Retraction: the request's pages go back, its output so far is kept, and it waits at the front of the
+// queue to be recomputed (prompt + output) when pages free up.
+void Scheduler::Retract(Sequence* victim) {
+  auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == victim; });
+  auto seq = std::move(*it);
+  running_.erase(it);
+  spdlog::info("retracting request {} ({} tokens) to free pages", seq->request.id, seq->total());
   ReleaseState(*seq, /*cache_it=*/false);
   ++seq->retractions;
   ++retractions_total_;
   waiting_.push_front(std::move(seq));
-  return true;
+}
+
+void Scheduler::Fail(Sequence& seq, const absl::Status& status) { Abort(seq.request.id, status); }
+
+bool Scheduler::waiting_on_peer() const {
+  if (!waiting_.empty()) return false;
+  for (const auto& seq : running_) {
+    if (!seq->awaiting_state && !seq->handoff) return false;
+  }
+  return !running_.empty();
+}
+
+absl::Status Scheduler::ShipFinishedPages(Sequence& seq, int64_t end_page, bool tail) {
+  std::vector<size_t> segments = seq.manifest->TokenPageSegments(seq.shipped_pages, end_page);
+  if (tail) {
+    const auto rest = seq.manifest->TailSegments();
+    segments.insert(segments.end(), rest.begin(), rest.end());
+  }
+  if (segments.empty()) return absl::OkStatus();
+  TANDEM_RETURN_IF_ERROR(prefill_link_->Ship(seq.request.room.room, *seq.manifest, segments));
+  seq.shipped_pages = std::max(seq.shipped_pages, std::min(end_page, seq.manifest->token_pages()));
+  return absl::OkStatus();
+}
+
+// The disaggregation side of a step: decode requests whose state arrived start decoding; prefill
+// requests ship the pages their prompt has passed, then the rest and the first token, then wait for
+// decode's acknowledgement before their pages go back.
+void Scheduler::ServeHandovers() {
+  if (role_ == EngineRole::kMixed) return;
+  std::vector<Sequence*> pd;
+  for (auto& seq : running_) {
+    if (seq->pd() && !seq->pd_done) pd.push_back(seq.get());
+  }
+  for (Sequence* seq : pd) {
+    const uint64_t room = seq->request.room.room;
+    if (seq->request.role == EngineRole::kDecode) {
+      if (!seq->awaiting_state) continue;
+      auto arrived = decode_link_->Poll(room);
+      if (!arrived) continue;
+      if (!arrived->ok()) {
+        seq->pd_done = true;
+        Fail(*seq, arrived->status());
+        continue;
+      }
+      ReceiveState(*seq, **arrived);
+      continue;
+    }
+    if (!seq->destination_ready) {
+      auto ready = prefill_link_->DestinationReady(room);
+      if (!ready) continue;
+      if (!ready->ok()) {
+        seq->pd_done = true;
+        Fail(*seq, *ready);
+        continue;
+      }
+      seq->destination_ready = true;
+    }
+    if (!seq->handoff) {
+      if (auto shipped = ShipFinishedPages(*seq, seq->computed() / pools_->page_size(), false); !shipped.ok()) Fail(*seq, shipped);
+      continue;
+    }
+    if (!seq->completed_sent) {
+      absl::Status status = ShipFinishedPages(*seq, seq->manifest->token_pages(), true);
+      if (status.ok()) status = prefill_link_->Complete(room, *seq->handoff);
+      if (!status.ok()) {
+        Fail(*seq, status);
+        continue;
+      }
+      seq->completed_sent = true;
+    }
+    auto acked = prefill_link_->Acknowledged(room);
+    if (!acked) continue;
+    seq->pd_done = true;
+    if (!acked->ok()) {
+      Fail(*seq, *acked);
+      continue;
+    }
+    auto owned = Take(seq->request.id);
+    ReleaseState(*owned, /*cache_it=*/true);
+    RequestUpdate update;
+    update.tokens.push_back({owned->handoff->first_token, 0, {}});
+    update.finished = true;
+    update.finish_reason = FinishReason::kTransferred;
+    Emit(*owned, std::move(update));
+  }
+}
+
+void Scheduler::ReceiveState(Sequence& seq, const Handoff& handoff) {
+  const uint64_t room = seq.request.room.room;
+  const uint64_t checksum = seq.manifest->Checksum(*pools_);
+  if (checksum != handoff.checksum) {
+    const absl::Status bad = absl::DataLossError(absl::StrCat(
+        "KV transfer checksum mismatch for room ", room, ": prefill sent ", handoff.checksum, ", decode computed ", checksum));
+    decode_link_->Acknowledge(room, bad);
+    seq.pd_done = true;
+    Fail(seq, bad);
+    return;
+  }
+  decode_link_->Acknowledge(room, absl::OkStatus());
+  seq.pd_done = true;
+  seq.awaiting_state = false;
+  seq.state_received = true;
+  seq.state->set_length(seq.prompt_length);
+  const int32_t token = handoff.first_token;
+  const FinishReason reason = seq.sampler.AcceptSampledElsewhere(token);
+  RequestUpdate update;
+  if (reason != FinishReason::kStop) {
+    seq.tokens.push_back(token);
+    update.tokens.push_back({token, 0, {}});
+  }
+  if (reason == FinishReason::kNone) {
+    Emit(seq, std::move(update));
+    return;
+  }
+  update.finished = true;
+  update.finish_reason = reason;
+  update.matched_stop = seq.sampler.matched_stop();
+  auto owned = Take(seq.request.id);
+  ReleaseState(*owned, /*cache_it=*/true);
+  Emit(*owned, std::move(update));
 }
 
 int64_t Scheduler::PrefillChunk(const Sequence& seq, int64_t budget) const {
@@ -255,6 +444,7 @@ int64_t Scheduler::PrefillChunk(const Sequence& seq, int64_t budget) const {
 absl::StatusOr<bool> Scheduler::Step() {
   if (idle()) return false;
   const int64_t page = pools_->page_size();
+  ServeHandovers();
 
   // Decoding requests need room for one more position; retract the newest ones until they have it.
   for (size_t i = 0; i < running_.size();) {
@@ -265,12 +455,10 @@ absl::StatusOr<bool> Scheduler::Step() {
     }
     bool retracted_self = false;
     while (!EnsureReserved(seq, seq.computed() + 1)) {
-      const bool self = running_.back().get() == &seq;
-      Retract(&seq);
-      if (self) {
-        retracted_self = true;
-        break;
-      }
+      Sequence* victim = NewestRetractable();  // never older than `seq`, which is retractable itself
+      retracted_self = victim == &seq;
+      Retract(victim);
+      if (retracted_self) break;
     }
     if (!retracted_self) ++i;
   }
@@ -280,7 +468,7 @@ absl::StatusOr<bool> Scheduler::Step() {
   for (auto& seq : running_) {
     if (seq->decoding()) {
       plan.push_back({seq.get(), 1});
-    } else if (budget > 0) {
+    } else if (budget > 0 && seq->prefilling()) {
       const int64_t count = PrefillChunk(*seq, budget);
       if (count > 0) {
         plan.push_back({seq.get(), count});
@@ -290,14 +478,21 @@ absl::StatusOr<bool> Scheduler::Step() {
   }
   while (!waiting_.empty() && budget > 0) {
     Sequence& head = *waiting_.front();
-    if (!Admit(head)) break;
+    auto admitted = Admit(head);
+    if (!admitted.ok()) {
+      Fail(head, admitted.status());
+      continue;
+    }
+    if (!*admitted) break;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
+    if (!head.prefilling()) continue;  // its state comes from the prefill engine
     const int64_t count = PrefillChunk(head, budget);
     plan.push_back({&head, count});
     budget -= count;
   }
   if (plan.empty()) {
+    ServeHandovers();
     if (running_.empty() && !waiting_.empty()) {
       // Validation guarantees a request fits an empty engine; anything else is a bug, not a hang.
       Abort(waiting_.front()->request.id,
@@ -340,6 +535,11 @@ absl::StatusOr<bool> Scheduler::Step() {
     if (seq.request.return_logprobs) raw.assign(row.begin(), row.end());
     const int32_t token = seq.sampler.Sample(row);
     const FinishReason reason = seq.sampler.Accept(token);
+    if (seq.request.role == EngineRole::kPrefill) {
+      // The prompt's state is final: the first token and the checksum go to decode with the rest.
+      seq.handoff = Handoff{token, seq.manifest->Checksum(*pools_)};
+      continue;
+    }
     RequestUpdate update;
     if (reason != FinishReason::kStop) {
       seq.tokens.push_back(token);
@@ -360,6 +560,7 @@ absl::StatusOr<bool> Scheduler::Step() {
     ReleaseState(*seq, /*cache_it=*/true);
     Emit(*seq, std::move(update));
   }
+  ServeHandovers();
   return true;
 }
 
@@ -369,6 +570,10 @@ SchedulerStats Scheduler::Stats() const {
   stats.waiting = static_cast<int64_t>(waiting_.size());
   for (const auto& seq : waiting_) stats.waiting_uncached_tokens += seq->total();
   stats.retractions_total = retractions_total_;
+  for (const auto& seq : running_) {
+    stats.awaiting_state += seq->awaiting_state ? 1 : 0;
+    stats.handing_over += seq->handoff ? 1 : 0;
+  }
   if (prefix_cache_) stats.prefix_cached_tokens = prefix_cache_->stats().cached_tokens;
   stats.max_total_tokens = max_context_;
   stats.pools = pools_->Usage();

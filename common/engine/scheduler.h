@@ -15,6 +15,7 @@
 #include "common/cache/pools.h"
 #include "common/cache/radix_cache.h"
 #include "common/core/status.h"
+#include "common/engine/disaggregation.h"
 #include "common/engine/paged_state.h"
 #include "common/engine/sampler.h"
 #include "common/model/forward.h"
@@ -65,6 +66,8 @@ struct NewRequest {
   bool return_logprobs = false;
   int32_t top_logprobs = 0;  // 0..20
   UpdateSink sink;
+  EngineRole role = EngineRole::kMixed;  // must be the engine's own role
+  RoomInfo room;                         // prefill and decode roles
 };
 
 struct SchedulerStats {
@@ -74,6 +77,8 @@ struct SchedulerStats {
   int64_t retractions_total = 0;
   int64_t prefix_cached_tokens = 0;  // held by the prefix cache
   int64_t max_total_tokens = 0;
+  int64_t awaiting_state = 0;  // decode role: pages reserved, state in flight from prefill
+  int64_t handing_over = 0;    // prefill role: prompt done, shipping or waiting for decode's ack
   double token_usage = 0;
   std::vector<cache::PoolUsage> pools;
 };
@@ -83,6 +88,10 @@ class Scheduler {
  public:
   Scheduler(const model::Dsv4Model* model, cache::StatePools* pools, SchedulerOptions options);
   ~Scheduler();
+
+  // Makes this a prefill or decode engine of a disaggregated pair; the link must outlive the scheduler.
+  void SetRole(EngineRole role, PrefillLink* prefill, DecodeLink* decode);
+  EngineRole role() const { return role_; }
 
   // Checks a request against the model and the pools without touching any state (thread-safe):
   // INVALID_ARGUMENT with the field and the limit.
@@ -96,6 +105,8 @@ class Scheduler {
   // One step: admit what fits, run one forward over the batch, sample, emit. Returns false when
   // there was nothing to do. An error (a failed forward) ends every request in the batch with it.
   absl::StatusOr<bool> Step();
+  // True while requests wait only on the other engine (nothing to compute until it answers).
+  bool waiting_on_peer() const;
 
   bool idle() const { return running_.empty() && waiting_.empty(); }
   // Longest prompt + output the pools can hold for one request.
@@ -112,9 +123,15 @@ class Scheduler {
     int64_t count = 0;
   };
 
-  bool Admit(Sequence& seq);
+  // True when admitted, false when it does not fit yet; an error ends the request.
+  absl::StatusOr<bool> Admit(Sequence& seq);
+  void ServeHandovers();
+  void ReceiveState(Sequence& seq, const Handoff& handoff);
+  absl::Status ShipFinishedPages(Sequence& seq, int64_t end_page, bool tail);
+  void Fail(Sequence& seq, const absl::Status& status);
+  Sequence* NewestRetractable();
   bool EnsureReserved(Sequence& seq, int64_t length);
-  bool Retract(const Sequence* keep);
+  void Retract(Sequence* victim);
   int64_t PrefillChunk(const Sequence& seq, int64_t budget) const;
   void Emit(Sequence& seq, RequestUpdate update);
   void Finish(Sequence& seq, RequestUpdate update);
@@ -131,6 +148,9 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   absl::flat_hash_map<std::string, Sequence*> live_;
+  EngineRole role_ = EngineRole::kMixed;
+  PrefillLink* prefill_link_ = nullptr;
+  DecodeLink* decode_link_ = nullptr;
   uint64_t next_admission_ = 0;
   int64_t retractions_total_ = 0;
 };

@@ -43,6 +43,7 @@ v1::FinishReason ToProto(FinishReason reason) {
   switch (reason) {
     case FinishReason::kStop: return v1::FINISH_REASON_STOP;
     case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kTransferred: return v1::FINISH_REASON_TRANSFERRED;
     case FinishReason::kNone: break;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
