@@ -167,6 +167,7 @@ void ControlLoop::ReadFrom(ConnectionId id, const std::shared_ptr<Connection>& c
     std::string_view rest(conn->read_buffer.data() + used, conn->read_buffer.size() - used);
     absl::StatusOr<FrameHeader> header = ParseFrameHeader(rest.substr(0, kFrameHeaderBytes), options_.max_frame_bytes);
     if (!header.ok()) {
+      if (handlers_.on_bad_frame) handlers_.on_bad_frame(id, header.status());
       Close(id, header.status(), /*tell_peer=*/true);
       break;
     }

@@ -34,6 +34,7 @@ class ControlLoop {
     std::function<void(ConnectionId, FrameType, std::string_view)> on_frame;  // never heartbeats
     std::function<void(ConnectionId, const absl::Status&)> on_closed;
     std::function<void()> on_tick;
+    std::function<void(ConnectionId, const absl::Status&)> on_bad_frame;  // a header was refused
   };
   // Handlers run on the loop thread, without any loop lock held: they may call Send and Close.
   static absl::StatusOr<std::unique_ptr<ControlLoop>> Create(const ControlOptions& options, Handlers handlers);

@@ -19,6 +19,10 @@ absl::StatusOr<std::unique_ptr<DecodeAgent>> DecodeAgent::Create(KvTransport* tr
   handlers.on_frame = [self](ConnectionId id, FrameType type, std::string_view payload) { self->OnFrame(id, type, payload); };
   handlers.on_closed = [self](ConnectionId id, const absl::Status& reason) { self->OnClosed(id, reason); };
   handlers.on_tick = [self] { self->OnTick(); };
+  handlers.on_bad_frame = [self](ConnectionId, const absl::Status&) {
+    std::lock_guard lock(self->mutex_);
+    ++self->counters_.bootstrap_failures;
+  };
   TANDEM_ASSIGN_OR_RETURN(agent->loop_, ControlLoop::Create(options.control, std::move(handlers)));
   return agent;
 }
