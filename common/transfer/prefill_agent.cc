@@ -121,6 +121,11 @@ absl::StatusOr<Destination> PrefillAgent::WaitDestination(RoomId room, std::chro
   }
 }
 
+absl::Status PrefillAgent::NotLive(RoomId room) const {
+  if (const absl::Status* final = recent_.Find(room); final != nullptr && !final->ok()) return *final;
+  return absl::NotFoundError(absl::StrCat("room ", room, " is not live"));
+}
+
 absl::Status PrefillAgent::Ship(RoomId room, size_t first_segment, std::span<const Segment> src) {
   std::vector<Segment> dst;
   PeerId transport_peer = 0;
@@ -128,7 +133,7 @@ absl::Status PrefillAgent::Ship(RoomId room, size_t first_segment, std::span<con
   {
     std::lock_guard lock(mutex_);
     auto it = rooms_.find(room);
-    if (it == rooms_.end()) return absl::NotFoundError(absl::StrCat("room ", room, " is not live"));
+    if (it == rooms_.end()) return NotLive(room);
     Room& r = it->second;
     if (r.state == State::kEnding) return r.final;
     if (r.state == State::kExpected) return absl::FailedPreconditionError(absl::StrCat("room ", room, ": no destination yet"));
@@ -188,7 +193,7 @@ absl::Status PrefillAgent::Complete(RoomId room, const Completion& completion) {
   {
     std::lock_guard lock(mutex_);
     auto it = rooms_.find(room);
-    if (it == rooms_.end()) return absl::NotFoundError(absl::StrCat("room ", room, " is not live"));
+    if (it == rooms_.end()) return NotLive(room);
     Room& r = it->second;
     if (r.state == State::kEnding) return r.final;
     if (r.state != State::kReady) {

@@ -98,6 +98,7 @@ class PrefillAgent {
   void RefuseRoom(ConnectionId id, RoomId room, absl::Status status);
   void ReleasePeerLocked(ConnectionId id, Deferred& deferred);
   static void Run(Deferred& deferred);
+  absl::Status NotLive(RoomId room) const;  // the final status of a room that just ended, else NOT_FOUND
 
   KvTransport* const transport_;
   Handshake local_;

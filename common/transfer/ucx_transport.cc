@@ -150,8 +150,10 @@ absl::StatusOr<PeerId> UcxTransport::DoConnect(std::string_view address, std::sp
   };
   params.err_handler.arg = peer.get();
   std::lock_guard lock(worker_mutex_);
+  if (!peer_errors_supported_) params.err_mode = UCP_ERR_HANDLING_MODE_NONE;
   ucs_status_t status = ucp_ep_create(worker_, &params, &peer->endpoint);
-  if (status == UCS_ERR_UNREACHABLE) {
+  if (status == UCS_ERR_UNREACHABLE && peer_errors_supported_) {
+    peer_errors_supported_ = false;  // UCX logs the refusal once; later peers go straight to NONE
     // UCX 1.13's shared-memory transports cannot report peer failure; without it a dead peer is only
     // noticed by the control connection (its lease), not by the endpoint.
     params.err_mode = UCP_ERR_HANDLING_MODE_NONE;

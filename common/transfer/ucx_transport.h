@@ -55,6 +55,7 @@ class UcxTransport final : public KvTransport {
   std::vector<void*> memory_handles_;
   std::map<PeerId, std::unique_ptr<Peer>> peers_;
   PeerId next_peer_ = 1;
+  bool peer_errors_supported_ = true;
   std::atomic<bool> stop_{false};
   std::thread progress_thread_;
 };
