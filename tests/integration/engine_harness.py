@@ -75,7 +75,8 @@ class Server:
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_text()}")
 
     def log_text(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()
 
     def generate(self, ids, max_new_tokens=16, timeout=600, **sampling):

@@ -39,6 +39,20 @@ EngineMetrics::EngineMetrics(const std::string& model_name, const std::string& r
   throughput_ = &Make(prometheus::BuildGauge(), "tandem_gen_throughput", "generated tokens per second (last 5 s)", r).Add(labels_);
   cache_hit_rate_ = &Make(prometheus::BuildGauge(), "tandem_cache_hit_rate",
                           "fraction of prompt tokens taken from the prefix cache", r).Add(labels_);
+  transfer_bytes_ = &Make(prometheus::BuildCounter(), "tandem_kv_transfer_bytes_total", "KV/state bytes handed over", r).Add(labels_);
+  transfer_latency_ = &Make(prometheus::BuildHistogram(), "tandem_kv_transfer_latency_seconds",
+                            "one request's hand-over, first byte to verified completion", r)
+                           .Add(labels_, prometheus::Histogram::BucketBoundaries{0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                                                                                 0.2, 0.5, 1, 2, 5, 10});
+  transfer_speed_ = &Make(prometheus::BuildGauge(), "tandem_kv_transfer_speed_gb_s", "speed of the last hand-over (GB/s)", r).Add(labels_);
+  bootstrap_failures_ = &Make(prometheus::BuildCounter(), "tandem_num_bootstrap_failed_reqs_total",
+                              "refused or failed bootstrap handshakes and bad frames", r).Add(labels_);
+  transfer_failures_ = &Make(prometheus::BuildCounter(), "tandem_num_transfer_failed_reqs_total",
+                             "failed puts and checksum mismatches", r).Add(labels_);
+  transfer_queue_ = &Make(prometheus::BuildGauge(), "tandem_num_decode_transfer_queue_reqs",
+                          "decode: requests with pages reserved, state in flight", r).Add(labels_);
+  inflight_queue_ = &Make(prometheus::BuildGauge(), "tandem_num_prefill_inflight_queue_reqs",
+                          "prefill: prompts done, shipping or awaiting decode's ack", r).Add(labels_);
   pool_used_ = &Make(prometheus::BuildGauge(), "tandem_cache_pool_used_pages", "pages or slots in use, per state pool", r);
   pool_total_ = &Make(prometheus::BuildGauge(), "tandem_cache_pool_total_pages", "pages or slots, per state pool", r);
 }
@@ -52,7 +66,23 @@ void EngineMetrics::RequestFinished(const RequestUpdate& last, double e2e_second
   retractions_->Increment(static_cast<double>(last.retractions));
 }
 
+void EngineMetrics::Transferred(uint64_t bytes, double seconds) {
+  transfer_bytes_->Increment(static_cast<double>(bytes));
+  transfer_latency_->Observe(seconds);
+  if (seconds > 0) transfer_speed_->Set(static_cast<double>(bytes) / seconds / 1e9);
+}
+
 void EngineMetrics::Refresh(const EngineLoad& load) {
+  transfer_queue_->Set(static_cast<double>(load.scheduler.awaiting_state));
+  inflight_queue_->Set(static_cast<double>(load.scheduler.handing_over));
+  if (transfer_stats_) {
+    // Mirror the agent's own counters (they only grow).
+    const TransferStats stats = transfer_stats_();
+    const double bootstrap = static_cast<double>(stats.agent.bootstrap_failures);
+    const double transfer = static_cast<double>(stats.agent.transfer_failures);
+    if (bootstrap > bootstrap_failures_->Value()) bootstrap_failures_->Increment(bootstrap - bootstrap_failures_->Value());
+    if (transfer > transfer_failures_->Value()) transfer_failures_->Increment(transfer - transfer_failures_->Value());
+  }
   running_->Set(static_cast<double>(load.scheduler.running));
   queued_->Set(static_cast<double>(load.scheduler.waiting));
   token_usage_->Set(load.scheduler.token_usage);

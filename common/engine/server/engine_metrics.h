@@ -11,6 +11,7 @@
 #include <prometheus/registry.h>
 
 #include "common/engine/engine.h"
+#include "common/engine/server/transfer_links.h"
 
 namespace tandem::engine {
 
@@ -25,6 +26,10 @@ class EngineMetrics {
   void FirstToken(double ttft_seconds) { ttft_->Observe(ttft_seconds); }
   void InterToken(double seconds) { itl_->Observe(seconds); }
   void Queued(double seconds) { queue_time_->Observe(seconds); }
+  // A finished KV hand-over (either side).
+  void Transferred(uint64_t bytes, double seconds);
+  // The transfer agent's counters, read at each scrape (prefill and decode roles).
+  void set_transfer_stats(std::function<TransferStats()> stats) { transfer_stats_ = std::move(stats); }
   // Gauges from the engine's current load; called before each scrape.
   void Refresh(const EngineLoad& load);
   std::string Scrape(const EngineLoad& load);
@@ -47,6 +52,14 @@ class EngineMetrics {
   prometheus::Gauge* token_usage_;
   prometheus::Gauge* throughput_;
   prometheus::Gauge* cache_hit_rate_;
+  prometheus::Counter* transfer_bytes_;
+  prometheus::Histogram* transfer_latency_;
+  prometheus::Gauge* transfer_speed_;
+  prometheus::Counter* bootstrap_failures_;
+  prometheus::Counter* transfer_failures_;
+  prometheus::Gauge* transfer_queue_;
+  prometheus::Gauge* inflight_queue_;
+  std::function<TransferStats()> transfer_stats_;
   prometheus::Family<prometheus::Gauge>* pool_used_;
   prometheus::Family<prometheus::Gauge>* pool_total_;
 };

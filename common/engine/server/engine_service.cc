@@ -80,13 +80,17 @@ EngineService::EngineService(Engine* engine, EngineMetrics* metrics, ServiceInfo
 grpc::Status EngineService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                                      grpc::ServerWriter<v1::GenerateResponse>* writer) {
   const auto start = Clock::now();
-  const v1::Role role = request->has_disaggregation() ? request->disaggregation().role() : v1::ROLE_UNSPECIFIED;
-  if (info_.role != v1::ROLE_MIXED || (role != v1::ROLE_UNSPECIFIED && role != v1::ROLE_MIXED)) {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                        "disaggregated prefill/decode is not available on this build yet; serve with tandem-decode --mode mixed");
+  const auto& pd = request->disaggregation();
+  // An unspecified role means this engine's own role.
+  const v1::Role role = !request->has_disaggregation() || pd.role() == v1::ROLE_UNSPECIFIED ? info_.role : pd.role();
+  if (role != info_.role) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        absl::StrCat("this engine serves the ", v1::Role_Name(info_.role), " role, the request is for ", v1::Role_Name(role)));
   }
   auto channel = std::make_shared<UpdateChannel>();
   NewRequest r;
+  r.role = role == v1::ROLE_PREFILL ? EngineRole::kPrefill : role == v1::ROLE_DECODE ? EngineRole::kDecode : EngineRole::kMixed;
+  r.room = {pd.room(), pd.bootstrap_host(), pd.bootstrap_port()};
   r.id = request->request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1)) : request->request_id();
   r.prompt.assign(request->input_ids().begin(), request->input_ids().end());
   r.sampling = FromProto(request->sampling());

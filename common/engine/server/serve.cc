@@ -78,6 +78,12 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
   app.add_option("--threads", e.threads, "CPU threads for the forward (0: all cores)")->capture_default_str();
   app.add_option("--drain-timeout", o.drain_timeout_seconds, "seconds SIGTERM waits for running requests")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--heartbeat-interval", o.heartbeat_interval_seconds, "PD: seconds between heartbeats to the peer")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--peer-lease", o.lease_seconds, "PD: a peer silent this long is dead and its rooms fail")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--room-lease", o.room_lease_seconds, "PD: a hand-over not done by then is aborted")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error")
       ->capture_default_str()->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
 }
@@ -118,6 +124,30 @@ int RunServer(ServeOptions o, const char* binary) {
     return 1;
   }
 
+  int bootstrap_port = 0;
+  if (o.role != v1::ROLE_MIXED) {
+    o.engine.role = o.role == v1::ROLE_PREFILL ? EngineRole::kPrefill : EngineRole::kDecode;
+    TransferLinkOptions transfer;
+    transfer.model_config_hash = ConfigHash(o.engine.model_dir);
+    transfer.dtype = absl::StrCat("kv-fp8/experts-", o.engine.expert_dtype == model::ExpertDType::kFp8 ? "fp8" : "default");
+    transfer.bootstrap_host = o.host;
+    transfer.bootstrap_port = o.bootstrap_port;
+    transfer.agent.control.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(o.heartbeat_interval_seconds * 1000));
+    transfer.agent.control.lease = std::chrono::milliseconds(static_cast<int64_t>(o.lease_seconds * 1000));
+    transfer.agent.room_lease = std::chrono::milliseconds(static_cast<int64_t>(o.room_lease_seconds * 1000));
+    const EngineRole role = o.engine.role;
+    o.engine.links = [role, transfer, &engine_metrics, &bootstrap_port](cache::StatePools& pools, std::function<void()> wake)
+        -> absl::StatusOr<DisaggregationLinks> {
+      std::function<TransferStats()> stats;
+      TANDEM_ASSIGN_OR_RETURN(auto links, MakeTransferLinks(role, pools, transfer, std::move(wake),
+                                                            [&engine_metrics](uint64_t bytes, double seconds) {
+                                                              engine_metrics.Transferred(bytes, seconds);
+                                                            },
+                                                            &stats, &bootstrap_port));
+      engine_metrics.set_transfer_stats(std::move(stats));
+      return links;
+    };
+  }
   auto created = Engine::Create(o.engine);
   if (!created.ok()) {
     spdlog::error("{}: {}", binary, std::string(created.status().message()));
@@ -144,11 +174,8 @@ int RunServer(ServeOptions o, const char* binary) {
   health->SetServingStatus("", true);
   health->SetServingStatus(kServiceName, true);
   serving.store(true);
-  if (o.role == v1::ROLE_PREFILL) {
-    spdlog::warn("{}: the bootstrap server (port {}) and KV transfer are not built yet; Generate answers UNIMPLEMENTED", binary,
-                 o.bootstrap_port);
-  }
-  spdlog::info("{} ({}) serving {}: grpc {}:{}, http {}:{}", binary, role, o.served_model_name, o.host, grpc_port, o.host, http.port());
+  spdlog::info("{} ({}) serving {}: grpc {}:{}, http {}:{}{}", binary, role, o.served_model_name, o.host, grpc_port, o.host,
+               http.port(), o.role == v1::ROLE_PREFILL ? absl::StrCat(", bootstrap ", o.host, ":", bootstrap_port) : "");
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);

@@ -22,6 +22,9 @@ struct ServeOptions {
   std::string log_level = "info";
   int64_t cache_budget_mb = 0;
   bool disable_prefix_cache = false;
+  double heartbeat_interval_seconds = 1.0;
+  double lease_seconds = 4.0;
+  double room_lease_seconds = 60.0;
   EngineOptions engine;
 };
 

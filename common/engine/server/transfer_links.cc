@@ -1,0 +1,256 @@
+#include "common/engine/server/transfer_links.h"
+
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include <spdlog/spdlog.h>
+
+#include "common/transfer/checksum.h"
+#include "common/transfer/decode_agent.h"
+#include "common/transfer/handshake.h"
+#include "common/transfer/prefill_agent.h"
+#include "common/transfer/ucx_transport.h"
+
+namespace tandem::engine {
+namespace {
+
+using std::chrono::milliseconds;
+
+// The pools' regions, registered once; segments name them by PoolKind.
+class RegisteredPools {
+ public:
+  absl::Status Register(transfer::KvTransport& transport, cache::StatePools& pools) {
+    for (cache::PoolKind kind : cache::kAllPools) {
+      auto region = pools.region(kind);
+      if (region.empty()) continue;
+      TANDEM_ASSIGN_OR_RETURN(const uint32_t id, transport.RegisterRegion({cache::PoolName(kind), region.data(), region.size()}));
+      ids_[static_cast<size_t>(kind)] = id;
+    }
+    return absl::OkStatus();
+  }
+  transfer::Segment Convert(const StateSegment& s) const {
+    return {ids_[static_cast<size_t>(s.pool)], static_cast<uint64_t>(s.offset), static_cast<uint64_t>(s.length)};
+  }
+  std::vector<transfer::Segment> Convert(const StateManifest& manifest) const {
+    std::vector<transfer::Segment> out;
+    out.reserve(manifest.segments().size());
+    for (const auto& s : manifest.segments()) out.push_back(Convert(s));
+    return out;
+  }
+
+ private:
+  std::array<uint32_t, cache::kAllPools.size()> ids_{};
+};
+
+std::string LayoutHash(const cache::StatePools& pools, const TransferLinkOptions& options) {
+  std::string text = absl::StrCat(options.model_config_hash, "|", options.dtype, "|", pools.page_size());
+  for (cache::PoolKind kind : cache::kAllPools) {
+    absl::StrAppend(&text, "|", cache::PoolName(kind), ":", pools.layers(kind), "x", pools.layer_page_bytes(kind));
+  }
+  return fmt::format("{:016x}", transfer::ChecksumBytes(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
+
+std::string EncodeChecksum(uint64_t value) {
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &value, 8);
+  return out;
+}
+
+// Room outcomes reported by the agents' RoomDone callbacks, read by the scheduler's polls.
+class Outcomes {
+ public:
+  explicit Outcomes(std::function<void()> wake) : wake_(std::move(wake)) {}
+  transfer::RoomDone Callback() {
+    return [this](transfer::RoomId room, const absl::Status& status) {
+      {
+        std::lock_guard lock(mutex_);
+        done_[room] = status;
+      }
+      wake_();
+    };
+  }
+  std::optional<absl::Status> Find(uint64_t room) {
+    std::lock_guard lock(mutex_);
+    auto it = done_.find(room);
+    if (it == done_.end()) return std::nullopt;
+    return it->second;
+  }
+  void Forget(uint64_t room) {
+    std::lock_guard lock(mutex_);
+    done_.erase(room);
+  }
+
+ private:
+  std::function<void()> wake_;
+  std::mutex mutex_;
+  std::map<uint64_t, absl::Status> done_;
+};
+
+class UcxPrefillLink final : public PrefillLink {
+ public:
+  UcxPrefillLink(std::unique_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
+      : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {}
+
+  absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
+    TANDEM_ASSIGN_OR_RETURN(agent_, transfer::PrefillAgent::Create(transport_.get(), local, options.agent, options.bootstrap_host,
+                                                                    static_cast<uint16_t>(options.bootstrap_port)));
+    if (observer) {
+      agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
+        observer(bytes, std::chrono::duration<double>(latency).count());
+      });
+    }
+    return absl::OkStatus();
+  }
+  int port() const { return agent_->port(); }
+  transfer::AgentMetrics metrics() const { return agent_->metrics(); }
+
+  absl::Status Expect(uint64_t room) override {
+    outcomes_.Forget(room);
+    return agent_->ExpectRoom(room, outcomes_.Callback());
+  }
+  std::optional<absl::Status> DestinationReady(uint64_t room) override {
+    if (auto done = outcomes_.Find(room)) return done->ok() ? absl::InternalError("room ended before its state was sent") : *done;
+    auto destination = agent_->WaitDestination(room, milliseconds(0));
+    if (destination.ok()) return absl::OkStatus();
+    if (destination.status().code() == absl::StatusCode::kDeadlineExceeded && !outcomes_.Find(room)) return std::nullopt;
+    return destination.status();
+  }
+  absl::Status Ship(uint64_t room, const StateManifest& source, std::span<const size_t> segments) override {
+    sources_[room] = &source;  // the scheduler keeps it alive until the room ends
+    // The agent takes runs of consecutive destination indices.
+    size_t i = 0;
+    std::vector<transfer::Segment> run;
+    while (i < segments.size()) {
+      const size_t first = segments[i];
+      run.clear();
+      while (i < segments.size() && segments[i] == first + run.size()) run.push_back(pools_.Convert(source.segments()[segments[i++]]));
+      TANDEM_RETURN_IF_ERROR(agent_->Ship(room, first, run));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Complete(uint64_t room, const Handoff& handoff) override {
+    // The wire checksum (the agent's, over the bytes in segment order) and the engine's own (state_manifest.h)
+    // both travel: decode's agent checks the first, its scheduler the second.
+    auto source = sources_.find(room);
+    if (source == sources_.end()) return absl::InternalError("complete before any segment was shipped");
+    TANDEM_ASSIGN_OR_RETURN(const uint64_t wire,
+                            transfer::ChecksumSegments(transport_->regions(), pools_.Convert(*source->second)));
+    sources_.erase(source);
+    return agent_->Complete(room, {handoff.first_token, wire, EncodeChecksum(handoff.checksum)});
+  }
+  std::optional<absl::Status> Acknowledged(uint64_t room) override {
+    auto done = outcomes_.Find(room);
+    if (done) outcomes_.Forget(room);
+    return done;
+  }
+  void Abort(uint64_t room, const absl::Status& reason) override {
+    sources_.erase(room);
+    if (auto status = agent_->Abort(room, std::string(reason.message())); !status.ok() && !absl::IsNotFound(status)) {
+      spdlog::warn("prefill: abort room {}: {}", room, std::string(status.message()));
+    }
+  }
+ private:
+  std::unique_ptr<transfer::KvTransport> transport_;
+  RegisteredPools pools_;
+  Outcomes outcomes_;
+  std::unique_ptr<transfer::PrefillAgent> agent_;
+  std::map<uint64_t, const StateManifest*> sources_;  // scheduler thread only
+};
+
+class UcxDecodeLink final : public DecodeLink {
+ public:
+  UcxDecodeLink(std::unique_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
+      : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {}
+
+  absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
+    TANDEM_ASSIGN_OR_RETURN(agent_, transfer::DecodeAgent::Create(transport_.get(), local, options.agent));
+    if (observer) {
+      agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
+        observer(bytes, std::chrono::duration<double>(latency).count());
+      });
+    }
+    return absl::OkStatus();
+  }
+  transfer::AgentMetrics metrics() const { return agent_->metrics(); }
+
+  absl::Status Register(const RoomInfo& room, const StateManifest& destination) override {
+    outcomes_.Forget(room.room);
+    return agent_->Register(room.room, room.bootstrap_host, static_cast<uint16_t>(room.bootstrap_port),
+                            pools_.Convert(destination), outcomes_.Callback());
+  }
+  std::optional<absl::StatusOr<Handoff>> Poll(uint64_t room) override {
+    if (auto done = outcomes_.Find(room); done && !done->ok()) {
+      outcomes_.Forget(room);
+      return absl::StatusOr<Handoff>(*done);
+    }
+    auto completion = agent_->WaitCompletion(room, milliseconds(0));
+    if (!completion.ok()) {
+      if (completion.status().code() == absl::StatusCode::kDeadlineExceeded && !outcomes_.Find(room)) return std::nullopt;
+      outcomes_.Forget(room);
+      return absl::StatusOr<Handoff>(completion.status());
+    }
+    Handoff handoff;
+    handoff.first_token = completion->first_token;
+    if (completion->payload.size() != 8) {
+      return absl::StatusOr<Handoff>(absl::DataLossError("prefill's completion carries no engine checksum"));
+    }
+    std::memcpy(&handoff.checksum, completion->payload.data(), 8);
+    return absl::StatusOr<Handoff>(handoff);
+  }
+  void Acknowledge(uint64_t room, const absl::Status& status) override {
+    absl::Status sent = status.ok() ? agent_->Ack(room) : agent_->Abort(room, std::string(status.message()));
+    if (!sent.ok()) spdlog::warn("decode: acknowledge room {}: {}", room, std::string(sent.message()));
+    outcomes_.Forget(room);
+  }
+  void Abort(uint64_t room, const absl::Status& reason) override {
+    if (auto status = agent_->Abort(room, std::string(reason.message())); !status.ok() && !absl::IsNotFound(status)) {
+      spdlog::warn("decode: abort room {}: {}", room, std::string(status.message()));
+    }
+    outcomes_.Forget(room);
+  }
+
+ private:
+  std::unique_ptr<transfer::KvTransport> transport_;
+  RegisteredPools pools_;
+  Outcomes outcomes_;
+  std::unique_ptr<transfer::DecodeAgent> agent_;
+};
+
+}  // namespace
+
+absl::StatusOr<DisaggregationLinks> MakeTransferLinks(EngineRole role, cache::StatePools& pools,
+                                                      const TransferLinkOptions& options, std::function<void()> wake,
+                                                      TransferObserver observer, std::function<TransferStats()>* stats,
+                                                      int* bound_bootstrap_port) {
+  TANDEM_ASSIGN_OR_RETURN(auto ucx, transfer::UcxTransport::Create());
+  std::unique_ptr<transfer::KvTransport> transport = std::move(ucx);
+  RegisteredPools registered;
+  TANDEM_RETURN_IF_ERROR(registered.Register(*transport, pools));
+  transfer::LayoutDescriptor descriptor;
+  descriptor.model_config_hash = options.model_config_hash;
+  descriptor.page_size = static_cast<uint32_t>(pools.page_size());
+  descriptor.dtype = options.dtype;
+  descriptor.layer_begin = static_cast<uint32_t>(pools.layout().stage().begin);
+  descriptor.layer_end = static_cast<uint32_t>(pools.layout().stage().end);
+  const transfer::Handshake local = transfer::LocalHandshake(descriptor, LayoutHash(pools, options));
+
+  DisaggregationLinks links;
+  if (role == EngineRole::kPrefill) {
+    auto link = std::make_unique<UcxPrefillLink>(std::move(transport), registered, std::move(wake));
+    TANDEM_RETURN_IF_ERROR(link->Start(local, options, std::move(observer)));
+    if (bound_bootstrap_port) *bound_bootstrap_port = link->port();
+    UcxPrefillLink* raw = link.get();
+    if (stats) *stats = [raw] { return TransferStats{raw->metrics()}; };
+    links.prefill = std::move(link);
+  } else if (role == EngineRole::kDecode) {
+    auto link = std::make_unique<UcxDecodeLink>(std::move(transport), registered, std::move(wake));
+    TANDEM_RETURN_IF_ERROR(link->Start(local, options, std::move(observer)));
+    UcxDecodeLink* raw = link.get();
+    if (stats) *stats = [raw] { return TransferStats{raw->metrics()}; };
+    links.decode = std::move(link);
+  }
+  return links;
+}
+
+}  // namespace tandem::engine
