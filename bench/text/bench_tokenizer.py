@@ -133,6 +133,10 @@ def main():
         ("stream detokenize ns/token (HF: sglang loop)", ours["stream_detokenize_s"] / tokens * 1e9,
          hf_stream / stream_tokens * 1e9, True),
         ("stream + 2 stop strings ns/token", ours["stream_with_stops_s"] / tokens * 1e9, float("nan"), True),
+        (f"DSML stream ns/push, {ours['dsml_small_bytes'] // 1000} KB call", ours["dsml_push_s_small"] * 1e9,
+         float("nan"), True),
+        (f"DSML stream ns/push, {ours['dsml_large_bytes'] // 1000} KB call", ours["dsml_push_s_large"] * 1e9,
+         float("nan"), True),
     ]
 
     def ratio(mine, theirs, lower_is_better):

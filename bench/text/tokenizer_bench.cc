@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/text/detokenizer.h"
+#include "common/text/dsml_parser.h"
 #include "common/text/tokenizer.h"
 
 namespace {
@@ -35,6 +36,26 @@ double MedianSeconds(int passes, Body&& body) {
   }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+// Streaming DSML parse of one tool call whose string argument has `words` words, fed in chunks
+// of 4 bytes (about a token): seconds per Push. The parser rescans the open call on every Push,
+// so the cost per Push grows with the call's length; this row tracks that.
+double DsmlSecondsPerPush(int words, size_t& bytes) {
+  std::string value;
+  for (int i = 0; i < words; ++i) value += "word" + std::to_string(i % 10) + " ";
+  const std::string text = "Sure.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"write\">\n"
+                           "<｜DSML｜parameter name=\"content\" string=\"true\">" + value +
+                           "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+  bytes = text.size();
+  size_t pushes = 0;
+  const double seconds = MedianSeconds(3, [&] {
+    tandem::text::DsmlToolParser parser;
+    pushes = 0;
+    for (size_t i = 0; i < text.size(); i += 4, ++pushes) parser.Push(std::string_view(text).substr(i, 4));
+    parser.Finish();
+  });
+  return seconds / static_cast<double>(pushes);
 }
 
 }  // namespace
@@ -98,6 +119,10 @@ int main(int argc, char** argv) {
       decoded_bytes += decoder.Finish().size();
     }
   });
+  size_t dsml_small_bytes = 0;
+  size_t dsml_large_bytes = 0;
+  const double dsml_small = DsmlSecondsPerPush(300, dsml_small_bytes);
+  const double dsml_large = DsmlSecondsPerPush(6000, dsml_large_bytes);
   nlohmann::json out = {{"texts", texts.size()},
                         {"bytes", bytes},
                         {"tokens", tokens},
@@ -106,6 +131,10 @@ int main(int argc, char** argv) {
                         {"decode_s", decode_s},
                         {"stream_detokenize_s", stream_s},
                         {"stream_with_stops_s", stream_stop_s},
+                        {"dsml_push_s_small", dsml_small},
+                        {"dsml_small_bytes", dsml_small_bytes},
+                        {"dsml_push_s_large", dsml_large},
+                        {"dsml_large_bytes", dsml_large_bytes},
                         {"checksum", decoded_bytes % 1000}};
   std::cout << out.dump() << "\n";
   return 0;
