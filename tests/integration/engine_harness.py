@@ -46,7 +46,7 @@ def http_get(port, path, timeout=5):
 class Server:
     """A tandem-decode/tandem-prefill process on free loopback ports."""
 
-    def __init__(self, binary="tandem-decode", model=None, args=(), log_name=None):
+    def __init__(self, binary="tandem-decode", model=None, args=(), log_name=None, env=None):
         import grpc
 
         self.pb, self.rpc = load_stubs()
@@ -56,7 +56,7 @@ class Server:
         self.log = open(self.log_path, "w")
         cmd = [str(BIN / binary), "--model", str(model), "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                "--http-port", str(self.http_port), "--threads", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
         self.wait_ready()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
         self.stub = self.rpc.EngineStub(self.channel)
@@ -91,6 +91,11 @@ class Server:
                 complete = response.complete
         assert complete is not None, "stream ended without a complete message"
         return tokens, complete
+
+    def metrics(self):
+        status, body = http_get(self.http_port, "/metrics")
+        assert status == 200
+        return body
 
     def loads(self):
         return self.stub.GetLoads(self.pb.GetLoadsRequest())

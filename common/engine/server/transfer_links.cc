@@ -1,5 +1,6 @@
 #include "common/engine/server/transfer_links.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -90,7 +91,11 @@ class Outcomes {
 class UcxPrefillLink final : public PrefillLink {
  public:
   UcxPrefillLink(std::unique_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
-      : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {}
+      : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {
+    // Test hook: the first bytes shipped for this room leave with one bit flipped (the source is
+    // restored right after the put), so tests can prove the checksums catch a corrupted transfer.
+    if (const char* room = std::getenv("TANDEM_TEST_CORRUPT_ROOM")) corrupt_room_ = std::strtoull(room, nullptr, 10);
+  }
 
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::PrefillAgent::Create(transport_.get(), local, options.agent, options.bootstrap_host,
@@ -125,7 +130,16 @@ class UcxPrefillLink final : public PrefillLink {
       const size_t first = segments[i];
       run.clear();
       while (i < segments.size() && segments[i] == first + run.size()) run.push_back(pools_.Convert(source.segments()[segments[i++]]));
-      TANDEM_RETURN_IF_ERROR(agent_->Ship(room, first, run));
+      uint8_t* flipped = nullptr;
+      if (room == corrupt_room_ && corrupt_room_ != 0) {
+        corrupt_room_ = 0;
+        flipped = transport_->regions()[run.front().region].base + run.front().offset;
+        spdlog::warn("test hook: corrupting the transfer of room {}", room);
+        *flipped ^= 0x01;
+      }
+      const absl::Status shipped = agent_->Ship(room, first, run);
+      if (flipped) *flipped ^= 0x01;
+      TANDEM_RETURN_IF_ERROR(shipped);
     }
     return absl::OkStatus();
   }
@@ -156,6 +170,7 @@ class UcxPrefillLink final : public PrefillLink {
   Outcomes outcomes_;
   std::unique_ptr<transfer::PrefillAgent> agent_;
   std::map<uint64_t, const StateManifest*> sources_;  // scheduler thread only
+  uint64_t corrupt_room_ = 0;
 };
 
 class UcxDecodeLink final : public DecodeLink {
