@@ -2,6 +2,7 @@
 // and anything that must give the same numbers on every machine.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -41,7 +42,7 @@ class Xoshiro256 {
       has_spare_ = false;
       return spare_;
     }
-    const double u = Uniform() > 0 ? Uniform() : 1e-300, v = Uniform();
+    const double u = std::max(Uniform(), 1e-300), v = Uniform();  // one draw each; u > 0 for the log
     const double radius = std::sqrt(-2.0 * std::log(u));
     spare_ = radius * std::sin(2.0 * std::numbers::pi * v);
     has_spare_ = true;
