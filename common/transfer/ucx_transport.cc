@@ -170,6 +170,22 @@ absl::StatusOr<PeerId> UcxTransport::DoConnect(std::string_view address, std::sp
     peer->rkeys.push_back(rkey);
     peer->bases.push_back(region.base);
   }
+  // Finish wireup now (a flush needs the peer's reply), so no wireup message is in flight when the endpoint
+  // or either worker goes away later: UCX 1.13 asserts on a late wireup reply.
+  ucp_request_param_t flush_params{};
+  void* flush = ucp_ep_flush_nbx(peer->endpoint, &flush_params);
+  if (flush != nullptr && !UCS_PTR_IS_ERR(flush)) {
+    const auto deadline = Clock::now() + options_.put_timeout;
+    while (ucp_request_check_status(flush) == UCS_INPROGRESS && Clock::now() < deadline) ucp_worker_progress(worker_);
+    status = ucp_request_check_status(flush);
+    ucp_request_free(flush);
+  } else {
+    status = UCS_PTR_IS_ERR(flush) ? UCS_PTR_STATUS(flush) : UCS_OK;
+  }
+  if (status != UCS_OK) {
+    ClosePeerLocked(*peer, /*force=*/true);
+    return UcxError("endpoint wireup", status);
+  }
   const PeerId id = next_peer_++;
   peers_[id] = std::move(peer);
   return id;
