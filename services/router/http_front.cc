@@ -1,0 +1,264 @@
+#include "services/router/http_front.h"
+
+#include <chrono>
+
+#include <httplib.h>
+#include <spdlog/spdlog.h>
+
+#include "common/metrics/metrics.h"
+#include "services/router/render.h"
+#include "services/router/session.h"
+
+namespace tandem::router {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+void SendJson(httplib::Response& response, int status, const Json& body) {
+  response.status = status;
+  response.set_content(body.dump(-1, ' ', false, Json::error_handler_t::replace), "application/json");
+}
+
+std::string SseEvent(const Json& body) {
+  return absl::StrCat("data: ", body.dump(-1, ' ', false, Json::error_handler_t::replace), "\n\n");
+}
+
+// Everything one streaming response owns while httplib drives it.
+struct StreamState {
+  Job job;
+  ResponseMeta meta;
+  std::unique_ptr<Session> session;
+  Delta first;
+  bool first_ended = false;
+  Clock::time_point arrival;
+};
+
+}  // namespace
+
+HttpFront::HttpFront(RouterState* state) : state_(state), server_(std::make_unique<httplib::Server>()) {
+  // Each open SSE stream holds a pool thread for its whole life.
+  const int threads = state->options.http_threads;
+  server_->new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+  server_->set_payload_max_length(state->options.max_request_bytes);
+  server_->set_read_timeout(30, 0);
+  server_->set_write_timeout(30, 0);
+  Routes();
+}
+
+HttpFront::~HttpFront() { Stop(); }
+
+void HttpFront::Routes() {
+  RouterState* state = state_;
+  server_->set_error_handler([state](const httplib::Request&, httplib::Response& response) {
+    if (!response.body.empty()) return;
+    std::string message = absl::StrCat("HTTP ", response.status);
+    absl::Status status = absl::UnknownError(message);
+    if (response.status == 413) {
+      status = InvalidParam("", absl::StrCat("the request body exceeds the limit of ", state->options.max_request_bytes, " bytes"),
+                            "request_too_large");
+    } else if (response.status == 404) {
+      status = absl::NotFoundError("no such route");
+    } else if (response.status == 400) {
+      status = InvalidParam("", "malformed HTTP request");
+    }
+    const int code = response.status;
+    SendJson(response, code, ErrorBody(status));
+  });
+
+  server_->Get("/health", [](const httplib::Request&, httplib::Response& response) {
+    response.set_content("{\"status\":\"ok\"}", "application/json");
+  });
+  server_->Get("/readiness", [state](const httplib::Request&, httplib::Response& response) {
+    const bool ready = state->registry->Ready();
+    Json body = Json::object();
+    body["status"] = ready ? "ready" : "not ready";
+    Json workers = Json::array();
+    for (const auto& worker : state->registry->all()) {
+      Json w = Json::object();
+      w["worker"] = worker->name();
+      w["role"] = RoleName(worker->address().role);
+      w["healthy"] = worker->healthy();
+      w["breaker"] = static_cast<int>(worker->breaker().state());
+      workers.push_back(std::move(w));
+    }
+    body["workers"] = std::move(workers);
+    SendJson(response, ready ? 200 : 503, body);
+  });
+  server_->Get("/metrics", [state](const httplib::Request&, httplib::Response& response) {
+    response.set_content(state->metrics->Scrape(*state->registry), metrics::kExpositionContentType);
+  });
+
+  auto authorized = [state](const httplib::Request& request, httplib::Response& response) {
+    if (state->Authorized(request.get_header_value("Authorization"))) return true;
+    absl::Status status = absl::UnauthenticatedError("missing or invalid API key: send Authorization: Bearer <key>");
+    status.SetPayload("tandem/code", absl::Cord("invalid_api_key"));
+    SendJson(response, 401, ErrorBody(status));
+    return false;
+  };
+
+  server_->Get("/v1/models", [state, authorized](const httplib::Request& request, httplib::Response& response) {
+    if (!authorized(request, response)) return;
+    Json model = Json::object();
+    model["id"] = state->options.served_model_name;
+    model["object"] = "model";
+    model["created"] = state->created;
+    model["owned_by"] = "tandem";
+    model["max_model_len"] = state->registry->MaxContextTokens();
+    Json body = Json::object();
+    body["object"] = "list";
+    body["data"] = Json::array({model});
+    SendJson(response, 200, body);
+    state->metrics->Request("http", "models", 200);
+  });
+
+  auto generate = [state, authorized](bool chat) {
+    return [state, authorized, chat](const httplib::Request& request, httplib::Response& response) {
+      const char* endpoint = chat ? "chat" : "completion";
+      const auto arrival = Clock::now();
+      auto fail = [&](const absl::Status& status) {
+        const int code = HttpStatusOf(status);
+        SendJson(response, code, ErrorBody(status));
+        state->metrics->Request("http", endpoint, code);
+      };
+      if (!authorized(request, response)) {
+        state->metrics->Request("http", endpoint, 401);
+        return;
+      }
+      Json body;
+      try {
+        body = Json::parse(request.body);
+      } catch (const Json::exception& error) {
+        fail(InvalidParam("", absl::StrCat("the request body is not valid JSON: ", error.what()), "invalid_json"));
+        return;
+      }
+      const ServingContext context = state->Context();
+      absl::StatusOr<Job> parsed = chat ? ParseChatRequest(body, context) : ParseCompletionRequest(body, context);
+      if (!parsed.ok()) {
+        fail(parsed.status());
+        return;
+      }
+      auto stream = std::make_shared<StreamState>();
+      stream->job = std::move(*parsed);
+      stream->arrival = arrival;
+      stream->meta = {NewResponseId(chat ? "chatcmpl" : "cmpl"),
+                      static_cast<int64_t>(std::chrono::duration_cast<std::chrono::seconds>(
+                                               std::chrono::system_clock::now().time_since_epoch()).count()),
+                      state->options.served_model_name};
+      stream->session = std::make_unique<Session>(stream->job, *state->tokenizer, state->generator->Open(stream->job.request));
+      // Nothing reaches the client before the first delta, so dispatch errors (and retries) stay plain HTTP.
+      if (absl::Status status = stream->session->Next(stream->first, stream->first_ended); !status.ok()) {
+        fail(status);
+        return;
+      }
+      const text::Tokenizer& tokenizer = *state->tokenizer;
+      if (!stream->job.stream) {
+        Accumulated all;
+        all.Add(stream->first);
+        bool ended = stream->first_ended;
+        bool first_seen = !stream->first.empty();
+        if (first_seen) state->metrics->FirstToken(Since(arrival));
+        while (!ended) {
+          Delta delta;
+          if (absl::Status status = stream->session->Next(delta, ended); !status.ok()) {
+            fail(status);
+            return;
+          }
+          if (!first_seen && !delta.empty()) {
+            first_seen = true;
+            state->metrics->FirstToken(Since(arrival));
+          }
+          all.Add(delta);
+        }
+        SendJson(response, 200, FullResponse(stream->job, stream->meta, tokenizer, *stream->session, all));
+        state->metrics->Request("http", endpoint, 200);
+        state->metrics->EndToEnd(Since(arrival));
+        state->metrics->Tokens(stream->session->usage().prompt_tokens, stream->session->usage().completion_tokens);
+        return;
+      }
+      response.set_header("Cache-Control", "no-cache");
+      response.set_chunked_content_provider(
+          "text/event-stream", [state, stream, endpoint](size_t, httplib::DataSink& sink) {
+            const text::Tokenizer& tokenizer = *state->tokenizer;
+            Session& session = *stream->session;
+            auto write = [&](const std::string& event) {
+              if (sink.write(event.data(), event.size())) return true;
+              session.Cancel();  // the client went away: end both legs now
+              return false;
+            };
+            Clock::time_point last = Clock::now();
+            bool any = false;
+            auto send_delta = [&](const Delta& delta, bool first) {
+              if (delta.empty() && !first) return true;
+              if (!delta.empty()) {
+                const auto now = Clock::now();
+                if (!any) state->metrics->FirstToken(Since(stream->arrival));
+                else state->metrics->InterToken(std::chrono::duration<double>(now - last).count());
+                any = true;
+                last = now;
+              }
+              Json chunk = StreamChunk(stream->job, stream->meta, tokenizer, delta, first);
+              if (stream->job.continuous_usage) chunk["usage"] = UsageJson(session.usage());
+              return write(SseEvent(chunk));
+            };
+            // Chat opens with the role alone ({"role":"assistant","content":""}), then the deltas.
+            if ((stream->job.chat && !send_delta(Delta(), true)) || !send_delta(stream->first, false)) {
+              state->metrics->Request("http", endpoint, 499);
+              return false;
+            }
+            bool ended = stream->first_ended;
+            while (!ended) {
+              Delta delta;
+              absl::Status status = session.Next(delta, ended);
+              if (!status.ok()) {
+                Json error = ErrorBody(status)["error"];
+                error["object"] = "error";
+                write(SseEvent(error));
+                write("data: [DONE]\n\n");
+                sink.done();
+                state->metrics->Request("http", endpoint, HttpStatusOf(status));
+                return true;
+              }
+              if (!send_delta(delta, false)) {
+                state->metrics->Request("http", endpoint, 499);
+                return false;
+              }
+            }
+            if (!write(SseEvent(FinishChunk(stream->job, stream->meta, session)))) return false;
+            if (stream->job.include_usage && !write(SseEvent(UsageChunk(stream->job, stream->meta, session)))) return false;
+            if (!write("data: [DONE]\n\n")) return false;
+            sink.done();
+            state->metrics->Request("http", endpoint, 200);
+            state->metrics->EndToEnd(Since(stream->arrival));
+            state->metrics->Tokens(session.usage().prompt_tokens, session.usage().completion_tokens);
+            return true;
+          });
+    };
+  };
+  server_->Post("/v1/chat/completions", generate(true));
+  server_->Post("/v1/completions", generate(false));
+}
+
+absl::Status HttpFront::Start(const std::string& host, int port) {
+  if (port == 0) {
+    port_ = server_->bind_to_any_port(host.c_str());
+    if (port_ <= 0) return absl::UnavailableError(absl::StrCat("http: cannot bind ", host));
+  } else {
+    if (!server_->bind_to_port(host.c_str(), port)) {
+      return absl::UnavailableError(absl::StrCat("http: cannot bind ", host, ":", port, " (in use?)"));
+    }
+    port_ = port;
+  }
+  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  return absl::OkStatus();
+}
+
+void HttpFront::Stop() {
+  if (thread_.joinable()) {
+    server_->stop();
+    thread_.join();
+  }
+}
+
+}  // namespace tandem::router
