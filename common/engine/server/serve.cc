@@ -82,7 +82,7 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--peer-lease", o.lease_seconds, "PD: a peer silent this long is dead and its rooms fail")
       ->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--room-lease", o.room_lease_seconds, "PD: a hand-over not done by then is aborted")
+  app.add_option("--room-lease", o.room_lease_seconds, "PD: seconds from a room's arrival (queueing included) after which it is aborted; dead peers are caught sooner by --peer-lease")
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error")
       ->capture_default_str()->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));

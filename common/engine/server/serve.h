@@ -24,7 +24,7 @@ struct ServeOptions {
   bool disable_prefix_cache = false;
   double heartbeat_interval_seconds = 1.0;
   double lease_seconds = 4.0;
-  double room_lease_seconds = 60.0;
+  double room_lease_seconds = 600.0;  // absolute bound per room (queueing included); dead peers go by --peer-lease
   EngineOptions engine;
 };
 
