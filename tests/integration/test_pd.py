@@ -40,7 +40,7 @@ class Pair:
                              env=env)
         self.initial = {"prefill": pools(self.prefill), "decode": pools(self.decode)}
 
-    def legs(self, ids, room=None, max_new_tokens=8, timeout=120, **sampling):
+    def legs(self, ids, room=None, max_new_tokens=8, timeout=120, bootstrap_port=None, **sampling):
         """Both legs at once, as the router sends them: {"prefill": result, "decode": result}."""
         room = room or new_room()
         out = {}
@@ -61,7 +61,8 @@ class Pair:
                 out[name] = error
 
         threads = [threading.Thread(target=run, args=("prefill", self.prefill, pb.ROLE_PREFILL)),
-                   threading.Thread(target=run, args=("decode", self.decode, pb.ROLE_DECODE, "127.0.0.1", self.bootstrap_port))]
+                   threading.Thread(target=run, args=("decode", self.decode, pb.ROLE_DECODE, "127.0.0.1",
+                                                      bootstrap_port or self.bootstrap_port))]
         for t in threads:
             t.start()
         for t in threads:
@@ -257,3 +258,85 @@ def test_kill_prefill_mid_prompt_frees_decode():
         victim.expect_all_free("decode")
     finally:
         victim.stop()
+
+
+class TcpProxy:
+    """Forwards one port to another until `drop()` closes every connection through it."""
+
+    def __init__(self, target_port):
+        import socket
+
+        self.target_port = target_port
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.port = self.server.getsockname()[1]
+        self.connections = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def drop(self):
+        import socket
+
+        self.closed = True
+        for s in self.connections + [self.server]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_dropped_bootstrap_connection_fails_both_legs_and_frees_pages():
+    pair = Pair()
+    try:
+        proxy = TcpProxy(pair.bootstrap_port)
+        out = {}
+
+        def run():
+            out.update(pair.legs(prompt(2000, 13), max_new_tokens=4, bootstrap_port=proxy.port))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        # Drop once decode has registered its destination (it then waits for the state) and prefill runs.
+        deadline = time.time() + 30
+        while time.time() < deadline and not (
+                pair.prefill.loads().running_requests > 0
+                and "tandem_num_decode_transfer_queue_reqs{model_name=\"tiny\",role=\"decode\"} 1" in pair.decode.metrics()):
+            time.sleep(0.01)
+        proxy.drop()
+        thread.join(60)
+        assert not thread.is_alive(), "a leg hung after the bootstrap connection dropped"
+        assert code_of(out["decode"]) == grpc.StatusCode.UNAVAILABLE, out["decode"]
+        assert code_of(out["prefill"]) == grpc.StatusCode.UNAVAILABLE, out["prefill"]
+        pair.expect_all_free()
+    finally:
+        pair.stop()
