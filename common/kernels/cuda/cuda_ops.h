@@ -1,22 +1,108 @@
-// Host entry points of the CUDA kernels (device code lives only in this folder). Each takes host
-// buffers, so the parity tests can compare them with the CPU kernels of kernels.h byte for byte.
+// The CUDA implementations of the kernels.h ops (device code lives only in this folder). Every entry point
+// takes device pointers and a stream, launches asynchronously and returns the launch's status; the
+// parity tests in tests/gpu compare each with its CPU op.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <string>
+#include <map>
+#include <memory>
+#include <tuple>
 
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "common/core/status.h"
 #include "common/kernels/kernels.h"
+
+struct cublasLtContext;
 
 namespace tandem::kernels::cuda {
 
-// True when this build has CUDA and a device is visible; `why` says otherwise.
-bool DeviceAvailable(std::string* why);
+// OK when this build has CUDA and a device is visible; otherwise says why.
+absl::Status DeviceAvailable();
 
-// Quantizes `count` KV vectors ([count, format.dim()] f32) into cache entries laid out as the CPU's
+// ---- Cache formats ----
+// Quantizes `count` KV vectors x [count, format.dim()] f32 into entries laid out as the CPU's
 // QuantizeKvEntry writes them ([data | scales] per entry, format.entry_bytes() apart).
-bool QuantizeKvEntries(const KvFormat& format, const float* host_x, int64_t count, uint8_t* host_entries);
+absl::Status QuantizeKvEntries(const KvFormat& format, const float* x, int64_t count, uint8_t* entries,
+                               cudaStream_t stream = nullptr);
 
-// y = x / sqrt(mean(x^2) + eps) * weight over `rows` rows of `dim`.
-bool RmsNorm(const float* host_x, int64_t rows, int64_t dim, const float* host_weight, float eps, float* host_y);
+// ---- Norms and rotary embedding (f32 activations, as the CPU forward) ----
+// y = x / sqrt(mean(x^2) + eps) * weight over `rows` rows of `dim`; weight may be null. In place is allowed.
+absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* weight, float eps, float* y,
+                     cudaStream_t stream = nullptr);
+
+// kernels::ApplyRope on the device: positions [rows] int64, inv_freq [rope_dim/2] double (the CPU's
+// table, e.g. model::RopeInverseFrequencies), angles in double.
+absl::Status ApplyRope(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride, int64_t offset,
+                       int64_t rope_dim, const int64_t* positions, const double* inv_freq, bool inverse,
+                       cudaStream_t stream = nullptr);
+
+// ---- mHC (dsv4-model.md §2.2, NUMERICS.md) ----
+struct MhcShape {
+  int64_t streams = 4;  // hc_mult; the kernels support 4
+  int64_t hidden = 0;   // D; streams * hidden must be a multiple of 64
+  int64_t sinkhorn_iters = 20;
+  double hc_eps = 1e-6;
+  double rms_norm_eps = 1e-6;
+};
+// Device pointers to one sublayer's parameters: fn [(2+M)*M, M*D], base [(2+M)*M], scale [3].
+struct MhcParams {
+  const float* fn = nullptr;
+  const float* base = nullptr;
+  const float* scale = nullptr;
+};
+// Scratch HcPre needs for `tokens` tokens (partial projections of the split reduction).
+size_t HcPreWorkspaceBytes(const MhcShape& shape, int64_t tokens);
+// x [T, M*D] -> y [T, D] (the weighted stream sum), post [T, M], comb [T, M, M] (Sinkhorn-projected).
+absl::Status HcPre(const MhcShape& shape, const MhcParams& params, const float* x, int64_t tokens, float* y,
+                   float* post, float* comb, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+// x [T, M*D] <- post * out + comb^T x, in place (out [T, D]).
+absl::Status HcPost(const MhcShape& shape, const float* out, const float* post, const float* comb, int64_t tokens,
+                    float* x, cudaStream_t stream = nullptr);
+
+// ---- Linear layers: block-FP8 weights dequantized to bf16, GEMMs through cuBLASLt ----
+// y[i] = bf16(x[i]), round to nearest even.
+absl::Status FloatToBf16(const float* x, int64_t count, __nv_bfloat16* y, cudaStream_t stream = nullptr);
+// Device view of a block-FP8 weight: codes [out, in] e4m3, scales [ceil(out/128), ceil(in/128)] ue8m0.
+struct Fp8BlockWeight {
+  const uint8_t* codes = nullptr;
+  const uint8_t* scales = nullptr;
+  int64_t out = 0;
+  int64_t in = 0;
+};
+// dst [out, in] = code * 2^(scale - 127) in bf16 (exact: e4m3 times a power of two fits bf16).
+absl::Status DequantizeFp8Block(const Fp8BlockWeight& weight, __nv_bfloat16* dst, cudaStream_t stream = nullptr);
+
+// A cuBLASLt handle, its workspace and one cached plan per GEMM shape. Not thread-safe: one per stream.
+class Gemm {
+ public:
+  enum class Output { kF32, kBf16 };
+  static absl::StatusOr<std::unique_ptr<Gemm>> Create(size_t workspace_bytes = size_t{32} << 20);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // y[rows, out] = x[rows, in] · w[out, in]^T with bf16 x and w, f32 accumulation, y in `output` type.
+  absl::Status Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
+                      void* y, Output output, cudaStream_t stream = nullptr);
+
+ private:
+  struct Plan;
+  Gemm() = default;
+  absl::StatusOr<const Plan*> PlanFor(int64_t rows, int64_t in, int64_t out, Output output);
+
+  cublasLtContext* handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
+};
+
+// ---- Random inputs for tests and benchmarks (reproducible per seed) ----
+// x[i] uniform in [lo, hi).
+absl::Status FillUniform(float* x, int64_t count, uint64_t seed, float lo, float hi, cudaStream_t stream = nullptr);
+// Uniform finite e4m3 codes (never the NaN codes 0x7f / 0xff).
+absl::Status FillFp8Codes(uint8_t* codes, int64_t count, uint64_t seed, cudaStream_t stream = nullptr);
 
 }  // namespace tandem::kernels::cuda

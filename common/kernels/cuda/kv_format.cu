@@ -1,11 +1,10 @@
-// FP8 KV-entry quantization and RMSNorm on the GPU: the first CUDA kernels, bit-compatible with the
-// CPU versions in ../cpu/ (same scale rule, same round-to-nearest-even e4m3 and bf16 casts).
+// FP8 KV-entry quantization on the GPU, bit-compatible with the CPU version in ../cpu/ (same scale rule,
+// same round-to-nearest-even e4m3 and bf16 casts).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
-#include <vector>
-
+#include "common/kernels/cuda/check.h"
 #include "common/kernels/cuda/cuda_ops.h"
 
 namespace tandem::kernels::cuda {
@@ -43,74 +42,24 @@ __global__ void QuantizeKvKernel(const float* x, int64_t nope, int64_t rope, int
   for (int64_t i = data_bytes + tiles + threadIdx.x; i < entry_bytes; i += blockDim.x) e[i] = 0;
 }
 
-__global__ void RmsNormKernel(const float* x, int64_t dim, const float* weight, float eps, float* y) {
-  const float* row = x + blockIdx.x * dim;
-  float* out = y + blockIdx.x * dim;
-  __shared__ double partial[32];
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum += static_cast<double>(row[i]) * row[i];
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += partial[w];
-    partial[0] = total;
-  }
-  __syncthreads();
-  const float inv = static_cast<float>(1.0 / sqrt(partial[0] / static_cast<double>(dim) + eps));
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[i] = row[i] * inv * (weight ? weight[i] : 1.0f);
-}
-
-template <typename T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t count) { ok_ = cudaMalloc(&ptr_, count * sizeof(T) + 1) == cudaSuccess; }
-  ~DeviceBuffer() { if (ptr_) cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return ptr_; }
-  bool ok() const { return ok_; }
-
- private:
-  T* ptr_ = nullptr;
-  bool ok_ = false;
-};
-
 }  // namespace
 
-bool DeviceAvailable(std::string* why) {
+absl::Status DeviceAvailable() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    if (why) *why = err != cudaSuccess ? cudaGetErrorString(err) : "no CUDA device";
-    return false;
-  }
-  return true;
+  if (err != cudaSuccess) return CudaStatus(err, "cudaGetDeviceCount", __FILE__, __LINE__);
+  if (count == 0) return absl::UnavailableError("no CUDA device is visible");
+  return absl::OkStatus();
 }
 
-bool QuantizeKvEntries(const KvFormat& format, const float* host_x, int64_t count, uint8_t* host_entries) {
-  const size_t in_floats = static_cast<size_t>(count * format.dim());
-  const size_t out_bytes = static_cast<size_t>(count * format.entry_bytes());
-  DeviceBuffer<float> x(in_floats);
-  DeviceBuffer<uint8_t> out(out_bytes);
-  if (!x.ok() || !out.ok()) return false;
-  if (cudaMemcpy(x.get(), host_x, in_floats * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess) return false;
-  QuantizeKvKernel<<<static_cast<unsigned>(count), 256>>>(x.get(), format.nope_dim, format.rope_dim, format.data_bytes(),
-                                                          format.entry_bytes(), out.get());
-  if (cudaGetLastError() != cudaSuccess) return false;
-  return cudaMemcpy(host_entries, out.get(), out_bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
-}
-
-bool RmsNorm(const float* host_x, int64_t rows, int64_t dim, const float* host_weight, float eps, float* host_y) {
-  const size_t n = static_cast<size_t>(rows * dim);
-  DeviceBuffer<float> x(n), y(n), w(static_cast<size_t>(dim));
-  if (!x.ok() || !y.ok() || !w.ok()) return false;
-  if (cudaMemcpy(x.get(), host_x, n * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess) return false;
-  if (host_weight && cudaMemcpy(w.get(), host_weight, dim * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess) return false;
-  RmsNormKernel<<<static_cast<unsigned>(rows), 256>>>(x.get(), dim, host_weight ? w.get() : nullptr, eps, y.get());
-  if (cudaGetLastError() != cudaSuccess) return false;
-  return cudaMemcpy(host_y, y.get(), n * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess;
+absl::Status QuantizeKvEntries(const KvFormat& format, const float* x, int64_t count, uint8_t* entries,
+                               cudaStream_t stream) {
+  if (count <= 0) return absl::OkStatus();
+  if (format.nope_dim % 64 != 0) return absl::InvalidArgumentError("QuantizeKvEntries: nope_dim must be a multiple of 64");
+  QuantizeKvKernel<<<static_cast<unsigned>(count), 256, 0, stream>>>(x, format.nope_dim, format.rope_dim,
+                                                                     format.data_bytes(), format.entry_bytes(), entries);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("QuantizeKvKernel");
+  return absl::OkStatus();
 }
 
 }  // namespace tandem::kernels::cuda

@@ -1,0 +1,173 @@
+// Linear layers on the GPU: f32 -> bf16 activation casts, block-FP8 weight dequantization to bf16 (exact),
+// and bf16 GEMMs through cuBLASLt with f32 accumulation and one cached plan per shape.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/kernels/cuda/check.h"
+#include "common/kernels/cuda/cuda_ops.h"
+
+namespace tandem::kernels::cuda {
+namespace {
+
+constexpr int64_t kFp8Block = 128;
+
+__global__ void FloatToBf16Kernel(const float* x, int64_t count, __nv_bfloat16* y) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t vectors = count / 4;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(x)[i];
+    __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(y + 4 * i);
+    out[0] = __floats2bfloat162_rn(v.x, v.y);
+    out[1] = __floats2bfloat162_rn(v.z, v.w);
+  }
+  for (int64_t i = 4 * vectors + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    y[i] = __float2bfloat16_rn(x[i]);
+  }
+}
+
+__device__ float Fp8ToFloat(uint8_t code) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(code), __NV_E4M3)));
+}
+
+// Each thread expands 8 consecutive codes of a row (in % 8 == 0, so they share one scale block).
+__global__ void DequantizeFp8Kernel(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in,
+                                    __nv_bfloat16* dst) {
+  const int64_t groups_per_row = in / 8;
+  const int64_t block_cols = (in + kFp8Block - 1) / kFp8Block;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < out * groups_per_row; g += stride) {
+    const int64_t row = g / groups_per_row, col = (g % groups_per_row) * 8;
+    const float scale = ldexpf(1.0f, static_cast<int>(scales[(row / kFp8Block) * block_cols + col / kFp8Block]) - 127);
+    const uint2 packed = *reinterpret_cast<const uint2*>(codes + row * in + col);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
+    __align__(16) __nv_bfloat16 values[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) values[i] = __float2bfloat16_rn(Fp8ToFloat(bytes[i]) * scale);
+    *reinterpret_cast<uint4*>(dst + row * in + col) = *reinterpret_cast<const uint4*>(values);
+  }
+}
+
+__global__ void DequantizeFp8ScalarKernel(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in,
+                                          __nv_bfloat16* dst) {
+  const int64_t block_cols = (in + kFp8Block - 1) / kFp8Block;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < out * in; i += stride) {
+    const int64_t row = i / in, col = i % in;
+    const float scale = ldexpf(1.0f, static_cast<int>(scales[(row / kFp8Block) * block_cols + col / kFp8Block]) - 127);
+    dst[i] = __float2bfloat16_rn(Fp8ToFloat(codes[i]) * scale);
+  }
+}
+
+unsigned GridFor(int64_t work, int threads) {
+  // A grid-stride loop past ~16 waves of 132 SMs gains nothing.
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 132 * 16)));
+}
+
+bool Aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
+
+}  // namespace
+
+absl::Status FloatToBf16(const float* x, int64_t count, __nv_bfloat16* y, cudaStream_t stream) {
+  if (count < 0) return absl::InvalidArgumentError("FloatToBf16: negative count");
+  if (count == 0) return absl::OkStatus();
+  if (!Aligned(x, 16) || !Aligned(y, 8)) return absl::InvalidArgumentError("FloatToBf16: x needs 16-byte, y 8-byte alignment");
+  FloatToBf16Kernel<<<GridFor(count / 4 + 1, 256), 256, 0, stream>>>(x, count, y);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("FloatToBf16Kernel");
+  return absl::OkStatus();
+}
+
+absl::Status DequantizeFp8Block(const Fp8BlockWeight& weight, __nv_bfloat16* dst, cudaStream_t stream) {
+  if (weight.out <= 0 || weight.in <= 0) return absl::InvalidArgumentError("DequantizeFp8Block: empty weight");
+  if (weight.in % 8 == 0 && Aligned(weight.codes, 8) && Aligned(dst, 16)) {
+    DequantizeFp8Kernel<<<GridFor(weight.out * weight.in / 8, 256), 256, 0, stream>>>(weight.codes, weight.scales,
+                                                                                      weight.out, weight.in, dst);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("DequantizeFp8Kernel");
+  } else {
+    DequantizeFp8ScalarKernel<<<GridFor(weight.out * weight.in, 256), 256, 0, stream>>>(weight.codes, weight.scales,
+                                                                                        weight.out, weight.in, dst);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("DequantizeFp8ScalarKernel");
+  }
+  return absl::OkStatus();
+}
+
+// ---- cuBLASLt ----
+// Row-major y[rows, out] = x[rows, in] · w[out, in]^T is, in cuBLASLt's column-major terms,
+// D[out, rows] = op(A)[out, in] · B[in, rows] with A = w viewed [in, out] (transposed) and B = x viewed [in, rows].
+struct Gemm::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  ~Plan() {
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(size_t workspace_bytes) {
+  std::unique_ptr<Gemm> gemm(new Gemm());
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&gemm->handle_));
+  if (workspace_bytes > 0) TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&gemm->workspace_, workspace_bytes));
+  gemm->workspace_bytes_ = workspace_bytes;
+  return gemm;
+}
+
+Gemm::~Gemm() {
+  plans_.clear();
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(handle_);
+}
+
+absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_t out, Output output) {
+  const auto key = std::make_tuple(rows, in, out, static_cast<int>(output));
+  if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
+  auto plan = std::make_unique<Plan>();
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose)));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &keep, sizeof(keep)));
+  const cudaDataType_t d_type = output == Output::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, in, out, in));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, in, rows, in));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->d, d_type, out, rows, out));
+  cublasLtMatmulPreference_t preference = nullptr;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&preference));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
+      preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_));
+  if (status == CUBLAS_STATUS_SUCCESS) {
+    status = cublasLtMatmulAlgoGetHeuristic(handle_, plan->desc, plan->a, plan->b, plan->d, plan->d, preference, 1,
+                                            &result, &found);
+  }
+  cublasLtMatmulPreferenceDestroy(preference);
+  TANDEM_RETURN_IF_ERROR(CublasStatus(status, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__));
+  if (found == 0) {
+    return absl::UnimplementedError(absl::StrCat("cuBLASLt has no bf16 algorithm for rows ", rows, ", in ", in,
+                                                 ", out ", out));
+  }
+  plan->algo = result.algo;
+  const Plan* raw = plan.get();
+  plans_.emplace(key, std::move(plan));
+  return raw;
+}
+
+absl::Status Gemm::Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
+                          void* y, Output output, cudaStream_t stream) {
+  if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::Linear: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(rows, in, out, output));
+  const float alpha = 1.0f, beta = 0.0f;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
+                                               plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));
+  return absl::OkStatus();
+}
+
+}  // namespace tandem::kernels::cuda
