@@ -1,5 +1,6 @@
 #include "services/router/api.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/cord.h"
@@ -190,6 +191,10 @@ absl::Status ParseCommon(const Json& body, const ServingContext& context, Job& j
   for (int32_t id : job.request.input_ids()) {
     if (id < 0 || id >= vocab) return InvalidParam("prompt", absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", vocab, ")"));
   }
+  const int64_t limit = context.max_new_tokens_limit;
+  if (max_tokens && limit > 0 && *max_tokens > limit) {
+    return InvalidParam(length_param, absl::StrCat(length_param, " is ", *max_tokens, "; the workers allow at most ", limit, " new tokens"));
+  }
   const int64_t context_tokens = context.max_context_tokens;
   if (context_tokens > 0) {
     if (prompt_tokens >= context_tokens) {
@@ -205,7 +210,9 @@ absl::Status ParseCommon(const Json& body, const ServingContext& context, Job& j
                                        context_tokens - prompt_tokens, " new tokens fit"),
                           "context_length_exceeded");
     }
-    sampling.set_max_new_tokens(max_tokens.value_or(context_tokens - prompt_tokens));
+    int64_t rest = context_tokens - prompt_tokens;
+    if (limit > 0) rest = std::min(rest, limit);
+    sampling.set_max_new_tokens(max_tokens.value_or(rest));
   } else {
     sampling.set_max_new_tokens(max_tokens.value_or(context.default_max_tokens));
   }

@@ -27,6 +27,7 @@ struct ServingContext {
   const text::Tokenizer* tokenizer = nullptr;
   std::string model_name;
   int64_t max_context_tokens = 0;   // 0: unknown (no worker reported yet)
+  int64_t max_new_tokens_limit = 0;  // 0: unknown
   int64_t default_max_tokens = 256;  // when the context is unknown and the client gave none
   text::EffortProfile effort_profile = text::EffortProfile::kOfficial;
 };

@@ -20,6 +20,7 @@ ServingContext RouterState::Context() const {
   if (options.max_prompt_tokens > 0 && (context.max_context_tokens == 0 || options.max_prompt_tokens < context.max_context_tokens)) {
     context.max_context_tokens = options.max_prompt_tokens;
   }
+  context.max_new_tokens_limit = registry->MaxNewTokensLimit();
   context.effort_profile = effort_profile;
   return context;
 }

@@ -159,6 +159,7 @@ void Worker::CheckHealth(const HealthOptions& options) {
       info_context.set_deadline(context.deadline());
       v1::GetModelInfoResponse info;
       if (stub_->GetModelInfo(&info_context, v1::GetModelInfoRequest(), &info).ok()) {
+        max_new_tokens_limit_.store(info.max_new_tokens_limit());
         max_context_tokens_.store(info.max_context_tokens());
         std::lock_guard lock(info_mutex_);
         config_hash_ = info.config_hash();
@@ -248,6 +249,15 @@ int64_t WorkerRegistry::MaxContextTokens() const {
   for (const auto& worker : workers_) {
     const int64_t context = worker->max_context_tokens();
     if (worker->healthy() && context > 0 && (smallest == 0 || context < smallest)) smallest = context;
+  }
+  return smallest;
+}
+
+int64_t WorkerRegistry::MaxNewTokensLimit() const {
+  int64_t smallest = 0;
+  for (const auto& worker : workers_) {
+    const int64_t limit = worker->max_new_tokens_limit();
+    if (worker->healthy() && limit > 0 && (smallest == 0 || limit < smallest)) smallest = limit;
   }
   return smallest;
 }

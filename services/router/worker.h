@@ -89,6 +89,7 @@ class Worker {
   int64_t in_flight() const { return in_flight_.load(); }
   int64_t engine_load() const { return engine_load_.load(); }
   int64_t max_context_tokens() const { return max_context_tokens_.load(); }
+  int64_t max_new_tokens_limit() const { return max_new_tokens_limit_.load(); }
   std::string config_hash() const;
 
   void AddInFlight(int64_t delta) { in_flight_.fetch_add(delta); }
@@ -109,6 +110,7 @@ class Worker {
   std::atomic<int64_t> in_flight_{0};
   std::atomic<int64_t> engine_load_{0};
   std::atomic<int64_t> max_context_tokens_{0};
+  std::atomic<int64_t> max_new_tokens_limit_{0};
   mutable std::mutex info_mutex_;
   std::string config_hash_;
 };
@@ -130,6 +132,8 @@ class WorkerRegistry {
   bool Ready() const;
   // The smallest context any healthy worker reported (0 if none known yet).
   int64_t MaxContextTokens() const;
+  // The smallest max_new_tokens limit any healthy worker reported (0 if none known yet).
+  int64_t MaxNewTokensLimit() const;
 
  private:
   std::vector<std::unique_ptr<Worker>> workers_;
