@@ -21,13 +21,13 @@ build: configure
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j$(JOBS) -LE gpu
 
-# Until the services exist: make the tiny model and run the offline forward on a prompt.
+# The tiny model (random weights, real V4 tokenizer) if absent.
 model: build
 	@if [ ! -f $(MODEL_DIR)/config.json ]; then $(BUILD)/bin/tandem-model generate --preset $(PRESET) --seed 1 --out $(MODEL_DIR); fi
 
+# tandem-prefill + tandem-decode + tandem-router on localhost until Ctrl-C (ports: see run-stack.sh).
 run: model
-	$(BUILD)/bin/tandem-model inspect $(MODEL_DIR)
-	$(BUILD)/bin/tandem-model run $(MODEL_DIR) --prompt-ids $(PROMPT_IDS) --max-new-tokens $(MAX_NEW_TOKENS)
+	@BUILD=$(BUILD) MODEL_DIR=$(MODEL_DIR) bash tools/scripts/run-stack.sh
 
 # ASan + UBSan build of everything and its CPU tests.
 test-asan:
