@@ -75,7 +75,8 @@ struct Fp8BlockWeight {
 // dst [out, in] = code * 2^(scale - 127) in bf16 (exact: e4m3 times a power of two fits bf16).
 absl::Status DequantizeFp8Block(const Fp8BlockWeight& weight, __nv_bfloat16* dst, cudaStream_t stream = nullptr);
 
-// A cuBLASLt handle, its workspace and one cached plan per GEMM shape. Not thread-safe: one per stream.
+// A cuBLASLt handle, its workspace and one cached plan per GEMM shape (the first call of a shape tunes it:
+// call it once outside graph capture). Not thread-safe: one per stream.
 class Gemm {
  public:
   enum class Output { kF32, kBf16 };
@@ -91,7 +92,10 @@ class Gemm {
  private:
   struct Plan;
   Gemm() = default;
-  absl::StatusOr<const Plan*> PlanFor(int64_t rows, int64_t in, int64_t out, Output output);
+  // Builds (on first use of a shape) the plan; picks the fastest of cuBLASLt's candidates by timing them
+  // on these buffers unless `stream` is being captured into a graph.
+  absl::StatusOr<const Plan*> PlanFor(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight,
+                                      int64_t out, void* y, Output output, cudaStream_t stream);
 
   cublasLtContext* handle_ = nullptr;
   void* workspace_ = nullptr;

@@ -123,7 +123,9 @@ Gemm::~Gemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_t out, Output output) {
+absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(const __nv_bfloat16* x, int64_t rows, int64_t in,
+                                                const __nv_bfloat16* weight, int64_t out, void* y, Output output,
+                                                cudaStream_t stream) {
   const auto key = std::make_tuple(rows, in, out, static_cast<int>(output));
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
   auto plan = std::make_unique<Plan>();
@@ -139,13 +141,14 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->d, d_type, out, rows, out));
   cublasLtMatmulPreference_t preference = nullptr;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&preference));
-  cublasLtMatmulHeuristicResult_t result{};
+  constexpr int kCandidates = 8;
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
   cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
       preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_));
   if (status == CUBLAS_STATUS_SUCCESS) {
-    status = cublasLtMatmulAlgoGetHeuristic(handle_, plan->desc, plan->a, plan->b, plan->d, plan->d, preference, 1,
-                                            &result, &found);
+    status = cublasLtMatmulAlgoGetHeuristic(handle_, plan->desc, plan->a, plan->b, plan->d, plan->d, preference,
+                                            kCandidates, results, &found);
   }
   cublasLtMatmulPreferenceDestroy(preference);
   TANDEM_RETURN_IF_ERROR(CublasStatus(status, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__));
@@ -153,6 +156,42 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_
     return absl::UnimplementedError(absl::StrCat("cuBLASLt has no bf16 algorithm for rows ", rows, ", in ", in,
                                                  ", out ", out));
   }
+  // The heuristic's first pick is often slow for skinny decode shapes: time the candidates once on the
+  // caller's buffers (y is overwritten by the real call right after), unless the stream is being captured.
+  int best = 0;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+  if (found > 1 && capture == cudaStreamCaptureStatusNone) {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+    const float alpha = 1.0f, beta = 0.0f;
+    float best_ms = 0.0f;
+    absl::Status timing = absl::OkStatus();
+    for (int c = 0; c < found && timing.ok(); ++c) {
+      float total = 0.0f;
+      for (int rep = 0; rep < 4 && timing.ok(); ++rep) {
+        timing.Update(CudaStatus(cudaEventRecord(start, stream), "cudaEventRecord", __FILE__, __LINE__));
+        timing.Update(CublasStatus(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
+                                                  plan->d, y, plan->d, &results[c].algo, workspace_, workspace_bytes_,
+                                                  stream),
+                                   "cublasLtMatmul (tuning)", __FILE__, __LINE__));
+        timing.Update(CudaStatus(cudaEventRecord(stop, stream), "cudaEventRecord", __FILE__, __LINE__));
+        timing.Update(CudaStatus(cudaEventSynchronize(stop), "cudaEventSynchronize", __FILE__, __LINE__));
+        float ms = 0.0f;
+        timing.Update(CudaStatus(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime", __FILE__, __LINE__));
+        if (rep > 0) total += ms;  // the first run of each candidate warms it up
+      }
+      if (timing.ok() && (c == 0 || total < best_ms)) {
+        best_ms = total;
+        best = c;
+      }
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    TANDEM_RETURN_IF_ERROR(timing);
+  }
+  cublasLtMatmulHeuristicResult_t& result = results[best];
   plan->algo = result.algo;
   const Plan* raw = plan.get();
   plans_.emplace(key, std::move(plan));
@@ -163,7 +202,7 @@ absl::Status Gemm::Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, cons
                           void* y, Output output, cudaStream_t stream) {
   if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::Linear: bad shape");
   if (rows == 0) return absl::OkStatus();
-  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(rows, in, out, output));
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(x, rows, in, weight, out, y, output, stream));
   const float alpha = 1.0f, beta = 0.0f;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
                                                plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));

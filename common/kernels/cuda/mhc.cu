@@ -1,8 +1,8 @@
 // mHC pre and post on the GPU (dsv4-model.md §2.2 and NUMERICS.md), for M = 4 streams.
 // HcPre is two launches: a tiled f32 projection of x [T, M*D] onto the 24 mixes plus each token's sum of
 // squares, split over K so that decode batches still fill the GPU; then one block per token reduces the
-// splits in a fixed order, runs the sigmoids and the 4x4 Sinkhorn in double (16 lanes, one entry each) and
-// writes the weighted stream sum.
+// splits in a fixed order, runs the sigmoids (double) and the 4x4 Sinkhorn (f32, 16 lanes, one entry each)
+// and writes the weighted stream sum.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,8 +23,10 @@ constexpr int kMixThreads = 256;
 // grid (token tiles, splits). Thread t owns tokens t/8 and t/8 + 32 of the tile and mixes t%8 + 8q (q < 3).
 __global__ void __launch_bounds__(kMixThreads) HcMixKernel(const float* x, int64_t tokens, int64_t k_total,
                                                            const float* fn, int64_t chunks_per_split, float* partial) {
-  __shared__ float xs[kTokenTile][kChunk + 1];
-  __shared__ float fs[kMixes][kChunk + 1];
+  // Rows padded by 4 floats: 16-byte aligned for float4 reads, and the 8 mix rows a warp reads at one k
+  // land in 8 different bank quads.
+  __shared__ __align__(16) float xs[kTokenTile][kChunk + 4];
+  __shared__ __align__(16) float fs[kMixes][kChunk + 4];
   const int tid = threadIdx.x;
   const int token_local = tid / 8, lane8 = tid % 8;
   const int64_t token0 = static_cast<int64_t>(blockIdx.x) * kTokenTile;
@@ -46,26 +48,34 @@ __global__ void __launch_bounds__(kMixThreads) HcMixKernel(const float* x, int64
         a = src[0];
         b = src[1];
       }
-      float* xrow = &xs[row][lane8 * 8];
-      xrow[0] = a.x; xrow[1] = a.y; xrow[2] = a.z; xrow[3] = a.w;
-      xrow[4] = b.x; xrow[5] = b.y; xrow[6] = b.z; xrow[7] = b.w;
+      float4* xrow = reinterpret_cast<float4*>(&xs[row][lane8 * 8]);
+      xrow[0] = a;
+      xrow[1] = b;
       squares[half] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
     }
     // fn tile: 24 rows x 16 float4.
     for (int v = tid; v < kMixes * (kChunk / 4); v += kMixThreads) {
       const int row = v / (kChunk / 4), col = (v % (kChunk / 4)) * 4;
       const float4 w = *reinterpret_cast<const float4*>(fn + row * k_total + k0 + col);
-      fs[row][col] = w.x; fs[row][col + 1] = w.y; fs[row][col + 2] = w.z; fs[row][col + 3] = w.w;
+      *reinterpret_cast<float4*>(&fs[row][col]) = w;
     }
     __syncthreads();
-#pragma unroll 16
-    for (int k = 0; k < kChunk; ++k) {
-      const float x0 = xs[token_local][k], x1 = xs[token_local + 32][k];
+    // float4 shared-memory reads: 5 loads per 24 FMAs (scalar reads made this loop load-issue bound).
+#pragma unroll 4
+    for (int k = 0; k < kChunk; k += 4) {
+      const float4 x0 = *reinterpret_cast<const float4*>(&xs[token_local][k]);
+      const float4 x1 = *reinterpret_cast<const float4*>(&xs[token_local + 32][k]);
 #pragma unroll
       for (int q = 0; q < 3; ++q) {
-        const float w = fs[lane8 + 8 * q][k];
-        acc[0][q] = fmaf(x0, w, acc[0][q]);
-        acc[1][q] = fmaf(x1, w, acc[1][q]);
+        const float4 w = *reinterpret_cast<const float4*>(&fs[lane8 + 8 * q][k]);
+        acc[0][q] = fmaf(x0.x, w.x, acc[0][q]);
+        acc[0][q] = fmaf(x0.y, w.y, acc[0][q]);
+        acc[0][q] = fmaf(x0.z, w.z, acc[0][q]);
+        acc[0][q] = fmaf(x0.w, w.w, acc[0][q]);
+        acc[1][q] = fmaf(x1.x, w.x, acc[1][q]);
+        acc[1][q] = fmaf(x1.y, w.y, acc[1][q]);
+        acc[1][q] = fmaf(x1.z, w.z, acc[1][q]);
+        acc[1][q] = fmaf(x1.w, w.w, acc[1][q]);
       }
     }
     __syncthreads();
@@ -108,28 +118,31 @@ __global__ void HcCombineKernel(const float* x, int64_t hidden, const float* par
     } else if (lane < 2 * kStreams) {
       post[token * kStreams + lane - kStreams] = static_cast<float>(2.0 * Sigmoid(value * r * scale[1] + base[lane]));
     }
-    // Sinkhorn: lane e (mod 16) holds C[j][k], e = 4j + k; rows are groups of 4 lanes, columns stride 4.
+    // Sinkhorn in f32 (the spec's precision; the CPU's double differs by ~1e-7): lane e (mod 16) holds
+    // C[j][k], e = 4j + k; rows are groups of 4 lanes, columns stride 4. f32 keeps the 20 dependent
+    // iterations off the slow double divide and double shuffles.
     const int e = lane % 16;
+    const float eps = static_cast<float>(hc_eps);
     const double raw = __shfl_sync(0xffffffffu, value, 2 * kStreams + e);
-    double c = raw * r * scale[2] + base[2 * kStreams + e];
-    double row_max = c;
-    for (int offset = 1; offset < 4; offset *= 2) row_max = fmax(row_max, __shfl_xor_sync(0xffffffffu, row_max, offset));
-    c = exp(c - row_max);
-    double sum = c;
+    float c = static_cast<float>(raw * r * scale[2] + base[2 * kStreams + e]);
+    float row_max = c;
+    for (int offset = 1; offset < 4; offset *= 2) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, offset));
+    c = expf(c - row_max);
+    float sum = c;
     for (int offset = 1; offset < 4; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    c = c / sum + hc_eps;
-    auto column_sum = [](double v) {
+    c = c / sum + eps;
+    auto column_sum = [](float v) {
       for (int offset = 4; offset < 16; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
       return v;
     };
-    c /= column_sum(c) + hc_eps;
+    c /= column_sum(c) + eps;
     for (int it = 1; it < iters; ++it) {
-      double row = c;
+      float row = c;
       for (int offset = 1; offset < 4; offset *= 2) row += __shfl_xor_sync(0xffffffffu, row, offset);
-      c /= row + hc_eps;
-      c /= column_sum(c) + hc_eps;
+      c /= row + eps;
+      c /= column_sum(c) + eps;
     }
-    if (lane < 16) comb[token * kStreams * kStreams + e] = static_cast<float>(c);
+    if (lane < 16) comb[token * kStreams * kStreams + e] = c;
   }
   __syncthreads();
   const float p0 = pre_shared[0], p1 = pre_shared[1], p2 = pre_shared[2], p3 = pre_shared[3];
