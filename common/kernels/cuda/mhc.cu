@@ -35,31 +35,45 @@ __global__ void __launch_bounds__(kMixThreads) HcMixKernel(const float* x, int64
   const int64_t chunk_end = chunk_begin + chunks_per_split < chunks ? chunk_begin + chunks_per_split : chunks;
   float acc[2][3] = {};
   float squares[2] = {0.f, 0.f};
-  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+  // Registers hold the next chunk's global loads while the current one is multiplied (one stage ahead).
+  float4 xa[2], xb[2], wv[2] = {};
+  auto load = [&](int64_t chunk) {
     const int64_t k0 = chunk * kChunk;
-    // x tile: each thread loads 8 consecutive floats of each of its two tokens (and squares them).
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = token_local + 32 * half;
-      const int64_t token = token0 + row;
-      float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+      const int64_t token = token0 + token_local + 32 * half;
+      xa[half] = xb[half] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (token < tokens) {
         const float4* src = reinterpret_cast<const float4*>(x + token * k_total + k0 + lane8 * 8);
-        a = src[0];
-        b = src[1];
+        xa[half] = src[0];
+        xb[half] = src[1];
       }
-      float4* xrow = reinterpret_cast<float4*>(&xs[row][lane8 * 8]);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int v = tid + u * kMixThreads;
+      if (v < kMixes * (kChunk / 4)) {
+        wv[u] = *reinterpret_cast<const float4*>(fn + (v / (kChunk / 4)) * k_total + k0 + (v % (kChunk / 4)) * 4);
+      }
+    }
+  };
+  if (chunk_begin < chunk_end) load(chunk_begin);
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float4 a = xa[half], b = xb[half];
+      float4* xrow = reinterpret_cast<float4*>(&xs[token_local + 32 * half][lane8 * 8]);
       xrow[0] = a;
       xrow[1] = b;
       squares[half] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
     }
-    // fn tile: 24 rows x 16 float4.
-    for (int v = tid; v < kMixes * (kChunk / 4); v += kMixThreads) {
-      const int row = v / (kChunk / 4), col = (v % (kChunk / 4)) * 4;
-      const float4 w = *reinterpret_cast<const float4*>(fn + row * k_total + k0 + col);
-      *reinterpret_cast<float4*>(&fs[row][col]) = w;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int v = tid + u * kMixThreads;
+      if (v < kMixes * (kChunk / 4)) *reinterpret_cast<float4*>(&fs[v / (kChunk / 4)][(v % (kChunk / 4)) * 4]) = wv[u];
     }
     __syncthreads();
+    if (chunk + 1 < chunk_end) load(chunk + 1);
     // float4 shared-memory reads: 5 loads per 24 FMAs (scalar reads made this loop load-issue bound).
 #pragma unroll 4
     for (int k = 0; k < kChunk; k += 4) {
@@ -103,13 +117,22 @@ __global__ void HcCombineKernel(const float* x, int64_t hidden, const float* par
   __shared__ float pre_shared[kStreams];
   const int64_t token = blockIdx.x;
   const int64_t k_total = kStreams * hidden;
+  __shared__ double slot_sums[8][kSlots];
+  // The 8 warps each sum every 8th split of each slot, then warp 0 adds the 8 partial sums in order:
+  // a fixed order for a given split count, and 8x fewer dependent loads on the decode path.
+  {
+    const int slot = threadIdx.x % 32, group = threadIdx.x / 32;
+    double sum = 0.0;
+    if (slot <= kMixes && group < 8) {
+      for (int s = group; s < splits; s += 8) sum += partial[(static_cast<int64_t>(s) * tokens + token) * kSlots + slot];
+    }
+    if (group < 8) slot_sums[group][slot] = sum;
+  }
+  __syncthreads();
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    // Lane l reduces slot l over the splits, in split order (deterministic for a given split count).
     double value = 0.0;
-    if (lane <= kMixes) {
-      for (int s = 0; s < splits; ++s) value += partial[(static_cast<int64_t>(s) * tokens + token) * kSlots + lane];
-    }
+    for (int g = 0; g < 8; ++g) value += slot_sums[g][lane];
     const double squares = __shfl_sync(0xffffffffu, value, kMixes);
     const double r = 1.0 / sqrt(squares / static_cast<double>(k_total) + rms_eps);
     // Lanes 0..3: pre; lanes 4..7: post.
