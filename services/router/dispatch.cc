@@ -128,6 +128,8 @@ class Attempt {
       if (prefill_thread_.joinable()) prefill_thread_.join();
       return prefill_status_;
     }
+    // This leg failed on its own: it alone is blamed; the prefill leg we now cancel is not.
+    main_failed_.store(true);
     Settle(main_.worker, status);
     if (choice_.prefill != nullptr) prefill_.context.TryCancel();
     if (prefill_thread_.joinable()) prefill_thread_.join();
@@ -138,15 +140,18 @@ class Attempt {
  private:
   void DrainPrefill() {
     absl::Status status = prefill_.Finish();
-    if (!status.ok() && !cancelled_.load() && !done_main_failed()) {
-      prefill_status_ = absl::Status(status.code(), absl::StrCat("prefill worker ", prefill_.worker->name(), ": ",
-                                                                 status.message()));
-      prefill_failed_.store(true);
-      main_.context.TryCancel();
+    if (status.ok()) {
+      Settle(prefill_.worker, status);
+      return;
     }
-    if (!cancelled_.load()) Settle(prefill_.worker, status);
+    // Cancelled by us (client gone, stop string, or the decode leg failed first): not its fault.
+    if (cancelled_.load() || main_failed_.load()) return;
+    prefill_status_ = absl::Status(status.code(), absl::StrCat("prefill worker ", prefill_.worker->name(), ": ",
+                                                               status.message()));
+    prefill_failed_.store(true);
+    main_.context.TryCancel();
+    Settle(prefill_.worker, status);
   }
-  bool done_main_failed() const { return false; }
 
   void Settle(Worker* worker, const absl::Status& status) {
     if (status.ok()) {
@@ -164,6 +169,7 @@ class Attempt {
   std::thread prefill_thread_;
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> prefill_failed_{false};
+  std::atomic<bool> main_failed_{false};
   absl::Status prefill_status_;
   bool done_ = false;
 };

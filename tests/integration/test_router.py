@@ -403,3 +403,101 @@ def test_least_load_spreads_concurrent_streams(mixed):
     finally:
         router.stop()
         other.stop()
+
+
+def raw_stream(router, body, on_event=None):
+    """POSTs a streaming request; returns (HTTP status, [event JSON...], saw [DONE])."""
+    connection = http.client.HTTPConnection("127.0.0.1", router.http_port, timeout=120)
+    connection.request("POST", "/v1/completions", body=json.dumps(body | {"stream": True}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        return response.status, [json.loads(response.read())], False
+    events, done = [], False
+    while True:
+        line = response.readline()
+        if not line:
+            break
+        if line.startswith(b"data: "):
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            events.append(json.loads(data))
+            if on_event:
+                on_event(events[-1])
+    connection.close()
+    return 200, events, done
+
+
+def decode_on(ports, **kwargs):
+    """A tandem-decode (--mode decode) on fixed ports (to restart it where the router expects it)."""
+    import engine_harness
+
+    chosen = iter(ports)
+    original = engine_harness.free_port
+    engine_harness.free_port = lambda: next(chosen)
+    try:
+        return Server(binary="tandem-decode", log_name="decode-2", args=["--mode", "decode", *pd.PD_FLAGS],
+                      env={"UCX_TLS": "tcp"}, **kwargs)
+    finally:
+        engine_harness.free_port = original
+
+
+def test_killed_decode_mid_stream_fails_clearly_retries_the_rest_and_rejoins(pair):
+    ports = (free_port(), free_port())
+    second = decode_on(ports)
+    router = Router(["--prefill", f"127.0.0.1:{pair.prefill.grpc_port},{pair.bootstrap_port}",
+                     "--decode", f"127.0.0.1:{pair.decode.grpc_port}", "--decode", f"127.0.0.1:{second.grpc_port}",
+                     "--decode-policy", "round_robin", "--health-failure-threshold", "2",
+                     "--breaker-open-seconds", "1"], name="router-failover-pd")
+    try:
+        results = [None] * 8
+        started = set()
+
+        def run(i):
+            results[i] = raw_stream(router, {"prompt": PROMPT_IDS + [i + 3], "max_tokens": 120, "temperature": 0,
+                                             "ignore_eos": True}, on_event=lambda e: started.add(i))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while len(started) < 8 and time.time() < deadline:  # all streaming: half of them on `second`
+            time.sleep(0.02)
+        assert second.loads().running_requests > 0
+        second.proc.kill()
+        second.proc.wait()
+        # Requests arriving now may be sent to the dead worker first: retried before any byte went out.
+        late = [router.client.completions.create(model="tiny", prompt=PROMPT_IDS, max_tokens=2, temperature=0)
+                for _ in range(4)]
+        assert all(a.choices[0].finish_reason in ("length", "stop") for a in late)
+        for t in threads:
+            t.join(120)
+            assert not t.is_alive(), "a stream hung after its decode worker died"
+        failed = [r for r in results if r[1] and r[1][-1].get("object") == "error"]
+        finished = [r for r in results if r[1] and r[1][-1].get("choices") and r[1][-1]["choices"][0]["finish_reason"] == "length"]
+        assert failed and len(failed) + len(finished) == 8, results
+        for status, events, done in failed:
+            assert status == 200 and done and events[-1]["message"] and events[-1]["type"], events[-1]
+        # Marked unhealthy and skipped.
+        deadline = time.time() + 10
+        while worker_gauge(router.metrics(), "tandem_router_worker_health", second.grpc_port) != 0:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        for _ in range(4):
+            assert router.client.completions.create(model="tiny", prompt=PROMPT_IDS, max_tokens=2).choices[0].text is not None
+        pair.expect_all_free()
+        # Restarted on the same ports, it rejoins and gets traffic again.
+        before = worker_gauge(router.metrics(), "tandem_router_worker_selections_total", ports[0])
+        second = decode_on(ports)
+        deadline = time.time() + 20
+        while worker_gauge(router.metrics(), "tandem_router_worker_health", ports[0]) != 1:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        for _ in range(4):
+            router.client.completions.create(model="tiny", prompt=PROMPT_IDS, max_tokens=2)
+        assert worker_gauge(router.metrics(), "tandem_router_worker_selections_total", ports[0]) > before
+    finally:
+        router.stop()
+        second.stop()
