@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from engine_harness import BIN, MODELS, Server, http_get, load_stubs, offline_run
+from engine_harness import BIN, MODELS, Server, free_port, http_get, load_stubs, offline_run
 
 pb, rpc = load_stubs()
 EOS = 1
@@ -272,13 +272,20 @@ def test_sigterm_drains_running_requests_then_exits_zero():
     server.stop()
 
 
-def test_prefill_service_answers_health_and_refuses_generate():
-    server = Server(binary="tandem-prefill", log_name="prefill")
+def test_prefill_service_needs_a_room_and_refuses_other_roles():
+    server = Server(binary="tandem-prefill", log_name="prefill", args=["--bootstrap-port", str(free_port())])
     try:
+        assert server.stub.GetModelInfo(pb.GetModelInfoRequest()).role == pb.ROLE_PREFILL
         with pytest.raises(grpc.RpcError) as error:
             list(server.stub.Generate(pb.GenerateRequest(input_ids=[5, 6], sampling=pb.SamplingParams(max_new_tokens=1))))
-        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert server.stub.GetModelInfo(pb.GetModelInfoRequest()).role == pb.ROLE_PREFILL
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "disaggregation.room is missing" in error.value.details()
+        mixed = pb.GenerateRequest(input_ids=[5, 6], sampling=pb.SamplingParams(max_new_tokens=1),
+                                   disaggregation=pb.DisaggregationParams(role=pb.ROLE_MIXED))
+        with pytest.raises(grpc.RpcError) as error:
+            list(server.stub.Generate(mixed))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "serves the ROLE_PREFILL role" in error.value.details()
     finally:
         assert server.stop() == 0
 

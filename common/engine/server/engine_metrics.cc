@@ -44,7 +44,9 @@ EngineMetrics::EngineMetrics(const std::string& model_name, const std::string& r
                             "one request's hand-over, first byte to verified completion", r)
                            .Add(labels_, prometheus::Histogram::BucketBoundaries{0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
                                                                                  0.2, 0.5, 1, 2, 5, 10});
-  transfer_speed_ = &Make(prometheus::BuildGauge(), "tandem_kv_transfer_speed_gb_s", "speed of the last hand-over (GB/s)", r).Add(labels_);
+  // sglang's kv_transfer_speed_gb_s, in bytes per second: promtool refuses abbreviated units in names.
+  transfer_speed_ = &Make(prometheus::BuildGauge(), "tandem_kv_transfer_speed_bytes_per_second",
+                          "speed of the last hand-over", r).Add(labels_);
   bootstrap_failures_ = &Make(prometheus::BuildCounter(), "tandem_num_bootstrap_failed_reqs_total",
                               "refused or failed bootstrap handshakes and bad frames", r).Add(labels_);
   transfer_failures_ = &Make(prometheus::BuildCounter(), "tandem_num_transfer_failed_reqs_total",
@@ -69,7 +71,7 @@ void EngineMetrics::RequestFinished(const RequestUpdate& last, double e2e_second
 void EngineMetrics::Transferred(uint64_t bytes, double seconds) {
   transfer_bytes_->Increment(static_cast<double>(bytes));
   transfer_latency_->Observe(seconds);
-  if (seconds > 0) transfer_speed_->Set(static_cast<double>(bytes) / seconds / 1e9);
+  if (seconds > 0) transfer_speed_->Set(static_cast<double>(bytes) / seconds);
 }
 
 void EngineMetrics::Refresh(const EngineLoad& load) {
