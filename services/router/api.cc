@@ -298,7 +298,8 @@ Json ErrorBody(const absl::Status& status) {
   return body;
 }
 
-absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& context) {
+namespace {
+absl::StatusOr<Job> ParseChat(const Json& body, const ServingContext& context) {
   Job job;
   job.chat = true;
   if (!body.is_object()) return InvalidParam("", "the request body must be a JSON object");
@@ -306,6 +307,17 @@ absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& con
   if (!body.contains("messages")) return InvalidParam("messages", "messages is required");
   if (!body["messages"].is_array() || body["messages"].empty()) return InvalidParam("messages", "messages must be a non-empty list");
 
+  // Content parts are checked here too: the text layer assumes a string `type` (it would throw).
+  for (size_t i = 0; i < body["messages"].size(); ++i) {
+    const Json& message = body["messages"][i];
+    if (!message.is_object() || !message.contains("content") || !message["content"].is_array()) continue;
+    for (size_t j = 0; j < message["content"].size(); ++j) {
+      const Json& part = message["content"][j];
+      if (!part.is_object() || !part.contains("type") || !part["type"].is_string()) {
+        return InvalidParam(absl::StrCat("messages[", i, "].content[", j, "]"), "each content part needs a string type");
+      }
+    }
+  }
   Json tools = body.contains("tools") ? body["tools"] : Json();
   text::ToolNames names;
   if (!tools.is_null()) {
@@ -313,7 +325,9 @@ absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& con
     names.emplace();
     for (size_t i = 0; i < tools.size(); ++i) {
       const Json& tool = tools[i];
-      if (!tool.is_object() || tool.value("type", "function") != "function" || !tool.contains("function") ||
+      const bool function_type = !tool.is_object() || !tool.contains("type") ||
+                                 (tool["type"].is_string() && tool["type"].get<std::string>() == "function");
+      if (!tool.is_object() || !function_type || !tool.contains("function") ||
           !tool["function"].is_object() || !tool["function"].contains("name") || !tool["function"]["name"].is_string() ||
           tool["function"]["name"].get<std::string>().empty()) {
         return InvalidParam(absl::StrCat("tools[", i, "]"),
@@ -359,7 +373,8 @@ absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& con
     if (!thinking.has_value()) thinking = !effort->disables_thinking;
   }
   if (!thinking.has_value() && body.contains("thinking") && body["thinking"].is_object()) {
-    const std::string type = body["thinking"].value("type", "");
+    const std::string type = body["thinking"].contains("type") && body["thinking"]["type"].is_string()
+                                 ? body["thinking"]["type"].get<std::string>() : "";
     if (type != "enabled" && type != "disabled") return InvalidParam("thinking", "thinking.type must be \"enabled\" or \"disabled\"");
     thinking = type == "enabled";
   }
@@ -397,7 +412,7 @@ absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& con
   return job;
 }
 
-absl::StatusOr<Job> ParseCompletionRequest(const Json& body, const ServingContext& context) {
+absl::StatusOr<Job> ParseCompletion(const Json& body, const ServingContext& context) {
   Job job;
   job.chat = false;
   if (!body.is_object()) return InvalidParam("", "the request body must be a JSON object");
@@ -433,6 +448,26 @@ absl::StatusOr<Job> ParseCompletionRequest(const Json& body, const ServingContex
   for (text::TokenId id : ids) job.request.add_input_ids(id);
   TANDEM_RETURN_IF_ERROR(ParseCommon(body, context, job));
   return job;
+}
+
+}  // namespace
+
+// The typed readers above check every field they read; the text layer's JSON walkers may still meet a
+// shape they do not expect. Whatever slips through is a 400, never an exception out of the router.
+absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& context) {
+  try {
+    return ParseChat(body, context);
+  } catch (const Json::exception& error) {
+    return InvalidParam("messages", absl::StrCat("malformed request: ", error.what()));
+  }
+}
+
+absl::StatusOr<Job> ParseCompletionRequest(const Json& body, const ServingContext& context) {
+  try {
+    return ParseCompletion(body, context);
+  } catch (const Json::exception& error) {
+    return InvalidParam("prompt", absl::StrCat("malformed request: ", error.what()));
+  }
 }
 
 }  // namespace tandem::router

@@ -42,6 +42,9 @@ HttpFront::HttpFront(RouterState* state) : state_(state), server_(std::make_uniq
   const int threads = state->options.http_threads;
   server_->new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   server_->set_payload_max_length(state->options.max_request_bytes);
+  // Headers and body (and each SSE event) are separate writes: without this, Nagle holds the second
+  // behind the client's delayed ACK (~40 ms per response).
+  server_->set_tcp_nodelay(true);
   server_->set_read_timeout(30, 0);
   server_->set_write_timeout(30, 0);
   Routes();

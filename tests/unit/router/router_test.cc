@@ -1,5 +1,6 @@
 #include <cstdlib>
 #include <deque>
+#include <random>
 #include <string>
 #include <thread>
 
@@ -7,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 
+#include "absl/strings/match.h"
 #include "services/router/grpc_front.h"
 #include "services/router/http_front.h"
 #include "services/router/policy.h"
@@ -415,6 +417,73 @@ TEST(GrpcFront, ProtoRequestsBecomeTheOpenAiShape) {
   EXPECT_EQ(body["tool_choice"]["function"]["name"], "f");
   EXPECT_EQ(body["chat_template_kwargs"]["thinking"], true);
   EXPECT_FALSE(body.contains("temperature"));
+}
+
+}  // namespace
+}  // namespace tandem::router
+
+namespace tandem::router {
+namespace {
+
+// Seeded mutations of valid bodies (byte flips, truncations, type swaps) through both parsers: every
+// outcome is a Job or a 4xx error with a message, never a crash or a 5xx.
+TEST(RequestParsing, MutatedBodiesGiveJobsOrClientErrors) {
+  auto tokenizer = text::Tokenizer::Load(ModelDir());
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ServingContext context;
+  context.tokenizer = tokenizer->get();
+  context.model_name = "tiny";
+  context.max_context_tokens = 4096;
+  context.max_new_tokens_limit = 1024;
+  const std::vector<std::string> seeds = {
+      R"({"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0.5,"stop":["a"],"stream":true,"stream_options":{"include_usage":true}})",
+      R"({"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"x"}]},{"role":"assistant","content":"","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},{"role":"tool","tool_call_id":"c","content":"r"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"tool_choice":"auto","reasoning_effort":"max","logprobs":true,"top_logprobs":2})",
+      R"({"prompt":[0,1,2,3],"max_tokens":3,"logprobs":2,"logit_bias":{"5":1.5},"seed":3})",
+      R"({"prompt":"hello","stop":"x","top_k":3,"min_p":0.1,"chat_template_kwargs":{"thinking":true}})",
+  };
+  const std::vector<std::string> values = {"null", "true", "-1", "0", "1e309", "\"\"", "[]", "{}", "[1,\"a\"]", "9223372036854775807", "\"max\""};
+  std::mt19937 random(12345);
+  int jobs = 0, errors = 0;
+  for (int round = 0; round < 3000; ++round) {
+    std::string body = seeds[random() % seeds.size()];
+    const int edits = 1 + static_cast<int>(random() % 3);
+    for (int e = 0; e < edits && !body.empty(); ++e) {
+      const size_t at = random() % body.size();
+      switch (random() % 4) {
+        case 0: body[at] = static_cast<char>(random() % 128); break;
+        case 1: body.resize(at); break;
+        case 2: {
+          // Replace the value after some ':' with another JSON value (a type swap).
+          const size_t colon = body.find(':', at);
+          if (colon == std::string::npos) break;
+          const size_t end = body.find_first_of(",}", colon + 1);
+          body.replace(colon + 1, (end == std::string::npos ? body.size() : end) - colon - 1, values[random() % values.size()]);
+          break;
+        }
+        default: body.insert(at, values[random() % values.size()]);
+      }
+    }
+    const Json parsed = Json::parse(body, nullptr, false);
+    if (parsed.is_discarded()) continue;  // the HTTP front answers those itself (invalid_json)
+    for (bool chat : {true, false}) {
+      auto job = chat ? ParseChatRequest(parsed, context) : ParseCompletionRequest(parsed, context);
+      if (job.ok()) {
+        ++jobs;
+        EXPECT_GT(job->request.input_ids_size(), 0);
+        EXPECT_GE(job->request.sampling().max_new_tokens(), 1);
+        continue;
+      }
+      ++errors;
+      const int status = HttpStatusOf(job.status());
+      EXPECT_TRUE(status == 400 || status == 404) << status << " " << job.status() << " for " << body;
+      const Json error = ErrorBody(job.status());
+      EXPECT_FALSE(error["error"]["message"].get<std::string>().empty());
+      // The safety net in the parsers should stay unused: each field is checked with a specific message.
+      EXPECT_FALSE(absl::StrContains(job.status().message(), "malformed request")) << job.status() << " for " << body;
+    }
+  }
+  EXPECT_GT(jobs, 50);
+  EXPECT_GT(errors, 500);
 }
 
 }  // namespace
