@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   app.add_option("--prefill", o.prefill, "prefill worker host:grpc_port[,bootstrap_port] (repeatable)");
   app.add_option("--decode", o.decode, "decode worker host:grpc_port (repeatable)");
   app.add_option("--mixed", o.mixed, "mixed (monolithic) worker host:grpc_port (repeatable)");
+  app.add_option("--worker-file", o.worker_file, "more workers, one \"prefill|decode|mixed ADDRESS\" a line; re-read when it changes");
   const auto policies = CLI::IsMember({"round_robin", "least_load", "cache_aware"});
   app.add_option("--prefill-policy", o.prefill_policy, "prefill selection")->capture_default_str()->check(policies);
   app.add_option("--decode-policy", o.decode_policy, "decode selection")->capture_default_str()->check(policies);

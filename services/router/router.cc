@@ -3,6 +3,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <spdlog/spdlog.h>
 
@@ -57,7 +58,18 @@ absl::StatusOr<std::unique_ptr<RouterState>> MakeRouterState(RouterOptions optio
       addresses.push_back(std::move(address));
     }
   }
-  if (addresses.empty()) return absl::InvalidArgumentError("no workers: give --prefill and --decode, or --mixed");
+  const std::vector<WorkerAddress> fixed = addresses;
+  if (!options.worker_file.empty()) {
+    std::ifstream file(options.worker_file);
+    if (!file) return absl::NotFoundError(absl::StrCat("--worker-file ", options.worker_file, ": cannot read"));
+    std::stringstream text;
+    text << file.rdbuf();
+    TANDEM_ASSIGN_OR_RETURN(auto more, ParseWorkerFile(text.str()));
+    addresses.insert(addresses.end(), more.begin(), more.end());
+  }
+  if (addresses.empty() && options.worker_file.empty()) {
+    return absl::InvalidArgumentError("no workers: give --prefill and --decode, or --mixed (or --worker-file)");
+  }
   if (options.prefill.empty() != options.decode.empty()) {
     spdlog::warn("router: prefill workers need decode workers and vice versa; the lone side stays unused");
   }
@@ -75,6 +87,7 @@ absl::StatusOr<std::unique_ptr<RouterState>> MakeRouterState(RouterOptions optio
   TANDEM_ASSIGN_OR_RETURN(auto decode_policy, MakePolicy(options.decode_policy, options.cache));
   TANDEM_ASSIGN_OR_RETURN(auto mixed_policy, MakePolicy(options.mixed_policy, options.cache));
   state->registry = std::make_unique<WorkerRegistry>(std::move(addresses), options.breaker, options.health);
+  if (!options.worker_file.empty()) state->registry->WatchWorkerFile(options.worker_file, fixed);
   state->metrics = std::make_unique<RouterMetrics>(options.served_model_name);
   state->owned_generator = std::make_unique<FleetGenerator>(state->registry.get(), std::move(prefill_policy), std::move(decode_policy),
                                                             std::move(mixed_policy), state->metrics.get(), options.retry);

@@ -23,6 +23,7 @@ struct RouterOptions {
   std::string model_dir;
   std::string served_model_name;  // default: the model directory's name
   std::vector<std::string> prefill, decode, mixed;
+  std::string worker_file;  // more workers, re-read when it changes
   std::string prefill_policy = "cache_aware";
   std::string decode_policy = "least_load";
   std::string mixed_policy = "cache_aware";

@@ -1,11 +1,15 @@
 #include "services/router/worker.h"
 
+#include <algorithm>
+#include <fstream>
 #include <future>
+#include <sstream>
 
 #include <grpcpp/generic/generic_stub.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 
 namespace tandem::router {
@@ -187,17 +191,94 @@ void Worker::CheckHealth(const HealthOptions& options) {
 
 // --- WorkerRegistry ---------------------------------------------------------------------------
 
+absl::StatusOr<std::vector<WorkerAddress>> ParseWorkerFile(const std::string& text) {
+  std::vector<WorkerAddress> out;
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_number;
+    line = absl::StripAsciiWhitespace(line);
+    if (line.empty() || line[0] == '#') continue;
+    std::vector<std::string> fields = absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
+    if (fields.size() != 2) return absl::InvalidArgumentError(absl::StrCat("worker file line ", line_number, ": expected \"ROLE ADDRESS\""));
+    WorkerRole role;
+    if (fields[0] == "prefill") role = WorkerRole::kPrefill;
+    else if (fields[0] == "decode") role = WorkerRole::kDecode;
+    else if (fields[0] == "mixed") role = WorkerRole::kMixed;
+    else return absl::InvalidArgumentError(absl::StrCat("worker file line ", line_number, ": role must be prefill, decode or mixed"));
+    auto address = ParseWorkerAddress(role, fields[1]);
+    if (!address.ok()) return absl::InvalidArgumentError(absl::StrCat("worker file line ", line_number, ": ", address.status().message()));
+    out.push_back(std::move(*address));
+  }
+  return out;
+}
+
 WorkerRegistry::WorkerRegistry(std::vector<WorkerAddress> addresses, BreakerOptions breaker, HealthOptions health)
-    : health_(health) {
+    : breaker_(breaker), health_(health) {
   for (auto& address : addresses) workers_.push_back(std::make_unique<Worker>(std::move(address), breaker));
+}
+
+void WorkerRegistry::WatchWorkerFile(std::string path, std::vector<WorkerAddress> fixed) {
+  worker_file_ = std::move(path);
+  fixed_ = std::move(fixed);
+  MaybeReloadFile();
+}
+
+void WorkerRegistry::MaybeReloadFile() {
+  if (worker_file_.empty()) return;
+  std::error_code error;
+  const auto time = std::filesystem::last_write_time(worker_file_, error);
+  if (error || time == worker_file_time_) return;
+  worker_file_time_ = time;
+  std::ifstream file(worker_file_);
+  std::stringstream text;
+  text << file.rdbuf();
+  auto parsed = ParseWorkerFile(text.str());
+  if (!parsed.ok()) {
+    spdlog::error("router: worker file {} not applied: {}", worker_file_, std::string(parsed.status().message()));
+    return;
+  }
+  std::vector<WorkerAddress> all = fixed_;
+  all.insert(all.end(), parsed->begin(), parsed->end());
+  Reload(all);
+}
+
+void WorkerRegistry::Reload(const std::vector<WorkerAddress>& addresses) {
+  std::lock_guard lock(workers_mutex_);
+  std::vector<std::unique_ptr<Worker>> next;
+  for (const auto& address : addresses) {
+    auto same = std::find_if(workers_.begin(), workers_.end(), [&](const std::unique_ptr<Worker>& w) {
+      return w != nullptr && w->name() == address.name() && w->address().role == address.role &&
+             w->address().bootstrap_port == address.bootstrap_port;
+    });
+    if (same != workers_.end()) {
+      next.push_back(std::move(*same));
+    } else if (std::none_of(next.begin(), next.end(), [&](const auto& w) { return w->name() == address.name() && w->address().role == address.role; })) {
+      spdlog::info("router: worker {} ({}) added", address.name(), RoleName(address.role));
+      next.push_back(std::make_unique<Worker>(address, breaker_));
+    }
+  }
+  for (auto& old : workers_) {
+    if (old == nullptr) continue;
+    spdlog::info("router: worker {} ({}) removed", old->name(), RoleName(old->address().role));
+    retired_.push_back(std::move(old));
+  }
+  workers_ = std::move(next);
+}
+
+std::vector<Worker*> WorkerRegistry::all() const {
+  std::lock_guard lock(workers_mutex_);
+  std::vector<Worker*> out;
+  for (const auto& worker : workers_) out.push_back(worker.get());
+  return out;
 }
 
 WorkerRegistry::~WorkerRegistry() { Stop(); }
 
 void WorkerRegistry::CheckAllNow() {
+  MaybeReloadFile();
   // Checks run side by side so one dead worker's timeout does not delay the others.
   std::vector<std::thread> checks;
-  for (auto& worker : workers_) checks.emplace_back([this, w = worker.get()] { w->CheckHealth(health_); });
+  for (Worker* worker : all()) checks.emplace_back([this, worker] { worker->CheckHealth(health_); });
   for (auto& check : checks) check.join();
 }
 
@@ -225,15 +306,15 @@ void WorkerRegistry::Stop() {
 
 std::vector<Worker*> WorkerRegistry::Workers(WorkerRole role) const {
   std::vector<Worker*> out;
-  for (const auto& worker : workers_) {
-    if (worker->address().role == role) out.push_back(worker.get());
+  for (Worker* worker : all()) {
+    if (worker->address().role == role) out.push_back(worker);
   }
   return out;
 }
 
 bool WorkerRegistry::Ready() const {
   bool prefill = false, decode = false;
-  for (const auto& worker : workers_) {
+  for (Worker* worker : all()) {
     if (!worker->Usable()) continue;
     switch (worker->address().role) {
       case WorkerRole::kMixed: return true;
@@ -246,7 +327,7 @@ bool WorkerRegistry::Ready() const {
 
 int64_t WorkerRegistry::MaxContextTokens() const {
   int64_t smallest = 0;
-  for (const auto& worker : workers_) {
+  for (Worker* worker : all()) {
     const int64_t context = worker->max_context_tokens();
     if (worker->healthy() && context > 0 && (smallest == 0 || context < smallest)) smallest = context;
   }
@@ -255,7 +336,7 @@ int64_t WorkerRegistry::MaxContextTokens() const {
 
 int64_t WorkerRegistry::MaxNewTokensLimit() const {
   int64_t smallest = 0;
-  for (const auto& worker : workers_) {
+  for (Worker* worker : all()) {
     const int64_t limit = worker->max_new_tokens_limit();
     if (worker->healthy() && limit > 0 && (smallest == 0 || limit < smallest)) smallest = limit;
   }

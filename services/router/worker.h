@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -115,10 +116,19 @@ class Worker {
   std::string config_hash_;
 };
 
-// Owns the workers and the thread that checks them.
+// A worker file: one worker a line, "prefill host:port[,bootstrap_port]", "decode host:port" or
+// "mixed host:port"; blank lines and # comments ignored.
+absl::StatusOr<std::vector<WorkerAddress>> ParseWorkerFile(const std::string& text);
+
+// Owns the workers and the thread that checks them. The set can change at run time (Reload);
+// a removed worker is retired, not freed, because requests in flight may still point at it.
 class WorkerRegistry {
  public:
   WorkerRegistry(std::vector<WorkerAddress> addresses, BreakerOptions breaker, HealthOptions health);
+  // Re-read `path` whenever its modification time changes (checked every health interval).
+  void WatchWorkerFile(std::string path, std::vector<WorkerAddress> fixed);
+  // The new worker set: unchanged workers keep their state, new ones start unhealthy, missing ones retire.
+  void Reload(const std::vector<WorkerAddress>& addresses);
   ~WorkerRegistry();
 
   void StartHealthChecks();
@@ -127,7 +137,7 @@ class WorkerRegistry {
   void CheckAllNow();
 
   std::vector<Worker*> Workers(WorkerRole role) const;
-  const std::vector<std::unique_ptr<Worker>>& all() const { return workers_; }
+  std::vector<Worker*> all() const;
   // At least one usable prefill + decode pair, or one usable mixed worker.
   bool Ready() const;
   // The smallest context any healthy worker reported (0 if none known yet).
@@ -136,8 +146,16 @@ class WorkerRegistry {
   int64_t MaxNewTokensLimit() const;
 
  private:
+  void MaybeReloadFile();
+
+  mutable std::mutex workers_mutex_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  std::vector<std::unique_ptr<Worker>> retired_;
+  BreakerOptions breaker_;
   HealthOptions health_;
+  std::string worker_file_;
+  std::vector<WorkerAddress> fixed_;  // from flags, kept across reloads
+  std::filesystem::file_time_type worker_file_time_{};
   std::thread thread_;
   std::mutex mutex_;
   std::condition_variable wake_;

@@ -501,3 +501,32 @@ def test_killed_decode_mid_stream_fails_clearly_retries_the_rest_and_rejoins(pai
     finally:
         router.stop()
         second.stop()
+
+
+def test_worker_file_is_reloaded(mixed, tmp_path):
+    workers = tmp_path / "workers"
+    workers.write_text(f"# the fleet\nmixed 127.0.0.1:{mixed.grpc_port}\n")
+    router = Router(["--worker-file", str(workers)], name="router-file")
+    try:
+        assert chat(router, max_tokens=2).choices[0].finish_reason in ("length", "stop")
+
+        def wait_readiness(code):
+            deadline = time.time() + 10
+            while http_get(router.http_port, "/readiness")[0] != code:
+                assert time.time() < deadline, f"readiness never became {code}"
+                time.sleep(0.05)
+
+        time.sleep(0.05)  # a new modification time
+        workers.write_text("# nobody\n")
+        wait_readiness(503)
+        status, answer = router.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+        assert status == 503 and answer["error"]["type"] == "service_unavailable"
+        time.sleep(0.05)
+        workers.write_text(f"mixed 127.0.0.1:{mixed.grpc_port}\n")
+        wait_readiness(200)
+        time.sleep(0.05)
+        workers.write_text("mixed nonsense\n")  # refused, the fleet stays as it was
+        time.sleep(1)
+        assert http_get(router.http_port, "/readiness")[0] == 200
+    finally:
+        router.stop()

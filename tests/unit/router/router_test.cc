@@ -59,6 +59,30 @@ TEST(WorkerAddress, ParsesAndRejects) {
   EXPECT_FALSE(ParseWorkerAddress(WorkerRole::kPrefill, "h:1,x").ok());
 }
 
+TEST(WorkerFile, ParsesRolesAndComments) {
+  auto workers = ParseWorkerFile("# fleet\nprefill 10.0.0.1:30001,9000\n\n  decode 10.0.0.2:30002\nmixed h:1  # not a comment here\n");
+  EXPECT_FALSE(workers.ok());  // three fields on the last line
+  workers = ParseWorkerFile("# fleet\nprefill 10.0.0.1:30001,9000\n\n  decode\t10.0.0.2:30002\nmixed h:1\n");
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 3u);
+  EXPECT_EQ((*workers)[0].bootstrap_port, 9000);
+  EXPECT_EQ((*workers)[1].role, WorkerRole::kDecode);
+  EXPECT_FALSE(ParseWorkerFile("gpu h:1\n").ok());
+  EXPECT_FALSE(ParseWorkerFile("decode h:x\n").ok());
+}
+
+TEST(WorkerRegistry, ReloadKeepsAddsAndRetires) {
+  WorkerRegistry registry({WorkerAddress{WorkerRole::kMixed, "127.0.0.1", 1}, WorkerAddress{WorkerRole::kMixed, "127.0.0.1", 2}}, {}, {});
+  Worker* kept = registry.Workers(WorkerRole::kMixed)[0];
+  kept->AddInFlight(3);
+  registry.Reload({WorkerAddress{WorkerRole::kMixed, "127.0.0.1", 1}, WorkerAddress{WorkerRole::kDecode, "127.0.0.1", 3}});
+  ASSERT_EQ(registry.all().size(), 2u);
+  EXPECT_EQ(registry.Workers(WorkerRole::kMixed)[0], kept);  // same object, its state kept
+  EXPECT_EQ(kept->in_flight(), 3);
+  EXPECT_EQ(registry.Workers(WorkerRole::kDecode).size(), 1u);
+  EXPECT_FALSE(registry.Ready());  // new workers start unhealthy
+}
+
 // --- policies -----------------------------------------------------------------------------------
 
 std::vector<std::unique_ptr<Worker>> Fleet(int n) {
