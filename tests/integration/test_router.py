@@ -342,6 +342,18 @@ def test_client_disconnect_aborts_both_legs(pair, pd_router):
     assert time.time() - started < 20
 
 
+def test_grpc_cancel_aborts_both_legs(pair, pd_router):
+    rpb, rrpc = router_stubs()
+    with grpc.insecure_channel(f"127.0.0.1:{pd_router.grpc_port}") as channel:
+        call = rrpc.RouterStub(channel).Completion(rpb.CompletionRequest(
+            prompt_ids=rpb.PromptIds(ids=PROMPT_IDS), sampling=rpb.Sampling(max_tokens=3000, ignore_eos=True, temperature=0)))
+        next(call)
+        next(call)
+        assert pair.decode.loads().running_requests == 1
+        call.cancel()
+    pair.expect_all_free()
+
+
 def test_metrics_are_promtool_clean(mixed_router, pd_router):
     for router in (mixed_router, pd_router):
         text = router.metrics()
@@ -383,7 +395,7 @@ def test_killed_worker_opens_its_breaker_and_traffic_moves(mixed):
         doomed.stop()
 
 
-def test_least_load_spreads_concurrent_streams(mixed):
+def test_cache_aware_spreads_one_shared_prefix(mixed):
     other = Server(args=MIXED_FLAGS, log_name="mixed-other")
     router = Router(["--mixed", f"127.0.0.1:{mixed.grpc_port}", "--mixed", f"127.0.0.1:{other.grpc_port}",
                      "--mixed-policy", "cache_aware"], name="router-balance")
