@@ -146,7 +146,8 @@ absl::Status Scheduler::Add(NewRequest request) {
                           ValidateSampling(request.sampling, model_->config().vocab_size, options_.max_new_tokens_limit));
   if (request.role == EngineRole::kPrefill) {
     if (!prefill_link_) return absl::FailedPreconditionError("prefill role without a transfer link");
-    TANDEM_RETURN_IF_ERROR(prefill_link_->Expect(request.room.room));
+    if (!request.room_expected) TANDEM_RETURN_IF_ERROR(prefill_link_->Expect(request.room.room));
+    request.room_expected = true;
   }
   if (request.role == EngineRole::kDecode && !decode_link_) {
     return absl::FailedPreconditionError("decode role without a transfer link");

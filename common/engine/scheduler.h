@@ -68,6 +68,7 @@ struct NewRequest {
   UpdateSink sink;
   EngineRole role = EngineRole::kMixed;  // must be the engine's own role
   RoomInfo room;                         // prefill and decode roles
+  bool room_expected = false;            // prefill role: PrefillLink::Expect already ran (Engine::Submit)
 };
 
 struct SchedulerStats {
