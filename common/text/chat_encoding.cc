@@ -197,7 +197,7 @@ void SortToolResultsByCallOrder(std::vector<Json>& messages) {
       Json& blocks = message["content_blocks"];
       std::vector<Json> results;
       for (const Json& block : blocks) {
-        if (block.is_object() && block.value("type", "") == "tool_result") results.push_back(block);
+        if (block.is_object() && StringField(block, "type") == "tool_result") results.push_back(block);
       }
       if (results.size() <= 1 || call_order.empty()) continue;
       std::stable_sort(results.begin(), results.end(), [&](const Json& a, const Json& b) {
@@ -209,7 +209,7 @@ void SortToolResultsByCallOrder(std::vector<Json>& messages) {
       });
       size_t next = 0;
       for (Json& block : blocks) {
-        if (block.is_object() && block.value("type", "") == "tool_result") block = results[next++];
+        if (block.is_object() && StringField(block, "type") == "tool_result") block = results[next++];
       }
     }
   }

@@ -45,7 +45,7 @@ absl::StatusOr<std::string> ContentText(const Json& content, std::string_view wh
     bool first = true;
     for (const Json& part : content) {
       if (!part.is_object()) return Invalid(where, "content parts must be objects");
-      if (part.value("type", "") != "text") continue;
+      if (StringField(part, "type") != "text") continue;
       if (!first) out.append("\n\n");
       first = false;
       out.append(part.contains("text") && part["text"].is_string() ? part["text"].get<std::string>() : "");

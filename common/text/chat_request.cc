@@ -56,7 +56,7 @@ absl::StatusOr<PreparedChat> PrepareDsv4Messages(const Json& messages, const Jso
     }
     if (message.contains("content") && message["content"].is_array()) {
       for (const Json& part : message["content"]) {
-        if (!part.is_object() || part.value("type", "") != "text") {
+        if (!part.is_object() || StringField(part, "type") != "text") {
           return Invalid(where, "only text content parts are supported by this text-only model");
         }
       }

@@ -298,6 +298,10 @@ TEST(ChatEncoding, BadRequestsAreInvalidArgument) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(prepare(R"([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])").code(),
             absl::StatusCode::kInvalidArgument);
+  // A content part whose type is not a string is a clear error, not a JSON exception.
+  EXPECT_EQ(prepare(R"([{"role": "user", "content": [{"type": true, "text": "x"}]}])").code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(prepare(R"([{"role": "user", "content": [{"type": 7}]}])").code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(prepare(R"([{"role": "user", "content": "x"}])", R"([{"type": "function"}])").code(),
             absl::StatusCode::kInvalidArgument);
   const auto status = prepare(R"([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function":
