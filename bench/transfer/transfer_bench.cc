@@ -1,13 +1,14 @@
 // tandem-transfer-bench: UCX put bandwidth between two processes (fork), for plain messages of 64 KiB..64 MiB
 // and for the state of one DSV4-Flash request (8K-token prompt: C4/indexer/C128 pages per layer, window
 // and compressor rings), with decode's pages contiguous or scattered. Prints a table and writes CSV.
-//   tandem-transfer-bench --tls tcp|sm|<UCX_TLS> [--csv FILE] [--sizes 65536,...] [--prompt-tokens 8192]
+//   tandem-transfer-bench --tls tcp|sm|<UCX_TLS> [--csv FILE] [--sizes 65536,...] [--prompt-tokens 8192] [--volume BYTES]
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <numeric>
@@ -42,16 +43,18 @@ const Pool kPools[] = {{"c4_kv", 21, 37440, true},       {"c4_indexer", 21, 8448
 constexpr uint64_t kPoolPages = 80;  // token pages per pool (an 8K prompt needs 32)
 constexpr uint64_t kPoolSlots = 4;   // window/ring slots per pool
 
-std::vector<uint8_t> Allocate(uint64_t bytes, uint8_t fill) { return std::vector<uint8_t>(bytes, fill); }
-
+// Every region lives in memory the transport allocated, as the engine's pools do (StatePools with the
+// transport's RegionAllocator): shared memory the peer can map, where the sm transports are in use.
 struct Regions {
-  std::vector<std::vector<uint8_t>> memory;
   absl::Status Register(KvTransport& t) {
-    memory.push_back(Allocate(kMessageBytes, 1));
-    for (const Pool& p : kPools) memory.push_back(Allocate(p.layers * (p.per_token_page ? kPoolPages : kPoolSlots) * p.page_bytes, 2));
+    std::vector<uint64_t> sizes = {kMessageBytes};
+    for (const Pool& p : kPools) sizes.push_back(p.layers * (p.per_token_page ? kPoolPages : kPoolSlots) * p.page_bytes);
     const char* names[] = {"messages", "c4_kv", "c4_indexer", "c128_kv", "window_kv", "c4_state", "c4_indexer_state", "c128_state"};
-    for (size_t i = 0; i < memory.size(); ++i) {
-      auto r = t.RegisterRegion({names[i], memory[i].data(), memory[i].size()});
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      auto memory = t.AllocateRegion(sizes[i]);
+      if (!memory.ok()) return memory.status();
+      std::memset(*memory, i == 0 ? 1 : 2, sizes[i]);
+      auto r = t.RegisterRegion({names[i], *memory, sizes[i]});
       if (!r.ok()) return r.status();
     }
     return absl::OkStatus();
@@ -84,7 +87,10 @@ int Target(int fd, const std::string& tls) {
     return 1;
   }
   Regions regions;
-  if (auto s = regions.Register(**transport); !s.ok()) return 1;
+  if (auto s = regions.Register(**transport); !s.ok()) {
+    std::fprintf(stderr, "target: %s\n", s.ToString().c_str());
+    return 1;
+  }
   Handshake h;
   h.transport_address = *(*transport)->LocalAddress();
   h.regions = (*transport)->DescribeRegions();
@@ -122,7 +128,8 @@ Row Measure(UcxTransport& t, PeerId peer, const std::string& tls, const std::str
   return row;
 }
 
-int Initiator(int fd, const std::string& tls, const std::string& name, const std::vector<uint64_t>& sizes, uint64_t prompt_tokens, const std::string& csv) {
+int Initiator(int fd, const std::string& tls, const std::string& name, const std::vector<uint64_t>& sizes, uint64_t prompt_tokens,
+              uint64_t volume, const std::string& csv) {
   UcxOptions options;
   options.tls = tls;
   auto transport = UcxTransport::Create(options);
@@ -131,7 +138,10 @@ int Initiator(int fd, const std::string& tls, const std::string& name, const std
     return 1;
   }
   Regions regions;
-  if (auto s = regions.Register(**transport); !s.ok()) return 1;
+  if (auto s = regions.Register(**transport); !s.ok()) {
+    std::fprintf(stderr, "initiator: %s\n", s.ToString().c_str());
+    return 1;
+  }
   auto frame = ReadFrame(fd, Clock::now() + std::chrono::seconds(30), 1 << 24);
   if (!frame.ok()) return 1;
   auto peer_info = DecodeHandshake(frame->second);
@@ -144,7 +154,7 @@ int Initiator(int fd, const std::string& tls, const std::string& name, const std
   std::vector<Row> rows;
   for (uint64_t size : sizes) {
     const std::vector<Segment> one = {{0, 0, size}};
-    const uint64_t iterations = std::clamp<uint64_t>((2ull << 30) / size, 20, 5000);
+    const uint64_t iterations = std::clamp<uint64_t>(volume / size, 20, 5000);  // run.sh gives ucx_perftest the same
     rows.push_back(Measure(**transport, *peer, name, "message", one, one, iterations));
   }
   const uint64_t pages = (prompt_tokens + kPageTokens - 1) / kPageTokens;
@@ -184,6 +194,7 @@ int main(int argc, char** argv) {
   std::string tls = "tcp", csv;
   std::vector<uint64_t> sizes;
   uint64_t prompt_tokens = 8192;
+  uint64_t volume = 2ull << 30;  // bytes per message size
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -199,6 +210,8 @@ int main(int argc, char** argv) {
       csv = value();
     } else if (arg == "--prompt-tokens") {
       prompt_tokens = std::stoull(value());
+    } else if (arg == "--volume") {
+      volume = std::stoull(value());
     } else if (arg == "--sizes") {
       std::string list = value();
       size_t start = 0;
@@ -209,7 +222,7 @@ int main(int argc, char** argv) {
         start = end + 1;
       }
     } else if (arg == "--help" || arg == "-h") {
-      std::printf("usage: tandem-transfer-bench [--tls tcp|sm|UCX_TLS] [--csv FILE] [--sizes B,B,...] [--prompt-tokens N]\n");
+      std::printf("usage: tandem-transfer-bench [--tls tcp|sm|UCX_TLS] [--csv FILE] [--sizes B,B,...] [--prompt-tokens N] [--volume BYTES]\n");
       return 0;
     } else {
       std::fprintf(stderr, "tandem-transfer-bench: unknown flag %s (see --help)\n", arg.c_str());
@@ -240,7 +253,7 @@ int main(int argc, char** argv) {
     std::_Exit(Target(fds[1], tls));
   }
   ::close(fds[1]);
-  const int rc = Initiator(fds[0], tls, name, sizes, prompt_tokens, csv);
+  const int rc = Initiator(fds[0], tls, name, sizes, prompt_tokens, volume, csv);
   ::close(fds[0]);  // releases the target
   int status = 0;
   ::waitpid(child, &status, 0);

@@ -39,18 +39,30 @@ StatePools::StatePools(const CacheShapes& shapes, const StageLayout& layout, con
       c4_indexer_states_("c4_indexer_state", counts.c4_state_slots),
       c128_states_("c128_state", counts.c128_state_slots) {}
 
-void StatePools::Allocate(Region& region, int64_t layers, int64_t pages, int64_t page_bytes) {
+absl::Status StatePools::Allocate(Region& region, PoolKind kind, int64_t layers, int64_t pages, int64_t page_bytes,
+                                  const RegionAllocator& allocator) {
   region.layers = layers;
   region.page_bytes = page_bytes;
   region.layer_stride = pages * page_bytes;
   region.size = layers * region.layer_stride;
-  if (region.size > 0) {
-    region.bytes = std::make_unique<uint8_t[]>(static_cast<size_t>(region.size));  // zeroed
+  if (region.size <= 0) return absl::OkStatus();
+  if (!allocator) {
+    region.owned = std::make_unique<uint8_t[]>(static_cast<size_t>(region.size));  // zeroed
+    region.bytes = region.owned.get();
+    return absl::OkStatus();
   }
+  auto bytes = allocator(PoolName(kind), region.size);
+  if (!bytes.ok()) {
+    return absl::Status(bytes.status().code(), absl::StrCat("state pools: allocating ", region.size, " bytes for ", PoolName(kind),
+                                                            ": ", bytes.status().message()));
+  }
+  if (*bytes == nullptr) return absl::InternalError(absl::StrCat("state pools: the allocator gave no memory for ", PoolName(kind)));
+  region.bytes = *bytes;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<StatePools>> StatePools::Create(const CacheShapes& shapes, const StageLayout& layout,
-                                                                const PoolCounts& counts) {
+                                                                const PoolCounts& counts, RegionAllocator allocator) {
   TANDEM_RETURN_IF_ERROR(shapes.Validate(layout));
   if (counts.token_pages <= 0 || counts.window_pages <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("state pools: need token pages and window pages, got ", counts.token_pages,
@@ -69,19 +81,22 @@ absl::StatusOr<std::unique_ptr<StatePools>> StatePools::Create(const CacheShapes
   }
   std::unique_ptr<StatePools> pools(new StatePools(shapes, layout, counts));
   auto& p = *pools;
-  Allocate(p.region_of(PoolKind::kWindowKv), layout.num_stage_layers(), counts.window_pages, p.window_page_.page_bytes);
-  Allocate(p.region_of(PoolKind::kC4Kv), c4, counts.token_pages, p.c4_page_.page_bytes);
-  Allocate(p.region_of(PoolKind::kC4Indexer), c4, counts.token_pages, p.c4_indexer_page_.page_bytes);
-  Allocate(p.region_of(PoolKind::kC128Kv), c128, counts.token_pages, p.c128_page_.page_bytes);
-  Allocate(p.region_of(PoolKind::kC4State), c4, counts.c4_state_slots, p.c4_ring_.slot_bytes);
-  Allocate(p.region_of(PoolKind::kC4IndexerState), c4, counts.c4_state_slots, p.c4_indexer_ring_.slot_bytes);
-  Allocate(p.region_of(PoolKind::kC128State), c128, counts.c128_state_slots, p.c128_ring_.slot_bytes);
+  const auto allocate = [&](PoolKind kind, int64_t layers, int64_t pages, int64_t page_bytes) {
+    return Allocate(p.region_of(kind), kind, layers, pages, page_bytes, allocator);
+  };
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kWindowKv, layout.num_stage_layers(), counts.window_pages, p.window_page_.page_bytes));
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kC4Kv, c4, counts.token_pages, p.c4_page_.page_bytes));
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kC4Indexer, c4, counts.token_pages, p.c4_indexer_page_.page_bytes));
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kC128Kv, c128, counts.token_pages, p.c128_page_.page_bytes));
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kC4State, c4, counts.c4_state_slots, p.c4_ring_.slot_bytes));
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kC4IndexerState, c4, counts.c4_state_slots, p.c4_indexer_ring_.slot_bytes));
+  TANDEM_RETURN_IF_ERROR(allocate(PoolKind::kC128State, c128, counts.c128_state_slots, p.c128_ring_.slot_bytes));
   return pools;
 }
 
 uint8_t* StatePools::page_base(PoolKind kind, int layer, PageId page, int64_t page_bytes) {
   Region& region = region_of(kind);
-  return region.bytes.get() + layer * region.layer_stride + static_cast<int64_t>(page) * page_bytes;
+  return region.bytes + layer * region.layer_stride + static_cast<int64_t>(page) * page_bytes;
 }
 
 KvEntryRef StatePools::window_kv(StageLayerIndex layer, PageId page, int64_t slot) {
@@ -130,7 +145,7 @@ float* StatePools::compressor_row(GlobalLayerId layer, StateKind kind, PageId sl
 
 std::span<uint8_t> StatePools::region(PoolKind kind) {
   Region& r = region_of(kind);
-  return {r.bytes.get(), static_cast<size_t>(r.size)};
+  return {r.bytes, static_cast<size_t>(r.size)};
 }
 
 void StatePools::ClearRings(const StateSlots& slots) {

@@ -4,9 +4,11 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/cache/layer_index.h"
@@ -57,10 +59,15 @@ struct BoundarySnapshot {
   StateSlots slots;  // c128_state stays kNoPage
 };
 
+// Where a pool's memory comes from: `bytes` zero-filled bytes for the pool called `name`, owned by the
+// allocator's owner, which must outlive the pools (a KV transport hands out memory its peers can map).
+// Without one, the pools own zeroed heap memory.
+using RegionAllocator = std::function<absl::StatusOr<uint8_t*>(std::string_view name, int64_t bytes)>;
+
 class StatePools {
  public:
   static absl::StatusOr<std::unique_ptr<StatePools>> Create(const CacheShapes& shapes, const StageLayout& layout,
-                                                             const PoolCounts& counts);
+                                                             const PoolCounts& counts, RegionAllocator allocator = {});
   StatePools(const StatePools&) = delete;
   StatePools& operator=(const StatePools&) = delete;
 
@@ -119,13 +126,15 @@ class StatePools {
  private:
   StatePools(const CacheShapes& shapes, const StageLayout& layout, const PoolCounts& counts);
   struct Region {
-    std::unique_ptr<uint8_t[]> bytes;
+    uint8_t* bytes = nullptr;
+    std::unique_ptr<uint8_t[]> owned;  // the heap memory when no allocator was given
     int64_t size = 0;
     int64_t layers = 0;
     int64_t layer_stride = 0;  // pages × page bytes
     int64_t page_bytes = 0;    // one page of one layer
   };
-  static void Allocate(Region& region, int64_t layers, int64_t pages, int64_t page_bytes);
+  static absl::Status Allocate(Region& region, PoolKind kind, int64_t layers, int64_t pages, int64_t page_bytes,
+                               const RegionAllocator& allocator);
   Region& region_of(PoolKind kind) { return regions_[static_cast<size_t>(kind)]; }
   uint8_t* page_base(PoolKind kind, int layer, PageId page, int64_t page_bytes);
   void ClearRings(const StateSlots& slots);

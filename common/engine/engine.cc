@@ -68,12 +68,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     sizing.budget_bytes = EngineOptions::kDefaultCpuBudgetBytes;
   }
   TANDEM_ASSIGN_OR_RETURN(engine->plan_, cache::PlanPools(shapes, layout, sizing));
-  TANDEM_ASSIGN_OR_RETURN(engine->pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts));
-  spdlog::info("{}", engine->plan_.Summary());
-  engine->scheduler_ = std::make_unique<Scheduler>(engine->model_.get(), engine->pools_.get(), options.scheduler);
+  cache::RegionAllocator allocator;  // the mixed role keeps its pools on the heap
   if (options.role != EngineRole::kMixed) {
     if (!options.links) return absl::InvalidArgumentError("a prefill or decode engine needs its transfer links");
-    TANDEM_ASSIGN_OR_RETURN(engine->links_, options.links(*engine->pools_, [e = engine.get()] { e->Wake(); }));
+    TANDEM_ASSIGN_OR_RETURN(engine->transfer_, options.links());
+    if (engine->transfer_ == nullptr) return absl::InvalidArgumentError("the transfer link factory made no setup");
+    allocator = engine->transfer_->allocator();
+  }
+  TANDEM_ASSIGN_OR_RETURN(engine->pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts, allocator));
+  spdlog::info("{}", engine->plan_.Summary());
+  engine->scheduler_ = std::make_unique<Scheduler>(engine->model_.get(), engine->pools_.get(), options.scheduler);
+  if (engine->transfer_ != nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(engine->links_, engine->transfer_->MakeLinks(*engine->pools_, [e = engine.get()] { e->Wake(); }));
     engine->scheduler_->SetRole(options.role, engine->links_.prefill.get(), engine->links_.decode.get());
   }
   engine->load_.scheduler = engine->scheduler_->Stats();
@@ -99,13 +105,23 @@ absl::Status Engine::Submit(NewRequest request) {
   if (draining_.load()) return absl::UnavailableError("the engine is draining and takes no new requests");
   if (!request.sink) return absl::InvalidArgumentError("a request needs a sink for its updates");
   TANDEM_RETURN_IF_ERROR(scheduler_->Validate(request));
-  std::lock_guard lock(mutex_);
-  if (live_.contains(request.id)) {
-    return absl::AlreadyExistsError(absl::StrCat("request id \"", request.id, "\" is already live on this engine"));
+  // A prefill room is admitted the moment its Generate arrives, not when the scheduler next looks up
+  // from a long step: decode's destination may already be waiting for it.
+  if (request.role == EngineRole::kPrefill && links_.prefill) {
+    TANDEM_RETURN_IF_ERROR(links_.prefill->Expect(request.room.room));
+    request.room_expected = true;
   }
-  const auto limit = static_cast<size_t>(options_.scheduler.max_queued_requests + options_.scheduler.max_running_requests);
-  if (live_.size() >= limit) {
-    return absl::ResourceExhaustedError(absl::StrCat("the engine is full (", live_.size(), " live requests)"));
+  std::lock_guard lock(mutex_);
+  absl::Status refused;
+  if (live_.contains(request.id)) {
+    refused = absl::AlreadyExistsError(absl::StrCat("request id \"", request.id, "\" is already live on this engine"));
+  } else if (const auto limit = static_cast<size_t>(options_.scheduler.max_queued_requests + options_.scheduler.max_running_requests);
+             live_.size() >= limit) {
+    refused = absl::ResourceExhaustedError(absl::StrCat("the engine is full (", live_.size(), " live requests)"));
+  }
+  if (!refused.ok()) {
+    if (request.room_expected) links_.prefill->Abort(request.room.room, refused);
+    return refused;
   }
   live_.insert(request.id);
   // The wrapper keeps the live set and the throughput window current.
@@ -216,7 +232,10 @@ void Engine::Loop() {
     }
     for (auto& request : incoming) {
       UpdateSink sink = request.sink;
+      const bool expected = request.room_expected;
+      const uint64_t room = request.room.room;
       if (auto status = scheduler_->Add(std::move(request)); !status.ok()) {
+        if (expected) links_.prefill->Abort(room, status);
         RequestUpdate update;
         update.finished = true;
         update.status = status;

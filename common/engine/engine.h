@@ -23,13 +23,25 @@
 
 namespace tandem::engine {
 
-// The transfer links of a prefill or decode engine, made once the pools exist (they register the pools'
-// memory). `wake` nudges the scheduler thread when the other engine answered.
+// The transfer links of a prefill or decode engine.
 struct DisaggregationLinks {
   std::unique_ptr<PrefillLink> prefill;
   std::unique_ptr<DecodeLink> decode;
 };
-using LinkFactory = std::function<absl::StatusOr<DisaggregationLinks>(cache::StatePools& pools, std::function<void()> wake)>;
+
+// The transfer side of a prefill or decode engine, made in two steps: the setup (its transport) exists
+// before the pools, so the pools can live in memory the transport allocated (memory that shared-memory
+// transports can map into the peer); the links are made once the pools exist and register their memory.
+// The engine keeps the setup until after the pools are gone.
+class TransferSetup {
+ public:
+  virtual ~TransferSetup() = default;
+  // Where the pools' memory comes from; empty: the heap.
+  virtual cache::RegionAllocator allocator() = 0;
+  // `wake` nudges the scheduler thread when the other engine answered.
+  virtual absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake) = 0;
+};
+using LinkFactory = std::function<absl::StatusOr<std::unique_ptr<TransferSetup>>()>;
 
 struct EngineOptions {
   std::string model_dir;
@@ -95,6 +107,7 @@ class Engine {
   std::shared_ptr<const model::ModelWeights> weights_;
   std::unique_ptr<model::Dsv4Model> model_;
   cache::PoolPlan plan_;
+  std::unique_ptr<TransferSetup> transfer_;  // before pools_: it owns their memory for the split roles
   std::unique_ptr<cache::StatePools> pools_;
   DisaggregationLinks links_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -65,6 +65,19 @@ KvTransport::KvTransport() {
   }
 }
 
+absl::StatusOr<uint8_t*> KvTransport::AllocateRegion(size_t size) {
+  if (size == 0) return absl::InvalidArgumentError("transport: cannot allocate an empty region");
+  return DoAllocate(size);
+}
+
+absl::StatusOr<uint8_t*> KvTransport::DoAllocate(size_t size) {
+  auto bytes = std::make_unique<uint8_t[]>(size);  // zeroed
+  uint8_t* base = bytes.get();
+  std::lock_guard lock(mutex_);
+  heap_allocations_.push_back(std::move(bytes));
+  return base;
+}
+
 absl::StatusOr<uint32_t> KvTransport::RegisterRegion(const MemoryRegion& region) {
   if (region.base == nullptr || region.size == 0) {
     return absl::InvalidArgumentError(absl::StrCat("region '", region.name, "': empty or null memory"));

@@ -79,6 +79,12 @@ class KvTransport {
 
   virtual std::string_view kind() const = 0;  // "ucx" or "loopback": part of the handshake
 
+  // `size` zero-filled bytes owned by the transport until it is destroyed, in memory its peers can reach
+  // best: UCX allocates through its memory domains (ucp_mem_map with ALLOCATE), which its shared-memory
+  // transports can map into the peer; plain heap memory they cannot, and puts into it fall back to slow
+  // paths. Registering (part of) an allocation later reuses its registration.
+  absl::StatusOr<uint8_t*> AllocateRegion(size_t size);
+
   // Registers a region once; returns its index (Segment::region). Regions stay registered for the
   // transport's lifetime.
   absl::StatusOr<uint32_t> RegisterRegion(const MemoryRegion& region);
@@ -104,6 +110,8 @@ class KvTransport {
 
  protected:
   KvTransport();
+  // Default: zeroed heap memory kept in `heap_allocations_`.
+  virtual absl::StatusOr<uint8_t*> DoAllocate(size_t size);
   virtual absl::StatusOr<std::string> DoRegister(const MemoryRegion& region) = 0;  // returns the packed key
   virtual absl::StatusOr<PeerId> DoConnect(std::string_view address, std::span<const RemoteRegion> remote) = 0;
   virtual absl::Status DoDisconnect(PeerId peer) = 0;
@@ -119,6 +127,7 @@ class KvTransport {
   std::vector<MemoryRegion> regions_;
   std::vector<std::string> keys_;
   std::vector<PeerRegions> peers_;
+  std::vector<std::unique_ptr<uint8_t[]>> heap_allocations_;
   std::atomic<uint64_t> corrupt_puts_{0};
   std::atomic<uint64_t> put_calls_{0}, puts_issued_{0}, bytes_put_{0}, put_failures_{0};
 };

@@ -76,6 +76,7 @@ UcxTransport::~UcxTransport() {
     for (auto& [id, peer] : peers_) ClosePeerLocked(*peer, /*force=*/true);
     peers_.clear();
     for (void* handle : memory_handles_) ucp_mem_unmap(context_, static_cast<ucp_mem_h>(handle));
+    for (const Allocation& allocation : allocations_) ucp_mem_unmap(context_, static_cast<ucp_mem_h>(allocation.handle));
     ucp_worker_destroy(worker_);
   }
   if (context_ != nullptr) ucp_cleanup(context_);
@@ -113,25 +114,58 @@ absl::StatusOr<std::string> UcxTransport::LocalAddress() {
   return blob;
 }
 
+absl::StatusOr<uint8_t*> UcxTransport::DoAllocate(size_t size) {
+  std::lock_guard lock(worker_mutex_);
+  // UCX picks the method by UCX_ALLOC_PRIO (by default sysv, then posix shared memory, then huge pages, mmap,
+  // heap) and registers the result on every memory domain, so the rkey also covers the mm transports.
+  ucp_mem_map_params_t params{};
+  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+  params.address = nullptr;
+  params.length = size;
+  params.flags = UCP_MEM_MAP_ALLOCATE;
+  ucp_mem_h handle = nullptr;
+  const ucs_status_t status = ucp_mem_map(context_, &params, &handle);
+  if (status != UCS_OK) return UcxError(absl::StrCat("mem_map(ALLOCATE) of ", size, " bytes"), status);
+  ucp_mem_attr_t attr{};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  if (ucp_mem_query(handle, &attr) != UCS_OK || attr.address == nullptr || attr.length < size) {
+    ucp_mem_unmap(context_, handle);
+    return absl::InternalError(absl::StrCat("ucx: mem_map(ALLOCATE) of ", size, " bytes gave no usable memory"));
+  }
+  auto* base = static_cast<uint8_t*>(attr.address);
+  std::memset(base, 0, size);  // shared memory and mmap come zeroed, the heap fallback does not
+  allocations_.push_back({base, size, handle});
+  return base;
+}
+
 absl::StatusOr<std::string> UcxTransport::DoRegister(const MemoryRegion& region) {
   std::lock_guard lock(worker_mutex_);
-  ucp_mem_map_params_t params{};
-  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
-  params.address = region.base;
-  params.length = region.size;
   ucp_mem_h handle = nullptr;
-  ucs_status_t status = ucp_mem_map(context_, &params, &handle);
-  if (status != UCS_OK) return UcxError(absl::StrCat("mem_map of region '", region.name, "'"), status);
+  for (const Allocation& allocation : allocations_) {
+    if (region.base >= allocation.base && region.size <= allocation.size &&
+        static_cast<size_t>(region.base - allocation.base) <= allocation.size - region.size) {
+      handle = static_cast<ucp_mem_h>(allocation.handle);
+    }
+  }
+  const bool owned = handle != nullptr;
+  if (!owned) {
+    ucp_mem_map_params_t params{};
+    params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    params.address = region.base;
+    params.length = region.size;
+    const ucs_status_t status = ucp_mem_map(context_, &params, &handle);
+    if (status != UCS_OK) return UcxError(absl::StrCat("mem_map of region '", region.name, "'"), status);
+  }
   void* packed = nullptr;
   size_t packed_size = 0;
-  status = ucp_rkey_pack(context_, handle, &packed, &packed_size);
+  const ucs_status_t status = ucp_rkey_pack(context_, handle, &packed, &packed_size);
   if (status != UCS_OK) {
-    ucp_mem_unmap(context_, handle);
+    if (!owned) ucp_mem_unmap(context_, handle);
     return UcxError(absl::StrCat("rkey_pack of region '", region.name, "'"), status);
   }
   std::string key(static_cast<const char*>(packed), packed_size);
   ucp_rkey_buffer_release(packed);
-  memory_handles_.push_back(handle);
+  if (!owned) memory_handles_.push_back(handle);
   return key;
 }
 

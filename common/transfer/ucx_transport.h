@@ -1,5 +1,5 @@
-// UCX (UCP) transport: one context and worker per instance, regions registered once with ucp_mem_map and
-// their rkeys packed for the handshake, one endpoint per peer kept until Disconnect, ucp_put_nbx for data and
+// UCX (UCP) transport: one context and worker per instance, regions allocated by UCX (so shared-memory
+// transports can map them into the peer) or registered once with ucp_mem_map, their rkeys packed for the handshake, one endpoint per peer kept until Disconnect, ucp_put_nbx for data and
 // an endpoint flush for remote completion. UCX_TLS (or UcxOptions::tls) picks tcp, shared memory or rc/ud.
 // Host memory only: Debian's UCX 1.13 has no CUDA support.
 #pragma once
@@ -32,6 +32,7 @@ class UcxTransport final : public KvTransport {
   absl::StatusOr<std::string> LocalAddress() override;
 
  protected:
+  absl::StatusOr<uint8_t*> DoAllocate(size_t size) override;
   absl::StatusOr<std::string> DoRegister(const MemoryRegion& region) override;
   absl::StatusOr<PeerId> DoConnect(std::string_view address, std::span<const RemoteRegion> remote) override;
   absl::Status DoDisconnect(PeerId peer) override;
@@ -52,7 +53,13 @@ class UcxTransport final : public KvTransport {
   int event_fd_ = -1;  // the worker's
   int stop_fd_ = -1;
   std::mutex worker_mutex_;  // the worker is SERIALIZED: one thread at a time
-  std::vector<void*> memory_handles_;
+  struct Allocation {
+    uint8_t* base = nullptr;
+    size_t size = 0;
+    void* handle = nullptr;  // ucp_mem_h; unmapping it frees the memory
+  };
+  std::vector<Allocation> allocations_;
+  std::vector<void*> memory_handles_;  // registrations of memory UCX did not allocate
   std::map<PeerId, std::unique_ptr<Peer>> peers_;
   PeerId next_peer_ = 1;
   bool peer_errors_supported_ = true;

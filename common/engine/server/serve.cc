@@ -135,17 +135,14 @@ int RunServer(ServeOptions o, const char* binary) {
     transfer.agent.control.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(o.heartbeat_interval_seconds * 1000));
     transfer.agent.control.lease = std::chrono::milliseconds(static_cast<int64_t>(o.lease_seconds * 1000));
     transfer.agent.room_lease = std::chrono::milliseconds(static_cast<int64_t>(o.room_lease_seconds * 1000));
+    // Both legs are dispatched at once; a destination may beat its Generate leg by a loaded moment.
+    transfer.agent.unknown_room_grace = std::chrono::milliseconds(10000);
     const EngineRole role = o.engine.role;
-    o.engine.links = [role, transfer, &engine_metrics, &bootstrap_port](cache::StatePools& pools, std::function<void()> wake)
-        -> absl::StatusOr<DisaggregationLinks> {
-      std::function<TransferStats()> stats;
-      TANDEM_ASSIGN_OR_RETURN(auto links, MakeTransferLinks(role, pools, transfer, std::move(wake),
-                                                            [&engine_metrics](uint64_t bytes, double seconds) {
-                                                              engine_metrics.Transferred(bytes, seconds);
-                                                            },
-                                                            &stats, &bootstrap_port));
-      engine_metrics.set_transfer_stats(std::move(stats));
-      return links;
+    o.engine.links = [role, transfer, &engine_metrics, &bootstrap_port]() -> absl::StatusOr<std::unique_ptr<TransferSetup>> {
+      return MakeTransferSetup(
+          role, transfer, [&engine_metrics](uint64_t bytes, double seconds) { engine_metrics.Transferred(bytes, seconds); },
+          [&engine_metrics](std::function<TransferStats()> stats) { engine_metrics.set_transfer_stats(std::move(stats)); },
+          &bootstrap_port);
     };
   }
   auto created = Engine::Create(o.engine);

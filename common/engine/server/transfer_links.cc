@@ -90,7 +90,7 @@ class Outcomes {
 
 class UcxPrefillLink final : public PrefillLink {
  public:
-  UcxPrefillLink(std::unique_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
+  UcxPrefillLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
       : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {
     // Test hook: the first bytes shipped for this room leave with one bit flipped (the source is
     // restored right after the put), so tests can prove the checksums catch a corrupted transfer.
@@ -165,7 +165,7 @@ class UcxPrefillLink final : public PrefillLink {
     }
   }
  private:
-  std::unique_ptr<transfer::KvTransport> transport_;
+  std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
   Outcomes outcomes_;
   std::unique_ptr<transfer::PrefillAgent> agent_;
@@ -175,7 +175,7 @@ class UcxPrefillLink final : public PrefillLink {
 
 class UcxDecodeLink final : public DecodeLink {
  public:
-  UcxDecodeLink(std::unique_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
+  UcxDecodeLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
       : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {}
 
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
@@ -226,46 +226,80 @@ class UcxDecodeLink final : public DecodeLink {
   }
 
  private:
-  std::unique_ptr<transfer::KvTransport> transport_;
+  std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
   Outcomes outcomes_;
   std::unique_ptr<transfer::DecodeAgent> agent_;
 };
 
+// The transport exists first so the pools can be allocated by it; the links share it, and the engine keeps
+// this setup (and so the pools' memory) until the pools are gone.
+class UcxTransferSetup final : public TransferSetup {
+ public:
+  UcxTransferSetup(std::shared_ptr<transfer::KvTransport> transport, EngineRole role, TransferLinkOptions options,
+                   TransferObserver observer, std::function<void(std::function<TransferStats()>)> on_stats, int* bound_bootstrap_port)
+      : transport_(std::move(transport)),
+        role_(role),
+        options_(std::move(options)),
+        observer_(std::move(observer)),
+        on_stats_(std::move(on_stats)),
+        bound_bootstrap_port_(bound_bootstrap_port) {}
+
+  cache::RegionAllocator allocator() override {
+    return [transport = transport_](std::string_view, int64_t bytes) { return transport->AllocateRegion(static_cast<size_t>(bytes)); };
+  }
+
+  absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake) override {
+    RegisteredPools registered;
+    TANDEM_RETURN_IF_ERROR(registered.Register(*transport_, pools));
+    transfer::LayoutDescriptor descriptor;
+    descriptor.model_config_hash = options_.model_config_hash;
+    descriptor.page_size = static_cast<uint32_t>(pools.page_size());
+    descriptor.dtype = options_.dtype;
+    descriptor.layer_begin = static_cast<uint32_t>(pools.layout().stage().begin);
+    descriptor.layer_end = static_cast<uint32_t>(pools.layout().stage().end);
+    const transfer::Handshake local = transfer::LocalHandshake(descriptor, LayoutHash(pools, options_));
+
+    DisaggregationLinks links;
+    if (role_ == EngineRole::kPrefill) {
+      auto link = std::make_unique<UcxPrefillLink>(transport_, registered, std::move(wake));
+      TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_));
+      if (bound_bootstrap_port_) *bound_bootstrap_port_ = link->port();
+      UcxPrefillLink* raw = link.get();
+      if (on_stats_) on_stats_([raw] { return TransferStats{raw->metrics()}; });
+      links.prefill = std::move(link);
+    } else if (role_ == EngineRole::kDecode) {
+      auto link = std::make_unique<UcxDecodeLink>(transport_, registered, std::move(wake));
+      TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_));
+      UcxDecodeLink* raw = link.get();
+      if (on_stats_) on_stats_([raw] { return TransferStats{raw->metrics()}; });
+      links.decode = std::move(link);
+    }
+    return links;
+  }
+
+ private:
+  std::shared_ptr<transfer::KvTransport> transport_;
+  EngineRole role_;
+  TransferLinkOptions options_;
+  TransferObserver observer_;
+  std::function<void(std::function<TransferStats()>)> on_stats_;
+  int* bound_bootstrap_port_;
+};
+
 }  // namespace
 
-absl::StatusOr<DisaggregationLinks> MakeTransferLinks(EngineRole role, cache::StatePools& pools,
-                                                      const TransferLinkOptions& options, std::function<void()> wake,
-                                                      TransferObserver observer, std::function<TransferStats()>* stats,
-                                                      int* bound_bootstrap_port) {
-  TANDEM_ASSIGN_OR_RETURN(auto ucx, transfer::UcxTransport::Create());
-  std::unique_ptr<transfer::KvTransport> transport = std::move(ucx);
-  RegisteredPools registered;
-  TANDEM_RETURN_IF_ERROR(registered.Register(*transport, pools));
-  transfer::LayoutDescriptor descriptor;
-  descriptor.model_config_hash = options.model_config_hash;
-  descriptor.page_size = static_cast<uint32_t>(pools.page_size());
-  descriptor.dtype = options.dtype;
-  descriptor.layer_begin = static_cast<uint32_t>(pools.layout().stage().begin);
-  descriptor.layer_end = static_cast<uint32_t>(pools.layout().stage().end);
-  const transfer::Handshake local = transfer::LocalHandshake(descriptor, LayoutHash(pools, options));
-
-  DisaggregationLinks links;
-  if (role == EngineRole::kPrefill) {
-    auto link = std::make_unique<UcxPrefillLink>(std::move(transport), registered, std::move(wake));
-    TANDEM_RETURN_IF_ERROR(link->Start(local, options, std::move(observer)));
-    if (bound_bootstrap_port) *bound_bootstrap_port = link->port();
-    UcxPrefillLink* raw = link.get();
-    if (stats) *stats = [raw] { return TransferStats{raw->metrics()}; };
-    links.prefill = std::move(link);
-  } else if (role == EngineRole::kDecode) {
-    auto link = std::make_unique<UcxDecodeLink>(std::move(transport), registered, std::move(wake));
-    TANDEM_RETURN_IF_ERROR(link->Start(local, options, std::move(observer)));
-    UcxDecodeLink* raw = link.get();
-    if (stats) *stats = [raw] { return TransferStats{raw->metrics()}; };
-    links.decode = std::move(link);
+absl::StatusOr<std::unique_ptr<TransferSetup>> MakeTransferSetup(EngineRole role, const TransferLinkOptions& options,
+                                                                 TransferObserver observer,
+                                                                 std::function<void(std::function<TransferStats()>)> on_stats,
+                                                                 int* bound_bootstrap_port) {
+  if (role != EngineRole::kPrefill && role != EngineRole::kDecode) {
+    return absl::InvalidArgumentError("transfer links exist only for the prefill and decode roles");
   }
-  return links;
+  TANDEM_ASSIGN_OR_RETURN(auto ucx, transfer::UcxTransport::Create());
+  std::shared_ptr<transfer::KvTransport> transport = std::move(ucx);
+  return std::make_unique<UcxTransferSetup>(std::move(transport), role, options, std::move(observer), std::move(on_stats),
+                                            bound_bootstrap_port);
 }
 
 }  // namespace tandem::engine

@@ -31,10 +31,12 @@ struct TransferStats {
 // Called per finished room: bytes moved and the transfer's duration (for the services' metrics).
 using TransferObserver = std::function<void(uint64_t bytes, double seconds)>;
 
-// What the Engine's LinkFactory returns for a role; `stats` reads the agent's counters.
-absl::StatusOr<DisaggregationLinks> MakeTransferLinks(EngineRole role, cache::StatePools& pools,
-                                                      const TransferLinkOptions& options, std::function<void()> wake,
-                                                      TransferObserver observer, std::function<TransferStats()>* stats,
-                                                      int* bound_bootstrap_port);
+// What the Engine's LinkFactory returns for the prefill or decode role: a UCX transport that allocates the
+// pools' memory, then the links over it. `on_stats` receives the reader of the agent's counters once the
+// links exist; `bound_bootstrap_port` (prefill) the port the bootstrap server listens on.
+absl::StatusOr<std::unique_ptr<TransferSetup>> MakeTransferSetup(EngineRole role, const TransferLinkOptions& options,
+                                                                 TransferObserver observer,
+                                                                 std::function<void(std::function<TransferStats()>)> on_stats,
+                                                                 int* bound_bootstrap_port);
 
 }  // namespace tandem::engine
