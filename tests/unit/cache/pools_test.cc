@@ -1,8 +1,10 @@
 // Byte layouts of the DSV4 pools (dsv4-model.md §3.2) and the pools' addressing, slots and snapshots.
 #include "common/cache/pools.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -214,6 +216,35 @@ TEST(PoolsTest, BadShapesAndCountsAreErrors) {
   EXPECT_NE(status.message().find("multiple of 128"), std::string::npos) << status;
   EXPECT_FALSE(StatePools::Create(CacheShapes{}, TinyLayout(), {4, 3, 0, 2}).ok()) << "C4 layers need C4 state slots";
   EXPECT_FALSE(StatePools::Create(CacheShapes{}, TinyLayout(), {0, 3, 3, 2}).ok());
+}
+
+TEST(PoolsTest, RegionsComeFromTheGivenAllocatorAndItsErrorsNameThePool) {
+  // What a transport does: it owns the memory (so a peer can map it) and the pools use it.
+  std::vector<std::unique_ptr<uint8_t[]>> owned;
+  std::map<std::string, int64_t> asked;
+  RegionAllocator counting = [&](std::string_view name, int64_t bytes) -> absl::StatusOr<uint8_t*> {
+    asked[std::string(name)] = bytes;
+    owned.push_back(std::make_unique<uint8_t[]>(static_cast<size_t>(bytes)));
+    return owned.back().get();
+  };
+  CacheShapes shapes;
+  auto pools = StatePools::Create(shapes, TinyLayout(), {4, 3, 3, 2}, counting);
+  ASSERT_TRUE(pools.ok()) << pools.status();
+  for (PoolKind kind : kAllPools) {
+    const auto region = (*pools)->region(kind);
+    if (region.empty()) continue;
+    ASSERT_TRUE(asked.contains(PoolName(kind))) << PoolName(kind) << " was not allocated through the allocator";
+    EXPECT_EQ(asked[PoolName(kind)], static_cast<int64_t>(region.size()));
+    const bool from_allocator = std::any_of(owned.begin(), owned.end(), [&](const auto& p) { return p.get() == region.data(); });
+    EXPECT_TRUE(from_allocator) << PoolName(kind);
+  }
+  RegionAllocator failing = [&](std::string_view name, int64_t bytes) -> absl::StatusOr<uint8_t*> {
+    if (name == "c4_kv") return absl::ResourceExhaustedError("no shared memory left");
+    return counting(name, bytes);
+  };
+  const auto refused = StatePools::Create(shapes, TinyLayout(), {4, 3, 3, 2}, failing).status();
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(refused.message().find("c4_kv"), std::string::npos) << refused;
 }
 
 }  // namespace
