@@ -10,25 +10,13 @@
 #include <gtest/gtest.h>
 
 #include "common/kernels/kernels.h"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace tandem::engine {
 namespace {
 
-std::string TinyDir() {
-  const char* root = std::getenv("TANDEM_TEST_MODELS");
-  return std::string(root ? root : "build/test-models") + "/tiny";
-}
-
-const std::shared_ptr<const model::ModelWeights>& Tiny() {
-  static const auto weights = [] {
-    model::LoadOptions options;
-    options.show_progress = false;
-    auto loaded = model::LoadModelWeights(TinyDir(), options);
-    EXPECT_TRUE(loaded.ok()) << loaded.status();
-    return loaded.ok() ? std::shared_ptr<const model::ModelWeights>(std::move(*loaded)) : nullptr;
-  }();
-  return weights;
-}
+using testing::Tiny;
+using testing::TinyDir;
 
 std::vector<int32_t> Prompt(int64_t n, uint32_t seed) {
   std::mt19937 rng(seed);

@@ -11,25 +11,13 @@
 
 #include "common/kernels/kernels.h"
 #include "common/model/forward.h"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace tandem::engine {
 namespace {
 
-std::string TinyDir() {
-  const char* root = std::getenv("TANDEM_TEST_MODELS");
-  return std::string(root ? root : "build/test-models") + "/tiny";
-}
-
-std::shared_ptr<const model::ModelWeights> Tiny() {
-  static const auto weights = [] {
-    model::LoadOptions options;
-    options.show_progress = false;
-    auto loaded = model::LoadModelWeights(TinyDir(), options);
-    EXPECT_TRUE(loaded.ok()) << loaded.status();
-    return loaded.ok() ? std::shared_ptr<const model::ModelWeights>(std::move(*loaded)) : nullptr;
-  }();
-  return weights;
-}
+using testing::Tiny;
+using testing::TinyDir;
 
 std::unique_ptr<cache::StatePools> MakePools(const model::ModelConfig& config) {
   auto layout = StageLayoutFor(config, 0, static_cast<int>(config.num_hidden_layers), true);
