@@ -224,18 +224,28 @@ def test_peer_with_another_config_is_refused_at_handshake(tmp_path):
         mismatched.stop()
 
 
-def test_kill_decode_during_transfer_frees_prefill(mixed):
+def start_legs_and_wait_for_prefill(pair, ids, **kwargs):
+    """Both legs on a thread; returns (thread, results) once prefill is running the prompt."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(pair.legs(ids, **kwargs)))
+    thread.start()
+    deadline = time.time() + 30
+    while pair.prefill.loads().running_requests == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    return thread, out
+
+
+def join_legs(thread):
+    thread.join(60)
+    assert not thread.is_alive(), "a leg hung after its peer or connection went away"
+
+
+def test_kill_decode_during_transfer_frees_prefill():
     victim = Pair()
     try:
-        out = {}
-        thread = threading.Thread(target=lambda: out.update(victim.legs(prompt(2000, 11), max_new_tokens=4)))
-        thread.start()
-        deadline = time.time() + 30
-        while victim.prefill.loads().running_requests == 0 and time.time() < deadline:
-            time.sleep(0.01)
+        thread, out = start_legs_and_wait_for_prefill(victim, prompt(2000, 11), max_new_tokens=4)
         victim.decode.proc.send_signal(signal.SIGKILL)
-        thread.join(60)
-        assert not thread.is_alive(), "a leg hung after its peer died"
+        join_legs(thread)
         assert code_of(out["prefill"]) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED), out["prefill"]
         victim.expect_all_free("prefill")
     finally:
@@ -245,15 +255,9 @@ def test_kill_decode_during_transfer_frees_prefill(mixed):
 def test_kill_prefill_mid_prompt_frees_decode():
     victim = Pair()
     try:
-        out = {}
-        thread = threading.Thread(target=lambda: out.update(victim.legs(prompt(2000, 12), max_new_tokens=4)))
-        thread.start()
-        deadline = time.time() + 30
-        while victim.prefill.loads().running_requests == 0 and time.time() < deadline:
-            time.sleep(0.01)
+        thread, out = start_legs_and_wait_for_prefill(victim, prompt(2000, 12), max_new_tokens=4)
         victim.prefill.proc.send_signal(signal.SIGKILL)
-        thread.join(60)
-        assert not thread.is_alive(), "a leg hung after its peer died"
+        join_legs(thread)
         assert code_of(out["decode"]) == grpc.StatusCode.UNAVAILABLE, out["decode"]
         victim.expect_all_free("decode")
     finally:
@@ -319,22 +323,15 @@ def test_dropped_bootstrap_connection_fails_both_legs_and_frees_pages():
     pair = Pair()
     try:
         proxy = TcpProxy(pair.bootstrap_port)
-        out = {}
-
-        def run():
-            out.update(pair.legs(prompt(2000, 13), max_new_tokens=4, bootstrap_port=proxy.port))
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        # Drop once decode has registered its destination (it then waits for the state) and prefill runs.
+        thread, out = start_legs_and_wait_for_prefill(pair, prompt(2000, 13), max_new_tokens=4,
+                                                      bootstrap_port=proxy.port)
+        # Drop once decode has registered its destination too (it then waits for the state).
         deadline = time.time() + 30
-        while time.time() < deadline and not (
-                pair.prefill.loads().running_requests > 0
-                and "tandem_num_decode_transfer_queue_reqs{model_name=\"tiny\",role=\"decode\"} 1" in pair.decode.metrics()):
+        while time.time() < deadline and \
+                "tandem_num_decode_transfer_queue_reqs{model_name=\"tiny\",role=\"decode\"} 1" not in pair.decode.metrics():
             time.sleep(0.01)
         proxy.drop()
-        thread.join(60)
-        assert not thread.is_alive(), "a leg hung after the bootstrap connection dropped"
+        join_legs(thread)
         assert code_of(out["decode"]) == grpc.StatusCode.UNAVAILABLE, out["decode"]
         assert code_of(out["prefill"]) == grpc.StatusCode.UNAVAILABLE, out["prefill"]
         pair.expect_all_free()
