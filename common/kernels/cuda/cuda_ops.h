@@ -88,19 +88,23 @@ class Gemm {
   // y[rows, out] = x[rows, in] · w[out, in]^T with bf16 x and w, f32 accumulation, y in `output` type.
   absl::Status Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
                       void* y, Output output, cudaStream_t stream = nullptr);
+  // The same with f32 x, w and y and f32 arithmetic (no TF32): for the small, precision-sensitive
+  // projections (router gates, indexer weights) and for exact-parity runs.
+  absl::Status LinearF32(const float* x, int64_t rows, int64_t in, const float* weight, int64_t out, float* y,
+                         cudaStream_t stream = nullptr);
 
  private:
   struct Plan;
   Gemm() = default;
   // Builds (on first use of a shape) the plan; picks the fastest of cuBLASLt's candidates by timing them
   // on these buffers unless `stream` is being captured into a graph.
-  absl::StatusOr<const Plan*> PlanFor(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight,
+  absl::StatusOr<const Plan*> PlanFor(bool f32_inputs, const void* x, int64_t rows, int64_t in, const void* weight,
                                       int64_t out, void* y, Output output, cudaStream_t stream);
 
   cublasLtContext* handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, bool>, std::unique_ptr<Plan>> plans_;
 };
 
 // ---- Random inputs for tests and benchmarks (reproducible per seed) ----

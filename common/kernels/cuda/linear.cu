@@ -123,10 +123,10 @@ Gemm::~Gemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(const __nv_bfloat16* x, int64_t rows, int64_t in,
-                                                const __nv_bfloat16* weight, int64_t out, void* y, Output output,
+absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, int64_t rows, int64_t in,
+                                                const void* weight, int64_t out, void* y, Output output,
                                                 cudaStream_t stream) {
-  const auto key = std::make_tuple(rows, in, out, static_cast<int>(output));
+  const auto key = std::make_tuple(rows, in, out, static_cast<int>(output), f32_inputs);
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
   auto plan = std::make_unique<Plan>();
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -136,8 +136,9 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(const __nv_bfloat16* x, int64_t 
   TANDEM_CUBLAS_RETURN_IF_ERROR(
       cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &keep, sizeof(keep)));
   const cudaDataType_t d_type = output == Output::kF32 ? CUDA_R_32F : CUDA_R_16BF;
-  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, in, out, in));
-  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, in, rows, in));
+  const cudaDataType_t in_type = f32_inputs ? CUDA_R_32F : CUDA_R_16BF;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->a, in_type, in, out, in));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->b, in_type, in, rows, in));
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->d, d_type, out, rows, out));
   cublasLtMatmulPreference_t preference = nullptr;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&preference));
@@ -153,7 +154,7 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(const __nv_bfloat16* x, int64_t 
   cublasLtMatmulPreferenceDestroy(preference);
   TANDEM_RETURN_IF_ERROR(CublasStatus(status, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__));
   if (found == 0) {
-    return absl::UnimplementedError(absl::StrCat("cuBLASLt has no bf16 algorithm for rows ", rows, ", in ", in,
+    return absl::UnimplementedError(absl::StrCat("cuBLASLt has no ", f32_inputs ? "f32" : "bf16", " algorithm for rows ", rows, ", in ", in,
                                                  ", out ", out));
   }
   // The heuristic's first pick is often slow for skinny decode shapes: time the candidates once on the
@@ -202,7 +203,18 @@ absl::Status Gemm::Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, cons
                           void* y, Output output, cudaStream_t stream) {
   if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::Linear: bad shape");
   if (rows == 0) return absl::OkStatus();
-  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(x, rows, in, weight, out, y, output, stream));
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(false, x, rows, in, weight, out, y, output, stream));
+  const float alpha = 1.0f, beta = 0.0f;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
+                                               plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));
+  return absl::OkStatus();
+}
+
+absl::Status Gemm::LinearF32(const float* x, int64_t rows, int64_t in, const float* weight, int64_t out, float* y,
+                             cudaStream_t stream) {
+  if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::LinearF32: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(true, x, rows, in, weight, out, y, Output::kF32, stream));
   const float alpha = 1.0f, beta = 0.0f;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
                                                plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));

@@ -1,0 +1,850 @@
+// The whole DSV4 forward on the GPU (see device_model.h). Host code only: it uploads the weights, builds
+// per forward the address tables of every cache entry and ring row the kernels touch (from the chunk
+// states, so paged and plain states work alike), copies them to the device in one transfer, and queues
+// the kernels of common/kernels/cuda layer by layer on one stream.
+#include "common/model/cuda/device_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include <cuda_bf16.h>
+
+#include "common/core/dtype.h"
+#include "common/kernels/cuda/check.h"
+#include "common/kernels/cuda/cuda_attention.h"
+#include "common/kernels/cuda/cuda_model_ops.h"
+#include "common/kernels/cuda/cuda_moe.h"
+#include "common/kernels/cuda/cuda_ops.h"
+
+namespace tandem::model::cuda {
+namespace kc = ::tandem::kernels::cuda;
+
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t n, size_t to = kAlign) { return (n + to - 1) / to * to; }
+
+// Device memory held as long as the model (weights and constants).
+class DeviceHeap {
+ public:
+  DeviceHeap() = default;
+  DeviceHeap(const DeviceHeap&) = delete;
+  DeviceHeap& operator=(const DeviceHeap&) = delete;
+  ~DeviceHeap() {
+    for (void* p : blocks_) cudaFree(p);
+  }
+  template <typename T>
+  absl::StatusOr<T*> Upload(const T* host, size_t count) {
+    void* p = nullptr;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, std::max<size_t>(count * sizeof(T), 16)));
+    blocks_.push_back(p);
+    bytes_ += count * sizeof(T);
+    if (count > 0) TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(p, host, count * sizeof(T), cudaMemcpyHostToDevice));
+    return static_cast<T*>(p);
+  }
+  template <typename T>
+  absl::StatusOr<T*> Upload(const std::vector<T>& host) {
+    return Upload(host.data(), host.size());
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  std::vector<void*> blocks_;
+  size_t bytes_ = 0;
+};
+
+// Per-forward scratch: a bump allocator over device blocks. Reset (at the start of a forward, with the
+// stream idle) folds the blocks the last forward needed into one.
+class Arena {
+ public:
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() { Free(); }
+
+  absl::Status Reset() {
+    if (blocks_.size() > 1) {
+      size_t total = 0;
+      for (const auto& b : blocks_) total += b.bytes;
+      Free();
+      TANDEM_RETURN_IF_ERROR(Grow(total));
+    }
+    current_ = 0;
+    used_ = 0;
+    return absl::OkStatus();
+  }
+
+  template <typename T>
+  absl::StatusOr<T*> Take(size_t count) {
+    const size_t bytes = AlignUp(std::max<size_t>(count * sizeof(T), 1));
+    while (current_ < blocks_.size() && used_ + bytes > blocks_[current_].bytes) {
+      ++current_;
+      used_ = 0;
+    }
+    if (current_ == blocks_.size()) TANDEM_RETURN_IF_ERROR(Grow(std::max<size_t>(bytes, size_t{64} << 20)));
+    T* p = reinterpret_cast<T*>(static_cast<uint8_t*>(blocks_[current_].ptr) + used_);
+    used_ += bytes;
+    return p;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+  absl::Status Grow(size_t bytes) {
+    void* p = nullptr;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, bytes));
+    blocks_.push_back({p, bytes});
+    return absl::OkStatus();
+  }
+  void Free() {
+    for (const auto& b : blocks_) cudaFree(b.ptr);
+    blocks_.clear();
+    current_ = 0;
+    used_ = 0;
+  }
+  std::vector<Block> blocks_;
+  size_t current_ = 0;
+  size_t used_ = 0;
+};
+
+// Host-built tables (typed arrays at aligned offsets) copied to the device in one transfer.
+class Tables {
+ public:
+  template <typename T>
+  size_t Add(const std::vector<T>& values) {
+    const size_t offset = AlignUp(bytes_.size(), 16);
+    bytes_.resize(offset + std::max<size_t>(values.size() * sizeof(T), 1));
+    if (!values.empty()) std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
+    return offset;
+  }
+  absl::Status Upload(Arena& arena, cudaStream_t stream) {
+    TANDEM_ASSIGN_OR_RETURN(device_, arena.Take<uint8_t>(bytes_.size()));
+    // Pageable source: the call returns once the bytes are staged, so the host vector may change after.
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_, bytes_.data(), bytes_.size(), cudaMemcpyHostToDevice, stream));
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* at(size_t offset) const {
+    return reinterpret_cast<T*>(device_ + offset);
+  }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  uint8_t* device_ = nullptr;
+};
+
+struct Dense {
+  int64_t out = 0;
+  int64_t in = 0;
+  const void* w = nullptr;  // bf16 or f32 [out, in]
+  bool f32 = false;
+};
+
+struct Compressor {
+  int ratio = 0;
+  int64_t dim = 0;
+  Dense wkv, wgate;
+  const float* ape = nullptr;
+  const float* norm = nullptr;
+};
+
+struct Experts {
+  kc::GroupedWeights w1, w2, w3;
+};
+
+struct Layer {
+  LayerSpec spec;
+  const float* attn_norm = nullptr;
+  const float* ffn_norm = nullptr;
+  kc::MhcParams hc_attn, hc_ffn;
+  const float* sink = nullptr;
+  Dense wq_a, wq_b, wkv, wo_a, wo_b;
+  const float* q_norm = nullptr;
+  const float* kv_norm = nullptr;
+  std::optional<Compressor> compressor, index_compressor;
+  Dense index_wq_b, index_weights;
+  Dense gate;
+  const float* bias = nullptr;
+  const int32_t* tid2eid = nullptr;
+  Experts routed, shared;
+};
+
+// Per-chunk geometry inside a batch.
+struct ChunkGeometry {
+  SequenceState* state;
+  int64_t offset, count, start;
+  int64_t end() const { return start + count; }
+};
+
+}  // namespace
+
+struct DeviceModel::Impl {
+  std::shared_ptr<const ModelWeights> weights;
+  DeviceModelOptions options;
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<kc::Gemm> gemm;
+  DeviceHeap heap;
+  Arena arena;
+  std::vector<Layer> layers;
+  const uint16_t* embed = nullptr;
+  Dense head;
+  const float* norm = nullptr;
+  const float* hc_head_fn = nullptr;
+  const float* hc_head_base = nullptr;
+  const float* hc_head_scale = nullptr;
+  const double* rope_plain = nullptr;
+  const double* rope_compressed = nullptr;
+  int64_t max_dense_in = 0;
+  DeviceForward last;
+
+  ~Impl() {
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  const ModelConfig& config() const { return weights->config; }
+
+  // ---- Upload ----
+  absl::StatusOr<Dense> UploadDense(const DenseWeight& w, bool force_f32) {
+    Dense d;
+    d.out = w.out;
+    d.in = w.in;
+    d.f32 = force_f32 || options.dense == DenseFormat::kF32;
+    if (d.f32) {
+      TANDEM_ASSIGN_OR_RETURN(d.w, heap.Upload(w.values));
+    } else {
+      std::vector<uint16_t> bits(w.values.size());
+      for (size_t i = 0; i < bits.size(); ++i) bits[i] = FloatToBf16(w.values[i]);
+      TANDEM_ASSIGN_OR_RETURN(d.w, heap.Upload(bits));
+      max_dense_in = std::max(max_dense_in, w.in);
+    }
+    return d;
+  }
+
+  absl::StatusOr<kc::MhcParams> UploadMhc(const MhcWeights& w) {
+    kc::MhcParams p;
+    TANDEM_ASSIGN_OR_RETURN(p.fn, heap.Upload(w.fn));
+    TANDEM_ASSIGN_OR_RETURN(p.base, heap.Upload(w.base));
+    TANDEM_ASSIGN_OR_RETURN(p.scale, heap.Upload(w.scale));
+    return p;
+  }
+
+  absl::StatusOr<Compressor> UploadCompressor(const CompressorWeights& w) {
+    Compressor c;
+    c.ratio = w.ratio;
+    c.dim = w.dim;
+    TANDEM_ASSIGN_OR_RETURN(c.wkv, UploadDense(w.wkv, false));
+    TANDEM_ASSIGN_OR_RETURN(c.wgate, UploadDense(w.wgate, false));
+    TANDEM_ASSIGN_OR_RETURN(c.ape, heap.Upload(w.ape));
+    TANDEM_ASSIGN_OR_RETURN(c.norm, heap.Upload(w.norm));
+    return c;
+  }
+
+  // One matrix (w1, w2 or w3) of every expert in `experts`, as device arrays of per-expert pointers.
+  absl::StatusOr<kc::GroupedWeights> UploadGrouped(const std::vector<const PackedWeight*>& experts) {
+    kc::GroupedWeights g;
+    g.format = experts.front()->view.format;
+    g.experts = static_cast<int64_t>(experts.size());
+    g.out = experts.front()->view.out;
+    g.in = experts.front()->view.in;
+    std::vector<const uint8_t*> codes, scales;
+    for (const PackedWeight* e : experts) {
+      TANDEM_ASSIGN_OR_RETURN(const uint8_t* c, heap.Upload(e->codes.data(), e->codes.bytes()));
+      TANDEM_ASSIGN_OR_RETURN(const uint8_t* s, heap.Upload(e->scales.data(), e->scales.bytes()));
+      codes.push_back(c);
+      scales.push_back(s);
+    }
+    TANDEM_ASSIGN_OR_RETURN(g.codes, heap.Upload(codes));
+    TANDEM_ASSIGN_OR_RETURN(g.scales, heap.Upload(scales));
+    return g;
+  }
+
+  absl::StatusOr<Experts> UploadExperts(const std::vector<const ExpertWeights*>& experts) {
+    Experts out;
+    std::vector<const PackedWeight*> w1, w2, w3;
+    for (const ExpertWeights* e : experts) {
+      w1.push_back(&e->w1);
+      w2.push_back(&e->w2);
+      w3.push_back(&e->w3);
+    }
+    TANDEM_ASSIGN_OR_RETURN(out.w1, UploadGrouped(w1));
+    TANDEM_ASSIGN_OR_RETURN(out.w2, UploadGrouped(w2));
+    TANDEM_ASSIGN_OR_RETURN(out.w3, UploadGrouped(w3));
+    return out;
+  }
+
+  absl::StatusOr<Layer> UploadLayer(const LayerWeights& w) {
+    Layer l;
+    l.spec = w.spec;
+    TANDEM_ASSIGN_OR_RETURN(l.attn_norm, heap.Upload(w.attn_norm));
+    TANDEM_ASSIGN_OR_RETURN(l.ffn_norm, heap.Upload(w.ffn_norm));
+    TANDEM_ASSIGN_OR_RETURN(l.hc_attn, UploadMhc(w.hc_attn));
+    TANDEM_ASSIGN_OR_RETURN(l.hc_ffn, UploadMhc(w.hc_ffn));
+    const auto& a = w.attn;
+    TANDEM_ASSIGN_OR_RETURN(l.sink, heap.Upload(a.attn_sink));
+    TANDEM_ASSIGN_OR_RETURN(l.wq_a, UploadDense(a.wq_a, false));
+    TANDEM_ASSIGN_OR_RETURN(l.wq_b, UploadDense(a.wq_b, false));
+    TANDEM_ASSIGN_OR_RETURN(l.wkv, UploadDense(a.wkv, false));
+    TANDEM_ASSIGN_OR_RETURN(l.wo_a, UploadDense(a.wo_a, false));
+    TANDEM_ASSIGN_OR_RETURN(l.wo_b, UploadDense(a.wo_b, false));
+    TANDEM_ASSIGN_OR_RETURN(l.q_norm, heap.Upload(a.q_norm));
+    TANDEM_ASSIGN_OR_RETURN(l.kv_norm, heap.Upload(a.kv_norm));
+    if (a.compressor) {
+      TANDEM_ASSIGN_OR_RETURN(l.compressor, UploadCompressor(*a.compressor));
+    }
+    if (a.indexer) {
+      TANDEM_ASSIGN_OR_RETURN(l.index_compressor, UploadCompressor(a.indexer->compressor));
+      TANDEM_ASSIGN_OR_RETURN(l.index_wq_b, UploadDense(a.indexer->wq_b, false));
+      // The indexer's head weights pick the top-k: kept in f32 like the router gate.
+      TANDEM_ASSIGN_OR_RETURN(l.index_weights, UploadDense(a.indexer->weights_proj, true));
+    }
+    const auto& f = w.ffn;
+    TANDEM_ASSIGN_OR_RETURN(l.gate, UploadDense(f.gate, true));
+    if (w.spec.hash_routed) {
+      TANDEM_ASSIGN_OR_RETURN(l.tid2eid, heap.Upload(f.tid2eid));
+    } else {
+      TANDEM_ASSIGN_OR_RETURN(l.bias, heap.Upload(f.bias));
+    }
+    std::vector<const ExpertWeights*> routed;
+    for (const auto& e : f.experts) routed.push_back(&e);
+    TANDEM_ASSIGN_OR_RETURN(l.routed, UploadExperts(routed));
+    TANDEM_ASSIGN_OR_RETURN(l.shared, UploadExperts({&f.shared}));
+    return l;
+  }
+
+  absl::Status Upload() {
+    const auto& w = *weights;
+    const auto& c = config();
+    if (!w.is_first_stage() || !w.is_last_stage()) {
+      return absl::UnimplementedError("the GPU forward runs whole models only (no pipeline stages yet)");
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    TANDEM_ASSIGN_OR_RETURN(gemm, kc::Gemm::Create());
+    for (const auto& layer : w.layers) {
+      TANDEM_ASSIGN_OR_RETURN(Layer l, UploadLayer(layer));
+      layers.push_back(std::move(l));
+    }
+    TANDEM_ASSIGN_OR_RETURN(embed, heap.Upload(w.embed.as<uint16_t>(), static_cast<size_t>(w.embed.numel())));
+    TANDEM_ASSIGN_OR_RETURN(head, UploadDense(w.head, false));
+    TANDEM_ASSIGN_OR_RETURN(norm, heap.Upload(w.norm));
+    TANDEM_ASSIGN_OR_RETURN(hc_head_fn, heap.Upload(w.hc_head.fn));
+    TANDEM_ASSIGN_OR_RETURN(hc_head_base, heap.Upload(w.hc_head.base));
+    TANDEM_ASSIGN_OR_RETURN(hc_head_scale, heap.Upload(w.hc_head.scale));
+    TANDEM_ASSIGN_OR_RETURN(rope_plain, heap.Upload(RopeInverseFrequencies(c.qk_rope_head_dim, c.rope_theta, nullptr)));
+    TANDEM_ASSIGN_OR_RETURN(rope_compressed, heap.Upload(RopeInverseFrequencies(c.qk_rope_head_dim, c.compress_rope_theta,
+                                                                                &c.rope_scaling)));
+    return absl::OkStatus();
+  }
+
+  // ---- Forward ----
+  // y[rows, w.out] = x[rows, w.in] . W^T (weight rows from `weight`, default w.w); x contiguous.
+  absl::Status Linear(const Dense& w, const float* x, int64_t rows, float* y, __nv_bfloat16* xb,
+                      const void* weight = nullptr, int64_t out = 0) {
+    const void* wp = weight ? weight : w.w;
+    const int64_t n = out > 0 ? out : w.out;
+    if (w.f32) return gemm->LinearF32(x, rows, w.in, static_cast<const float*>(wp), n, y, stream);
+    TANDEM_RETURN_IF_ERROR(kc::FloatToBf16(x, rows * w.in, xb, stream));
+    return gemm->Linear(xb, rows, w.in, static_cast<const __nv_bfloat16*>(wp), n, y, kc::Gemm::Output::kF32, stream);
+  }
+
+  absl::Status CheckBatch(std::span<const SequenceChunk> batch, int64_t* total) const {
+    const auto& c = config();
+    *total = 0;
+    if (batch.empty()) return absl::InvalidArgumentError("empty batch");
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const auto& chunk = batch[i];
+      if (!chunk.state) return absl::InvalidArgumentError(absl::StrCat("batch chunk ", i, ": no state"));
+      if (chunk.tokens.empty()) return absl::InvalidArgumentError(absl::StrCat("batch chunk ", i, ": no tokens"));
+      for (int32_t token : chunk.tokens) {
+        if (token < 0 || token >= c.vocab_size) {
+          return absl::InvalidArgumentError(absl::StrCat("batch chunk ", i, ": token id ", token,
+                                                         " outside the vocabulary [0, ", c.vocab_size, ")"));
+        }
+      }
+      const int64_t end = chunk.state->length() + static_cast<int64_t>(chunk.tokens.size());
+      if (end > c.max_position_embeddings) {
+        return absl::OutOfRangeError(absl::StrCat("batch chunk ", i, ": positions up to ", end,
+                                                  " exceed max_position_embeddings ", c.max_position_embeddings));
+      }
+      TANDEM_RETURN_IF_ERROR(chunk.state->Reserve(end));
+      *total += static_cast<int64_t>(chunk.tokens.size());
+    }
+    return absl::OkStatus();
+  }
+
+  // Scratch of one forward (device pointers into the arena).
+  struct Scratch {
+    float *x, *y, *post, *comb, *qr, *q, *kv, *o, *group, *zg, *z, *out;
+    void* hc_workspace;
+    size_t hc_workspace_bytes;
+    uint8_t* new_entries;
+    float *ckv, *cscore, *crows;
+    float *iq, *iw;
+    int32_t* selected;
+    void* index_workspace;
+    size_t index_workspace_bytes;
+    float *gate_logits, *route_weights, *ea, *eb, *routed, *sa, *sb, *shared_out;
+    int32_t *chosen, *group_rows, *group_position;
+    int64_t* group_offsets;
+    void* group_workspace;
+    size_t group_workspace_bytes;
+    __nv_bfloat16* xb;
+  };
+
+  // Address tables of one layer (offsets into Tables).
+  struct LayerTables {
+    size_t window = 0, ring_src = 0, ring_dst = 0;
+    int64_t ring_count = 0;
+    size_t compressed = 0, keys = 0;
+    struct Kind {
+      size_t emit_rows = 0, emit_index = 0, emit_kv = 0, emit_key = 0, persist_src = 0, persist_dst = 0;
+      int64_t emits = 0, persists = 0;
+    } attention, indexer;
+  };
+
+  void BuildCompressorTables(const std::vector<ChunkGeometry>& chunks, int layer_id, int ratio, CompressorKind kind,
+                             const float* tmp_rows, int64_t row_stride, Tables& tables, LayerTables::Kind* out) {
+    const int64_t ring = CompressorRing(ratio), per_emit = ratio == 4 ? 8 : ratio;
+    std::vector<const float*> emit_rows;
+    std::vector<int64_t> emit_index;
+    std::vector<kc::KvRef> emit_kv;
+    std::vector<uint8_t*> emit_key;
+    std::vector<const float*> persist_src;
+    std::vector<float*> persist_dst;
+    for (const auto& chunk : chunks) {
+      auto row_of = [&](int64_t q) -> const float* {
+        // This forward's rows sit in the scratch (row_stride floats apart, as CompressorWriteRows wrote them).
+        if (q >= chunk.start) return tmp_rows + (chunk.offset + q - chunk.start) * row_stride;
+        return chunk.state->compressor_row(layer_id, kind, q);
+      };
+      for (int64_t p = chunk.start; p < chunk.end(); ++p) {
+        if ((p + 1) % ratio != 0) continue;
+        const int64_t index = p / ratio;
+        for (int64_t r = 0; r < per_emit; ++r) {
+          const int64_t q = p - per_emit + 1 + r;
+          emit_rows.push_back(ratio == 4 && r < 4 && index == 0 ? nullptr : row_of(q));
+        }
+        emit_index.push_back(index);
+        if (kind == CompressorKind::kAttention) {
+          const KvSlot slot = chunk.state->compressed_kv(layer_id, index);
+          emit_kv.push_back({slot.data, slot.scales});
+        } else {
+          emit_key.push_back(chunk.state->indexer_key(layer_id, index));
+        }
+      }
+      for (int64_t q = std::max(chunk.start, chunk.end() - ring); q < chunk.end(); ++q) {
+        persist_src.push_back(row_of(q));
+        persist_dst.push_back(chunk.state->compressor_row(layer_id, kind, q));
+      }
+    }
+    out->emits = static_cast<int64_t>(emit_index.size());
+    out->persists = static_cast<int64_t>(persist_src.size());
+    out->emit_rows = tables.Add(emit_rows);
+    out->emit_index = tables.Add(emit_index);
+    out->emit_kv = tables.Add(emit_kv);
+    out->emit_key = tables.Add(emit_key);
+    out->persist_src = tables.Add(persist_src);
+    out->persist_dst = tables.Add(persist_dst);
+  }
+
+  absl::Status RunCompressor(const Compressor& comp, bool indexer, const LayerTables::Kind& t, const Tables& tables,
+                             const float* y, int64_t T, const int64_t* positions, const float* const* tmp_row_ptrs,
+                             const Scratch& s) {
+    const auto& c = config();
+    kc::CompressorShape shape;
+    shape.ratio = comp.ratio;
+    shape.dim = comp.dim;
+    shape.rope_dim = c.qk_rope_head_dim;
+    shape.eps = static_cast<float>(c.rms_norm_eps);
+    TANDEM_RETURN_IF_ERROR(Linear(comp.wkv, y, T, s.ckv, s.xb));
+    TANDEM_RETURN_IF_ERROR(Linear(comp.wgate, y, T, s.cscore, s.xb));
+    TANDEM_RETURN_IF_ERROR(kc::CompressorWriteRows(shape, s.ckv, s.cscore, comp.ape, positions,
+                                                   const_cast<float* const*>(tmp_row_ptrs), T, stream));
+    if (t.emits > 0) {
+      TANDEM_RETURN_IF_ERROR(kc::CompressorEmit(shape, tables.at<const float* const>(t.emit_rows),
+                                                tables.at<const int64_t>(t.emit_index), t.emits, comp.norm,
+                                                rope_compressed, indexer ? nullptr : tables.at<const kc::KvRef>(t.emit_kv),
+                                                indexer ? tables.at<uint8_t* const>(t.emit_key) : nullptr, stream));
+    }
+    if (t.persists > 0) {
+      TANDEM_RETURN_IF_ERROR(kc::CopyFloatRows(tables.at<const float* const>(t.persist_src),
+                                               tables.at<float* const>(t.persist_dst), t.persists, 2 * shape.width(),
+                                               stream));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace) {
+    const auto& c = config();
+    int64_t T = 0;
+    TANDEM_RETURN_IF_ERROR(CheckBatch(batch, &T));
+    TANDEM_RETURN_IF_ERROR(arena.Reset());
+    const int64_t M = c.hc_mult, D = c.hidden_size, MD = c.hc_dim(), H = c.num_attention_heads, hd = c.head_dim;
+    const int64_t rd = c.qk_rope_head_dim, nope = c.nope_dim(), W = c.sliding_window;
+    const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    const int64_t G = c.o_groups, R = c.o_lora_rank, group_in = H / G * hd;
+    const int64_t nh = c.index_n_heads, id = c.index_head_dim, topk = c.index_topk;
+    const kernels::KvFormat format{nope, rd};
+    const int64_t entry = format.entry_bytes();
+    const int64_t width_att = 2 * hd, width_idx = 2 * id;  // c * d at most (ratio 4)
+
+    // Geometry, token ids, positions, logit rows.
+    std::vector<ChunkGeometry> chunks;
+    std::vector<int32_t> ids, head_rows;
+    std::vector<int64_t> positions;
+    int64_t max_end = 0;
+    for (const auto& chunk : batch) {
+      const int64_t start = chunk.state->length(), count = static_cast<int64_t>(chunk.tokens.size());
+      const int64_t offset = static_cast<int64_t>(ids.size());
+      chunks.push_back({chunk.state, offset, count, start});
+      ids.insert(ids.end(), chunk.tokens.begin(), chunk.tokens.end());
+      for (int64_t i = 0; i < count; ++i) positions.push_back(start + i);
+      if (chunk.all_logits) {
+        for (int64_t i = 0; i < count; ++i) head_rows.push_back(static_cast<int32_t>(offset + i));
+      } else {
+        head_rows.push_back(static_cast<int32_t>(offset + count - 1));
+      }
+      max_end = std::max(max_end, start + count);
+    }
+    const int64_t rows_out = static_cast<int64_t>(head_rows.size());
+
+    // Scratch.
+    Scratch s{};
+    kc::MhcShape mhc;
+    mhc.streams = M;
+    mhc.hidden = D;
+    mhc.sinkhorn_iters = c.hc_sinkhorn_iters;
+    mhc.hc_eps = c.hc_eps;
+    mhc.rms_norm_eps = c.rms_norm_eps;
+    const int64_t max_visible = max_end / 4;
+    TANDEM_ASSIGN_OR_RETURN(s.x, arena.Take<float>(T * MD));
+    TANDEM_ASSIGN_OR_RETURN(s.y, arena.Take<float>(T * D));
+    TANDEM_ASSIGN_OR_RETURN(s.post, arena.Take<float>(T * M));
+    TANDEM_ASSIGN_OR_RETURN(s.comb, arena.Take<float>(T * M * M));
+    s.hc_workspace_bytes = kc::HcPreWorkspaceBytes(mhc, T);
+    TANDEM_ASSIGN_OR_RETURN(s.hc_workspace, arena.Take<uint8_t>(s.hc_workspace_bytes));
+    TANDEM_ASSIGN_OR_RETURN(s.qr, arena.Take<float>(T * c.q_lora_rank));
+    TANDEM_ASSIGN_OR_RETURN(s.q, arena.Take<float>(T * H * hd));
+    TANDEM_ASSIGN_OR_RETURN(s.kv, arena.Take<float>(T * hd));
+    TANDEM_ASSIGN_OR_RETURN(s.new_entries, arena.Take<uint8_t>(T * entry));
+    TANDEM_ASSIGN_OR_RETURN(s.ckv, arena.Take<float>(T * std::max(width_att, width_idx)));
+    TANDEM_ASSIGN_OR_RETURN(s.cscore, arena.Take<float>(T * std::max(width_att, width_idx)));
+    TANDEM_ASSIGN_OR_RETURN(s.crows, arena.Take<float>(T * 2 * std::max(width_att, width_idx)));
+    TANDEM_ASSIGN_OR_RETURN(s.iq, arena.Take<float>(T * nh * id));
+    TANDEM_ASSIGN_OR_RETURN(s.iw, arena.Take<float>(T * nh));
+    TANDEM_ASSIGN_OR_RETURN(s.selected, arena.Take<int32_t>(T * std::max<int64_t>(topk, 1)));
+    s.index_workspace_bytes = kc::IndexerWorkspaceBytes(T, std::max<int64_t>(max_visible, 1));
+    TANDEM_ASSIGN_OR_RETURN(s.index_workspace, arena.Take<uint8_t>(s.index_workspace_bytes));
+    TANDEM_ASSIGN_OR_RETURN(s.o, arena.Take<float>(T * H * hd));
+    TANDEM_ASSIGN_OR_RETURN(s.group, arena.Take<float>(T * group_in));
+    TANDEM_ASSIGN_OR_RETURN(s.zg, arena.Take<float>(T * R));
+    TANDEM_ASSIGN_OR_RETURN(s.z, arena.Take<float>(T * G * R));
+    TANDEM_ASSIGN_OR_RETURN(s.out, arena.Take<float>(T * D));
+    TANDEM_ASSIGN_OR_RETURN(s.gate_logits, arena.Take<float>(T * E));
+    TANDEM_ASSIGN_OR_RETURN(s.route_weights, arena.Take<float>(T * k));
+    TANDEM_ASSIGN_OR_RETURN(s.chosen, arena.Take<int32_t>(T * k));
+    TANDEM_ASSIGN_OR_RETURN(s.group_rows, arena.Take<int32_t>(T * k));
+    TANDEM_ASSIGN_OR_RETURN(s.group_position, arena.Take<int32_t>(T * k));
+    TANDEM_ASSIGN_OR_RETURN(s.group_offsets, arena.Take<int64_t>(E + 1));
+    s.group_workspace_bytes = kc::MoeGroupWorkspaceBytes(T, k, E);
+    TANDEM_ASSIGN_OR_RETURN(s.group_workspace, arena.Take<uint8_t>(s.group_workspace_bytes));
+    TANDEM_ASSIGN_OR_RETURN(s.ea, arena.Take<float>(T * k * I));
+    TANDEM_ASSIGN_OR_RETURN(s.eb, arena.Take<float>(T * k * I));
+    TANDEM_ASSIGN_OR_RETURN(s.routed, arena.Take<float>(T * k * D));
+    TANDEM_ASSIGN_OR_RETURN(s.sa, arena.Take<float>(T * I));
+    TANDEM_ASSIGN_OR_RETURN(s.sb, arena.Take<float>(T * I));
+    TANDEM_ASSIGN_OR_RETURN(s.shared_out, arena.Take<float>(T * D));
+    TANDEM_ASSIGN_OR_RETURN(s.xb, arena.Take<__nv_bfloat16>(std::max<int64_t>(T, rows_out) * std::max<int64_t>(max_dense_in, 1)));
+    float *head_x = nullptr, *head_h = nullptr, *logits = nullptr;
+    TANDEM_ASSIGN_OR_RETURN(head_x, arena.Take<float>(rows_out * MD));
+    TANDEM_ASSIGN_OR_RETURN(head_h, arena.Take<float>(rows_out * D));
+    TANDEM_ASSIGN_OR_RETURN(logits, arena.Take<float>(rows_out * c.vocab_size));
+
+    // Tables shared by every layer.
+    Tables tables;
+    const size_t t_ids = tables.Add(ids), t_positions = tables.Add(positions), t_head_rows = tables.Add(head_rows);
+    std::vector<int64_t> window_begin(T), c4_begin(T), c128_begin(T);
+    std::vector<int32_t> window_count(T), c4_count(T), c128_count(T);
+    std::vector<const float*> rows_att(T), rows_idx(T);
+    {
+      int64_t window_base = 0, c4_base = 0, c128_base = 0;
+      for (const auto& chunk : chunks) {
+        const int64_t first = std::max<int64_t>(0, chunk.start - W + 1);
+        for (int64_t i = 0; i < chunk.count; ++i) {
+          const int64_t t = chunk.offset + i, p = chunk.start + i;
+          const int64_t lo = std::max(first, p - W + 1);
+          window_begin[t] = window_base + (lo - first);
+          window_count[t] = static_cast<int32_t>(p - lo + 1);
+          c4_begin[t] = c4_base;
+          c4_count[t] = static_cast<int32_t>((p + 1) / 4);
+          c128_begin[t] = c128_base;
+          c128_count[t] = static_cast<int32_t>((p + 1) / 128);
+          rows_att[t] = s.crows + t * 2 * width_att;
+          rows_idx[t] = s.crows + t * 2 * width_idx;
+        }
+        window_base += chunk.end() - first;
+        c4_base += chunk.end() / 4;
+        c128_base += chunk.end() / 128;
+      }
+    }
+    const size_t t_window_begin = tables.Add(window_begin), t_window_count = tables.Add(window_count);
+    const size_t t_c4_begin = tables.Add(c4_begin), t_c4_count = tables.Add(c4_count);
+    const size_t t_c128_begin = tables.Add(c128_begin), t_c128_count = tables.Add(c128_count);
+    const size_t t_rows_att = tables.Add(rows_att), t_rows_idx = tables.Add(rows_idx);
+    const size_t t_shared_offsets = tables.Add(std::vector<int64_t>{0, T});
+
+    // Tables of each layer.
+    std::vector<LayerTables> layer_tables(layers.size());
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const Layer& layer = layers[li];
+      const int lid = layer.spec.layer_id, ratio = layer.spec.compress_ratio;
+      LayerTables& lt = layer_tables[li];
+      std::vector<kc::KvRef> window, ring_src, ring_dst, compressed;
+      std::vector<const uint8_t*> keys;
+      for (const auto& chunk : chunks) {
+        const int64_t first = std::max<int64_t>(0, chunk.start - W + 1);
+        for (int64_t p = first; p < chunk.start; ++p) {
+          const KvSlot slot = chunk.state->window_kv(lid, p);
+          window.push_back({slot.data, slot.scales});
+        }
+        for (int64_t i = 0; i < chunk.count; ++i) {
+          uint8_t* e = s.new_entries + (chunk.offset + i) * entry;
+          window.push_back({e, e + format.data_bytes()});
+        }
+        for (int64_t i = std::max<int64_t>(0, chunk.count - W); i < chunk.count; ++i) {
+          uint8_t* e = s.new_entries + (chunk.offset + i) * entry;
+          ring_src.push_back({e, e + format.data_bytes()});
+          const KvSlot slot = chunk.state->window_kv(lid, chunk.start + i);
+          ring_dst.push_back({slot.data, slot.scales});
+        }
+        if (ratio > 0) {
+          for (int64_t j = 0; j < chunk.end() / ratio; ++j) {
+            const KvSlot slot = chunk.state->compressed_kv(lid, j);
+            compressed.push_back({slot.data, slot.scales});
+            if (ratio == 4) keys.push_back(chunk.state->indexer_key(lid, j));
+          }
+        }
+      }
+      lt.window = tables.Add(window);
+      lt.ring_src = tables.Add(ring_src);
+      lt.ring_dst = tables.Add(ring_dst);
+      lt.ring_count = static_cast<int64_t>(ring_src.size());
+      lt.compressed = tables.Add(compressed);
+      lt.keys = tables.Add(keys);
+      if (ratio > 0) {
+        BuildCompressorTables(chunks, lid, ratio, CompressorKind::kAttention, s.crows, 2 * width_att, tables,
+                              &lt.attention);
+      }
+      if (ratio == 4) {
+        BuildCompressorTables(chunks, lid, ratio, CompressorKind::kIndexer, s.crows, 2 * width_idx, tables,
+                              &lt.indexer);
+      }
+    }
+    TANDEM_RETURN_IF_ERROR(tables.Upload(arena, stream));
+    const int64_t* d_positions = tables.at<const int64_t>(t_positions);
+    const int32_t* d_ids = tables.at<const int32_t>(t_ids);
+
+    // Embedding.
+    TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
+
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const Layer& L = layers[li];
+      const LayerTables& lt = layer_tables[li];
+      const int ratio = L.spec.compress_ratio;
+      const double* inv_freq = ratio > 0 ? rope_compressed : rope_plain;
+      const std::string prefix = absl::StrCat("layers.", L.spec.layer_id, ".");
+
+      // ---- Attention ----
+      TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_attn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
+                                       s.hc_workspace_bytes, stream));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.attn_norm, eps, s.y, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(L.wq_a, s.y, T, s.qr, s.xb));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.qr, T, c.q_lora_rank, L.q_norm, eps, s.qr, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(L.wq_b, s.qr, T, s.q, s.xb));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.q, T * H, hd, nullptr, eps, s.q, stream));
+      TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.q, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, false, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(L.wkv, s.y, T, s.kv, s.xb));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.kv, T, hd, L.kv_norm, eps, s.kv, stream));
+      TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.kv, T, hd, 1, hd, nope, rd, d_positions, inv_freq, false, stream));
+      TANDEM_RETURN_IF_ERROR(kc::QuantizeKvEntries(format, s.kv, T, s.new_entries, stream));
+
+      if (L.compressor) {
+        TANDEM_RETURN_IF_ERROR(RunCompressor(*L.compressor, false, lt.attention, tables, s.y, T, d_positions,
+                                             tables.at<const float* const>(t_rows_att), s));
+      }
+      if (ratio == 4) {
+        TANDEM_RETURN_IF_ERROR(RunCompressor(*L.index_compressor, true, lt.indexer, tables, s.y, T, d_positions,
+                                             tables.at<const float* const>(t_rows_idx), s));
+        TANDEM_RETURN_IF_ERROR(Linear(L.index_wq_b, s.qr, T, s.iq, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.iq, T, nh * id, nh, id, id - rd, rd, d_positions, inv_freq, false, stream));
+        TANDEM_RETURN_IF_ERROR(kc::Hadamard(s.iq, T * nh, id, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(L.index_weights, s.y, T, s.iw, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::Scale(s.iw, T * nh,
+                                         static_cast<float>(1.0 / std::sqrt(static_cast<double>(id * nh))), stream));
+        kc::IndexerArgs ix;
+        ix.tokens = T;
+        ix.heads = nh;
+        ix.dim = id;
+        ix.topk = topk;
+        ix.q = s.iq;
+        ix.weights = s.iw;
+        ix.keys = tables.at<const uint8_t* const>(lt.keys);
+        ix.key_begin = tables.at<const int64_t>(t_c4_begin);
+        ix.visible = tables.at<const int32_t>(t_c4_count);
+        ix.max_visible = static_cast<int32_t>(max_visible);
+        ix.selected = s.selected;
+        TANDEM_RETURN_IF_ERROR(kc::IndexerTopK(ix, s.index_workspace, s.index_workspace_bytes, stream));
+        if (trace) {
+          std::vector<int32_t> host(static_cast<size_t>(T * topk));
+          TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host.data(), s.selected, host.size() * sizeof(int32_t),
+                                                      cudaMemcpyDeviceToHost, stream));
+          TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+          trace->Append(prefix + "attn.indexer.topk", topk, host);
+        }
+      }
+
+      kc::SparseAttentionArgs at;
+      at.format = format;
+      at.tokens = T;
+      at.heads = H;
+      at.q = s.q;
+      at.sink = L.sink;
+      at.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+      at.window = tables.at<const kc::KvRef>(lt.window);
+      at.window_begin = tables.at<const int64_t>(t_window_begin);
+      at.window_count = tables.at<const int32_t>(t_window_count);
+      if (ratio > 0) {
+        at.compressed = tables.at<const kc::KvRef>(lt.compressed);
+        at.compressed_begin = tables.at<const int64_t>(ratio == 4 ? t_c4_begin : t_c128_begin);
+        at.compressed_count = tables.at<const int32_t>(ratio == 4 ? t_c4_count : t_c128_count);
+        if (ratio == 4) {
+          at.selected = s.selected;
+          at.topk = topk;
+        }
+      }
+      at.o = s.o;
+      TANDEM_RETURN_IF_ERROR(kc::SparseAttention(at, stream));
+      if (lt.ring_count > 0) {
+        TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, tables.at<const kc::KvRef>(lt.ring_src),
+                                                 tables.at<const kc::KvRef>(lt.ring_dst), lt.ring_count, stream));
+      }
+      TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.o, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, true, stream));
+      // Grouped low-rank output: group g's heads through wo_a rows [g*R, (g+1)*R), then wo_b.
+      const size_t wo_a_elem = L.wo_a.f32 ? sizeof(float) : sizeof(__nv_bfloat16);
+      for (int64_t g = 0; g < G; ++g) {
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.group, group_in * sizeof(float), s.o + g * group_in,
+                                                      H * hd * sizeof(float), group_in * sizeof(float), T,
+                                                      cudaMemcpyDeviceToDevice, stream));
+        const void* wg = static_cast<const uint8_t*>(L.wo_a.w) + g * R * group_in * wo_a_elem;
+        TANDEM_RETURN_IF_ERROR(Linear(L.wo_a, s.group, T, s.zg, s.xb, wg, R));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.z + g * R, G * R * sizeof(float), s.zg, R * sizeof(float),
+                                                      R * sizeof(float), T, cudaMemcpyDeviceToDevice, stream));
+      }
+      TANDEM_RETURN_IF_ERROR(Linear(L.wo_b, s.z, T, s.out, s.xb));
+      TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
+
+      // ---- MoE ----
+      TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_ffn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
+                                       s.hc_workspace_bytes, stream));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.ffn_norm, eps, s.y, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(L.gate, s.y, T, s.gate_logits, s.xb));
+      kc::MoeRouteArgs route;
+      route.tokens = T;
+      route.experts = E;
+      route.k = k;
+      route.logits = s.gate_logits;
+      route.bias = L.bias;
+      route.tid2eid = L.tid2eid;
+      route.token_ids = d_ids;
+      route.routed_scaling = static_cast<float>(c.routed_scaling_factor);
+      route.chosen = s.chosen;
+      route.weights = s.route_weights;
+      TANDEM_RETURN_IF_ERROR(kc::MoeRoute(route, stream));
+      if (trace) {
+        std::vector<int32_t> host(static_cast<size_t>(T * k));
+        TANDEM_CUDA_RETURN_IF_ERROR(
+            cudaMemcpyAsync(host.data(), s.chosen, host.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+        trace->Append(prefix + "ffn.experts", k, host);
+      }
+      TANDEM_RETURN_IF_ERROR(kc::MoeGroup(s.chosen, T, k, E, s.group_offsets, s.group_rows, s.group_position,
+                                          s.group_workspace, s.group_workspace_bytes, stream));
+      const float limit = static_cast<float>(c.swiglu_limit);
+      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w1, s.y, s.group_rows, s.group_offsets, T * k, s.ea, stream));
+      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k, s.eb, stream));
+      TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.ea, s.eb, T * k * I, limit, s.ea, stream));
+      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
+      const int64_t* shared_offsets = tables.at<const int64_t>(t_shared_offsets);
+      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w1, s.y, nullptr, shared_offsets, T, s.sa, stream));
+      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w3, s.y, nullptr, shared_offsets, T, s.sb, stream));
+      TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.sa, s.sb, T * I, limit, s.sa, stream));
+      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w2, s.sa, nullptr, shared_offsets, T, s.shared_out, stream));
+      TANDEM_RETURN_IF_ERROR(kc::MoeCombine(s.shared_out, s.routed, s.group_position, s.route_weights, T, k, D, s.out, stream));
+      TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
+    }
+
+    // Head.
+    TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.x, tables.at<const int32_t>(t_head_rows), rows_out, MD, head_x, stream));
+    TANDEM_RETURN_IF_ERROR(kc::HcHead(hc_head_fn, hc_head_base, hc_head_scale, M, D, c.hc_eps, c.rms_norm_eps, head_x,
+                                      rows_out, head_h, stream));
+    TANDEM_RETURN_IF_ERROR(kc::RmsNorm(head_h, rows_out, D, norm, eps, head_h, stream));
+    TANDEM_RETURN_IF_ERROR(Linear(head, head_h, rows_out, logits, s.xb));
+    last = {rows_out, logits, s.x, T};
+
+    if (result) {
+      result->rows = rows_out;
+      result->logits.resize(static_cast<size_t>(rows_out * c.vocab_size));
+      result->pre_head_hidden.resize(static_cast<size_t>(T * MD));
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), logits, result->logits.size() * sizeof(float),
+                                                  cudaMemcpyDeviceToHost, stream));
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->pre_head_hidden.data(), s.x,
+                                                  result->pre_head_hidden.size() * sizeof(float),
+                                                  cudaMemcpyDeviceToHost, stream));
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
+    return absl::OkStatus();
+  }
+};
+
+DeviceModel::DeviceModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+DeviceModel::~DeviceModel() = default;
+
+absl::StatusOr<std::unique_ptr<DeviceModel>> DeviceModel::Create(std::shared_ptr<const ModelWeights> weights,
+                                                                 const DeviceModelOptions& options) {
+  if (!weights) return absl::InvalidArgumentError("DeviceModel: no weights");
+  TANDEM_RETURN_IF_ERROR(kc::DeviceAvailable());
+  auto impl = std::make_unique<Impl>();
+  impl->weights = std::move(weights);
+  impl->options = options;
+  TANDEM_RETURN_IF_ERROR(impl->Upload());
+  return std::unique_ptr<DeviceModel>(new DeviceModel(std::move(impl)));
+}
+
+const ModelConfig& DeviceModel::config() const { return impl_->config(); }
+cudaStream_t DeviceModel::stream() const { return impl_->stream; }
+size_t DeviceModel::weight_bytes() const { return impl_->heap.bytes(); }
+const DeviceForward& DeviceModel::last() const { return impl_->last; }
+
+absl::Status DeviceModel::Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace) {
+  return impl_->Forward(batch, result, trace);
+}
+
+absl::StatusOr<std::vector<int32_t>> DeviceModel::ArgmaxLast() {
+  const DeviceForward& f = impl_->last;
+  if (!f.logits) return absl::FailedPreconditionError("ArgmaxLast before any Forward");
+  TANDEM_ASSIGN_OR_RETURN(int32_t* ids, impl_->arena.Take<int32_t>(static_cast<size_t>(f.rows)));
+  TANDEM_RETURN_IF_ERROR(kc::ArgmaxRows(f.logits, f.rows, config().vocab_size, ids, impl_->stream));
+  std::vector<int32_t> host(static_cast<size_t>(f.rows));
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(host.data(), ids, host.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, impl_->stream));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(impl_->stream));
+  return host;
+}
+
+}  // namespace tandem::model::cuda

@@ -1,0 +1,69 @@
+// The DSV4 forward on one GPU: the same function as Dsv4Model (NUMERICS.md) over a batch of sequence
+// chunks whose states live in device memory (DeviceSequenceState, or the engine's paged pools on a
+// device region). Weights are uploaded once from the CPU-loaded ModelWeights: dense layers as bf16 for
+// cuBLASLt (exact: they come from FP8/bf16 checkpoints) or f32, routed experts kept packed (MXFP4/FP8)
+// and multiplied straight from that format. All work is queued on the model's stream; Forward
+// synchronizes once at its end.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "common/core/status.h"
+#include "common/model/forward.h"
+
+namespace tandem::model::cuda {
+
+enum class DenseFormat {
+  kBf16,  // activations rounded to bf16 for each GEMM, f32 accumulation (the serving path)
+  kF32,   // f32 GEMMs throughout (closest to the CPU forward; for parity runs)
+};
+
+struct DeviceModelOptions {
+  DenseFormat dense = DenseFormat::kBf16;
+  int device = 0;
+};
+
+// What one Forward leaves on the device (valid until the next Forward).
+struct DeviceForward {
+  int64_t rows = 0;              // logit rows, as ForwardResult::rows
+  const float* logits = nullptr;  // [rows, vocab]
+  const float* hidden = nullptr;  // [tokens, hc_mult * hidden]: the streams before hc_head
+  int64_t tokens = 0;
+};
+
+class DeviceModel {
+ public:
+  // Uploads every weight of a whole-model (first and last stage) ModelWeights; the MTP layer is not
+  // run on the device yet and is not uploaded.
+  static absl::StatusOr<std::unique_ptr<DeviceModel>> Create(std::shared_ptr<const ModelWeights> weights,
+                                                             const DeviceModelOptions& options = {});
+  ~DeviceModel();
+  DeviceModel(const DeviceModel&) = delete;
+  DeviceModel& operator=(const DeviceModel&) = delete;
+
+  const ModelConfig& config() const;
+  cudaStream_t stream() const;
+  // Bytes of weights held on the device.
+  size_t weight_bytes() const;
+
+  // Dsv4Model::Forward's contract for the whole model: every chunk's state advances by its tokens.
+  // When `result` is given, the logits and pre-head streams are copied to it (host); `trace` gets the
+  // expert and indexer choices as on the CPU.
+  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace = nullptr);
+  // The device outputs of the last Forward.
+  const DeviceForward& last() const;
+  // Greedy next tokens of the last Forward's logit rows (argmax on the device, ids copied back).
+  absl::StatusOr<std::vector<int32_t>> ArgmaxLast();
+
+ private:
+  struct Impl;
+  explicit DeviceModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tandem::model::cuda

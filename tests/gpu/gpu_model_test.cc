@@ -1,0 +1,316 @@
+// The whole tiny model on the GPU against the CPU forward: logits (relative L2, argmax agreement),
+// expert and indexer choices, and the GPU's own equivalences (incremental decode, chunked prefill,
+// batching) as on the CPU. Prompts are fresh random ids each run (seed printed).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "common/kernels/cuda/cuda_ops.h"
+#include "common/kernels/kernels.h"
+#include "common/model/cuda/device_model.h"
+#include "common/model/cuda/device_state.h"
+#include "common/model/forward.h"
+#include "common/model/generator.h"
+#include "common/model/weights.h"
+
+namespace tandem::model {
+namespace {
+
+using cuda::DenseFormat;
+using cuda::DeviceModel;
+using cuda::DeviceSequenceState;
+
+#define ASSERT_OK(expr)                                  \
+  do {                                                   \
+    const ::absl::Status s_ = (expr);                    \
+    ASSERT_TRUE(s_.ok()) << s_.ToString();               \
+  } while (0)
+
+// The tiny checkpoint: the test build's fixture when present, else generated here (seed 1).
+std::string TinyDir() {
+  if (const char* root = std::getenv("TANDEM_TEST_MODELS")) {
+    const std::string dir = std::string(root) + "/tiny";
+    if (std::filesystem::exists(dir + "/config.json")) return dir;
+  }
+  const std::string dir = (std::filesystem::temp_directory_path() / "tandem-gpu-test-tiny").string();
+  if (!std::filesystem::exists(dir + "/config.json")) {
+    auto config = PresetConfig("tiny");
+    if (!config.ok()) throw std::runtime_error(config.status().ToString());
+    GenerateOptions options;
+    options.quiet = true;
+    const absl::Status status = GenerateCheckpoint(*config, dir, options);
+    if (!status.ok()) throw std::runtime_error(status.ToString());
+  }
+  return dir;
+}
+
+std::shared_ptr<const ModelWeights> Tiny() {
+  static const std::shared_ptr<const ModelWeights> weights = [] {
+    LoadOptions options;
+    options.show_progress = false;
+    options.load_mtp = false;
+    auto loaded = LoadModelWeights(TinyDir(), options);
+    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
+    return std::shared_ptr<const ModelWeights>(std::move(*loaded));
+  }();
+  return weights;
+}
+
+uint32_t Seed() {
+  static const uint32_t seed = [] {
+    const char* env = std::getenv("TANDEM_TEST_SEED");
+    const uint32_t s = env ? static_cast<uint32_t>(std::strtoul(env, nullptr, 10)) : std::random_device{}();
+    std::printf("[ seed     ] %u (TANDEM_TEST_SEED=%u replays it)\n", s, s);
+    return s;
+  }();
+  return seed;
+}
+
+std::vector<int32_t> Prompt(int64_t n, uint32_t salt) {
+  std::mt19937 rng(Seed() * 7919u + salt);
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % 129280);
+  ids[0] = 0;
+  return ids;
+}
+
+struct Diff {
+  double rel_l2 = 0;
+  double argmax_agreement = 1;
+  int64_t rows = 0;
+};
+
+Diff Compare(const std::vector<float>& got, const std::vector<float>& expected, int64_t cols) {
+  Diff d;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < std::min(got.size(), expected.size()); ++i) {
+    const double e = static_cast<double>(got[i]) - expected[i];
+    num += std::isnan(got[i]) ? 1e30 : e * e;
+    den += static_cast<double>(expected[i]) * expected[i];
+  }
+  d.rel_l2 = got.size() == expected.size() ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY;
+  d.rows = static_cast<int64_t>(expected.size()) / cols;
+  int64_t same = 0;
+  for (int64_t r = 0; r < d.rows && got.size() == expected.size(); ++r) {
+    auto g = got.begin() + r * cols, x = expected.begin() + r * cols;
+    same += (std::max_element(g, g + cols) - g) == (std::max_element(x, x + cols) - x);
+  }
+  d.argmax_agreement = d.rows ? static_cast<double>(same) / d.rows : 1.0;
+  return d;
+}
+
+// Feeds `ids` through `forward` in chunks of the given sizes (cycled), gathering every row's logits.
+template <typename ForwardFn>
+std::vector<float> Feed(ForwardFn&& forward, SequenceState& state, const std::vector<int32_t>& ids,
+                        std::vector<int64_t> chunks) {
+  std::vector<float> logits;
+  size_t next = 0;
+  for (int64_t begin = 0; begin < static_cast<int64_t>(ids.size());) {
+    const int64_t count = std::min<int64_t>(chunks[next++ % chunks.size()], static_cast<int64_t>(ids.size()) - begin);
+    SequenceChunk chunk{&state, {ids.data() + begin, static_cast<size_t>(count)}, true};
+    ForwardResult result;
+    const absl::Status status = forward(chunk, &result);
+    EXPECT_TRUE(status.ok()) << status;
+    if (!status.ok()) return {};
+    logits.insert(logits.end(), result.logits.begin(), result.logits.end());
+    begin += count;
+  }
+  return logits;
+}
+
+class GpuModelTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { kernels::SetThreads(0); }
+  void SetUp() override {
+    const absl::Status status = kernels::cuda::DeviceAvailable();
+    if (!status.ok()) GTEST_FAIL() << "no usable CUDA device: " << status.ToString();
+    Seed();
+  }
+  const ModelConfig& config() { return Tiny()->config; }
+
+  std::unique_ptr<DeviceModel> Gpu(DenseFormat dense) {
+    cuda::DeviceModelOptions options;
+    options.dense = dense;
+    auto model = DeviceModel::Create(Tiny(), options);
+    if (!model.ok()) throw std::runtime_error(model.status().ToString());
+    return std::move(*model);
+  }
+  std::unique_ptr<DeviceSequenceState> GpuState(int64_t capacity = 4096) {
+    auto state = DeviceSequenceState::Create(config(), capacity, false);
+    if (!state.ok()) throw std::runtime_error(state.status().ToString());
+    return std::move(*state);
+  }
+  std::vector<float> CpuLogits(const std::vector<int32_t>& ids, ForwardTrace* trace = nullptr) {
+    Dsv4Model model(Tiny());
+    HostSequenceState state(config(), 0, static_cast<int>(config().num_hidden_layers), false);
+    return Feed([&](SequenceChunk& c, ForwardResult* r) { return model.Forward({&c, 1}, nullptr, nullptr, r, trace); },
+                state, ids, {static_cast<int64_t>(ids.size())});
+  }
+  std::vector<float> GpuLogits(DeviceModel& model, const std::vector<int32_t>& ids, std::vector<int64_t> chunks,
+                               ForwardTrace* trace = nullptr) {
+    auto state = GpuState();
+    return Feed([&](SequenceChunk& c, ForwardResult* r) { return model.Forward({&c, 1}, r, trace); }, *state, ids,
+                std::move(chunks));
+  }
+};
+
+// Lengths cross the window (128), the C4 top-k (16 entries = 64 tokens) and C128 boundaries.
+TEST_F(GpuModelTest, WholeModelMatchesTheCpu) {
+  for (const DenseFormat dense : {DenseFormat::kBf16, DenseFormat::kF32}) {
+    auto gpu = Gpu(dense);
+    for (const int64_t n : {1, 7, 130, 300, 600}) {
+      const auto ids = Prompt(n, static_cast<uint32_t>(n));
+      const auto cpu = CpuLogits(ids);
+      const auto got = GpuLogits(*gpu, ids, {n});
+      const Diff d = Compare(got, cpu, config().vocab_size);
+      std::printf("[ parity   ] %s T=%ld: rel-L2 %.3e, argmax agreement %.4f over %ld rows\n",
+                  dense == DenseFormat::kBf16 ? "bf16" : "f32 ", static_cast<long>(n), d.rel_l2, d.argmax_agreement,
+                  static_cast<long>(d.rows));
+      EXPECT_LE(d.rel_l2, 2e-2) << "T=" << n;
+      EXPECT_GE(d.argmax_agreement, 0.99) << "T=" << n;
+    }
+  }
+}
+
+// The GPU takes the same discrete decisions as the CPU (experts per token, indexer top-k sets) except
+// at near-ties; report and bound the disagreement.
+TEST_F(GpuModelTest, ExpertAndIndexerChoicesMatchTheCpu) {
+  const auto ids = Prompt(600, 11);
+  ForwardTrace cpu_trace, gpu_trace;
+  CpuLogits(ids, &cpu_trace);
+  auto gpu = Gpu(DenseFormat::kF32);
+  GpuLogits(*gpu, ids, {600}, &gpu_trace);
+  ASSERT_EQ(cpu_trace.tables.size(), gpu_trace.tables.size());
+  for (const auto& [name, cpu_table] : cpu_trace.tables) {
+    ASSERT_TRUE(gpu_trace.tables.count(name)) << name;
+    const auto& gpu_table = gpu_trace.tables.at(name);
+    ASSERT_EQ(cpu_table.values.size(), gpu_table.values.size()) << name;
+    const int64_t cols = cpu_table.cols, rows = static_cast<int64_t>(cpu_table.values.size()) / cols;
+    int64_t same_rows = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<int32_t> a(cpu_table.values.begin() + r * cols, cpu_table.values.begin() + (r + 1) * cols);
+      std::vector<int32_t> b(gpu_table.values.begin() + r * cols, gpu_table.values.begin() + (r + 1) * cols);
+      std::sort(a.begin(), a.end());
+      std::sort(b.begin(), b.end());
+      same_rows += a == b;
+    }
+    const double agreement = static_cast<double>(same_rows) / rows;
+    std::printf("[ choices  ] %s: %ld/%ld rows choose the same set (%.4f)\n", name.c_str(), static_cast<long>(same_rows),
+                static_cast<long>(rows), agreement);
+    EXPECT_GE(agreement, 0.98) << name;
+  }
+}
+
+// On the GPU itself: prefill then one-token decode steps, and chunked prefill, give the logits of one
+// whole-prompt forward (only GEMM shapes differ, so the tolerance is tight).
+TEST_F(GpuModelTest, IncrementalAndChunkedMatchOneForward) {
+  auto gpu = Gpu(DenseFormat::kF32);
+  const auto ids = Prompt(300, 5);
+  const auto whole = GpuLogits(*gpu, ids, {300});
+  struct Case {
+    const char* name;
+    std::vector<int64_t> chunks;  // cycled by Feed
+  };
+  std::vector<int64_t> decode = {200};
+  decode.resize(101, 1);  // then 100 one-token steps
+  const std::vector<Case> cases = {{"prefill 200 then decode", decode}, {"chunks 37/64/5", {37, 64, 5}}, {"chunks of 129", {129}}};
+  for (const auto& c : cases) {
+    const auto got = GpuLogits(*gpu, ids, c.chunks);
+    const Diff d = Compare(got, whole, config().vocab_size);
+    std::printf("[ same-gpu ] %s: rel-L2 %.3e, argmax agreement %.4f\n", c.name, d.rel_l2, d.argmax_agreement);
+    EXPECT_LE(d.rel_l2, 1e-3) << c.name;
+    EXPECT_GE(d.argmax_agreement, 0.995) << c.name;
+  }
+}
+
+// Three sequences at different lengths in one batch give what each gives alone.
+TEST_F(GpuModelTest, BatchedSequencesMatchSeparateRuns) {
+  auto gpu = Gpu(DenseFormat::kF32);
+  const std::vector<int64_t> lengths = {150, 9, 260};
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::unique_ptr<DeviceSequenceState>> states;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    prompts.push_back(Prompt(lengths[i] + 3, 100 + static_cast<uint32_t>(i)));
+    states.push_back(GpuState());
+  }
+  // Prefill each alone, then three decode steps batched together.
+  std::vector<std::vector<float>> batched(lengths.size());
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    SequenceChunk chunk{states[i].get(), {prompts[i].data(), static_cast<size_t>(lengths[i])}, false};
+    ASSERT_OK(gpu->Forward({&chunk, 1}, nullptr));
+  }
+  for (int step = 0; step < 3; ++step) {
+    std::vector<SequenceChunk> batch;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      batch.push_back({states[i].get(), {prompts[i].data() + lengths[i] + step, 1}, false});
+    }
+    ForwardResult r;
+    ASSERT_OK(gpu->Forward(batch, &r));
+    ASSERT_EQ(r.rows, 3);
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      batched[i].insert(batched[i].end(), r.logits.begin() + i * config().vocab_size,
+                        r.logits.begin() + (i + 1) * config().vocab_size);
+    }
+  }
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    auto state = GpuState();
+    std::vector<float> alone;
+    SequenceChunk prefill{state.get(), {prompts[i].data(), static_cast<size_t>(lengths[i])}, false};
+    ASSERT_OK(gpu->Forward({&prefill, 1}, nullptr));
+    for (int step = 0; step < 3; ++step) {
+      SequenceChunk chunk{state.get(), {prompts[i].data() + lengths[i] + step, 1}, false};
+      ForwardResult r;
+      ASSERT_OK(gpu->Forward({&chunk, 1}, &r));
+      alone.insert(alone.end(), r.logits.begin(), r.logits.end());
+    }
+    const Diff d = Compare(batched[i], alone, config().vocab_size);
+    std::printf("[ batched  ] sequence %zu (prompt %ld): rel-L2 %.3e\n", i, static_cast<long>(lengths[i]), d.rel_l2);
+    EXPECT_LE(d.rel_l2, 1e-3);
+    EXPECT_EQ(d.argmax_agreement, 1.0);
+  }
+}
+
+// Greedy ids from the device argmax equal the argmax of the copied logits.
+TEST_F(GpuModelTest, DeviceArgmaxMatchesHostArgmax) {
+  auto gpu = Gpu(DenseFormat::kBf16);
+  auto state = GpuState();
+  const auto ids = Prompt(77, 3);
+  SequenceChunk chunk{state.get(), {ids.data(), ids.size()}, true};
+  ForwardResult r;
+  ASSERT_OK(gpu->Forward({&chunk, 1}, &r));
+  auto device_ids = gpu->ArgmaxLast();
+  ASSERT_TRUE(device_ids.ok()) << device_ids.status();
+  ASSERT_EQ(static_cast<int64_t>(device_ids->size()), r.rows);
+  for (int64_t row = 0; row < r.rows; ++row) {
+    auto begin = r.logits.begin() + row * config().vocab_size;
+    EXPECT_EQ((*device_ids)[row], std::max_element(begin, begin + config().vocab_size) - begin) << "row " << row;
+  }
+}
+
+TEST_F(GpuModelTest, BadInputIsAnErrorNotACrash) {
+  auto gpu = Gpu(DenseFormat::kBf16);
+  auto state = GpuState(64);
+  std::vector<int32_t> bad = {0, 5, static_cast<int32_t>(config().vocab_size)};
+  SequenceChunk chunk{state.get(), {bad.data(), bad.size()}, false};
+  const absl::Status vocab = gpu->Forward({&chunk, 1}, nullptr);
+  EXPECT_EQ(vocab.code(), absl::StatusCode::kInvalidArgument) << vocab;
+  EXPECT_NE(vocab.message().find("outside the vocabulary"), std::string::npos) << vocab;
+  const auto long_prompt = Prompt(65, 1);
+  SequenceChunk too_long{state.get(), {long_prompt.data(), long_prompt.size()}, false};
+  const absl::Status capacity = gpu->Forward({&too_long, 1}, nullptr);
+  EXPECT_EQ(capacity.code(), absl::StatusCode::kResourceExhausted) << capacity;
+  EXPECT_EQ(state->length(), 0);
+  // The model still works after refusing.
+  SequenceChunk ok{state.get(), {long_prompt.data(), 64}, false};
+  ASSERT_OK(gpu->Forward({&ok, 1}, nullptr));
+  EXPECT_EQ(state->length(), 64);
+}
+
+}  // namespace
+}  // namespace tandem::model
