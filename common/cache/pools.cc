@@ -62,7 +62,8 @@ absl::Status StatePools::Allocate(Region& region, PoolKind kind, int64_t layers,
 }
 
 absl::StatusOr<std::unique_ptr<StatePools>> StatePools::Create(const CacheShapes& shapes, const StageLayout& layout,
-                                                                const PoolCounts& counts, RegionAllocator allocator) {
+                                                                const PoolCounts& counts, RegionAllocator allocator,
+                                                                RegionCopy copy) {
   TANDEM_RETURN_IF_ERROR(shapes.Validate(layout));
   if (counts.token_pages <= 0 || counts.window_pages <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("state pools: need token pages and window pages, got ", counts.token_pages,
@@ -81,6 +82,7 @@ absl::StatusOr<std::unique_ptr<StatePools>> StatePools::Create(const CacheShapes
   }
   std::unique_ptr<StatePools> pools(new StatePools(shapes, layout, counts));
   auto& p = *pools;
+  p.copy_ = std::move(copy);
   const auto allocate = [&](PoolKind kind, int64_t layers, int64_t pages, int64_t page_bytes) {
     return Allocate(p.region_of(kind), kind, layers, pages, page_bytes, allocator);
   };
@@ -148,22 +150,31 @@ std::span<uint8_t> StatePools::region(PoolKind kind) {
   return {r.bytes, static_cast<size_t>(r.size)};
 }
 
-void StatePools::ClearRings(const StateSlots& slots) {
-  auto clear = [&](PoolKind pool, const RingLayout& ring, PageId slot) {
-    if (slot == kNoPage) return;
+absl::Status StatePools::Copy(void* dst, const void* src, size_t bytes) {
+  if (copy_) return copy_(dst, src, bytes);
+  std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
+}
+
+absl::Status StatePools::ClearRings(const StateSlots& slots) {
+  // An empty ring row is kv 0 and score -inf; one slot's pattern is written to every layer's slot.
+  auto clear = [&](PoolKind pool, const RingLayout& ring, PageId slot) -> absl::Status {
+    if (slot == kNoPage) return absl::OkStatus();
     Region& region = region_of(pool);
     const int64_t half = ring.row_floats / 2;
-    for (int64_t layer = 0; layer < region.layers; ++layer) {
-      float* rows = reinterpret_cast<float*>(page_base(pool, static_cast<int>(layer), slot, ring.slot_bytes));
-      for (int64_t r = 0; r < ring.rows; ++r) {
-        std::fill_n(rows + r * ring.row_floats, half, 0.0f);
-        std::fill_n(rows + r * ring.row_floats + half, half, -std::numeric_limits<float>::infinity());
-      }
+    std::vector<float> pattern(static_cast<size_t>((ring.slot_bytes + 3) / 4), 0.0f);
+    for (int64_t r = 0; r < ring.rows; ++r) {
+      std::fill_n(pattern.begin() + r * ring.row_floats + half, half, -std::numeric_limits<float>::infinity());
     }
+    for (int64_t layer = 0; layer < region.layers; ++layer) {
+      TANDEM_RETURN_IF_ERROR(Copy(page_base(pool, static_cast<int>(layer), slot, ring.slot_bytes), pattern.data(),
+                                  static_cast<size_t>(ring.slot_bytes)));
+    }
+    return absl::OkStatus();
   };
-  clear(PoolKind::kC4State, c4_ring_, slots.c4_state);
-  clear(PoolKind::kC4IndexerState, c4_indexer_ring_, slots.c4_indexer_state);
-  clear(PoolKind::kC128State, c128_ring_, slots.c128_state);
+  TANDEM_RETURN_IF_ERROR(clear(PoolKind::kC4State, c4_ring_, slots.c4_state));
+  TANDEM_RETURN_IF_ERROR(clear(PoolKind::kC4IndexerState, c4_indexer_ring_, slots.c4_indexer_state));
+  return clear(PoolKind::kC128State, c128_ring_, slots.c128_state);
 }
 
 absl::StatusOr<StateSlots> StatePools::AcquireSlots() {
@@ -187,7 +198,10 @@ absl::StatusOr<StateSlots> StatePools::AcquireSlots() {
     ReleaseSlots(slots).IgnoreError();  // only what this call took
     return status;
   }
-  ClearRings(slots);
+  if (auto cleared = ClearRings(slots); !cleared.ok()) {
+    ReleaseSlots(slots).IgnoreError();
+    return cleared;
+  }
   return slots;
 }
 
@@ -213,8 +227,8 @@ absl::Status StatePools::CopySlots(const StateSlots& from, const StateSlots& to,
     }
     const Region& region = region_of(pool);
     for (int64_t layer = 0; layer < region.layers; ++layer) {
-      std::memcpy(page_base(pool, static_cast<int>(layer), dst, page_bytes),
-                  page_base(pool, static_cast<int>(layer), src, page_bytes), static_cast<size_t>(page_bytes));
+      TANDEM_RETURN_IF_ERROR(Copy(page_base(pool, static_cast<int>(layer), dst, page_bytes),
+                                  page_base(pool, static_cast<int>(layer), src, page_bytes), static_cast<size_t>(page_bytes)));
     }
     return absl::OkStatus();
   };

@@ -63,11 +63,16 @@ struct BoundarySnapshot {
 // allocator's owner, which must outlive the pools (a KV transport hands out memory its peers can map).
 // Without one, the pools own zeroed heap memory.
 using RegionAllocator = std::function<absl::StatusOr<uint8_t*>(std::string_view name, int64_t bytes)>;
+// How the pools write their own memory (clearing compressor rings, prefix-cache snapshots) when it is not
+// plain host memory: `bytes` from `src` (host memory or another pool region) to `dst` (a pool region).
+// A device region passes a cudaMemcpy; without one, memcpy.
+using RegionCopy = std::function<absl::Status(void* dst, const void* src, size_t bytes)>;
 
 class StatePools {
  public:
   static absl::StatusOr<std::unique_ptr<StatePools>> Create(const CacheShapes& shapes, const StageLayout& layout,
-                                                             const PoolCounts& counts, RegionAllocator allocator = {});
+                                                             const PoolCounts& counts, RegionAllocator allocator = {},
+                                                             RegionCopy copy = {});
   StatePools(const StatePools&) = delete;
   StatePools& operator=(const StatePools&) = delete;
 
@@ -137,7 +142,8 @@ class StatePools {
                                const RegionAllocator& allocator);
   Region& region_of(PoolKind kind) { return regions_[static_cast<size_t>(kind)]; }
   uint8_t* page_base(PoolKind kind, int layer, PageId page, int64_t page_bytes);
-  void ClearRings(const StateSlots& slots);
+  absl::Status ClearRings(const StateSlots& slots);
+  absl::Status Copy(void* dst, const void* src, size_t bytes);
   absl::Status CopySlots(const StateSlots& from, const StateSlots& to, bool with_c128);
 
   CacheShapes shapes_;
@@ -148,6 +154,7 @@ class StatePools {
   IndexerPageLayout c4_indexer_page_;
   RingLayout c4_ring_, c4_indexer_ring_, c128_ring_;
   std::array<Region, kAllPools.size()> regions_;
+  RegionCopy copy_;
   PageAllocator token_pages_, window_pages_, c4_states_, c4_indexer_states_, c128_states_;
 };
 

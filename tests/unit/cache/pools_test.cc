@@ -247,5 +247,53 @@ TEST(PoolsTest, RegionsComeFromTheGivenAllocatorAndItsErrorsNameThePool) {
   EXPECT_NE(refused.message().find("c4_kv"), std::string::npos) << refused;
 }
 
+// Device regions: every write the pools make to their own memory goes through the given copy (a host
+// memcpy here would touch GPU memory), and a failing copy fails the call and takes nothing.
+TEST(PoolsTest, OwnWritesGoThroughTheRegionCopy) {
+  std::vector<std::unique_ptr<uint8_t[]>> owned;
+  RegionAllocator heap = [&](std::string_view, int64_t bytes) -> absl::StatusOr<uint8_t*> {
+    owned.push_back(std::make_unique<uint8_t[]>(static_cast<size_t>(bytes)));
+    return owned.back().get();
+  };
+  int64_t copies = 0, copied_bytes = 0;
+  bool fail = false;
+  RegionCopy counting = [&](void* dst, const void* src, size_t bytes) -> absl::Status {
+    if (fail) return absl::InternalError("copy engine fault");
+    ++copies;
+    copied_bytes += static_cast<int64_t>(bytes);
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  };
+  auto created = StatePools::Create(CacheShapes{}, TinyLayout(), {4, 3, 3, 2}, heap, counting);
+  ASSERT_TRUE(created.ok()) << created.status();
+  auto& pools = **created;
+  auto slots = pools.AcquireSlots();
+  ASSERT_TRUE(slots.ok()) << slots.status();
+  // Rings cleared through the copy: one per layer of each ring kind, kv 0 and score -inf.
+  const int64_t ring_layers = pools.layers(PoolKind::kC4State) + pools.layers(PoolKind::kC4IndexerState) +
+                              pools.layers(PoolKind::kC128State);
+  EXPECT_EQ(copies, ring_layers);
+  const auto& ring = pools.ring_layout(StateKind::kC4Attention);
+  const float* row = pools.compressor_row(GlobalLayerId(1), StateKind::kC4Attention, slots->c4_state, 5);
+  EXPECT_EQ(row[0], 0.0f);
+  EXPECT_TRUE(std::isinf(row[ring.row_floats / 2]) && row[ring.row_floats / 2] < 0);
+  // Snapshots copy through it too.
+  copies = 0;
+  auto snapshot = pools.Capture(*slots, 256, 0);
+  ASSERT_TRUE(snapshot.ok()) << snapshot.status();
+  EXPECT_EQ(copies, pools.layers(PoolKind::kWindowKv) + pools.layers(PoolKind::kC4State) +
+                        pools.layers(PoolKind::kC4IndexerState));
+  // A failing copy: no slots taken, the error says why.
+  fail = true;
+  const auto refused = pools.AcquireSlots();
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInternal);
+  EXPECT_NE(refused.status().message().find("copy engine fault"), std::string::npos) << refused.status();
+  EXPECT_EQ(pools.window_pages().used(), 2) << "the source and the snapshot only";
+  fail = false;
+  ASSERT_TRUE(pools.ReleaseSnapshot(*snapshot).ok());
+  ASSERT_TRUE(pools.ReleaseSlots(*slots).ok());
+  EXPECT_TRUE(pools.CheckAccounting().ok());
+}
+
 }  // namespace
 }  // namespace tandem::cache
