@@ -478,7 +478,7 @@ struct DeviceModel::Impl {
     return absl::OkStatus();
   }
 
-  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace) {
+  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace, bool head_too) {
     const auto& c = config();
     int64_t T = 0;
     TANDEM_RETURN_IF_ERROR(CheckBatch(batch, &T));
@@ -788,6 +788,12 @@ struct DeviceModel::Impl {
       TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
     }
 
+    if (!head_too) {
+      last = {0, nullptr, s.x, T};
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
+      return absl::OkStatus();
+    }
     // Head.
     TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.x, tables.at<const int32_t>(t_head_rows), rows_out, MD, head_x, stream));
     TANDEM_RETURN_IF_ERROR(kc::HcHead(hc_head_fn, hc_head_base, hc_head_scale, M, D, c.hc_eps, c.rms_norm_eps, head_x,
@@ -832,7 +838,11 @@ size_t DeviceModel::weight_bytes() const { return impl_->heap.bytes(); }
 const DeviceForward& DeviceModel::last() const { return impl_->last; }
 
 absl::Status DeviceModel::Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace) {
-  return impl_->Forward(batch, result, trace);
+  return impl_->Forward(batch, result, trace, /*head_too=*/true);
+}
+
+absl::Status DeviceModel::ForwardLayers(std::span<const SequenceChunk> batch) {
+  return impl_->Forward(batch, nullptr, nullptr, /*head_too=*/false);
 }
 
 absl::StatusOr<std::vector<int32_t>> DeviceModel::ArgmaxLast() {

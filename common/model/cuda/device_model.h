@@ -55,6 +55,8 @@ class DeviceModel {
   // When `result` is given, the logits and pre-head streams are copied to it (host); `trace` gets the
   // expert and indexer choices as on the CPU.
   absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace = nullptr);
+  // The embedding and the decoder layers only (no head, no logits): what a per-layer benchmark times.
+  absl::Status ForwardLayers(std::span<const SequenceChunk> batch);
   // The device outputs of the last Forward.
   const DeviceForward& last() const;
   // Greedy next tokens of the last Forward's logit rows (argmax on the device, ids copied back).

@@ -1,0 +1,222 @@
+// The whole-layer GPU benchmark on the flash-layer checkpoint (one DSV4 layer with exact V4-Flash shapes):
+// decode steps at batch 1/16/64/256 over contexts of 4k and 32k tokens, and an 8k-token prefill, timed
+// wall-clock around DeviceModel::ForwardLayers (what a serving step costs, host table building
+// included). The same run measures the device-to-device copy bandwidth, and each decode row reports the
+// bytes a step must at least read (weights it touches + the KV it attends + the indexer keys it scores)
+// as a fraction of that ceiling.
+//   gpu_layer_bench MODEL_DIR OUT_DIR
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "common/kernels/kernels.h"
+#include "common/model/cuda/device_model.h"
+#include "common/model/cuda/device_state.h"
+#include "common/model/weights.h"
+
+namespace tandem {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+#define BENCH_CHECK(expr)                                                             \
+  do {                                                                                \
+    const ::absl::Status s_ = (expr);                                                 \
+    if (!s_.ok()) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+#define BENCH_CUDA(expr) BENCH_CHECK((expr) == cudaSuccess ? absl::OkStatus() : absl::InternalError(#expr))
+
+// Device-to-device copy bandwidth (read + write bytes per second) over 1 GiB.
+double CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  BENCH_CUDA(cudaMalloc(&a, bytes));
+  BENCH_CUDA(cudaMalloc(&b, bytes));
+  cudaEvent_t start, stop;
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
+  BENCH_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+  BENCH_CUDA(cudaEventRecord(start));
+  const int reps = 10;
+  for (int i = 0; i < reps; ++i) BENCH_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+  BENCH_CUDA(cudaEventRecord(stop));
+  BENCH_CUDA(cudaEventSynchronize(stop));
+  float ms = 0;
+  BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(bytes) * reps / (ms * 1e-3);
+}
+
+struct Patterns {
+  std::vector<uint8_t> entries;  // kPattern KV entries
+  std::vector<uint8_t> keys;     // kPattern indexer keys
+};
+constexpr int64_t kPattern = 2048;
+
+Patterns MakePatterns(const model::ModelConfig& c) {
+  Patterns p;
+  const kernels::KvFormat format{c.nope_dim(), c.qk_rope_head_dim};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(std::max(format.dim(), c.index_head_dim)));
+  p.entries.resize(static_cast<size_t>(kPattern * format.entry_bytes()));
+  p.keys.resize(static_cast<size_t>(kPattern * kernels::IndexerKeyBytes(c.index_head_dim)));
+  for (int64_t i = 0; i < kPattern; ++i) {
+    for (auto& v : x) v = normal(rng);
+    uint8_t* e = p.entries.data() + i * format.entry_bytes();
+    kernels::QuantizeKvEntry(format, x.data(), e, e + format.data_bytes());
+    kernels::QuantizeIndexerKey(x.data(), c.index_head_dim, p.keys.data() + i * kernels::IndexerKeyBytes(c.index_head_dim));
+  }
+  return p;
+}
+
+// Copies `count` items of `item` bytes to dst, tiling the pattern.
+void Tile(uint8_t* dst, const std::vector<uint8_t>& pattern, int64_t item, int64_t count) {
+  const int64_t per = static_cast<int64_t>(pattern.size()) / item;
+  for (int64_t done = 0; done < count; done += per) {
+    const int64_t n = std::min(per, count - done);
+    BENCH_CUDA(cudaMemcpy(dst + done * item, pattern.data(), static_cast<size_t>(n * item), cudaMemcpyHostToDevice));
+  }
+}
+
+// A state that looks `context` tokens long: window, compressed entries and indexer keys filled.
+std::unique_ptr<model::cuda::DeviceSequenceState> FilledState(const model::ModelConfig& c, const Patterns& p,
+                                                              int64_t context, int64_t spare) {
+  auto state = model::cuda::DeviceSequenceState::Create(c, context + spare, false);
+  BENCH_CHECK(state.status());
+  const kernels::KvFormat format{c.nope_dim(), c.qk_rope_head_dim};
+  for (const auto& spec : c.layers) {
+    if (spec.is_mtp) continue;
+    Tile((*state)->window_kv(spec.layer_id, 0).data, p.entries, format.entry_bytes(), c.sliding_window);
+    if (spec.compress_ratio > 0) {
+      Tile((*state)->compressed_kv(spec.layer_id, 0).data, p.entries, format.entry_bytes(), context / spec.compress_ratio);
+    }
+    if (spec.compress_ratio == 4) {
+      Tile((*state)->indexer_key(spec.layer_id, 0), p.keys, kernels::IndexerKeyBytes(c.index_head_dim), context / 4);
+    }
+  }
+  (*state)->set_length(context);
+  return std::move(*state);
+}
+
+// The bytes one decode step must read at least: every dense weight (bf16), the shared expert, the
+// routed experts the batch can touch (min(E, B*k) of them), and per token its attended KV entries
+// and the indexer keys it scores.
+double MinDecodeBytes(const model::ModelWeights& w, int64_t batch, int64_t context) {
+  const auto& c = w.config;
+  double dense = 0, expert = 0, shared = 0;
+  auto add = [&](const model::DenseWeight& d) { dense += 2.0 * static_cast<double>(d.out) * d.in; };
+  auto packed = [](const model::ExpertWeights& e) {
+    return static_cast<double>(e.w1.codes.bytes() + e.w1.scales.bytes() + e.w2.codes.bytes() + e.w2.scales.bytes() +
+                               e.w3.codes.bytes() + e.w3.scales.bytes());
+  };
+  double kv = 0;
+  const kernels::KvFormat format{c.nope_dim(), c.qk_rope_head_dim};
+  for (const auto& l : w.layers) {
+    const auto& a = l.attn;
+    for (const auto* d : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b, &l.ffn.gate}) add(*d);
+    if (a.compressor) {
+      add(a.compressor->wkv);
+      add(a.compressor->wgate);
+    }
+    if (a.indexer) {
+      add(a.indexer->wq_b);
+      add(a.indexer->weights_proj);
+      add(a.indexer->compressor.wkv);
+      add(a.indexer->compressor.wgate);
+    }
+    expert = packed(l.ffn.experts.front());
+    shared += packed(l.ffn.shared);
+    const int ratio = l.spec.compress_ratio;
+    const double window = static_cast<double>(std::min(c.sliding_window, context + 1));
+    double compressed = ratio == 128 ? context / 128.0 : ratio == 4 ? std::min<double>(c.index_topk, context / 4.0) : 0.0;
+    kv += batch * (window + compressed) * format.entry_bytes();
+    if (ratio == 4) kv += batch * (context / 4.0) * kernels::IndexerKeyBytes(c.index_head_dim);
+    kv += std::min<double>(c.n_routed_experts, static_cast<double>(batch * c.num_experts_per_tok)) * expert;
+  }
+  return dense + shared + kv;
+}
+
+}  // namespace
+}  // namespace tandem
+
+int main(int argc, char** argv) {
+  using namespace tandem;
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s MODEL_DIR OUT_DIR\n", argv[0]);
+    return 2;
+  }
+  const std::string model_dir = argv[1], out_dir = argv[2];
+  kernels::SetThreads(0);
+  model::LoadOptions load;
+  load.show_progress = false;
+  load.load_mtp = false;
+  auto loaded = model::LoadModelWeights(model_dir, load);
+  BENCH_CHECK(loaded.status());
+  std::shared_ptr<const model::ModelWeights> weights(std::move(*loaded));
+  const auto& c = weights->config;
+  auto created = model::cuda::DeviceModel::Create(weights);
+  BENCH_CHECK(created.status());
+  auto& gpu = **created;
+  const double copy_bw = CopyBandwidth();
+  std::printf("device-to-device copy: %.0f GB/s; weights on device %.2f GiB\n", copy_bw / 1e9,
+              static_cast<double>(gpu.weight_bytes()) / (1 << 30));
+  const Patterns patterns = MakePatterns(c);
+  std::ofstream csv(out_dir + "/gpu-layer.csv");
+  csv << "kind,batch,context,tokens,ms,tokens_per_s,min_bytes,fraction_of_copy_bw,copy_gbps\n";
+  std::mt19937 rng(3);
+
+  for (const int64_t context : {int64_t{4096}, int64_t{32768}}) {
+    for (const int64_t batch : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}}) {
+      constexpr int kWarmup = 2, kSteps = 10;
+      std::vector<std::unique_ptr<model::cuda::DeviceSequenceState>> states;
+      for (int64_t b = 0; b < batch; ++b) states.push_back(FilledState(c, patterns, context, kWarmup + kSteps + 1));
+      std::vector<int32_t> tokens(static_cast<size_t>(batch));
+      for (auto& t : tokens) t = static_cast<int32_t>(rng() % c.vocab_size);
+      std::vector<model::SequenceChunk> chunk_list;
+      for (int64_t b = 0; b < batch; ++b) chunk_list.push_back({states[b].get(), {&tokens[b], 1}, false});
+      for (int i = 0; i < kWarmup; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+      const auto t0 = Clock::now();
+      for (int i = 0; i < kSteps; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / kSteps;
+      const double bytes = MinDecodeBytes(*weights, batch, context);
+      const double fraction = bytes / (ms * 1e-3) / copy_bw;
+      std::printf("decode  B=%4ld ctx=%6ld: %8.3f ms/step  %9.0f tok/s  min bytes %.1f MB  %.2f of copy bandwidth\n",
+                  static_cast<long>(batch), static_cast<long>(context), ms, batch / (ms * 1e-3), bytes / 1e6, fraction);
+      csv << "decode," << batch << "," << context << "," << batch << "," << ms << "," << batch / (ms * 1e-3) << ","
+          << bytes << "," << fraction << "," << copy_bw / 1e9 << "\n";
+    }
+  }
+  {
+    const int64_t tokens = 8192;
+    auto state = model::cuda::DeviceSequenceState::Create(c, tokens, false);
+    BENCH_CHECK(state.status());
+    std::vector<int32_t> ids(static_cast<size_t>(tokens));
+    for (auto& t : ids) t = static_cast<int32_t>(rng() % c.vocab_size);
+    model::SequenceChunk chunk{state->get(), {ids.data(), ids.size()}, false};
+    BENCH_CHECK(gpu.ForwardLayers({&chunk, 1}));  // warm-up (plans the GEMM shapes)
+    constexpr int kRuns = 3;
+    double total = 0;
+    for (int i = 0; i < kRuns; ++i) {
+      (*state)->set_length(0);
+      const auto t0 = Clock::now();
+      BENCH_CHECK(gpu.ForwardLayers({&chunk, 1}));
+      total += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    }
+    const double ms = total / kRuns;
+    std::printf("prefill T=%ld: %.2f ms  %.0f tok/s\n", static_cast<long>(tokens), ms, tokens / (ms * 1e-3));
+    csv << "prefill,1,0," << tokens << "," << ms << "," << tokens / (ms * 1e-3) << ",0,0," << copy_bw / 1e9 << "\n";
+  }
+  return 0;
+}
