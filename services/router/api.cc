@@ -470,4 +470,14 @@ absl::StatusOr<Job> ParseCompletionRequest(const Json& body, const ServingContex
   }
 }
 
+absl::StatusOr<Job> ParseRequestBody(std::string_view body, bool chat, const ServingContext& context) {
+  Json parsed;
+  try {
+    parsed = Json::parse(body);
+  } catch (const Json::exception& error) {
+    return InvalidParam("", absl::StrCat("the request body is not valid JSON: ", error.what()), "invalid_json");
+  }
+  return chat ? ParseChatRequest(parsed, context) : ParseCompletionRequest(parsed, context);
+}
+
 }  // namespace tandem::router

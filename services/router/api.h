@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -48,5 +49,8 @@ struct Job {
 
 absl::StatusOr<Job> ParseChatRequest(const Json& body, const ServingContext& context);
 absl::StatusOr<Job> ParseCompletionRequest(const Json& body, const ServingContext& context);
+// An HTTP body as received: bad JSON is a 400 `invalid_json`, then the chat or completion parser.
+// Never throws (the router's fuzz target, tests/fuzz/router, holds it to that).
+absl::StatusOr<Job> ParseRequestBody(std::string_view body, bool chat, const ServingContext& context);
 
 }  // namespace tandem::router
