@@ -4,11 +4,12 @@
 // included). The same run measures the device-to-device copy bandwidth, and each decode row reports the
 // bytes a step must at least read (weights it touches + the KV it attends + the indexer keys it scores)
 // as a fraction of that ceiling.
-//   gpu_layer_bench MODEL_DIR OUT_DIR
+//   gpu_layer_bench MODEL_DIR OUT_DIR      (MODEL_DIR is generated, seed 1, when it has no config.json)
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
@@ -19,6 +20,7 @@
 #include "common/kernels/kernels.h"
 #include "common/model/cuda/device_model.h"
 #include "common/model/cuda/device_state.h"
+#include "common/model/generator.h"
 #include "common/model/weights.h"
 
 namespace tandem {
@@ -159,6 +161,14 @@ int main(int argc, char** argv) {
   }
   const std::string model_dir = argv[1], out_dir = argv[2];
   kernels::SetThreads(0);
+  if (!std::filesystem::exists(model_dir + "/config.json")) {
+    auto config = model::PresetConfig("flash-layer");
+    BENCH_CHECK(config.status());
+    const auto t0 = Clock::now();
+    BENCH_CHECK(model::GenerateCheckpoint(*config, model_dir, {}));
+    std::printf("generated the flash-layer checkpoint in %.1f s\n",
+                std::chrono::duration<double>(Clock::now() - t0).count());
+  }
   model::LoadOptions load;
   load.show_progress = false;
   load.load_mtp = false;
