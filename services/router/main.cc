@@ -15,6 +15,20 @@ int main(int argc, char** argv) {
   app.add_option("--decode", o.decode, "decode worker host:grpc_port (repeatable)");
   app.add_option("--mixed", o.mixed, "mixed (monolithic) worker host:grpc_port (repeatable)");
   app.add_option("--worker-file", o.worker_file, "more workers, one \"prefill|decode|mixed ADDRESS\" a line; re-read when it changes");
+  app.add_option("--discovery", o.discovery, "static (the worker flags) or k8s (also the pods the selectors match, watched through the Kubernetes API)")
+      ->capture_default_str()->check(CLI::IsMember({"static", "k8s"}));
+  app.add_option("--prefill-selector", o.k8s.prefill_selector, "k8s: label selector of prefill pods (e.g. app=tandem,role=prefill)");
+  app.add_option("--decode-selector", o.k8s.decode_selector, "k8s: label selector of decode pods");
+  app.add_option("--mixed-selector", o.k8s.mixed_selector, "k8s: label selector of mixed (monolithic) pods");
+  app.add_option("--k8s-namespace", o.k8s.api.namespace_name, "k8s: namespace to watch (default: the pod's own, from --k8s-namespace-file)");
+  app.add_option("--k8s-api-server", o.k8s.api.server, "k8s: https://HOST:PORT (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)");
+  app.add_option("--k8s-token-file", o.k8s.api.token_file, "k8s: service-account bearer token, re-read for every request")->capture_default_str();
+  app.add_option("--k8s-ca-file", o.k8s.api.ca_file, "k8s: CA bundle the API server's certificate must verify against")->capture_default_str();
+  app.add_option("--k8s-namespace-file", o.k8s.api.namespace_file, "k8s: file holding the pod's namespace")->capture_default_str();
+  app.add_option("--k8s-watch-timeout", o.k8s.watch_timeout_seconds, "k8s: seconds the API server keeps one watch open (then it is renewed)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--k8s-max-backoff", o.k8s.max_backoff_seconds, "k8s: longest wait between retries of a failed list or watch (starts at 0.5 s, doubles)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   const auto policies = CLI::IsMember({"round_robin", "least_load", "cache_aware"});
   app.add_option("--prefill-policy", o.prefill_policy, "prefill selection")->capture_default_str()->check(policies);
   app.add_option("--decode-policy", o.decode_policy, "decode selection")->capture_default_str()->check(policies);

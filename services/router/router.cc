@@ -67,8 +67,14 @@ absl::StatusOr<std::unique_ptr<RouterState>> MakeRouterState(RouterOptions optio
     TANDEM_ASSIGN_OR_RETURN(auto more, ParseWorkerFile(text.str()));
     addresses.insert(addresses.end(), more.begin(), more.end());
   }
-  if (addresses.empty() && options.worker_file.empty()) {
-    return absl::InvalidArgumentError("no workers: give --prefill and --decode, or --mixed (or --worker-file)");
+  const bool k8s = options.discovery == "k8s";
+  if (!k8s && options.discovery != "static") return absl::InvalidArgumentError("--discovery must be static or k8s");
+  if (!k8s && !(options.k8s.prefill_selector.empty() && options.k8s.decode_selector.empty() && options.k8s.mixed_selector.empty())) {
+    return absl::InvalidArgumentError("--prefill-selector/--decode-selector/--mixed-selector need --discovery k8s");
+  }
+  if (k8s && !options.worker_file.empty()) return absl::InvalidArgumentError("give --worker-file or --discovery k8s, not both");
+  if (addresses.empty() && options.worker_file.empty() && !k8s) {
+    return absl::InvalidArgumentError("no workers: give --prefill and --decode, or --mixed (or --worker-file, or --discovery k8s)");
   }
   if (options.prefill.empty() != options.decode.empty()) {
     spdlog::warn("router: prefill workers need decode workers and vice versa; the lone side stays unused");
@@ -88,6 +94,16 @@ absl::StatusOr<std::unique_ptr<RouterState>> MakeRouterState(RouterOptions optio
   TANDEM_ASSIGN_OR_RETURN(auto mixed_policy, MakePolicy(options.mixed_policy, options.cache));
   state->registry = std::make_unique<WorkerRegistry>(std::move(addresses), options.breaker, options.health);
   if (!options.worker_file.empty()) state->registry->WatchWorkerFile(options.worker_file, fixed);
+  if (k8s) {
+    WorkerRegistry* registry = state->registry.get();
+    // Workers from flags stay; the pods' workers replace the previous pods' set on every change.
+    TANDEM_ASSIGN_OR_RETURN(state->discovery, K8sDiscovery::Create(options.k8s, [registry, fixed](const std::vector<WorkerAddress>& pods) {
+      std::vector<WorkerAddress> all = fixed;
+      all.insert(all.end(), pods.begin(), pods.end());
+      registry->Reload(all);
+      registry->CheckSoon();
+    }));
+  }
   state->metrics = std::make_unique<RouterMetrics>(options.served_model_name);
   state->owned_generator = std::make_unique<FleetGenerator>(state->registry.get(), std::move(prefill_policy), std::move(decode_policy),
                                                             std::move(mixed_policy), state->metrics.get(), options.retry);
@@ -102,6 +118,10 @@ Router::~Router() { Stop(); }
 
 absl::Status Router::Start() {
   state_->registry->StartHealthChecks();
+  if (state_->discovery) {
+    spdlog::info("router: k8s: watching {}", state_->discovery->Describe());
+    state_->discovery->Start();
+  }
   http_ = std::make_unique<HttpFront>(state_.get());
   TANDEM_RETURN_IF_ERROR(http_->Start(state_->options.host, state_->options.http_port));
   grpc_ = std::make_unique<GrpcFront>(state_.get());
@@ -112,6 +132,7 @@ absl::Status Router::Start() {
 void Router::Stop() {
   if (grpc_) grpc_->Stop();
   if (http_) http_->Stop();
+  if (state_ && state_->discovery) state_->discovery->Stop();
   if (state_ && state_->registry) state_->registry->Stop();
 }
 

@@ -10,6 +10,7 @@
 #include "common/core/status.h"
 #include "common/text/tokenizer.h"
 #include "services/router/api.h"
+#include "services/router/discovery_k8s.h"
 #include "services/router/dispatch.h"
 #include "services/router/router_metrics.h"
 #include "services/router/worker.h"
@@ -24,6 +25,8 @@ struct RouterOptions {
   std::string served_model_name;  // default: the model directory's name
   std::vector<std::string> prefill, decode, mixed;
   std::string worker_file;  // more workers, re-read when it changes
+  std::string discovery = "static";  // or "k8s": workers from pods (k8s.*), added to the flags' workers
+  K8sDiscoveryOptions k8s;
   std::string prefill_policy = "cache_aware";
   std::string decode_policy = "least_load";
   std::string mixed_policy = "cache_aware";
@@ -43,6 +46,7 @@ struct RouterState {
   RouterOptions options;
   std::unique_ptr<text::Tokenizer> tokenizer;
   std::unique_ptr<WorkerRegistry> registry;
+  std::unique_ptr<K8sDiscovery> discovery;  // --discovery k8s
   std::unique_ptr<RouterMetrics> metrics;
   Generator* generator = nullptr;  // the fleet, or a fake in tests
   std::unique_ptr<Generator> owned_generator;
@@ -65,7 +69,7 @@ class Router {
  public:
   explicit Router(std::unique_ptr<RouterState> state);
   ~Router();
-  // Binds both ports (0: any free port) and starts the health checks.
+  // Binds both ports (0: any free port) and starts the health checks (and the pod watch).
   absl::Status Start();
   void Stop();
   int http_port() const;

@@ -286,13 +286,22 @@ void WorkerRegistry::StartHealthChecks() {
   thread_ = std::thread([this] {
     std::unique_lock lock(mutex_);
     while (!stopping_) {
+      check_soon_ = false;
       lock.unlock();
       CheckAllNow();
       lock.lock();
       wake_.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(health_.interval_seconds * 1000)),
-                     [this] { return stopping_; });
+                     [this] { return stopping_ || check_soon_; });
     }
   });
+}
+
+void WorkerRegistry::CheckSoon() {
+  {
+    std::lock_guard lock(mutex_);
+    check_soon_ = true;
+  }
+  wake_.notify_all();
 }
 
 void WorkerRegistry::Stop() {

@@ -135,6 +135,8 @@ class WorkerRegistry {
   void Stop();
   // Runs one check of every worker now (tests and startup).
   void CheckAllNow();
+  // Wakes the health loop for a round now (new workers join without waiting an interval).
+  void CheckSoon();
 
   std::vector<Worker*> Workers(WorkerRole role) const;
   std::vector<Worker*> all() const;
@@ -160,6 +162,7 @@ class WorkerRegistry {
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stopping_ = false;
+  bool check_soon_ = false;
 };
 
 }  // namespace tandem::router

@@ -9,7 +9,7 @@ APT_PACKAGES=(
   libabsl-dev libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev libpcre2-dev
   libopenblas-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler prometheus-cpp-dev libcpp-httplib-dev
-  prometheus libucx-dev ucx-utils docker-compose
+  libssl-dev openssl prometheus libucx-dev ucx-utils docker-compose
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
