@@ -202,7 +202,10 @@ def test_healthcheck_script_against_a_live_port():
 # --- Kubernetes ----------------------------------------------------------------------------------
 
 API_VERSIONS = {"Namespace": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
-                "StatefulSet": "apps/v1", "Deployment": "apps/v1", "PodDisruptionBudget": "policy/v1"}
+                "ServiceAccount": "v1", "StatefulSet": "apps/v1", "Deployment": "apps/v1", "PodDisruptionBudget": "policy/v1",
+                "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1"}
+RBAC_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection", "*"}
+BOOTSTRAP_ANNOTATION = "tandem.ai/bootstrap-port"
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -330,6 +333,9 @@ def check_objects(objects, overlay):
             for source in container.get("envFrom", []):
                 ref = source["configMapRef"]["name"]
                 assert ("ConfigMap", ref) in index, f"{where}: envFrom names a missing ConfigMap {ref}"
+        account = pod.get("serviceAccountName")
+        if account:
+            assert ("ServiceAccount", account) in index, f"{where}: no ServiceAccount {account}"
         security = pod.get("securityContext", {})
         assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) != 0, f"{where}: must run as non-root"
         if kind == "StatefulSet":
@@ -350,7 +356,52 @@ def check_objects(objects, overlay):
         assert ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"]), f"{overlay}: PDB/{name}"
         backing = [p for p in pods.values() if labels_match(pdb["spec"]["selector"]["matchLabels"], p[0])]
         assert len(backing) == 1, f"{overlay}: PDB/{name} selects {len(backing)} workloads"
+    check_rbac(index, overlay)
     return index
+
+
+def check_rbac(index, overlay):
+    """Roles have well-formed rules; RoleBindings point at an existing Role and ServiceAccounts."""
+    for (kind, name), role in index.items():
+        if kind != "Role":
+            continue
+        assert role.get("rules"), f"{overlay}: Role/{name} has no rules"
+        for rule in role["rules"]:
+            assert isinstance(rule.get("apiGroups"), list) and rule.get("resources") and rule.get("verbs"), f"{overlay}: Role/{name} {rule}"
+            assert set(rule["verbs"]) <= RBAC_VERBS, f"{overlay}: Role/{name}: unknown verbs {rule['verbs']}"
+    for (kind, name), binding in index.items():
+        if kind != "RoleBinding":
+            continue
+        ref = binding["roleRef"]
+        assert ref["apiGroup"] == "rbac.authorization.k8s.io" and ref["kind"] == "Role", f"{overlay}: RoleBinding/{name} roleRef {ref}"
+        assert ("Role", ref["name"]) in index, f"{overlay}: RoleBinding/{name}: no Role {ref['name']}"
+        assert binding.get("subjects"), f"{overlay}: RoleBinding/{name} binds nobody"
+        for subject in binding["subjects"]:
+            if subject["kind"] == "ServiceAccount":
+                assert subject.get("namespace") == NAMESPACE, f"{overlay}: RoleBinding/{name}: subject outside {NAMESPACE}"
+                assert ("ServiceAccount", subject["name"]) in index, f"{overlay}: RoleBinding/{name}: no ServiceAccount {subject['name']}"
+
+
+def granted_verbs(index, account, resource):
+    """The verbs on core-group `resource` that RoleBindings give ServiceAccount `account`."""
+    verbs = set()
+    for (kind, _), binding in index.items():
+        if kind != "RoleBinding" or not any(s["kind"] == "ServiceAccount" and s["name"] == account for s in binding["subjects"]):
+            continue
+        for rule in index[("Role", binding["roleRef"]["name"])]["rules"]:
+            if "" in rule["apiGroups"] and (resource in rule["resources"] or "*" in rule["resources"]):
+                verbs |= set(rule["verbs"])
+    return verbs
+
+
+def parse_selector(text):
+    """An equality-based label selector "a=b,c==d" as a dict (the router's selectors use no other form)."""
+    out = {}
+    for term in text.split(","):
+        key, sep, value = term.replace("==", "=").partition("=")
+        assert sep and key and "!" not in key, f"selector term {term!r}: expected key=value"
+        out[key.strip()] = value.strip()
+    return out
 
 
 def config_data(index, prefix):
@@ -381,10 +432,8 @@ def test_kustomize_overlay_renders_valid_objects(overlay):
     router_env = config_data(index, "tandem-router-flags")
     drain = float(engine_env["TANDEM_DRAIN_TIMEOUT"])
 
-    replicas = {}
     for role, ports in ENGINE_PORTS.items():
         sts = index[("StatefulSet", f"tandem-{role}")]
-        replicas[role] = sts["spec"]["replicas"]
         pod = sts["spec"]["template"]["spec"]
         container = pod["containers"][0]
         where = f"{overlay} {role}"
@@ -423,26 +472,32 @@ def test_kustomize_overlay_renders_valid_objects(overlay):
             assert "tandem-model generate --preset tiny" in init and "/models/tiny" in init
             assert engine_env["TANDEM_MODEL_PATH"] == "/models/tiny"
 
-    # The router's static workers name real pods of the headless Services, with the right ports.
+    # The router finds the engines by watching pods: its selectors pick exactly one role's pods, whose
+    # gRPC port is the container port "grpc" and (prefill) bootstrap port the annotation; its service
+    # account may get, list and watch pods.
     router = index[("Deployment", "tandem-router")]
-    container = router["spec"]["template"]["spec"]["containers"][0]
+    router_pod = router["spec"]["template"]["spec"]
+    container = router_pod["containers"][0]
     argv = expand(shell_args(container), router_env)
     assert argv[0] == "tandem-router"
     assert int(flag(argv, "http-port")) == container_ports(container)["http"] == ROUTER_PORTS["http"]
     assert int(flag(argv, "grpc-port")) == container_ports(container)["grpc"] == ROUTER_PORTS["grpc"]
-    seen = {"prefill": 0, "decode": 0}
-    for i, arg in enumerate(argv):
-        role = arg.lstrip("-")
-        if role in seen:
-            host, _, ports = argv[i + 1].partition(":")
-            pod_name, _, service = host.partition(".")
-            ordinal = int(pod_name.rsplit("-", 1)[1])
-            assert service == f"tandem-{role}" and pod_name == f"tandem-{role}-{ordinal}", argv[i + 1]
-            assert ordinal < replicas[role], f"{argv[i + 1]}: the StatefulSet has {replicas[role]} replicas"
-            expected = [ENGINE_PORTS[role]["grpc"]] + ([ENGINE_PORTS[role]["bootstrap"]] if role == "prefill" else [])
-            assert [int(p) for p in ports.split(",")] == expected, argv[i + 1]
-            seen[role] += 1
-    assert seen == replicas, f"router workers {seen} vs replicas {replicas}"
+    assert flag(argv, "discovery") == "k8s", f"the router should discover workers from pods: {argv}"
+    assert not any(a in ("--prefill", "--decode", "--mixed", "--worker-file") for a in argv), f"static workers left over: {argv}"
+    templates = {role: index[("StatefulSet", f"tandem-{role}")]["spec"]["template"] for role in ENGINE_PORTS}
+    for role in ENGINE_PORTS:
+        selector = parse_selector(flag(argv, f"{role}-selector"))
+        matched = [r for r, t in templates.items() if labels_match(selector, t["metadata"]["labels"])]
+        assert matched == [role], f"--{role}-selector {selector} matches the pods of {matched}"
+        ports = container_ports(templates[role]["spec"]["containers"][0])
+        assert ports["grpc"] == ENGINE_PORTS[role]["grpc"], f"{role}: discovery reads the container port named grpc"
+    annotation = templates["prefill"]["metadata"]["annotations"].get(BOOTSTRAP_ANNOTATION)
+    assert annotation == str(ENGINE_PORTS["prefill"]["bootstrap"]), f"prefill pods: {BOOTSTRAP_ANNOTATION}={annotation!r}"
+    account = router_pod.get("serviceAccountName")
+    assert account and router_pod.get("automountServiceAccountToken", True), "the router needs its service-account token"
+    verbs = granted_verbs(index, account, "pods")
+    assert {"get", "list", "watch"} <= verbs, f"ServiceAccount {account} may only {sorted(verbs)} pods"
+    assert verbs <= {"get", "list", "watch"}, f"ServiceAccount {account} may {sorted(verbs)} pods: read-only is enough"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readiness"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
 
