@@ -77,8 +77,8 @@ struct IndexerArgs {
   int32_t* selected = nullptr;         // [tokens, topk] out
 };
 // selected[t] <- indices (relative to key_begin[t]) of the top-k of score[j] = sum_h w[t,h] * relu(q[t,h] . K_j),
-// ties to the smaller j, in descending score order; fewer than topk visible: 0..visible-1 in order; the
-// rest of the row is -1.
+// ties to the smaller j, in descending score order; at most topk visible: 0..visible-1 in order (as the CPU
+// forward, which takes every entry then); the rest of the row is -1. The workspace holds the f32 scores.
 size_t IndexerWorkspaceBytes(int64_t tokens, int64_t max_visible);
 absl::Status IndexerTopK(const IndexerArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
 

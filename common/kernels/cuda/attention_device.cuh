@@ -1,0 +1,150 @@
+// Device helpers shared by the attention kernels (internal to this folder): cache-format decoding and
+// encoding bit-compatible with common/core/dtype.cc, block reductions, and the shared-memory opt-in.
+#pragma once
+
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/kernels/cuda/check.h"
+
+namespace tandem::kernels::cuda::internal {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// e4m3fn code -> float, exactly (integer mantissa times a power of two). 0x7f / 0xff are NaN.
+__device__ __forceinline__ float Fp8ToFloat(uint32_t code) {
+  const uint32_t exponent = (code >> 3) & 15u, mantissa = code & 7u;
+  if (exponent == 15u && mantissa == 7u) return __uint_as_float(0x7fc00000u);
+  const float integer = static_cast<float>(exponent ? 8u + mantissa : mantissa);
+  const float power = __uint_as_float((127u - 10u + (exponent ? exponent : 1u)) << 23);  // 2^(max(e,1) - 10)
+  const float magnitude = __fmul_rn(integer, power);
+  return (code & 0x80u) ? -magnitude : magnitude;
+}
+
+// ue8m0 byte -> 2^(b - 127) (b = 0 is the subnormal 2^-127; 255 is NaN), as Ue8m0ToFloat.
+__device__ __forceinline__ float Ue8m0ToFloat(uint32_t bits) {
+  if (bits == 255u) return __uint_as_float(0x7fc00000u);
+  return bits == 0u ? __uint_as_float(0x00400000u) : __uint_as_float(bits << 23);
+}
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint32_t bits) { return __uint_as_float(bits << 16); }
+
+// Round to nearest even, NaN kept quiet: the CPU's FloatToBf16.
+__device__ __forceinline__ uint32_t FloatToBf16Bits(float value) {
+  const uint32_t f = __float_as_uint(value);
+  if (isnan(value)) return ((f >> 16) | 0x40u) & 0xffffu;
+  return ((f + 0x7fffu + ((f >> 16) & 1u)) >> 16) & 0xffffu;
+}
+
+// Round to nearest even, saturating at +-448, NaN -> 0x7f: the CPU's FloatToFp8E4M3.
+__device__ __forceinline__ uint8_t FloatToFp8(float value) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ float WarpMax(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
+
+__device__ __forceinline__ float WarpSum(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(kFullMask, value, offset);
+  return value;
+}
+
+// Block-wide sum in double / max in float (blockDim a multiple of 32, scratch >= 33 elements). Every
+// thread gets the total; the leading barrier lets a caller reuse `scratch` for consecutive reductions.
+__device__ __forceinline__ double BlockSum(double value, double* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(kFullMask, value, offset);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += scratch[w];
+    scratch[32] = total;
+  }
+  __syncthreads();
+  return scratch[32];
+}
+
+__device__ __forceinline__ float BlockMax(float value, float* scratch) {
+  value = WarpMax(value);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = scratch[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) total = fmaxf(total, scratch[w]);
+    scratch[32] = total;
+  }
+  __syncthreads();
+  return scratch[32];
+}
+
+// kernels::QuantizeKvEntry of one vector `v` (global or shared memory) by the whole block: one warp per
+// 64-wide tile (amax by shuffle, scale 2^ceil(log2(max(amax/448, 1e-4))) from the exponent bits), the
+// rope dims as bf16, the scale padding zeroed. blockDim a multiple of 32.
+__device__ __forceinline__ void QuantizeKvEntryBlock(const float* v, int64_t nope, int64_t rope, int64_t scale_bytes,
+                                                     uint8_t* data, uint8_t* scales) {
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int tiles = static_cast<int>(nope / 64);
+  for (int t = warp; t < tiles; t += static_cast<int>(blockDim.x / 32)) {
+    const float a = v[t * 64 + lane], b = v[t * 64 + 32 + lane];
+    const float amax = WarpMax(fmaxf(fabsf(a), fabsf(b)));
+    int exponent;
+    const float mantissa = frexpf(fmaxf(amax / 448.0f, 1e-4f), &exponent);
+    const int power = mantissa == 0.5f ? exponent - 1 : exponent;
+    const float inverse = ldexpf(1.0f, -power);
+    data[t * 64 + lane] = FloatToFp8(__fmul_rn(a, inverse));
+    data[t * 64 + 32 + lane] = FloatToFp8(__fmul_rn(b, inverse));
+    if (lane == 0) scales[t] = static_cast<uint8_t>(power + 127);
+  }
+  for (int64_t i = threadIdx.x; i < rope; i += blockDim.x) {
+    const uint32_t bits = FloatToBf16Bits(v[nope + i]);
+    data[nope + 2 * i] = static_cast<uint8_t>(bits & 0xffu);
+    data[nope + 2 * i + 1] = static_cast<uint8_t>(bits >> 8);
+  }
+  for (int64_t i = tiles + threadIdx.x; i < scale_bytes; i += blockDim.x) scales[i] = 0;
+}
+
+// 8 bytes from any address (one 8-byte load when aligned).
+__device__ __forceinline__ uint2 Load8(const uint8_t* p) {
+  if ((reinterpret_cast<uintptr_t>(p) & 7u) == 0) return __ldg(reinterpret_cast<const uint2*>(p));
+  uint2 out;
+  out.x = static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+          static_cast<uint32_t>(p[3]) << 24;
+  out.y = static_cast<uint32_t>(p[4]) | static_cast<uint32_t>(p[5]) << 8 | static_cast<uint32_t>(p[6]) << 16 |
+          static_cast<uint32_t>(p[7]) << 24;
+  return out;
+}
+
+// 4 bytes from any address.
+__device__ __forceinline__ uint32_t Load4(const uint8_t* p) {
+  if ((reinterpret_cast<uintptr_t>(p) & 3u) == 0) return __ldg(reinterpret_cast<const uint32_t*>(p));
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+         static_cast<uint32_t>(p[3]) << 24;
+}
+
+// Lets `kernel` use up to the device's opt-in maximum of dynamic shared memory (always the same value, so
+// concurrent callers never race each other into a smaller limit) and checks that `bytes` fits.
+template <typename Kernel>
+absl::Status AllowSharedMemory(Kernel kernel, size_t bytes, const char* name) {
+  if (bytes <= 48 * 1024) return absl::OkStatus();
+  int device = 0, optin = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes{};
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
+  const size_t limit = static_cast<size_t>(optin) - attributes.sharedSizeBytes;
+  if (bytes > limit) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": needs ", bytes, " bytes of shared memory, the device allows ",
+                                                   limit));
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
+  return absl::OkStatus();
+}
+
+}  // namespace tandem::kernels::cuda::internal

@@ -1,0 +1,369 @@
+// The C4 indexer's top-k and sparse MQA on the GPU against loops copied from common/model/attention.cc
+// (its index scores in double, its attention with f32 dots and double softmax sums), on the flash
+// (64 heads, index 64 x 128, topk 512) and tiny (4 heads, index 4 x 128, topk 16) shapes. Fresh inputs
+// every run.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/kernels/cuda/cuda_attention.h"
+#include "common/kernels/kernels.h"
+#include "tests/gpu/attention_test_util.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace tandem::kernels {
+namespace {
+
+using testing::AllClose;
+using testing::CudaTest;
+using testing::DequantizeEntries;
+using testing::KvPool;
+using testing::Normal;
+using testing::Poisoned;
+using testing::QuantizeEntries;
+using testing::RelativeL2;
+using testing::Sync;
+using testing::ToDevice;
+using testing::ToHost;
+
+constexpr int64_t kIndexDim = 128;
+constexpr int32_t kUnwritten = 0x5eed5eed;  // selected[] before the launch: a value no kernel writes
+
+// ---- Indexer ----
+
+struct IndexerCase {
+  const char* name;
+  int64_t heads;
+  int64_t topk;
+  std::vector<int32_t> visible;  // per token
+  int64_t distinct = 0;          // > 0: keys are copies of this many vectors (exact score ties)
+};
+
+// The GPU sums scores in f32, the CPU in double, so two entries whose scores differ by less than the
+// f32 error may swap places. Allowed, and only then: an entry chosen instead of the CPU's is within
+// `tolerance` of the CPU's k-th score, the order is descending within `tolerance`, and copies of one key
+// (bitwise-equal scores on both sides) always go to the smaller index.
+::testing::AssertionResult SameTopK(const std::vector<int32_t>& gpu, const std::vector<int64_t>& cpu,
+                                    const std::vector<float>& scores, const std::vector<int64_t>& identity,
+                                    double tolerance) {
+  const int64_t n = static_cast<int64_t>(scores.size()), k = static_cast<int64_t>(cpu.size());
+  std::set<int64_t> gpu_set, cpu_set(cpu.begin(), cpu.end());
+  for (const int32_t j : gpu) {
+    if (j < 0 || j >= n) return ::testing::AssertionFailure() << "index " << j << " outside [0, " << n << ")";
+    if (!gpu_set.insert(j).second) return ::testing::AssertionFailure() << "index " << j << " chosen twice";
+  }
+  const double kth = scores[cpu.back()];
+  int64_t swapped = 0;
+  for (const int64_t x : gpu_set) {
+    if (cpu_set.count(x)) continue;
+    ++swapped;
+    if (scores[x] < kth - tolerance) {
+      return ::testing::AssertionFailure() << "chose " << x << " (score " << scores[x] << ") below the k-th score " << kth
+                                           << " by more than " << tolerance;
+    }
+    for (const int64_t y : cpu_set) {
+      if (!gpu_set.count(y) && identity[y] == identity[x] && y < x) {
+        return ::testing::AssertionFailure() << "of two copies of one key chose " << x << " over the smaller " << y;
+      }
+    }
+  }
+  for (const int64_t y : cpu_set) {
+    if (!gpu_set.count(y) && scores[y] > kth + tolerance) {
+      return ::testing::AssertionFailure() << "left out " << y << " (score " << scores[y] << ") above the k-th score " << kth
+                                           << " by more than " << tolerance;
+    }
+  }
+  for (int64_t i = 1; i < k; ++i) {
+    const int32_t a = gpu[i - 1], b = gpu[i];
+    if (scores[b] > scores[a] + tolerance) {
+      return ::testing::AssertionFailure() << "not descending at " << i << ": " << a << " (" << scores[a] << ") then " << b
+                                           << " (" << scores[b] << ")";
+    }
+    if (identity[a] == identity[b] && b < a) {
+      return ::testing::AssertionFailure() << "copies of one key out of index order at " << i << ": " << a << " then " << b;
+    }
+  }
+  return ::testing::AssertionSuccess() << swapped << " near-tie swaps";
+}
+
+void CheckIndexer(std::mt19937& rng, const IndexerCase& c) {
+  SCOPED_TRACE(c.name);
+  const int64_t tokens = static_cast<int64_t>(c.visible.size()), heads = c.heads, dim = kIndexDim;
+  const int64_t key_bytes = IndexerKeyBytes(dim);
+  // Token t's keys sit at pointer slots key_begin[t] ..; the pointers reach a shuffled key buffer.
+  std::vector<int64_t> key_begin(static_cast<size_t>(tokens));
+  int64_t slots = 3;
+  for (int64_t t = 0; t < tokens; ++t) {
+    key_begin[t] = slots;
+    slots += c.visible[t] + 5;
+  }
+  std::vector<int64_t> physical(static_cast<size_t>(slots)), identity(static_cast<size_t>(slots));
+  std::iota(physical.begin(), physical.end(), 0);
+  std::shuffle(physical.begin(), physical.end(), rng);
+  const int64_t vectors = c.distinct > 0 ? c.distinct : slots;
+  const auto base = Normal(static_cast<size_t>(vectors * dim), rng);
+  std::vector<uint8_t> key_host(static_cast<size_t>(slots * key_bytes));
+  for (int64_t s = 0; s < slots; ++s) {
+    identity[s] = c.distinct > 0 ? static_cast<int64_t>(rng() % static_cast<uint32_t>(c.distinct)) : s;
+    QuantizeIndexerKey(base.data() + identity[s] * dim, dim, key_host.data() + physical[s] * key_bytes);
+  }
+  const auto q = Normal(static_cast<size_t>(tokens * heads * dim), rng);
+  auto weights = Normal(static_cast<size_t>(tokens * heads), rng);
+  const float weight_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim * heads)));
+  for (auto& w : weights) w *= weight_scale;
+
+  auto device_keys = ToDevice(key_host);
+  std::vector<const uint8_t*> pointers(static_cast<size_t>(slots));
+  for (int64_t s = 0; s < slots; ++s) pointers[s] = device_keys.get() + physical[s] * key_bytes;
+  auto device_pointers = ToDevice(pointers);
+  auto device_key_begin = ToDevice(key_begin);
+  auto device_visible = ToDevice(c.visible);
+  auto device_q = ToDevice(q);
+  auto device_weights = ToDevice(weights);
+  auto device_selected = ToDevice(std::vector<int32_t>(static_cast<size_t>(tokens * c.topk), kUnwritten));
+  cuda::IndexerArgs args;
+  args.tokens = tokens;
+  args.heads = heads;
+  args.dim = dim;
+  args.topk = c.topk;
+  args.q = device_q.get();
+  args.weights = device_weights.get();
+  args.keys = device_pointers.get();
+  args.key_begin = device_key_begin.get();
+  args.visible = device_visible.get();
+  args.max_visible = *std::max_element(c.visible.begin(), c.visible.end());
+  args.selected = device_selected.get();
+  auto workspace = Poisoned<uint8_t>(cuda::IndexerWorkspaceBytes(tokens, args.max_visible));
+  TANDEM_ASSERT_OK(cuda::IndexerTopK(args, workspace.get(), workspace.size()));
+  TANDEM_ASSERT_OK(Sync());
+  const auto selected = ToHost(device_selected);
+
+  std::vector<float> keys(static_cast<size_t>(slots * dim));
+  for (int64_t s = 0; s < slots; ++s) DequantizeIndexerKey(key_host.data() + physical[s] * key_bytes, dim, keys.data() + s * dim);
+  for (int64_t t = 0; t < tokens; ++t) {
+    SCOPED_TRACE(::testing::Message() << "token " << t << " visible " << c.visible[t] << " topk " << c.topk);
+    const int64_t n = c.visible[t];
+    const std::vector<int32_t> gpu(selected.begin() + t * c.topk, selected.begin() + (t + 1) * c.topk);
+    if (n <= c.topk) {  // attention.cc takes every entry, in order
+      std::vector<int32_t> expected(static_cast<size_t>(c.topk), -1);
+      std::iota(expected.begin(), expected.begin() + n, 0);
+      EXPECT_EQ(gpu, expected);
+      continue;
+    }
+    // attention.cc's index scores and TopK.
+    std::vector<float> scores(static_cast<size_t>(n));
+    float largest = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qh = q.data() + (t * heads + h) * dim;
+        const float* kj = keys.data() + (key_begin[t] + j) * dim;
+        double dot = 0.0;
+        for (int64_t e = 0; e < dim; ++e) dot += static_cast<double>(qh[e]) * kj[e];
+        s += static_cast<double>(weights[t * heads + h]) * std::max(dot, 0.0);
+      }
+      scores[j] = static_cast<float>(s);
+      largest = std::max(largest, std::fabs(scores[j]));
+    }
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + c.topk, order.end(), [&](int64_t a, int64_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    });
+    order.resize(static_cast<size_t>(c.topk));
+    const std::vector<int64_t> token_identity(identity.begin() + key_begin[t], identity.begin() + key_begin[t] + n);
+    // f32 sums of 64 x 128 products: ~1e-6 relative; 1e-5 of the largest score leaves a margin.
+    EXPECT_TRUE(SameTopK(gpu, order, scores, token_identity, 1e-5 * largest));
+  }
+}
+
+TEST_F(CudaTest, IndexerTopKFlash) {
+  // Fewer, exactly, one more than, and several times topk.
+  CheckIndexer(rng_, {"flash", 64, 512, {0, 100, 512, 513, 3000, 1500}});
+}
+
+TEST_F(CudaTest, IndexerTopKTiny) { CheckIndexer(rng_, {"tiny", 4, 16, {0, 5, 16, 17, 40, 333}}); }
+
+// Copies of a few hundred keys: groups of equal scores straddle the k-th place.
+TEST_F(CudaTest, IndexerTopKTies) {
+  CheckIndexer(rng_, {"flash ties", 64, 512, {2000, 2600}, 300});
+  CheckIndexer(rng_, {"tiny ties", 4, 16, {100, 257}, 6});
+}
+
+// ---- Sparse attention ----
+
+enum class Compressed { kNone, kAll, kSelected };
+
+struct AttentionCase {
+  const char* name;
+  int64_t heads;
+  std::vector<int32_t> window;      // window candidates per token
+  Compressed mode = Compressed::kNone;
+  std::vector<int32_t> compressed;  // kAll: entries per token; kSelected: entries >= 0 in the token's row
+  int64_t topk = 0;
+  bool scatter_invalid = false;     // kSelected: -1 between the chosen entries, not only after them
+  float q_scale = 1.0f;
+  float sink_mean = 0.0f, sink_spread = 1.0f;
+};
+
+void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
+  SCOPED_TRACE(c.name);
+  const KvFormat format;
+  const int64_t tokens = static_cast<int64_t>(c.window.size()), heads = c.heads, dim = format.dim();
+  const int64_t window_entries = 200, compressed_entries = 1000, row_entries = 700;
+  // kv after kv_norm / the compressor's norm: ~N(0, 1) per dim.
+  const auto window_cpu = QuantizeEntries(format, Normal(static_cast<size_t>(window_entries * dim), rng));
+  const auto compressed_cpu = QuantizeEntries(format, Normal(static_cast<size_t>(compressed_entries * dim), rng));
+  const auto window_values = DequantizeEntries(format, window_cpu);
+  const auto compressed_values = DequantizeEntries(format, compressed_cpu);
+  KvPool window_pool = KvPool::Create(format, window_entries);
+  KvPool compressed_pool = KvPool::Create(format, compressed_entries);
+  window_pool.Upload(window_cpu);
+  compressed_pool.Upload(compressed_cpu);
+
+  // Reference lists: window[window_begin[t] + i] and compressed[compressed_begin[t] + j] name random slots.
+  std::vector<cuda::KvRef> window_refs, compressed_refs;
+  std::vector<int64_t> window_slot, compressed_slot, window_begin, compressed_begin;
+  std::vector<int32_t> selected;
+  std::vector<std::vector<const float*>> candidates(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) {
+    window_begin.push_back(static_cast<int64_t>(window_refs.size()));
+    for (int32_t i = 0; i < c.window[t]; ++i) {
+      const int64_t slot = rng() % window_entries;
+      window_refs.push_back(window_pool.Ref(slot));
+      candidates[t].push_back(window_values.data() + slot * dim);
+    }
+    compressed_begin.push_back(static_cast<int64_t>(compressed_refs.size()));
+    if (c.mode == Compressed::kNone) continue;
+    const int64_t listed = c.mode == Compressed::kAll ? c.compressed[t] : row_entries;
+    for (int64_t j = 0; j < listed; ++j) {
+      const int64_t slot = rng() % compressed_entries;
+      compressed_refs.push_back(compressed_pool.Ref(slot));
+      compressed_slot.push_back(slot);
+    }
+    const int64_t first = compressed_begin[t];
+    if (c.mode == Compressed::kAll) {
+      for (int64_t j = 0; j < listed; ++j) candidates[t].push_back(compressed_values.data() + compressed_slot[first + j] * dim);
+      continue;
+    }
+    // A row of topk: c.compressed[t] distinct indices into the token's list, -1 elsewhere.
+    std::vector<int32_t> pick(static_cast<size_t>(row_entries));
+    std::iota(pick.begin(), pick.end(), 0);
+    std::shuffle(pick.begin(), pick.end(), rng);
+    std::vector<int32_t> row(static_cast<size_t>(c.topk), -1);
+    std::vector<int64_t> places(static_cast<size_t>(c.topk));
+    std::iota(places.begin(), places.end(), 0);
+    if (c.scatter_invalid) std::shuffle(places.begin(), places.end(), rng);
+    places.resize(static_cast<size_t>(c.compressed[t]));
+    std::sort(places.begin(), places.end());
+    for (size_t n = 0; n < places.size(); ++n) row[places[n]] = pick[n];
+    for (const int32_t j : row) {
+      if (j >= 0) candidates[t].push_back(compressed_values.data() + compressed_slot[first + j] * dim);
+    }
+    selected.insert(selected.end(), row.begin(), row.end());
+  }
+  auto q = Normal(static_cast<size_t>(tokens * heads * dim), rng, c.q_scale);
+  auto sink = Normal(static_cast<size_t>(heads), rng, c.sink_spread);
+  for (auto& s : sink) s += c.sink_mean;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim)));
+
+  auto device_q = ToDevice(q);
+  auto device_sink = ToDevice(sink);
+  auto device_window = ToDevice(window_refs);
+  auto device_window_begin = ToDevice(window_begin);
+  auto device_window_count = ToDevice(c.window);
+  auto device_compressed = ToDevice(compressed_refs);
+  auto device_compressed_begin = ToDevice(compressed_begin);
+  auto device_compressed_count = ToDevice(c.mode == Compressed::kAll ? c.compressed : std::vector<int32_t>(tokens, 0));
+  auto device_selected = ToDevice(selected);
+  auto device_o = Poisoned<float>(q.size());
+  cuda::SparseAttentionArgs args;
+  args.format = format;
+  args.tokens = tokens;
+  args.heads = heads;
+  args.q = device_q.get();
+  args.sink = device_sink.get();
+  args.scale = scale;
+  args.window = device_window.get();
+  args.window_begin = device_window_begin.get();
+  args.window_count = device_window_count.get();
+  if (c.mode != Compressed::kNone) {
+    args.compressed = device_compressed.get();
+    args.compressed_begin = device_compressed_begin.get();
+    args.compressed_count = c.mode == Compressed::kAll ? device_compressed_count.get() : nullptr;
+    args.selected = c.mode == Compressed::kSelected ? device_selected.get() : nullptr;
+    args.topk = c.topk;
+  }
+  args.o = device_o.get();
+  TANDEM_ASSERT_OK(cuda::SparseAttention(args));
+  TANDEM_ASSERT_OK(Sync());
+  const auto gpu = ToHost(device_o);
+
+  // attention.cc: f32 dots, double softmax with the sink in the denominator only.
+  std::vector<float> cpu(q.size());
+  for (int64_t t = 0; t < tokens; ++t) {
+    const auto& cand = candidates[t];
+    std::vector<float> scores(cand.size());
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q.data() + (t * heads + h) * dim;
+      float best = sink[h];
+      for (size_t k = 0; k < cand.size(); ++k) {
+        float dot = 0.0f;
+        for (int64_t e = 0; e < dim; ++e) dot += qh[e] * cand[k][e];
+        scores[k] = dot * scale;
+        best = std::max(best, scores[k]);
+      }
+      double den = std::exp(static_cast<double>(sink[h]) - best);
+      std::vector<double> acc(static_cast<size_t>(dim), 0.0);
+      for (size_t k = 0; k < cand.size(); ++k) {
+        const double e = std::exp(static_cast<double>(scores[k]) - best);
+        den += e;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += e * cand[k][d];
+      }
+      for (int64_t d = 0; d < dim; ++d) cpu[(t * heads + h) * dim + d] = static_cast<float>(acc[d] / den);
+    }
+    if (cand.empty()) {  // no candidates: exactly 0
+      for (int64_t i = t * heads * dim; i < (t + 1) * heads * dim; ++i) {
+        if (gpu[i] != 0.0f) {
+          ADD_FAILURE() << "token " << t << " has no candidates but o[" << i << "] = " << gpu[i];
+          break;
+        }
+      }
+    }
+  }
+  // f32 dots in another order and an f32 online softmax against double sums: ~1e-6 relative.
+  EXPECT_TRUE(AllClose(gpu, cpu, 2e-5, 2e-4));
+  EXPECT_LT(RelativeL2(gpu, cpu), 1e-5);
+}
+
+TEST_F(CudaTest, SparseAttentionWindowOnly) {
+  // A ratio-0 layer: 1 .. 128 window tokens, and a token with none (output 0).
+  CheckAttention(rng_, {"flash window", 64, {1, 37, 128, 128, 0, 64}});
+  // 20 heads: a second, partial group of heads.
+  CheckAttention(rng_, {"20 heads", 20, {128, 7, 33}});
+}
+
+TEST_F(CudaTest, SparseAttentionWindowAndAllCompressed) {
+  // A C128 layer: every compressed entry so far; token 3 has no candidates at all.
+  CheckAttention(rng_, {"flash C128", 64, {128, 20, 128, 0, 128}, Compressed::kAll, {0, 5, 300, 0, 33}});
+}
+
+TEST_F(CudaTest, SparseAttentionWindowAndSelected) {
+  // A C4 layer: full rows, short rows (-1 after), rows of -1 only; token 3 has no candidates.
+  CheckAttention(rng_, {"flash C4", 64, {128, 128, 50, 0, 128}, Compressed::kSelected, {512, 100, 511, 0, 0}, 512});
+  CheckAttention(rng_, {"flash C4 scattered", 64, {128, 3}, Compressed::kSelected, {300, 17}, 512, true});
+  CheckAttention(rng_, {"tiny C4", 4, {1, 16, 128}, Compressed::kSelected, {16, 3, 0}, 16, true});
+}
+
+// Sinks large against the scores take most of the mass (and peaky q makes the online rescaling work).
+TEST_F(CudaTest, SparseAttentionSink) {
+  CheckAttention(rng_, {"heavy sink", 64, {128, 3, 60}, Compressed::kAll, {64, 0, 200}, 0, false, 3.0f, 4.0f, 3.0f});
+  CheckAttention(rng_, {"negligible sink", 64, {128, 40}, Compressed::kAll, {64, 1}, 0, false, 1.0f, -30.0f, 1.0f});
+}
+
+}  // namespace
+}  // namespace tandem::kernels
