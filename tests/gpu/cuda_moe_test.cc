@@ -1,0 +1,549 @@
+// MoE and output-head kernels on the GPU against the CPU forward's rules: routing and grouping exactly as
+// model::internal::Moe, the grouped expert GEMMs against kernels::QuantizedLinear (MXFP4 and block FP8),
+// SwiGLU and the combine as moe.cc writes them, hc_head against model::internal::HcHead, argmax, and the
+// sampling rule of engine::RequestSampler::Sample (re-stated below: common/engine is not in this build).
+// Fresh inputs every run.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "common/core/dtype.h"
+#include "common/kernels/cuda/cuda_moe.h"
+#include "common/kernels/kernels.h"
+#include "common/model/layers.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace tandem::kernels {
+namespace {
+
+using testing::AllClose;
+using testing::CudaTest;
+using testing::Normal;
+using testing::Poisoned;
+using testing::Sync;
+using testing::ToDevice;
+using testing::ToHost;
+
+struct MoeShape {
+  const char* name;
+  int64_t hidden, experts, k, intermediate;
+};
+// The tiny preset (dsv4-model.md §6.1) and DeepSeek-V4-Flash.
+constexpr MoeShape kTiny{"tiny", 256, 8, 2, 128};
+constexpr MoeShape kFlash{"flash", 4096, 256, 6, 2048};
+
+double SqrtSoftplus(double v) { return std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v))); }
+
+// moe.cc's routing for one token.
+void CpuRoute(const float* logits, int64_t E, int64_t k, const float* bias, const int32_t* hash_row, double scaling,
+              int32_t* chosen, float* weights) {
+  std::vector<double> score(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) score[e] = SqrtSoftplus(logits[e]);
+  if (hash_row) {
+    for (int64_t i = 0; i < k; ++i) chosen[i] = hash_row[i];
+  } else {
+    std::vector<int64_t> order(static_cast<size_t>(E));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      const double sa = score[a] + bias[a], sb = score[b] + bias[b];
+      return sa > sb || (sa == sb && a < b);
+    });
+    for (int64_t i = 0; i < k; ++i) chosen[i] = static_cast<int32_t>(order[i]);
+  }
+  double sum = 0.0;
+  for (int64_t i = 0; i < k; ++i) sum += score[chosen[i]];
+  for (int64_t i = 0; i < k; ++i) weights[i] = static_cast<float>(score[chosen[i]] / sum * scaling);
+}
+
+void ExpectRouteMatches(const MoeShape& shape, int64_t tokens, bool hash, std::mt19937& rng) {
+  SCOPED_TRACE(::testing::Message() << shape.name << (hash ? " hash" : " learned gate") << " tokens " << tokens);
+  const int64_t E = shape.experts, k = shape.k, vocab = 1000;
+  auto logits = Normal(static_cast<size_t>(tokens * E), rng, 2.0f);
+  auto bias = Normal(static_cast<size_t>(E), rng, 0.3f);
+  // Ties: a few experts share the score and bias of another, so the order falls to the expert id.
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t e = 1; e < E; e += 3) logits[t * E + e] = logits[t * E + e - 1];
+  }
+  for (int64_t e = 1; e < E; e += 3) bias[e] = bias[e - 1];
+  std::vector<int32_t> tid2eid(static_cast<size_t>(vocab * k)), token_ids(static_cast<size_t>(tokens));
+  for (int64_t v = 0; v < vocab; ++v) {
+    std::vector<int32_t> ids(static_cast<size_t>(E));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::copy_n(ids.begin(), k, tid2eid.begin() + v * k);
+  }
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(vocab - 1));
+  for (auto& t : token_ids) t = token(rng);
+  const double scaling = 1.5;
+  std::vector<int32_t> chosen(static_cast<size_t>(tokens * k));
+  std::vector<float> weights(chosen.size());
+  for (int64_t t = 0; t < tokens; ++t) {
+    CpuRoute(logits.data() + t * E, E, k, bias.data(), hash ? tid2eid.data() + token_ids[t] * k : nullptr, scaling,
+             chosen.data() + t * k, weights.data() + t * k);
+  }
+  auto dlogits = ToDevice(logits);
+  auto dbias = ToDevice(bias);
+  auto dtid2eid = ToDevice(tid2eid);
+  auto dtokens = ToDevice(token_ids);
+  auto dchosen = Poisoned<int32_t>(chosen.size());
+  auto dweights = Poisoned<float>(weights.size());
+  cuda::MoeRouteArgs args;
+  args.tokens = tokens;
+  args.experts = E;
+  args.k = k;
+  args.logits = dlogits.get();
+  args.bias = hash ? nullptr : dbias.get();
+  args.tid2eid = hash ? dtid2eid.get() : nullptr;
+  args.token_ids = dtokens.get();
+  args.routed_scaling = static_cast<float>(scaling);
+  args.chosen = dchosen.get();
+  args.weights = dweights.get();
+  TANDEM_ASSERT_OK(cuda::MoeRoute(args));
+  TANDEM_ASSERT_OK(Sync());
+  const auto got = ToHost(dchosen);
+  int64_t bad = 0;
+  for (size_t i = 0; i < chosen.size(); ++i) {
+    if (got[i] != chosen[i] && bad++ < 5) {
+      ADD_FAILURE() << "token " << i / k << " slot " << i % k << ": gpu expert " << got[i] << " cpu " << chosen[i];
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  // Double scores on both sides: only the last f32 rounding can differ.
+  EXPECT_TRUE(AllClose(ToHost(dweights), weights, 1e-7, 1e-6)) << "weights";
+}
+
+TEST_F(CudaTest, MoeRouteMatchesCpu) {
+  for (const MoeShape& shape : {kTiny, kFlash}) {
+    for (const int64_t tokens : {int64_t{1}, int64_t{64}, int64_t{517}}) {
+      ExpectRouteMatches(shape, tokens, false, rng_);
+      ExpectRouteMatches(shape, tokens, true, rng_);
+    }
+  }
+}
+
+// The CPU's grouping: pairs in order, appended to their expert.
+struct Grouping {
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> rows, position;
+};
+Grouping CpuGroup(const std::vector<int32_t>& chosen, int64_t k, int64_t E) {
+  Grouping g;
+  g.offsets.assign(static_cast<size_t>(E + 1), 0);
+  for (int32_t e : chosen) ++g.offsets[e + 1];
+  for (int64_t e = 0; e < E; ++e) g.offsets[e + 1] += g.offsets[e];
+  std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
+  g.rows.resize(chosen.size());
+  g.position.resize(chosen.size());
+  for (size_t p = 0; p < chosen.size(); ++p) {
+    const int64_t pos = next[chosen[p]]++;
+    g.rows[pos] = static_cast<int32_t>(static_cast<int64_t>(p) / k);
+    g.position[p] = static_cast<int32_t>(pos);
+  }
+  return g;
+}
+
+// Distinct experts per token, drawn with a skew so that some experts get many rows and some none.
+std::vector<int32_t> RandomChoice(int64_t tokens, int64_t k, int64_t E, std::mt19937& rng) {
+  std::vector<int32_t> chosen(static_cast<size_t>(tokens * k));
+  std::vector<double> popularity(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) popularity[e] = std::pow(0.97, static_cast<double>(e));
+  std::discrete_distribution<int32_t> expert(popularity.begin(), popularity.end());
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < k; ++i) {
+      int32_t e;
+      do e = expert(rng);
+      while (std::find(chosen.begin() + t * k, chosen.begin() + t * k + i, e) != chosen.begin() + t * k + i);
+      chosen[t * k + i] = e;
+    }
+  }
+  return chosen;
+}
+
+TEST_F(CudaTest, MoeGroupIsStableAndConsistent) {
+  for (const MoeShape& shape : {kTiny, kFlash}) {
+    // 1 and 64: decode; 3001: several 512-pair units per block and a partial one.
+    for (const int64_t tokens : {int64_t{1}, int64_t{64}, int64_t{3001}}) {
+      SCOPED_TRACE(::testing::Message() << shape.name << " tokens " << tokens);
+      const int64_t k = shape.k, E = shape.experts;
+      const auto chosen = RandomChoice(tokens, k, E, rng_);
+      const Grouping cpu = CpuGroup(chosen, k, E);
+      auto dchosen = ToDevice(chosen);
+      auto doffsets = Poisoned<int64_t>(static_cast<size_t>(E + 1));
+      auto drows = Poisoned<int32_t>(chosen.size());
+      auto dposition = Poisoned<int32_t>(chosen.size());
+      const size_t bytes = cuda::MoeGroupWorkspaceBytes(tokens, k, E);
+      auto workspace = Poisoned<uint8_t>(bytes);
+      TANDEM_ASSERT_OK(cuda::MoeGroup(dchosen.get(), tokens, k, E, doffsets.get(), drows.get(), dposition.get(),
+                                      workspace.get(), bytes));
+      TANDEM_ASSERT_OK(Sync());
+      EXPECT_EQ(ToHost(doffsets), cpu.offsets);
+      EXPECT_EQ(ToHost(drows), cpu.rows);
+      EXPECT_EQ(ToHost(dposition), cpu.position);
+    }
+  }
+}
+
+// Random checkpoint-format experts: MXFP4 codes with scales 2^-8 .. 2^2, or finite e4m3 codes with block
+// scales 2^-10 .. 2^2 (values up to ~6 and ~1800: the subnormal codes and the exponent range all occur).
+struct Expert {
+  std::vector<uint8_t> codes, scales;
+};
+Expert RandomExpert(QuantizedWeight::Format format, int64_t out, int64_t in, std::mt19937& rng) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  Expert e;
+  if (format == QuantizedWeight::Format::kMxfp4) {
+    std::uniform_int_distribution<int> scale(119, 129);
+    e.codes.resize(static_cast<size_t>(out * in / 2));
+    e.scales.resize(static_cast<size_t>(out * in / 32));
+    for (auto& c : e.codes) c = static_cast<uint8_t>(byte(rng));
+    for (auto& s : e.scales) s = static_cast<uint8_t>(scale(rng));
+  } else {
+    std::uniform_int_distribution<int> scale(117, 129);
+    e.codes.resize(static_cast<size_t>(out * in));
+    e.scales.resize(static_cast<size_t>(((out + 127) / 128) * ((in + 127) / 128)));
+    for (auto& c : e.codes) {
+      do c = static_cast<uint8_t>(byte(rng));
+      while ((c & 0x7f) == 0x7f);
+    }
+    for (auto& s : e.scales) s = static_cast<uint8_t>(scale(rng));
+  }
+  return e;
+}
+
+void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int64_t in,
+                                const std::vector<int64_t>& counts, bool gather, int64_t max_rows_bound,
+                                std::mt19937& rng) {
+  const bool fp4 = format == QuantizedWeight::Format::kMxfp4;
+  SCOPED_TRACE(::testing::Message() << (fp4 ? "MXFP4" : "FP8") << " out " << out << " in " << in
+                                    << (gather ? " gathered" : " contiguous") << " bound " << max_rows_bound);
+  const int64_t E = static_cast<int64_t>(counts.size());
+  std::vector<int64_t> offsets(static_cast<size_t>(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int64_t rows = offsets[E];
+  const int64_t x_rows = gather ? 37 : rows;
+  const auto x = Normal(static_cast<size_t>(std::max<int64_t>(1, x_rows) * in), rng);
+  std::vector<int32_t> gather_rows(static_cast<size_t>(std::max<int64_t>(1, rows)));
+  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(x_rows - 1));
+  for (auto& g : gather_rows) g = gather ? pick(rng) : 0;
+  std::vector<Expert> experts;
+  for (int64_t e = 0; e < E; ++e) experts.push_back(RandomExpert(format, out, in, rng));
+
+  // CPU: per expert, gather its rows and run kernels::QuantizedLinear.
+  std::vector<float> cpu(static_cast<size_t>(rows * out)), magnitude(cpu.size());
+  std::vector<float> dense(static_cast<size_t>(out * in));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e];
+    if (n == 0) continue;
+    const QuantizedWeight view{format, experts[e].codes.data(), experts[e].scales.data(), out, in};
+    std::vector<float> xe(static_cast<size_t>(n * in));
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t src = gather ? gather_rows[offsets[e] + r] : offsets[e] + r;
+      std::copy_n(x.data() + src * in, in, xe.data() + r * in);
+    }
+    QuantizedLinear(xe.data(), n, view, cpu.data() + offsets[e] * out);
+    DequantizeRows(view, 0, out, dense.data());
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t o = 0; o < out; ++o) {
+        double m = 0.0;
+        for (int64_t i = 0; i < in; ++i) m += std::fabs(static_cast<double>(xe[r * in + i]) * dense[o * in + i]);
+        magnitude[(offsets[e] + r) * out + o] = static_cast<float>(m);
+      }
+    }
+  }
+
+  std::vector<cuda::DeviceArray<uint8_t>> dcodes, dscales;
+  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
+  for (const auto& ex : experts) {
+    dcodes.push_back(ToDevice(ex.codes));
+    dscales.push_back(ToDevice(ex.scales));
+    code_ptrs.push_back(dcodes.back().get());
+    scale_ptrs.push_back(dscales.back().get());
+  }
+  auto dcode_ptrs = ToDevice(code_ptrs);
+  auto dscale_ptrs = ToDevice(scale_ptrs);
+  auto dx = ToDevice(x);
+  auto dgather = ToDevice(gather_rows);
+  auto doffsets = ToDevice(offsets);
+  auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
+  cuda::GroupedWeights w;
+  w.format = format;
+  w.codes = dcode_ptrs.get();
+  w.scales = dscale_ptrs.get();
+  w.experts = E;
+  w.out = out;
+  w.in = in;
+  TANDEM_ASSERT_OK(cuda::GroupedQuantizedLinear(w, dx.get(), gather ? dgather.get() : nullptr, doffsets.get(),
+                                                max_rows_bound, dy.get()));
+  TANDEM_ASSERT_OK(Sync());
+  const auto gpu = ToHost(dy);
+  // f32 sums in another order than OpenBLAS: within 1e-5 of the sum of |terms| (an indexing bug is ~1e-2).
+  int64_t bad = 0;
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    if (!(std::fabs(gpu[i] - cpu[i]) <= 1e-5 * magnitude[i] + 1e-30)) {
+      const int64_t row = static_cast<int64_t>(i) / out;
+      const int64_t e = std::upper_bound(offsets.begin(), offsets.end(), row) - offsets.begin() - 1;
+      if (bad++ < 5) {
+        ADD_FAILURE() << "y[" << row << "][" << static_cast<int64_t>(i) % out << "] (expert " << e << " with "
+                      << counts[e] << " rows): gpu " << gpu[i] << " cpu " << cpu[i] << " |terms| " << magnitude[i];
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
+  // Experts with 0, 1, 2, 3, 4 rows (the GEMV path), 5 and 70 (the tiled path, two row tiles), 150.
+  const std::vector<int64_t> counts = {0, 1, 3, 0, 2, 4, 5, 70, 1, 150};
+  for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
+    // Tiny w1/w3 and w2, a shape with partial output tiles and K chunks, and the flash expert w1.
+    ExpectGroupedLinearMatches(format, kTiny.intermediate, kTiny.hidden, counts, true, 150, rng_);
+    ExpectGroupedLinearMatches(format, kTiny.hidden, kTiny.intermediate, counts, false, 150, rng_);
+    ExpectGroupedLinearMatches(format, 100, 192, counts, true, 150, rng_);
+    // A bound below the real maximum costs parallelism only.
+    ExpectGroupedLinearMatches(format, 100, 192, counts, false, 1, rng_);
+    ExpectGroupedLinearMatches(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 9, 4, 1}, true, 64, rng_);
+  }
+  // Flash w2 at decode: one row per expert.
+  ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 1, 3}, false,
+                             64, rng_);
+}
+
+float CpuSwiGlu(float a, float b, float limit) {
+  const float g = std::min(a, limit);
+  const float u = std::clamp(b, -limit, limit);
+  return g / (1.0f + std::exp(-g)) * u;
+}
+
+TEST_F(CudaTest, SwiGluMatchesCpu) {
+  const float limit = 10.0f;
+  // Spread 8: many values beyond the clamp on both sides. Offset 1: the unaligned (scalar) path.
+  for (const int64_t offset : {int64_t{0}, int64_t{1}}) {
+    const int64_t count = 10007;
+    const auto a = Normal(static_cast<size_t>(count + 1), rng_, 8.0f);
+    const auto b = Normal(static_cast<size_t>(count + 1), rng_, 8.0f);
+    std::vector<float> cpu(static_cast<size_t>(count));
+    int64_t clamped = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      cpu[i] = CpuSwiGlu(a[offset + i], b[offset + i], limit);
+      clamped += a[offset + i] > limit || std::fabs(b[offset + i]) > limit;
+    }
+    ASSERT_GT(clamped, count / 10);
+    auto da = ToDevice(a);
+    auto db = ToDevice(b);
+    auto dh = Poisoned<float>(static_cast<size_t>(count + 1));
+    TANDEM_ASSERT_OK(cuda::SwiGlu(da.get() + offset, db.get() + offset, count, limit, dh.get() + offset));
+    TANDEM_ASSERT_OK(Sync());
+    auto got = ToHost(dh);
+    got.erase(got.begin(), got.begin() + offset);
+    got.resize(static_cast<size_t>(count));
+    EXPECT_TRUE(AllClose(got, cpu, 1e-6, 1e-6)) << "offset " << offset;
+  }
+  // In place into a.
+  const int64_t count = 4096;
+  const auto a = Normal(static_cast<size_t>(count), rng_, 8.0f);
+  const auto b = Normal(static_cast<size_t>(count), rng_, 8.0f);
+  std::vector<float> cpu(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) cpu[i] = CpuSwiGlu(a[i], b[i], limit);
+  auto da = ToDevice(a);
+  auto db = ToDevice(b);
+  TANDEM_ASSERT_OK(cuda::SwiGlu(da.get(), db.get(), count, limit, da.get()));
+  TANDEM_ASSERT_OK(Sync());
+  EXPECT_TRUE(AllClose(ToHost(da), cpu, 1e-6, 1e-6)) << "in place";
+}
+
+TEST_F(CudaTest, MoeCombineMatchesCpu) {
+  for (const MoeShape& shape : {kTiny, kFlash}) {
+    const int64_t tokens = 67, k = shape.k, E = shape.experts, D = shape.hidden;
+    SCOPED_TRACE(shape.name);
+    const auto chosen = RandomChoice(tokens, k, E, rng_);
+    const Grouping g = CpuGroup(chosen, k, E);
+    const auto shared = Normal(static_cast<size_t>(tokens * D), rng_);
+    const auto routed = Normal(static_cast<size_t>(tokens * k * D), rng_);
+    auto weights = Normal(static_cast<size_t>(tokens * k), rng_);
+    for (auto& w : weights) w = std::fabs(w);
+    // moe.cc: out = shared, then for each expert in order, each of its rows: out += weight * result.
+    std::vector<float> cpu = shared;
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t r = g.offsets[e]; r < g.offsets[e + 1]; ++r) {
+        const int64_t t = g.rows[r];
+        int64_t slot = 0;
+        while (g.position[t * k + slot] != r) ++slot;
+        for (int64_t d = 0; d < D; ++d) cpu[t * D + d] += weights[t * k + slot] * routed[r * D + d];
+      }
+    }
+    auto dshared = ToDevice(shared);
+    auto drouted = ToDevice(routed);
+    auto dposition = ToDevice(g.position);
+    auto dweights = ToDevice(weights);
+    auto dout = Poisoned<float>(cpu.size());
+    TANDEM_ASSERT_OK(cuda::MoeCombine(dshared.get(), drouted.get(), dposition.get(), dweights.get(), tokens, k, D,
+                                      dout.get()));
+    TANDEM_ASSERT_OK(Sync());
+    EXPECT_TRUE(AllClose(ToHost(dout), cpu, 1e-6, 1e-6));
+  }
+}
+
+TEST_F(CudaTest, HcHeadMatchesCpu) {
+  for (const int64_t hidden : {kTiny.hidden, kFlash.hidden}) {
+    for (const int64_t tokens : {int64_t{1}, int64_t{37}}) {
+      SCOPED_TRACE(::testing::Message() << "hidden " << hidden << " tokens " << tokens);
+      model::ModelConfig c;
+      c.hidden_size = hidden;
+      c.hc_mult = 4;
+      c.hc_eps = 1e-6;
+      c.rms_norm_eps = 1e-6;
+      const int64_t MD = c.hc_dim();
+      model::HcHeadWeights w;
+      w.fn = Normal(static_cast<size_t>(4 * MD), rng_, static_cast<float>(1.0 / std::sqrt(static_cast<double>(MD))));
+      w.base = Normal(4, rng_, 0.5f);
+      w.scale = {1.0f + Normal(1, rng_, 0.3f)[0]};
+      const auto x = Normal(static_cast<size_t>(tokens * MD), rng_, 1.5f);
+      std::vector<float> cpu(static_cast<size_t>(tokens * hidden));
+      model::internal::HcHead(c, w, x.data(), tokens, cpu.data());
+      auto dfn = ToDevice(w.fn);
+      auto dbase = ToDevice(w.base);
+      auto dscale = ToDevice(w.scale);
+      auto dx = ToDevice(x);
+      auto dy = Poisoned<float>(cpu.size());
+      TANDEM_ASSERT_OK(cuda::HcHead(dfn.get(), dbase.get(), dscale.get(), 4, hidden, c.hc_eps, c.rms_norm_eps, dx.get(),
+                                    tokens, dy.get()));
+      TANDEM_ASSERT_OK(Sync());
+      EXPECT_TRUE(AllClose(ToHost(dy), cpu, 1e-5, 1e-5));
+    }
+  }
+}
+
+// First index of the largest non-NaN value (0 when there is none).
+int32_t CpuArgmax(const float* row, int64_t vocab) {
+  int32_t best = -1;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (std::isnan(row[i])) continue;
+    if (best < 0 || row[i] > row[best]) best = static_cast<int32_t>(i);
+  }
+  return best < 0 ? 0 : best;
+}
+
+TEST_F(CudaTest, ArgmaxRowsTiesAndNan) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  for (const int64_t vocab : {int64_t{1000}, int64_t{129280}}) {
+    const int64_t rows = 40;
+    auto logits = Normal(static_cast<size_t>(rows * vocab), rng_, 3.0f);
+    std::uniform_int_distribution<int64_t> id(0, vocab - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = logits.data() + r * vocab;
+      const int32_t top = CpuArgmax(row, vocab);
+      switch (r % 5) {
+        case 0: row[id(rng_)] = row[top]; row[id(rng_)] = row[top]; break;  // ties: the smaller id wins
+        case 1: row[0] = nan; row[id(rng_)] = nan; break;                   // NaN never wins
+        case 2: for (int64_t i = 0; i < vocab; ++i) row[i] = i % 3 ? -inf : nan; break;  // only -inf: the first
+        case 3: for (int64_t i = 0; i < vocab; ++i) row[i] = 1.0f; break;    // all equal: id 0
+        default: break;
+      }
+    }
+    std::vector<int32_t> cpu(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) cpu[r] = CpuArgmax(logits.data() + r * vocab, vocab);
+    auto dlogits = ToDevice(logits);
+    auto dids = Poisoned<int32_t>(static_cast<size_t>(rows));
+    TANDEM_ASSERT_OK(cuda::ArgmaxRows(dlogits.get(), rows, vocab, dids.get()));
+    TANDEM_ASSERT_OK(Sync());
+    EXPECT_EQ(ToHost(dids), cpu) << "vocab " << vocab;
+  }
+}
+
+// engine::RequestSampler::Sample after its penalties and biases, with the draw u given.
+int32_t CpuSample(std::vector<float> logits, const cuda::SampleRow& p) {
+  const int64_t vocab = static_cast<int64_t>(logits.size());
+  const double temperature = p.temperature;
+  if (temperature < 1e-6 || p.top_k == 1) {
+    return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  std::vector<int32_t> order(static_cast<size_t>(vocab));
+  std::iota(order.begin(), order.end(), 0);
+  const int64_t keep_k = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
+  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  if (keep_k < vocab) {
+    std::partial_sort(order.begin(), order.begin() + keep_k, order.end(), by_logit);
+    order.resize(static_cast<size_t>(keep_k));
+  } else {
+    std::sort(order.begin(), order.end(), by_logit);
+  }
+  const double top = logits[order[0]] / temperature;
+  std::vector<double> probs(order.size());
+  double total = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) total += std::exp(logits[v] / temperature - top);
+  size_t kept = 0;
+  double cumulative = 0.0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    probs[i] = std::exp(logits[order[i]] / temperature - top) / total;
+    if (i > 0 && cumulative > p.top_p) break;
+    if (probs[i] < p.min_p * probs[0]) break;
+    cumulative += probs[i];
+    kept = i + 1;
+  }
+  double mass = 0.0;
+  for (size_t i = 0; i < kept; ++i) mass += probs[i];
+  double u = p.u * mass;
+  for (size_t i = 0; i < kept; ++i) {
+    u -= probs[i];
+    if (u < 0) return order[i];
+  }
+  return order[kept - 1];
+}
+
+TEST_F(CudaTest, SampleRowsFollowsTheSamplerRule) {
+  struct Setting {
+    float temperature;
+    int32_t top_k;
+    float top_p, min_p;
+  };
+  // Whole vocabulary (the draw walks many chunks), top-k below and above one chunk, top-p and min-p cuts,
+  // a low temperature, and the greedy cases.
+  const std::vector<Setting> settings = {{1.0f, -1, 1.0f, 0.0f},  {0.7f, 50, 0.9f, 0.0f},  {1.3f, -1, 0.95f, 0.05f},
+                                         {1.0f, 3000, 1.0f, 0.0f}, {0.5f, -1, 0.5f, 0.0f}, {1.0f, 20, 1.0f, 0.2f},
+                                         {0.0f, -1, 1.0f, 0.0f},  {1.0f, 1, 1.0f, 0.0f},  {2.0f, 5000, 0.99f, 0.0f}};
+  for (const int64_t vocab : {int64_t{5000}, int64_t{129280}}) {
+    const int64_t rows = vocab > 100000 ? 18 : 180;
+    SCOPED_TRACE(::testing::Message() << "vocab " << vocab);
+    std::vector<float> logits;
+    std::vector<cuda::SampleRow> params(static_cast<size_t>(rows));
+    std::uniform_real_distribution<double> uniform(0.0, 1.0);
+    std::uniform_int_distribution<int64_t> id(0, vocab - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      // Flat rows (spread 1) and peaked ones (spread 4); ties by copying values around.
+      auto row = Normal(static_cast<size_t>(vocab), rng_, r % 2 ? 4.0f : 1.0f);
+      for (int i = 0; i < 200; ++i) row[id(rng_)] = row[id(rng_)];
+      logits.insert(logits.end(), row.begin(), row.end());
+      const Setting& s = settings[r % settings.size()];
+      auto& p = params[r];
+      p.temperature = s.temperature;
+      p.top_k = s.top_k;
+      p.top_p = s.top_p;
+      p.min_p = s.min_p;
+      p.u = r % 13 == 0 ? 0.0 : r % 13 == 1 ? 1.0 - 1e-6 : uniform(rng_);
+    }
+    std::vector<int32_t> cpu(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      cpu[r] = CpuSample(std::vector<float>(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab), params[r]);
+    }
+    auto dlogits = ToDevice(logits);
+    auto dparams = ToDevice(params);
+    auto dids = Poisoned<int32_t>(static_cast<size_t>(rows));
+    const size_t bytes = cuda::SampleWorkspaceBytes(rows, vocab);
+    auto workspace = Poisoned<uint8_t>(bytes);
+    TANDEM_ASSERT_OK(cuda::SampleRows(dlogits.get(), rows, vocab, dparams.get(), dids.get(), workspace.get(), bytes));
+    TANDEM_ASSERT_OK(Sync());
+    const auto got = ToHost(dids);
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto& p = params[r];
+      EXPECT_EQ(got[r], cpu[r]) << "row " << r << ": temperature " << p.temperature << " top_k " << p.top_k
+                                << " top_p " << p.top_p << " min_p " << p.min_p << " u " << p.u;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tandem::kernels
