@@ -1,6 +1,7 @@
 #include "services/router/discovery_k8s.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include <spdlog/spdlog.h>
 
@@ -257,9 +258,18 @@ void K8sDiscovery::Run(Selector& selector) {
       need_list = false;
       backoff = options_.initial_backoff_seconds;
     }
+    selector.streamed = false;
+    const auto started = std::chrono::steady_clock::now();
     absl::Status status = Watch(selector);
     if (!Pause(0)) break;
-    if (status.ok()) continue;  // the server ended the watch (timeoutSeconds): watch on from the same version
+    // A watch that delivered something was a working connection: the next failure starts the backoff over.
+    if (selector.streamed) backoff = options_.initial_backoff_seconds;
+    if (status.ok()) {
+      // The server ended the watch (timeoutSeconds): watch on from the same version, but never spin on
+      // a server that ends every watch at once.
+      if (std::chrono::steady_clock::now() - started < std::chrono::seconds(1)) Pause(options_.initial_backoff_seconds);
+      continue;
+    }
     if (absl::IsOutOfRange(status)) {
       spdlog::info("router: k8s: watch of {}: {}; re-listing", where, std::string(status.message()));
       need_list = true;
@@ -319,6 +329,7 @@ absl::Status K8sDiscovery::Watch(Selector& selector) {
   std::string buffer;
   absl::Status event_status;
   auto response = api_->Stream(path, options_.watch_timeout_seconds, [&](const char* data, size_t size) {
+    selector.streamed = true;
     buffer.append(data, size);
     size_t start = 0;
     for (size_t end; (end = buffer.find('\n', start)) != std::string::npos; start = end + 1) {

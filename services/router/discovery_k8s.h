@@ -66,6 +66,7 @@ class K8sDiscovery {
     std::string labels;
     std::map<std::string, PodWorker> pods;  // by namespace/name: the last state seen
     std::string resource_version;
+    bool streamed = false;  // the current watch has delivered data
   };
   K8sDiscovery(K8sDiscoveryOptions options, std::unique_ptr<K8sApi> api, Publish publish);
 

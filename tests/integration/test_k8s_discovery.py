@@ -541,6 +541,27 @@ def test_bad_pods_are_skipped_with_a_reason(pair, kube, certs, tmp_path):
         assert router.stop() == 0
 
 
+def test_mixed_selector_and_static_workers_side_by_side(pair, kube, certs, tmp_path):
+    """--mixed-selector pods become mixed workers; --prefill/--decode flags stay whatever the pods do."""
+    # The router only health-checks these, so the decode engine can stand in for a mixed one.
+    kube.set_pod(make_pod("mixed-0", "mixed", annotations={"tandem.ai/grpc-port": str(pair.decode.grpc_port)}))
+    router = start_router(kube, certs, tmp_path, name="router-k8s-mixed", extra=[
+        "--mixed-selector", "app=tandem,role=mixed", "--prefill", f"127.0.0.1:{pair.prefill.grpc_port},{pair.bootstrap_port}"])
+    try:
+        wait_log(router, f"pod {NAMESPACE}/mixed-0 (mixed) is a worker at 127.0.0.1:{pair.decode.grpc_port}")
+        wait_readiness(router, 200)
+        kube.set_pod(decode_pod(pair))
+        wait_log(router, f"worker 127.0.0.1:{pair.decode.grpc_port} (decode) added")
+        kube.delete_pod("mixed-0")
+        wait_log(router, f"pod {NAMESPACE}/mixed-0 (mixed) dropped: deleted")
+        # The flag's prefill and the pod's decode still make a pair.
+        wait_readiness(router, 200)
+        assert f"worker 127.0.0.1:{pair.prefill.grpc_port} (prefill) removed" not in log(router)
+        assert chat(router)[0] == 200
+    finally:
+        assert router.stop() == 0
+
+
 def test_bad_discovery_flags_fail_at_start(tmp_path):
     cases = [
         (["--discovery", "k8s"], "needs --prefill-selector"),
