@@ -86,6 +86,7 @@ class FakeKube:
         self.compacted = 0  # watches from an older version get 410 Gone
         self.watchers = set()
         self.requests = []  # (kind, selector, resourceVersion, Authorization)
+        self.forbidden = False  # answer 403, as for a service account without the Role
         self.cond = threading.Condition()
         kube = self
 
@@ -206,6 +207,11 @@ class FakeKube:
             self.requests.append(("WATCH" if watch else "LIST", query.get("labelSelector"), query.get("resourceVersion"), auth))
         if auth != f"Bearer {self.token}":
             return self.reply(request, 401, status_object(401, "Unauthorized", "Unauthorized"))
+        if self.forbidden:
+            verb = "watch" if watch else "list"
+            return self.reply(request, 403, status_object(403, "Forbidden", (
+                f'pods is forbidden: User "system:serviceaccount:{NAMESPACE}:tandem-router" cannot {verb} resource '
+                f'"pods" in API group "" in the namespace "{NAMESPACE}"')))
         if url.path != f"/api/v1/namespaces/{NAMESPACE}/pods":
             return self.reply(request, 404, status_object(404, "NotFound", f"the server could not find {url.path}"))
         selector = query.get("labelSelector", "")
@@ -497,6 +503,21 @@ def test_wrong_token_is_a_clear_error_and_a_rotated_token_recovers(pair, kube, c
         wait_readiness(router, 200)
         wait_log(router, f"service-account token {router.token_file} changed; using the new one")
         assert chat(router)[0] == 200
+    finally:
+        assert router.stop() == 0
+
+
+def test_missing_rbac_is_a_clear_error_until_granted(pair, kube, certs, tmp_path):
+    kube.set_pod(prefill_pod(pair))
+    kube.set_pod(decode_pod(pair))
+    kube.forbidden = True
+    router = start_router(kube, certs, tmp_path, name="router-k8s-rbac")
+    try:
+        wait_log(router, f"403 Forbidden: the router's service account may not list/watch pods in namespace {NAMESPACE}")
+        assert 'cannot list resource "pods"' in log(router)
+        assert readiness(router) == 503 and http_get(router.http_port, "/health")[0] == 200
+        kube.forbidden = False  # the RoleBinding is applied
+        wait_readiness(router, 200)
     finally:
         assert router.stop() == 0
 
