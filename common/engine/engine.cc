@@ -48,6 +48,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   const auto& config = engine->weights_->config;
   engine->model_ = std::make_unique<model::Dsv4Model>(engine->weights_);
 
+  for (const int32_t id : options.scheduler.forced_output_ids) {
+    if (id < 0 || id >= config.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--test-forced-output-ids: ", id, " is outside the vocabulary [0, ", config.vocab_size, ")"));
+    }
+  }
   if (options.page_size <= 0 || options.page_size % 128 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("--page-size must be a positive multiple of 128 (C128 entries are paged in ",
                                                    "lock-step with tokens), got ", options.page_size));

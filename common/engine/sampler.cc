@@ -108,6 +108,12 @@ bool RequestSampler::IsStop(int32_t token) const {
 }
 
 int32_t RequestSampler::Sample(std::span<float> logits) {
+  const int32_t sampled = Draw(logits);
+  if (static_cast<size_t>(generated_) < forced_.size()) return forced_[static_cast<size_t>(generated_)];
+  return sampled;
+}
+
+int32_t RequestSampler::Draw(std::span<float> logits) {
   const int64_t vocab = static_cast<int64_t>(logits.size());
   // Penalties look at output tokens only (the prompt is never penalized).
   for (const auto& [token, count] : output_counts_) {

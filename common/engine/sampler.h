@@ -64,6 +64,9 @@ class RequestSampler {
 
   // Picks the next token from one row of logits (modified in place).
   int32_t Sample(std::span<float> logits);
+  // Test only: the i-th generated token becomes ids[i] (Sample still draws, so later draws do not
+  // shift). `ids` must outlive the sampler.
+  void ForceOutput(std::span<const int32_t> ids) { forced_ = ids; }
   // Records an accepted token and says whether the request is done.
   FinishReason Accept(int32_t token);
   // Accepts a token another engine sampled with this same configuration (the first token of a
@@ -76,6 +79,7 @@ class RequestSampler {
   std::optional<int32_t> matched_stop() const { return matched_stop_; }
 
  private:
+  int32_t Draw(std::span<float> logits);
   double NextUniform();
   bool IsStop(int32_t token) const;
 
@@ -85,6 +89,7 @@ class RequestSampler {
   int64_t generated_ = 0;
   uint64_t rng_state_;
   std::optional<int32_t> matched_stop_;
+  std::span<const int32_t> forced_;
 };
 
 }  // namespace tandem::engine

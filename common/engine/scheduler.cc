@@ -153,6 +153,7 @@ absl::Status Scheduler::Add(NewRequest request) {
     return absl::FailedPreconditionError("decode role without a transfer link");
   }
   auto seq = std::make_unique<Sequence>(std::move(request), std::move(config), eos_token_ids_);
+  seq->sampler.ForceOutput(options_.forced_output_ids);
   live_[seq->request.id] = seq.get();
   waiting_.push_back(std::move(seq));
   return absl::OkStatus();

@@ -28,6 +28,10 @@ struct SchedulerOptions {
   int64_t max_queued_requests = 4096;
   int64_t max_new_tokens_limit = 32768;
   bool enable_prefix_cache = true;
+  // Test only (--test-forced-output-ids): every request's i-th generated token is replaced by the i-th
+  // id here (the forward and the draw still run); past the list, sampling is normal. The finish rules
+  // (stop ids, eos, max tokens) apply to the forced tokens as to sampled ones.
+  std::vector<int32_t> forced_output_ids;
 };
 
 struct TopLogprob {

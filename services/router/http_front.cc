@@ -1,6 +1,14 @@
 #include "services/router/http_front.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
 #include <chrono>
+#include <cstdlib>
 
 #include <httplib.h>
 #include <spdlog/spdlog.h>
@@ -24,6 +32,81 @@ void SendJson(httplib::Response& response, int status, const Json& body) {
 std::string SseEvent(const Json& body) {
   return absl::StrCat("data: ", body.dump(-1, ' ', false, Json::error_handler_t::replace), "\n\n");
 }
+
+// cpp-httplib 0.11 shows a handler neither its socket nor whether the client is still there (later
+// versions have Request::is_connection_closed), and a non-streaming answer writes nothing until it is
+// done, so a client that left would keep both engine legs busy to the end. The connection is the one
+// descriptor of this process whose (local, peer) addresses are the request's; while its handler runs
+// that descriptor is the handler thread's alone. A closed peer shows as POLLRDHUP/POLLHUP on it.
+class DisconnectWatch {
+ public:
+  explicit DisconnectWatch(const httplib::Request& request) : request_(request), start_(Clock::now()) {}
+
+  // Cheap when called per delta: nothing for the first kGrace (short answers never pay the search),
+  // then one poll per kInterval.
+  bool ClientGone() {
+    const auto now = Clock::now();
+    if (fd_ == kNotFound || now - start_ < kGrace || now - last_ < kInterval) return false;
+    last_ = now;
+    if (fd_ == kUnknown) fd_ = FindSocket();
+    if (fd_ < 0) return false;
+    pollfd entry{fd_, POLLRDHUP, 0};
+    return poll(&entry, 1, 0) == 1 && (entry.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+  }
+
+ private:
+  static constexpr int kUnknown = -2, kNotFound = -1;
+  static constexpr auto kGrace = std::chrono::milliseconds(200);
+  static constexpr auto kInterval = std::chrono::milliseconds(100);
+
+  static bool Same(const sockaddr_storage& address, const std::string& host, int port) {
+    char text[INET6_ADDRSTRLEN] = {0};
+    int actual = -1;
+    if (address.ss_family == AF_INET) {
+      const auto* v4 = reinterpret_cast<const sockaddr_in*>(&address);
+      inet_ntop(AF_INET, &v4->sin_addr, text, sizeof(text));
+      actual = ntohs(v4->sin_port);
+    } else if (address.ss_family == AF_INET6) {
+      const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&address);
+      inet_ntop(AF_INET6, &v6->sin6_addr, text, sizeof(text));
+      actual = ntohs(v6->sin6_port);
+    } else {
+      return false;
+    }
+    return actual == port && host == text;
+  }
+
+  int FindSocket() const {
+    if (request_.local_port <= 0 || request_.remote_port <= 0) return kNotFound;
+    DIR* dir = opendir("/proc/self/fd");
+    if (dir == nullptr) return kNotFound;
+    int found = kNotFound;
+    while (const dirent* entry = readdir(dir)) {
+      char* end = nullptr;
+      const long fd = std::strtol(entry->d_name, &end, 10);
+      if (end == entry->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+      struct stat info;
+      if (fstat(static_cast<int>(fd), &info) != 0 || !S_ISSOCK(info.st_mode)) continue;
+      sockaddr_storage local{}, peer{};
+      socklen_t local_size = sizeof(local), peer_size = sizeof(peer);
+      if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &local_size) != 0 ||
+          getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &peer_size) != 0) {
+        continue;
+      }
+      if (Same(local, request_.local_addr, request_.local_port) && Same(peer, request_.remote_addr, request_.remote_port)) {
+        found = static_cast<int>(fd);
+        break;
+      }
+    }
+    closedir(dir);
+    return found;
+  }
+
+  const httplib::Request& request_;
+  Clock::time_point start_;
+  Clock::time_point last_{};
+  int fd_ = kUnknown;
+};
 
 // Everything one streaming response owns while httplib drives it.
 struct StreamState {
@@ -129,15 +212,7 @@ void HttpFront::Routes() {
         state->metrics->Request("http", endpoint, 401);
         return;
       }
-      Json body;
-      try {
-        body = Json::parse(request.body);
-      } catch (const Json::exception& error) {
-        fail(InvalidParam("", absl::StrCat("the request body is not valid JSON: ", error.what()), "invalid_json"));
-        return;
-      }
-      const ServingContext context = state->Context();
-      absl::StatusOr<Job> parsed = chat ? ParseChatRequest(body, context) : ParseCompletionRequest(body, context);
+      absl::StatusOr<Job> parsed = ParseRequestBody(request.body, chat, state->Context());
       if (!parsed.ok()) {
         fail(parsed.status());
         return;
@@ -162,10 +237,16 @@ void HttpFront::Routes() {
         bool ended = stream->first_ended;
         bool first_seen = !stream->first.empty();
         if (first_seen) state->metrics->FirstToken(Since(arrival));
+        DisconnectWatch watch(request);
         while (!ended) {
           Delta delta;
           if (absl::Status status = stream->session->Next(delta, ended); !status.ok()) {
             fail(status);
+            return;
+          }
+          if (!ended && watch.ClientGone()) {
+            stream->session->Cancel();  // nobody will read the answer: end both legs now
+            state->metrics->Request("http", endpoint, 499);
             return;
           }
           if (!first_seen && !delta.empty()) {

@@ -84,6 +84,10 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--room-lease", o.room_lease_seconds, "PD: seconds from a room's arrival (queueing included) after which it is aborted; dead peers are caught sooner by --peer-lease")
       ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--test-forced-output-ids", s.forced_output_ids,
+                 "TEST ONLY, never in production: comma-separated token ids every request outputs in order "
+                 "(the model still runs; stop ids, eos and max tokens still end it; sampling resumes after the list)")
+      ->delimiter(',');
   app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error")
       ->capture_default_str()->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
 }
@@ -98,6 +102,11 @@ int RunServer(ServeOptions o, const char* binary) {
     if (o.served_model_name.empty()) o.served_model_name = std::filesystem::path(o.engine.model_dir).parent_path().filename().string();
   }
   const char* role = RoleName(o.role);
+  if (!o.engine.scheduler.forced_output_ids.empty()) {
+    spdlog::warn("{}: --test-forced-output-ids is set: every request outputs the same {} forced tokens first "
+                 "(a test-only flag; this engine does not serve the model's own answers)",
+                 binary, o.engine.scheduler.forced_output_ids.size());
+  }
 
   // Signals go to one waiting thread, not to whichever thread happens to run.
   sigset_t signals;
