@@ -12,6 +12,7 @@ emits, the costlier of the four steps of a chunk) and the indexer picks index_to
 import argparse
 import copy
 import csv
+import gc
 import json
 import math
 import os
@@ -145,9 +146,13 @@ def run_bench(args):
                     f"{cache_bytes(layer, batch, context, dtype) / 2**20:.1f} MiB")
             try:
                 total, attn = time_point(layer, batch, context, args, device)
+                failure = None
             except torch.cuda.OutOfMemoryError as error:
+                failure = str(error).splitlines()[0]
+            if failure is not None:  # outside the except block, so that its frames no longer hold the caches
+                gc.collect()
                 torch.cuda.empty_cache()
-                rows.append((batch, context, "", f"skipped: out of memory ({str(error).splitlines()[0]}); {base}"))
+                rows.append((batch, context, "", f"skipped: out of memory ({failure}); {base}"))
                 print(f"B={batch:4d} L={context:6d}  skipped (out of memory)", flush=True)
                 continue
             median = statistics.median(total)
