@@ -8,22 +8,22 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------- weights
 
-_NUMPY_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-    "I8": "i1", "U8": "u1", "F8_E4M3": "u1", "F8_E5M2": "u1", "F8_E8M0": "u1",
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.uint8,
 }
 _E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
 class CheckpointSource:
-    """Tensors of a safetensors checkpoint directory, read without the safetensors package (it cannot hand
-    F8 tensors to NumPy); dequantized on `device` in f32."""
+    """Tensors of a safetensors checkpoint directory, read with plain file reads (no safetensors package, no
+    NumPy; safetensors data is little-endian like every GPU host); dequantized on `device` in f32."""
 
     def __init__(self, directory, device):
         self.device = device
@@ -41,11 +41,10 @@ class CheckpointSource:
             with open(path, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(header_len))
-            data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
             for name, info in header.items():
                 if name != "__metadata__":
                     begin, end = info["data_offsets"]
-                    self.entries[name] = (data, info["dtype"], tuple(info["shape"]), begin, end)
+                    self.entries[name] = (path, info["dtype"], tuple(info["shape"]), 8 + header_len + begin, end - begin)
 
     def has(self, name):
         return name in self.entries
@@ -53,16 +52,19 @@ class CheckpointSource:
     def _raw(self, name):
         if name not in self.entries:
             raise KeyError(f"checkpoint has no tensor {name}")
-        data, dtype, shape, begin, end = self.entries[name]
-        array = np.frombuffer(data[begin:end], dtype=_NUMPY_DTYPES[dtype]).reshape(shape)
-        return torch.from_numpy(array.copy()).to(self.device), dtype
+        path, dtype, shape, offset, size = self.entries[name]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = bytearray(f.read(size))
+        if len(data) != size:
+            raise ValueError(f"{path}: tensor {name} is cut short ({len(data)} of {size} bytes)")
+        tensor = torch.frombuffer(data, dtype=_TORCH_DTYPES[dtype]) if size else torch.empty(0, dtype=_TORCH_DTYPES[dtype])
+        return tensor.reshape(shape).to(self.device), dtype
 
     def vector(self, name):
         """A plain tensor (BF16/F32/F16/I64) as f32 (integers keep their dtype)."""
         raw, dtype = self._raw(name)
-        if dtype == "BF16":
-            return raw.view(torch.bfloat16).float()
-        if dtype in ("F32", "F16", "F64"):
+        if dtype in ("BF16", "F32", "F16", "F64"):
             return raw.float()
         return raw
 
@@ -73,7 +75,7 @@ class CheckpointSource:
             scale = _ue8m0(self._raw(prefix + ".scale")[0])
             rows, cols = raw.shape
             scale = scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
-            return raw.view(torch.float8_e4m3fn).float() * scale
+            return raw.float() * scale
         if dtype == "I8":  # MXFP4: two e2m1 codes per byte, low nibble first; one ue8m0 per 32 inputs
             packed = raw.view(torch.uint8)
             codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
@@ -163,7 +165,7 @@ def rope_frequencies(cfg, ratio):
     """f_i of a layer with this compress ratio, in float64 (YaRN for ratio > 0)."""
     rd = cfg["qk_rope_head_dim"]
     base = float(cfg["compress_rope_theta"] if ratio else cfg["rope_theta"])
-    i = np.arange(rd // 2, dtype=np.float64)
+    i = torch.arange(rd // 2, dtype=torch.float64)
     freqs = base ** (-2.0 * i / rd)
     scaling = cfg.get("rope_scaling") or {}
     original = scaling.get("original_max_position_embeddings", 0) or 0
@@ -174,7 +176,7 @@ def rope_frequencies(cfg, ratio):
         high = min(max(math.ceil(bound(scaling["beta_slow"])), 0), rd - 1)
         if low == high:
             high += 0.001
-        ramp = np.clip((i - low) / (high - low), 0.0, 1.0)
+        ramp = torch.clamp((i - low) / (high - low), 0.0, 1.0)
         freqs = freqs / scaling["factor"] * ramp + freqs * (1.0 - ramp)
     return freqs
 
@@ -271,9 +273,9 @@ class DecodeLayer:
             self.w13[e], self.w2[e] = self._expert(source, f"{p}ffn.experts.{e}.", dtype)
         self.hadamard = hadamard(self.ihd, device)
         freqs = rope_frequencies(cfg, ratio)
-        angle = np.arange(max_position + 1, dtype=np.float64)[:, None] * freqs[None, :]
-        self.cos = torch.from_numpy(np.cos(angle)).float().to(device)  # [positions, rd/2]
-        self.sin = torch.from_numpy(np.sin(angle)).float().to(device)
+        angle = torch.arange(max_position + 1, dtype=torch.float64)[:, None] * freqs[None, :]
+        self.cos = torch.cos(angle).float().to(device)  # [positions, rd/2]
+        self.sin = torch.sin(angle).float().to(device)
 
     def dense_weight_elements(self):
         """Weight elements every decode step reads (all but the routed experts), and one routed expert's."""
