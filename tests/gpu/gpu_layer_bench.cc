@@ -4,11 +4,15 @@
 // included). The same run measures the device-to-device copy bandwidth, and each decode row reports the
 // bytes a step must at least read (weights it touches + the KV it attends + the indexer keys it scores)
 // as a fraction of that ceiling.
-//   gpu_layer_bench MODEL_DIR OUT_DIR      (MODEL_DIR is generated, seed 1, when it has no config.json)
+//   gpu_layer_bench MODEL_DIR|synthetic OUT_DIR
+// MODEL_DIR is generated (seed 1) when it has no config.json; `synthetic` builds flash-layer weights of
+// the same shapes and formats in memory from a fast generator (minutes of checkpoint writing saved; the
+// timings do not depend on the values).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -37,6 +41,92 @@ using Clock = std::chrono::steady_clock;
     }                                                                                 \
   } while (0)
 #define BENCH_CUDA(expr) BENCH_CHECK((expr) == cudaSuccess ? absl::OkStatus() : absl::InternalError(#expr))
+
+// Flash-layer weights straight into memory: dense layers uniform with the init's standard deviation,
+// experts random MXFP4/FP8 codes with scales near 2^-6, norms as initialized.
+class SyntheticVisitor final : public model::ParamVisitor {
+ public:
+  void Fp8Linear(const std::string&, int64_t out, int64_t in, model::DenseWeight* dst, model::InitHint init) override {
+    Dense(out, in, dst, init);
+  }
+  void Bf16Linear(const std::string&, int64_t out, int64_t in, model::DenseWeight* dst, model::InitHint init) override {
+    Dense(out, in, dst, init);
+  }
+  void Vector(const std::string&, DType, const std::vector<int64_t>& shape, std::vector<float>* dst,
+              model::InitHint init) override {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    dst->resize(static_cast<size_t>(n));
+    for (auto& v : *dst) v = Value(init);
+  }
+  void Bf16Table(const std::string&, int64_t rows, int64_t cols, Tensor* dst, model::InitHint) override {
+    *dst = Tensor(DType::kBF16, {rows, cols});
+    auto* bits = dst->as<uint16_t>();
+    for (int64_t i = 0; i < rows * cols; ++i) bits[i] = static_cast<uint16_t>(0x3c00 | (Next() & 0x807f));  // |x| < 2^-6
+  }
+  void Expert(const std::string&, int64_t out, int64_t in, model::ExpertDType format, model::PackedWeight* dst,
+              model::InitHint) override {
+    const bool fp4 = format == model::ExpertDType::kFp4;
+    dst->codes = Tensor(fp4 ? DType::kI8 : DType::kF8E4M3, {out, fp4 ? in / 2 : in});
+    dst->scales = fp4 ? Tensor(DType::kF8E8M0, {out, in / 32}) : Tensor(DType::kF8E8M0, {(out + 127) / 128, (in + 127) / 128});
+    uint8_t* codes = dst->codes.data();
+    for (size_t i = 0; i + 8 <= dst->codes.bytes(); i += 8) {
+      uint64_t r = Next();
+      if (!fp4) r &= 0xbfbfbfbfbfbfbfbfull;  // e4m3 codes below 2 in magnitude, never NaN
+      std::memcpy(codes + i, &r, 8);
+    }
+    std::memset(dst->scales.data(), 121, dst->scales.bytes());
+    dst->view = {fp4 ? kernels::QuantizedWeight::Format::kMxfp4 : kernels::QuantizedWeight::Format::kFp8Block,
+                 dst->codes.data(), dst->scales.data(), out, in};
+  }
+  void RoutingTable(const std::string&, int64_t vocab, int64_t k, int64_t experts, std::vector<int32_t>* dst) override {
+    dst->resize(static_cast<size_t>(vocab * k));
+    for (auto& e : *dst) e = static_cast<int32_t>(Next() % static_cast<uint64_t>(experts));
+  }
+
+ private:
+  uint64_t Next() {
+    state_ += 0x9e3779b97f4a7c15ull;
+    uint64_t z = state_;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  float Value(const model::InitHint& init) {
+    switch (init.kind) {
+      case model::InitHint::Kind::kOnes: return 1.0f;
+      case model::InitHint::Kind::kZeros: return 0.0f;
+      default: break;
+    }
+    const double u = static_cast<double>(Next() >> 11) * 0x1.0p-53 * 2.0 - 1.0;
+    return static_cast<float>(init.mean + init.std * std::sqrt(3.0) * u);
+  }
+  void Dense(int64_t out, int64_t in, model::DenseWeight* dst, const model::InitHint& init) {
+    dst->out = out;
+    dst->in = in;
+    dst->values.resize(static_cast<size_t>(out * in));
+    for (auto& v : dst->values) v = Value(init);
+  }
+  uint64_t state_ = 1;
+};
+
+std::shared_ptr<const model::ModelWeights> SyntheticFlashLayer() {
+  auto config = model::PresetConfig("flash-layer");
+  BENCH_CHECK(config.status());
+  auto w = std::make_shared<model::ModelWeights>();
+  w->config = *config;
+  w->begin_layer = 0;
+  w->end_layer = static_cast<int>(config->num_hidden_layers);
+  w->expert_dtype = config->expert_dtype;
+  w->layers.resize(static_cast<size_t>(w->end_layer));
+  model::VisitScope scope;
+  scope.begin_layer = 0;
+  scope.end_layer = w->end_layer;
+  scope.mtp = false;
+  SyntheticVisitor visitor;
+  model::VisitModelParams(w->config, config->expert_dtype, scope, visitor, *w);
+  return w;
+}
 
 // Device-to-device copy bandwidth (read + write bytes per second) over 1 GiB.
 double CopyBandwidth() {
@@ -161,20 +251,25 @@ int main(int argc, char** argv) {
   }
   const std::string model_dir = argv[1], out_dir = argv[2];
   kernels::SetThreads(0);
-  if (!std::filesystem::exists(model_dir + "/config.json")) {
-    auto config = model::PresetConfig("flash-layer");
-    BENCH_CHECK(config.status());
-    const auto t0 = Clock::now();
-    BENCH_CHECK(model::GenerateCheckpoint(*config, model_dir, {}));
-    std::printf("generated the flash-layer checkpoint in %.1f s\n",
-                std::chrono::duration<double>(Clock::now() - t0).count());
+  std::shared_ptr<const model::ModelWeights> weights;
+  const auto t_load = Clock::now();
+  if (model_dir == "synthetic") {
+    weights = SyntheticFlashLayer();
+  } else {
+    if (!std::filesystem::exists(model_dir + "/config.json")) {
+      auto config = model::PresetConfig("flash-layer");
+      BENCH_CHECK(config.status());
+      BENCH_CHECK(model::GenerateCheckpoint(*config, model_dir, {}));
+    }
+    model::LoadOptions load;
+    load.show_progress = false;
+    load.load_mtp = false;
+    auto loaded = model::LoadModelWeights(model_dir, load);
+    BENCH_CHECK(loaded.status());
+    weights = std::shared_ptr<const model::ModelWeights>(std::move(*loaded));
   }
-  model::LoadOptions load;
-  load.show_progress = false;
-  load.load_mtp = false;
-  auto loaded = model::LoadModelWeights(model_dir, load);
-  BENCH_CHECK(loaded.status());
-  std::shared_ptr<const model::ModelWeights> weights(std::move(*loaded));
+  std::printf("weights (%s) ready in %.1f s\n", model_dir.c_str(),
+              std::chrono::duration<double>(Clock::now() - t_load).count());
   const auto& c = weights->config;
   auto created = model::cuda::DeviceModel::Create(weights);
   BENCH_CHECK(created.status());
@@ -185,13 +280,15 @@ int main(int argc, char** argv) {
   const Patterns patterns = MakePatterns(c);
   std::ofstream csv(out_dir + "/gpu-layer.csv");
   csv << "kind,batch,context,tokens,ms,tokens_per_s,min_bytes,fraction_of_copy_bw,copy_gbps\n";
+  std::ofstream profile(out_dir + "/gpu-layer-profile.csv");
+  profile << "batch,context,op,ms_per_step\n";
   std::mt19937 rng(3);
 
   for (const int64_t context : {int64_t{4096}, int64_t{32768}}) {
     for (const int64_t batch : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}}) {
-      constexpr int kWarmup = 2, kSteps = 10;
+      constexpr int kWarmup = 2, kSteps = 10, kProfiled = 3;
       std::vector<std::unique_ptr<model::cuda::DeviceSequenceState>> states;
-      for (int64_t b = 0; b < batch; ++b) states.push_back(FilledState(c, patterns, context, kWarmup + kSteps + 1));
+      for (int64_t b = 0; b < batch; ++b) states.push_back(FilledState(c, patterns, context, kWarmup + kSteps + kProfiled + 1));
       std::vector<int32_t> tokens(static_cast<size_t>(batch));
       for (auto& t : tokens) t = static_cast<int32_t>(rng() % c.vocab_size);
       std::vector<model::SequenceChunk> chunk_list;
@@ -200,6 +297,14 @@ int main(int argc, char** argv) {
       const auto t0 = Clock::now();
       for (int i = 0; i < kSteps; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / kSteps;
+      // Where the step's time goes: three more steps with an event after each op group.
+      gpu.SetProfiling(true);
+      for (int i = 0; i < kProfiled; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+      gpu.SetProfiling(false);
+      for (const auto& [op, total] : gpu.TakeProfile()) {
+        profile << batch << "," << context << ",\"" << op << "\"," << total / kProfiled << "\n";
+        std::printf("    %-48s %8.3f ms\n", op.c_str(), total / kProfiled);
+      }
       const double bytes = MinDecodeBytes(*weights, batch, context);
       const double fraction = bytes / (ms * 1e-3) / copy_bw;
       std::printf("decode  B=%4ld ctx=%6ld: %8.3f ms/step  %9.0f tok/s  min bytes %.1f MB  %.2f of copy bandwidth\n",
@@ -225,6 +330,14 @@ int main(int argc, char** argv) {
       total += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     }
     const double ms = total / kRuns;
+    (*state)->set_length(0);
+    gpu.SetProfiling(true);
+    BENCH_CHECK(gpu.ForwardLayers({&chunk, 1}));
+    gpu.SetProfiling(false);
+    for (const auto& [op, t] : gpu.TakeProfile()) {
+      profile << "prefill-" << tokens << ",0,\"" << op << "\"," << t << "\n";
+      std::printf("    %-48s %8.3f ms\n", op.c_str(), t);
+    }
     std::printf("prefill T=%ld: %.2f ms  %.0f tok/s\n", static_cast<long>(tokens), ms, tokens / (ms * 1e-3));
     csv << "prefill,1,0," << tokens << "," << ms << "," << tokens / (ms * 1e-3) << ",0,0," << copy_bw / 1e9 << "\n";
   }

@@ -26,12 +26,18 @@ for mode in "${modes[@]}"; do
       if [ -z "$sanitizer" ]; then echo "no compute-sanitizer here" | tee "$OUT/sanitize.log"; status=1; continue; fi
       filter="${SANITIZE_FILTER:-GpuModelTest.DeviceArgmaxMatchesHostArgmax:GpuModelTest.BadInputIsAnErrorNotACrash}"
       for tool in memcheck racecheck; do
-        "$sanitizer" --tool "$tool" --error-exitcode 3 "$carry/bin/gpu_model_test" --gtest_filter="$filter" \
+        timeout "${SANITIZE_TIMEOUT:-200}" "$sanitizer" --tool "$tool" --error-exitcode 3 "$carry/bin/gpu_model_test" --gtest_filter="$filter" \
           2>&1 | tail -40 | tee "$OUT/sanitize-$tool.log" || status=1
       done ;;
     bench)
-      [ -x "$carry/bin/cuda_kernel_bench" ] && { "$carry/bin/cuda_kernel_bench" "$OUT" 2>"$OUT/kernel-bench.stderr" | tee "$OUT/kernel-bench.txt" || status=1; }
-      [ -x "$carry/bin/gpu_layer_bench" ] && { "$carry/bin/gpu_layer_bench" /tmp/flash-layer "$OUT" 2>&1 | tee "$OUT/layer-bench.txt" || status=1; } ;;
+      if [ -n "${KERNEL_BENCH:-}" ] && [ -x "$carry/bin/cuda_kernel_bench" ]; then
+        "$carry/bin/cuda_kernel_bench" "$OUT" 2>"$OUT/kernel-bench.stderr" | tee "$OUT/kernel-bench.txt" || status=1
+      fi
+      [ -x "$carry/bin/gpu_layer_bench" ] && { "$carry/bin/gpu_layer_bench" "${LAYER_MODEL:-synthetic}" "$OUT" 2>&1 | tee "$OUT/layer-bench.txt" || status=1; }
+      # The PyTorch eager baseline of the same layer step, same shapes, in the same run.
+      if [ -z "${NO_TORCH:-}" ]; then
+        python3 "$root/bench/gpu/torch_layer.py" --synthetic --out "$OUT/torch-layer.csv" 2>&1 | tail -15 | tee "$OUT/torch-layer.txt" || status=1
+      fi ;;
     *) echo "unknown mode $mode"; status=2 ;;
   esac
 done

@@ -13,6 +13,7 @@ rm -rf "$out/bin" "$out/lib"
 mkdir -p "$out/bin" "$out/lib"
 for b in "${bins[@]}"; do
   cp "$build/bin/$b" "$out/bin/"
+  strip --strip-debug "$out/bin/$b"  # the carry limit is 64 MiB
   # Everything but the C runtime and the driver (the GPU machine has its own) and cuBLAS (in its toolkit).
   ldd "$build/bin/$b" | awk '/=> \// {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in

@@ -5,8 +5,10 @@
 #include "common/model/cuda/device_model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <optional>
 
 #include <cuda_bf16.h>
@@ -23,6 +25,7 @@ namespace kc = ::tandem::kernels::cuda;
 
 namespace {
 
+using Clock = std::chrono::steady_clock;
 constexpr size_t kAlign = 256;
 size_t AlignUp(size_t n, size_t to = kAlign) { return (n + to - 1) / to * to; }
 
@@ -202,6 +205,7 @@ struct DeviceModel::Impl {
   DeviceForward last;
 
   ~Impl() {
+    for (cudaEvent_t e : events) cudaEventDestroy(e);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -481,6 +485,7 @@ struct DeviceModel::Impl {
   absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace, bool head_too) {
     const auto& c = config();
     int64_t T = 0;
+    const auto started = Clock::now();
     TANDEM_RETURN_IF_ERROR(CheckBatch(batch, &T));
     TANDEM_RETURN_IF_ERROR(arena.Reset());
     const int64_t M = c.hc_mult, D = c.hidden_size, MD = c.hc_dim(), H = c.num_attention_heads, hd = c.head_dim;
@@ -645,11 +650,16 @@ struct DeviceModel::Impl {
       }
     }
     TANDEM_RETURN_IF_ERROR(tables.Upload(arena, stream));
+    if (options.profile) {
+      profile_ms["host: address tables"] += std::chrono::duration<double, std::milli>(Clock::now() - started).count();
+    }
+    TANDEM_RETURN_IF_ERROR(Mark(nullptr));
     const int64_t* d_positions = tables.at<const int64_t>(t_positions);
     const int32_t* d_ids = tables.at<const int32_t>(t_ids);
 
     // Embedding.
     TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
+    TANDEM_RETURN_IF_ERROR(Mark("embed"));
 
     const float eps = static_cast<float>(c.rms_norm_eps);
     for (size_t li = 0; li < layers.size(); ++li) {
@@ -663,6 +673,7 @@ struct DeviceModel::Impl {
       TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_attn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
                                        s.hc_workspace_bytes, stream));
       TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.attn_norm, eps, s.y, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("mhc pre + norm"));
       TANDEM_RETURN_IF_ERROR(Linear(L.wq_a, s.y, T, s.qr, s.xb));
       TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.qr, T, c.q_lora_rank, L.q_norm, eps, s.qr, stream));
       TANDEM_RETURN_IF_ERROR(Linear(L.wq_b, s.qr, T, s.q, s.xb));
@@ -672,11 +683,13 @@ struct DeviceModel::Impl {
       TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.kv, T, hd, L.kv_norm, eps, s.kv, stream));
       TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.kv, T, hd, 1, hd, nope, rd, d_positions, inv_freq, false, stream));
       TANDEM_RETURN_IF_ERROR(kc::QuantizeKvEntries(format, s.kv, T, s.new_entries, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("attn: q and kv projections"));
 
       if (L.compressor) {
         TANDEM_RETURN_IF_ERROR(RunCompressor(*L.compressor, false, lt.attention, tables, s.y, T, d_positions,
                                              tables.at<const float* const>(t_rows_att), s));
       }
+      TANDEM_RETURN_IF_ERROR(Mark("attn: compressor"));
       if (ratio == 4) {
         TANDEM_RETURN_IF_ERROR(RunCompressor(*L.index_compressor, true, lt.indexer, tables, s.y, T, d_positions,
                                              tables.at<const float* const>(t_rows_idx), s));
@@ -708,6 +721,7 @@ struct DeviceModel::Impl {
         }
       }
 
+      TANDEM_RETURN_IF_ERROR(Mark("attn: indexer (compressor, q, scores, top-k)"));
       kc::SparseAttentionArgs at;
       at.format = format;
       at.tokens = T;
@@ -729,6 +743,7 @@ struct DeviceModel::Impl {
       }
       at.o = s.o;
       TANDEM_RETURN_IF_ERROR(kc::SparseAttention(at, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("attn: sparse attention"));
       if (lt.ring_count > 0) {
         TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, tables.at<const kc::KvRef>(lt.ring_src),
                                                  tables.at<const kc::KvRef>(lt.ring_dst), lt.ring_count, stream));
@@ -746,12 +761,15 @@ struct DeviceModel::Impl {
                                                       R * sizeof(float), T, cudaMemcpyDeviceToDevice, stream));
       }
       TANDEM_RETURN_IF_ERROR(Linear(L.wo_b, s.z, T, s.out, s.xb));
+      TANDEM_RETURN_IF_ERROR(Mark("attn: window store + output projection"));
       TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("mhc post"));
 
       // ---- MoE ----
       TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_ffn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
                                        s.hc_workspace_bytes, stream));
       TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.ffn_norm, eps, s.y, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("mhc pre + norm"));
       TANDEM_RETURN_IF_ERROR(Linear(L.gate, s.y, T, s.gate_logits, s.xb));
       kc::MoeRouteArgs route;
       route.tokens = T;
@@ -774,23 +792,28 @@ struct DeviceModel::Impl {
       }
       TANDEM_RETURN_IF_ERROR(kc::MoeGroup(s.chosen, T, k, E, s.group_offsets, s.group_rows, s.group_position,
                                           s.group_workspace, s.group_workspace_bytes, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("moe: gate, routing, grouping"));
       const float limit = static_cast<float>(c.swiglu_limit);
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w1, s.y, s.group_rows, s.group_offsets, T * k, s.ea, stream));
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k, s.eb, stream));
       TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.ea, s.eb, T * k * I, limit, s.ea, stream));
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));
       const int64_t* shared_offsets = tables.at<const int64_t>(t_shared_offsets);
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w1, s.y, nullptr, shared_offsets, T, s.sa, stream));
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w3, s.y, nullptr, shared_offsets, T, s.sb, stream));
       TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.sa, s.sb, T * I, limit, s.sa, stream));
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w2, s.sa, nullptr, shared_offsets, T, s.shared_out, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("moe: shared expert"));
       TANDEM_RETURN_IF_ERROR(kc::MoeCombine(s.shared_out, s.routed, s.group_position, s.route_weights, T, k, D, s.out, stream));
       TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("moe: combine + mhc post"));
     }
 
     if (!head_too) {
       last = {0, nullptr, s.x, T};
       TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      TANDEM_RETURN_IF_ERROR(CollectProfile());
       for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
       return absl::OkStatus();
     }
@@ -800,6 +823,7 @@ struct DeviceModel::Impl {
                                       rows_out, head_h, stream));
     TANDEM_RETURN_IF_ERROR(kc::RmsNorm(head_h, rows_out, D, norm, eps, head_h, stream));
     TANDEM_RETURN_IF_ERROR(Linear(head, head_h, rows_out, logits, s.xb));
+    TANDEM_RETURN_IF_ERROR(Mark("head"));
     last = {rows_out, logits, s.x, T};
 
     if (result) {
@@ -813,9 +837,35 @@ struct DeviceModel::Impl {
                                                   cudaMemcpyDeviceToHost, stream));
     }
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    TANDEM_RETURN_IF_ERROR(CollectProfile());
     for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
     return absl::OkStatus();
   }
+
+  // ---- Optional per-op timing: an event after each group of launches, summed per label ----
+  absl::Status Mark(const char* label) {
+    if (!options.profile) return absl::OkStatus();
+    if (marks.size() == events.size()) {
+      cudaEvent_t event = nullptr;
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreate(&event));
+      events.push_back(event);
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(events[marks.size()], stream));
+    marks.push_back(label);
+    return absl::OkStatus();
+  }
+  absl::Status CollectProfile() {
+    for (size_t i = 1; i < marks.size(); ++i) {
+      float ms = 0;
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, events[i - 1], events[i]));
+      profile_ms[marks[i]] += ms;
+    }
+    marks.clear();
+    return absl::OkStatus();
+  }
+  std::vector<cudaEvent_t> events;
+  std::vector<const char*> marks;
+  std::map<std::string, double> profile_ms;
 };
 
 DeviceModel::DeviceModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -844,6 +894,9 @@ absl::Status DeviceModel::Forward(std::span<const SequenceChunk> batch, ForwardR
 absl::Status DeviceModel::ForwardLayers(std::span<const SequenceChunk> batch) {
   return impl_->Forward(batch, nullptr, nullptr, /*head_too=*/false);
 }
+
+void DeviceModel::SetProfiling(bool on) { impl_->options.profile = on; }
+std::map<std::string, double> DeviceModel::TakeProfile() { return std::exchange(impl_->profile_ms, {}); }
 
 absl::StatusOr<std::vector<int32_t>> DeviceModel::ArgmaxLast() {
   const DeviceForward& f = impl_->last;

@@ -7,7 +7,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <string>
 #include <span>
 #include <vector>
 
@@ -26,6 +28,8 @@ enum class DenseFormat {
 struct DeviceModelOptions {
   DenseFormat dense = DenseFormat::kBf16;
   int device = 0;
+  // Time every group of launches with CUDA events (and the host's table building) for TakeProfile.
+  bool profile = false;
 };
 
 // What one Forward leaves on the device (valid until the next Forward).
@@ -59,6 +63,9 @@ class DeviceModel {
   absl::Status ForwardLayers(std::span<const SequenceChunk> batch);
   // The device outputs of the last Forward.
   const DeviceForward& last() const;
+  void SetProfiling(bool on);
+  // Milliseconds per op group summed over the forwards since the last call (profile mode only).
+  std::map<std::string, double> TakeProfile();
   // Greedy next tokens of the last Forward's logit rows (argmax on the device, ids copied back).
   absl::StatusOr<std::vector<int32_t>> ArgmaxLast();
 
