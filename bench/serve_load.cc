@@ -108,6 +108,7 @@ std::vector<int32_t> MakePrompt(uint64_t seed, int level, int64_t index, const P
 RequestRecord SendOne(v1::Engine::Stub& stub, const LoadSpec& spec, int level, int64_t index) {
   const v1::GenerateRequest request = BuildRequest(spec, level, index);
   RequestRecord record;
+  record.index = index;
   record.prompt_tokens = request.input_ids_size();
   record.itl_s.reserve(static_cast<size_t>(spec.max_new_tokens));
 
@@ -148,7 +149,7 @@ RequestRecord SendOne(v1::Engine::Stub& stub, const LoadSpec& spec, int level, i
   return record;
 }
 
-LevelRun RunLevel(v1::Engine::Stub& stub, const LoadSpec& spec, int concurrency, int level) {
+LevelRun RunLevel(const SendFn& send, const LoadSpec& spec, int concurrency, int level) {
   LevelRun run;
   run.concurrency = concurrency;
   std::atomic<int64_t> next{0};
@@ -164,7 +165,7 @@ LevelRun RunLevel(v1::Engine::Stub& stub, const LoadSpec& spec, int concurrency,
         if (spec.duration_s > 0 && Clock::now() >= deadline) return;
         const int64_t index = next.fetch_add(1);
         if (spec.duration_s <= 0 && index >= spec.requests) return;
-        per_thread[static_cast<size_t>(t)].push_back(SendOne(stub, spec, level, index));
+        per_thread[static_cast<size_t>(t)].push_back(send(level, index));
       }
     });
   }
@@ -174,6 +175,42 @@ LevelRun RunLevel(v1::Engine::Stub& stub, const LoadSpec& spec, int concurrency,
     for (auto& record : records) run.records.push_back(std::move(record));
   }
   return run;
+}
+
+std::vector<LevelRun> RunLevelInterleaved(const std::vector<SendFn>& senders, const LoadSpec& spec, int concurrency, int level) {
+  const size_t n = senders.size();
+  // records[t][a]: what thread t got from sender a.
+  std::vector<std::vector<std::vector<RequestRecord>>> records(static_cast<size_t>(concurrency),
+                                                                std::vector<std::vector<RequestRecord>>(n));
+  std::atomic<int64_t> next{0};
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(spec.duration_s));
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(concurrency));
+  for (int t = 0; t < concurrency; ++t) {
+    threads.emplace_back([&, t] {
+      while (true) {
+        if (spec.duration_s > 0 && Clock::now() >= deadline) return;
+        const int64_t index = next.fetch_add(1);
+        if (spec.duration_s <= 0 && index >= spec.requests) return;
+        for (size_t k = 0; k < n; ++k) {
+          const size_t a = (static_cast<size_t>(index) + k) % n;
+          records[static_cast<size_t>(t)][a].push_back(senders[a](level, index));
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  const double wall = Seconds(Clock::now() - start);
+  std::vector<LevelRun> runs(n);
+  for (size_t a = 0; a < n; ++a) {
+    runs[a].concurrency = concurrency;
+    runs[a].wall_s = wall;
+    for (auto& per_thread : records) {
+      for (auto& record : per_thread[a]) runs[a].records.push_back(std::move(record));
+    }
+  }
+  return runs;
 }
 
 }  // namespace tandem::bench

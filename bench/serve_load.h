@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,7 @@ struct LoadSpec {
 
 // One request, seen from the client. Times in seconds from the moment the call was made.
 struct RequestRecord {
+  int64_t index = -1;          // the request's index in its level (its prompt)
   int64_t prompt_tokens = 0;
   int64_t output_tokens = 0;   // token ids received in chunks
   double ttft_s = -1;          // first chunk with tokens; < 0: none came
@@ -54,11 +56,19 @@ struct LevelRun {
   std::vector<RequestRecord> records;
 };
 
+// Sends request `index` of `level` and times it (the engine, the router's HTTP or its gRPC API).
+using SendFn = std::function<RequestRecord(int level, int64_t index)>;
+
 // Runs one level closed-loop: `concurrency` threads, each sending its next request as soon as its
 // previous one ends. `level` only seeds the prompts.
-LevelRun RunLevel(v1::Engine::Stub& stub, const LoadSpec& spec, int concurrency, int level);
+LevelRun RunLevel(const SendFn& send, const LoadSpec& spec, int concurrency, int level);
 
-// One request outside any measurement (warm-up); returns its record.
+// The same level against several targets: each thread sends request i to every sender in turn (the
+// first one rotating with i, so none always goes first), so the targets see the same requests under
+// the same machine load. One LevelRun per sender, all with the level's wall time.
+std::vector<LevelRun> RunLevelInterleaved(const std::vector<SendFn>& senders, const LoadSpec& spec, int concurrency, int level);
+
+// One Generate stream against the engine.
 RequestRecord SendOne(v1::Engine::Stub& stub, const LoadSpec& spec, int level, int64_t index);
 
 }  // namespace tandem::bench

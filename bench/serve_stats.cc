@@ -117,4 +117,24 @@ bool WriteServeCsv(const std::string& path, const std::vector<LevelStats>& level
   return static_cast<bool>(out);
 }
 
+bool WriteRequestsCsv(const std::string& path, const std::vector<std::string>& apis,
+                      const std::vector<std::vector<LevelRun>>& runs) {
+  std::ofstream out(path);
+  out << "api,concurrency,index,prompt_tokens,output_tokens,ttft_ms,e2e_ms,itl_mean_ms,error\n";
+  for (size_t a = 0; a < apis.size() && a < runs.size(); ++a) {
+    for (const LevelRun& run : runs[a]) {
+      for (const RequestRecord& r : run.records) {
+        double itl = 0;
+        for (double v : r.itl_s) itl += v;
+        const bool has_itl = !r.itl_s.empty();
+        if (has_itl) itl /= static_cast<double>(r.itl_s.size());
+        out << fmt::format("{},{},{},{},{},", apis[a], run.concurrency, r.index, r.prompt_tokens, r.output_tokens)
+            << Cell(r.ttft_s * 1000, r.ttft_s >= 0) << ',' << fmt::format("{:.6g}", r.e2e_s * 1000) << ','
+            << Cell(itl * 1000, has_itl) << ',' << Quote(r.error) << "\n";
+      }
+    }
+  }
+  return static_cast<bool>(out);
+}
+
 }  // namespace tandem::bench

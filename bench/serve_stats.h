@@ -44,4 +44,11 @@ void PrintServeRow(std::ostream& out, const LevelStats& stats);  // then one lin
 extern const char* const kServeCsvColumns;
 bool WriteServeCsv(const std::string& path, const std::vector<LevelStats>& levels);
 
+// One row per request: api, concurrency, index, prompt_tokens, output_tokens, ttft_ms, e2e_ms,
+// itl_mean_ms, error. A request's prompt is a function of (seed, level, index), so two runs with the
+// same flags can be paired row by row.
+// runs[a]: the levels of apis[a].
+bool WriteRequestsCsv(const std::string& path, const std::vector<std::string>& apis,
+                      const std::vector<std::vector<LevelRun>>& runs);
+
 }  // namespace tandem::bench

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 
 #include <httplib.h>
 #include <spdlog/spdlog.h>
@@ -31,6 +32,49 @@ void SendJson(httplib::Response& response, int status, const Json& body) {
 
 std::string SseEvent(const Json& body) {
   return absl::StrCat("data: ", body.dump(-1, ' ', false, Json::error_handler_t::replace), "\n\n");
+}
+
+// cpp-httplib 0.11 keeps its sockets to itself; the router finds the one it needs among this process's
+// descriptors by its addresses. `match(fd, local, peer)` (peer null when not connected) picks it.
+bool SameAddress(const sockaddr_storage& address, const std::string& host, int port) {
+  char text[INET6_ADDRSTRLEN] = {0};
+  int actual = -1;
+  if (address.ss_family == AF_INET) {
+    const auto* v4 = reinterpret_cast<const sockaddr_in*>(&address);
+    inet_ntop(AF_INET, &v4->sin_addr, text, sizeof(text));
+    actual = ntohs(v4->sin_port);
+  } else if (address.ss_family == AF_INET6) {
+    const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&address);
+    inet_ntop(AF_INET6, &v6->sin6_addr, text, sizeof(text));
+    actual = ntohs(v6->sin6_port);
+  } else {
+    return false;
+  }
+  return actual == port && (host.empty() || host == text);
+}
+
+int FindSocketWhere(const std::function<bool(int, const sockaddr_storage&, const sockaddr_storage*)>& match) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  while (const dirent* entry = readdir(dir)) {
+    char* end = nullptr;
+    const long number = std::strtol(entry->d_name, &end, 10);
+    const int fd = static_cast<int>(number);
+    if (end == entry->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    struct stat info;
+    if (fstat(fd, &info) != 0 || !S_ISSOCK(info.st_mode)) continue;
+    sockaddr_storage local{}, peer{};
+    socklen_t local_size = sizeof(local), peer_size = sizeof(peer);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_size) != 0) continue;
+    const bool connected = getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_size) == 0;
+    if (match(fd, local, connected ? &peer : nullptr)) {
+      found = fd;
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
 }
 
 // cpp-httplib 0.11 shows a handler neither its socket nor whether the client is still there (later
@@ -59,47 +103,13 @@ class DisconnectWatch {
   static constexpr auto kGrace = std::chrono::milliseconds(200);
   static constexpr auto kInterval = std::chrono::milliseconds(100);
 
-  static bool Same(const sockaddr_storage& address, const std::string& host, int port) {
-    char text[INET6_ADDRSTRLEN] = {0};
-    int actual = -1;
-    if (address.ss_family == AF_INET) {
-      const auto* v4 = reinterpret_cast<const sockaddr_in*>(&address);
-      inet_ntop(AF_INET, &v4->sin_addr, text, sizeof(text));
-      actual = ntohs(v4->sin_port);
-    } else if (address.ss_family == AF_INET6) {
-      const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&address);
-      inet_ntop(AF_INET6, &v6->sin6_addr, text, sizeof(text));
-      actual = ntohs(v6->sin6_port);
-    } else {
-      return false;
-    }
-    return actual == port && host == text;
-  }
-
   int FindSocket() const {
     if (request_.local_port <= 0 || request_.remote_port <= 0) return kNotFound;
-    DIR* dir = opendir("/proc/self/fd");
-    if (dir == nullptr) return kNotFound;
-    int found = kNotFound;
-    while (const dirent* entry = readdir(dir)) {
-      char* end = nullptr;
-      const long fd = std::strtol(entry->d_name, &end, 10);
-      if (end == entry->d_name || *end != '\0' || fd == dirfd(dir)) continue;
-      struct stat info;
-      if (fstat(static_cast<int>(fd), &info) != 0 || !S_ISSOCK(info.st_mode)) continue;
-      sockaddr_storage local{}, peer{};
-      socklen_t local_size = sizeof(local), peer_size = sizeof(peer);
-      if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &local_size) != 0 ||
-          getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &peer_size) != 0) {
-        continue;
-      }
-      if (Same(local, request_.local_addr, request_.local_port) && Same(peer, request_.remote_addr, request_.remote_port)) {
-        found = static_cast<int>(fd);
-        break;
-      }
-    }
-    closedir(dir);
-    return found;
+    const int fd = FindSocketWhere([this](int, const sockaddr_storage& local, const sockaddr_storage* peer) {
+      return peer != nullptr && SameAddress(local, request_.local_addr, request_.local_port) &&
+             SameAddress(*peer, request_.remote_addr, request_.remote_port);
+    });
+    return fd >= 0 ? fd : kNotFound;
   }
 
   const httplib::Request& request_;
@@ -333,6 +343,18 @@ absl::Status HttpFront::Start(const std::string& host, int port) {
       return absl::UnavailableError(absl::StrCat("http: cannot bind ", host, ":", port, " (in use?)"));
     }
     port_ = port;
+  }
+  // httplib listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG, fixed when Debian built the library):
+  // a burst of new connections past that has its SYNs dropped and waits a 1 s retransmission. Listening
+  // again on the bound socket raises the backlog.
+  const int listener = FindSocketWhere([this](int fd, const sockaddr_storage& local, const sockaddr_storage* peer) {
+    int accepting = 0;
+    socklen_t size = sizeof(accepting);
+    return peer == nullptr && getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &size) == 0 && accepting == 1 &&
+           SameAddress(local, "", port_);
+  });
+  if (listener < 0 || ::listen(listener, SOMAXCONN) != 0) {
+    spdlog::warn("http: could not raise the listen backlog of port {} (bursts of new connections may wait 1 s)", port_);
   }
   thread_ = std::thread([this] { server_->listen_after_bind(); });
   return absl::OkStatus();

@@ -188,3 +188,14 @@ def test_non_streaming_client_that_leaves_frees_the_engine(mixed_router):
     connection.close()
     # Far sooner than the tens of thousands of tokens it asked for would take.
     server.wait_idle(timeout=15)
+
+
+def test_http_listen_backlog_is_raised(mixed_router):
+    import subprocess
+
+    router, _ = mixed_router
+    # httplib listens with a backlog of 5: a burst of new connections past it waits a 1 s SYN retransmission.
+    lines = subprocess.run(["ss", "-ltnH", f"sport = :{router.http_port}"], capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    backlogs = [int(line.split()[2]) for line in lines if line.strip()]
+    assert backlogs and min(backlogs) > 5, lines
