@@ -1,5 +1,7 @@
 #include "common/engine/paged_state.h"
 
+#include <algorithm>
+
 #include <cassert>
 
 #include <spdlog/spdlog.h>
@@ -98,6 +100,30 @@ float* PagedSequenceState::compressor_row(int layer, model::CompressorKind kind,
     return pools_->compressor_row(id, cache::StateKind::kC4Attention, slots_.c4_state, pos);
   }
   return pools_->compressor_row(id, cache::StateKind::kC4Indexer, slots_.c4_indexer_state, pos);
+}
+
+void PagedSequenceState::CompressedKvRuns(int layer, int64_t n, std::vector<model::EntryRun>* runs) {
+  const int64_t per_page = page_size_ / layout_.compress_ratio(cache::GlobalLayerId(layer));
+  for (int64_t j = 0; j < n; j += per_page) {
+    const int64_t count = std::min(per_page, n - j);
+    const model::KvSlot a = compressed_kv(layer, j);
+    model::EntryRun run{j, count, a.data, 0, a.scales, 0};
+    if (count > 1) {
+      const model::KvSlot b = compressed_kv(layer, j + 1);
+      run.data_stride = b.data - a.data;
+      run.scale_stride = b.scales - a.scales;
+    }
+    runs->push_back(run);
+  }
+}
+
+void PagedSequenceState::IndexerKeyRuns(int layer, int64_t n, std::vector<model::EntryRun>* runs) {
+  const int64_t per_page = page_size_ / 4;
+  for (int64_t j = 0; j < n; j += per_page) {
+    const int64_t count = std::min(per_page, n - j);
+    uint8_t* a = indexer_key(layer, j);
+    runs->push_back({j, count, a, count > 1 ? indexer_key(layer, j + 1) - a : 0, nullptr, 0});
+  }
 }
 
 void PagedSequenceState::Release() {

@@ -43,6 +43,9 @@ class PagedSequenceState final : public model::SequenceState {
   model::KvSlot compressed_kv(int layer, int64_t index) override;
   uint8_t* indexer_key(int layer, int64_t index) override;
   float* compressor_row(int layer, model::CompressorKind kind, int64_t pos) override;
+  // One run per token page (the entries of a page are evenly spaced inside it).
+  void CompressedKvRuns(int layer, int64_t n, std::vector<model::EntryRun>* runs) override;
+  void IndexerKeyRuns(int layer, int64_t n, std::vector<model::EntryRun>* runs) override;
 
   // Returns every page, slot, snapshot and prefix-cache lock; the state is empty (length 0) and reusable.
   void Release();

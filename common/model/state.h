@@ -20,6 +20,18 @@ struct KvSlot {
 
 enum class CompressorKind { kAttention, kIndexer };
 
+// Consecutive cache entries, for address tables built per run instead of per entry: entry `first + i`
+// (i < count) is at data + i * data_stride, its scales at scales + i * scale_stride (scales null for
+// indexer keys). For the window ring, `first` is the ring slot of position 0 and slots wrap at `count`.
+struct EntryRun {
+  int64_t first = 0;
+  int64_t count = 0;
+  uint8_t* data = nullptr;
+  int64_t data_stride = 0;
+  uint8_t* scales = nullptr;
+  int64_t scale_stride = 0;
+};
+
 class SequenceState {
  public:
   virtual ~SequenceState() = default;
@@ -43,6 +55,14 @@ class SequenceState {
   // Compressor row for raw position `pos`: fp32 [kv (c*d) | score (c*d)]; a ring of 2*ratio rows for
   // ratio 4 and ratio rows for ratio 128.
   virtual float* compressor_row(int layer, CompressorKind kind, int64_t pos) = 0;
+
+  // The same addresses as runs (a paged state gives one per page; a contiguous one a single run).
+  // Compressed KV entries [0, n) of a ratio-4/128 layer, appended to `runs` in index order.
+  virtual void CompressedKvRuns(int layer, int64_t n, std::vector<EntryRun>* runs);
+  // Indexer keys [0, n) of a ratio-4 layer.
+  virtual void IndexerKeyRuns(int layer, int64_t n, std::vector<EntryRun>* runs);
+  // The window ring of `layer`: slots 0..sliding_window-1, position p at slot p % sliding_window.
+  virtual EntryRun WindowRing(int layer, int64_t sliding_window);
 };
 
 // Plain heap-backed state for one request over layers [begin_layer, end_layer) (+ the MTP layer).
@@ -59,6 +79,8 @@ class HostSequenceState final : public SequenceState {
   KvSlot compressed_kv(int layer, int64_t index) override;
   uint8_t* indexer_key(int layer, int64_t index) override;
   float* compressor_row(int layer, CompressorKind kind, int64_t pos) override;
+  void CompressedKvRuns(int layer, int64_t n, std::vector<EntryRun>* runs) override;
+  void IndexerKeyRuns(int layer, int64_t n, std::vector<EntryRun>* runs) override;
 
   // Bytes held (for tests and logs).
   size_t bytes() const;

@@ -58,7 +58,37 @@ __global__ void AddToStreamsKernel(const float* e, int64_t tokens, int64_t strea
   }
 }
 
+// One block per run: the runs are few (a handful per request and layer), their entries many.
+__global__ void ExpandRunsKernel(const RefRun* runs, KvRef* refs, uint8_t** pointers) {
+  const RefRun run = runs[blockIdx.x];
+  for (int64_t i = threadIdx.x; i < run.count; i += blockDim.x) {
+    const int64_t slot = run.ring > 0 ? (run.first + i) % run.ring : i;
+    uint8_t* data = run.data + slot * run.data_stride;
+    if (refs) {
+      refs[run.out_offset + i] = KvRef{data, run.scales ? run.scales + slot * run.scale_stride : nullptr};
+    } else {
+      pointers[run.out_offset + i] = data;
+    }
+  }
+}
+
 }  // namespace
+
+absl::Status ExpandKvRefs(const RefRun* runs, int64_t run_count, KvRef* out, cudaStream_t stream) {
+  if (run_count < 0 || run_count > 0x7fffffff) return absl::InvalidArgumentError("ExpandKvRefs: run count out of range");
+  if (run_count == 0) return absl::OkStatus();
+  ExpandRunsKernel<<<static_cast<unsigned>(run_count), kThreads, 0, stream>>>(runs, out, nullptr);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("ExpandRunsKernel");
+  return absl::OkStatus();
+}
+
+absl::Status ExpandPointers(const RefRun* runs, int64_t run_count, uint8_t** out, cudaStream_t stream) {
+  if (run_count < 0 || run_count > 0x7fffffff) return absl::InvalidArgumentError("ExpandPointers: run count out of range");
+  if (run_count == 0) return absl::OkStatus();
+  ExpandRunsKernel<<<static_cast<unsigned>(run_count), kThreads, 0, stream>>>(runs, nullptr, out);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("ExpandRunsKernel");
+  return absl::OkStatus();
+}
 
 absl::Status EmbedTokens(const uint16_t* table, int64_t vocab, int64_t hidden, const int32_t* ids, int64_t tokens,
                          int64_t streams, float* x, cudaStream_t stream) {

@@ -173,7 +173,8 @@ struct Layer {
   Dense gate;
   const float* bias = nullptr;
   const int32_t* tid2eid = nullptr;
-  Experts routed, shared;
+  Experts routed;
+  Dense shared_w1, shared_w2, shared_w3;  // the shared expert, dequantized once: cuBLASLt at any batch
 };
 
 // Per-chunk geometry inside a batch.
@@ -226,6 +227,16 @@ struct DeviceModel::Impl {
       max_dense_in = std::max(max_dense_in, w.in);
     }
     return d;
+  }
+
+  // A packed (FP8/MXFP4) matrix dequantized exactly on the host, then uploaded as a dense layer.
+  absl::StatusOr<Dense> UploadPacked(const PackedWeight& w) {
+    DenseWeight dense;
+    dense.out = w.view.out;
+    dense.in = w.view.in;
+    dense.values.resize(static_cast<size_t>(dense.out * dense.in));
+    kernels::DequantizeRows(w.view, 0, dense.out, dense.values.data());
+    return UploadDense(dense, false);
   }
 
   absl::StatusOr<kc::MhcParams> UploadMhc(const MhcWeights& w) {
@@ -315,7 +326,9 @@ struct DeviceModel::Impl {
     std::vector<const ExpertWeights*> routed;
     for (const auto& e : f.experts) routed.push_back(&e);
     TANDEM_ASSIGN_OR_RETURN(l.routed, UploadExperts(routed));
-    TANDEM_ASSIGN_OR_RETURN(l.shared, UploadExperts({&f.shared}));
+    TANDEM_ASSIGN_OR_RETURN(l.shared_w1, UploadPacked(f.shared.w1));
+    TANDEM_ASSIGN_OR_RETURN(l.shared_w2, UploadPacked(f.shared.w2));
+    TANDEM_ASSIGN_OR_RETURN(l.shared_w3, UploadPacked(f.shared.w3));
     return l;
   }
 
@@ -401,9 +414,10 @@ struct DeviceModel::Impl {
 
   // Address tables of one layer (offsets into Tables).
   struct LayerTables {
-    size_t window = 0, ring_src = 0, ring_dst = 0;
-    int64_t ring_count = 0;
+    size_t window = 0, ring_src = 0, ring_dst = 0;  // RefRun tables
+    int64_t window_runs = 0, ring_runs = 0, ring_count = 0;
     size_t compressed = 0, keys = 0;
+    int64_t compressed_runs = 0, key_runs = 0;
     struct Kind {
       size_t emit_rows = 0, emit_index = 0, emit_kv = 0, emit_key = 0, persist_src = 0, persist_dst = 0;
       int64_t emits = 0, persists = 0;
@@ -600,46 +614,63 @@ struct DeviceModel::Impl {
     const size_t t_c4_begin = tables.Add(c4_begin), t_c4_count = tables.Add(c4_count);
     const size_t t_c128_begin = tables.Add(c128_begin), t_c128_count = tables.Add(c128_count);
     const size_t t_rows_att = tables.Add(rows_att), t_rows_idx = tables.Add(rows_idx);
-    const size_t t_shared_offsets = tables.Add(std::vector<int64_t>{0, T});
 
     // Tables of each layer.
     std::vector<LayerTables> layer_tables(layers.size());
+    int64_t max_window = 0, max_ring = 0, max_compressed = 0;
     for (size_t li = 0; li < layers.size(); ++li) {
       const Layer& layer = layers[li];
       const int lid = layer.spec.layer_id, ratio = layer.spec.compress_ratio;
       LayerTables& lt = layer_tables[li];
-      std::vector<kc::KvRef> window, ring_src, ring_dst, compressed;
-      std::vector<const uint8_t*> keys;
+      // Runs, expanded into address tables on the device right before the layer runs.
+      std::vector<kc::RefRun> window, ring_src, ring_dst, compressed, keys;
+      std::vector<EntryRun> runs;
+      int64_t window_at = 0, ring_at = 0, compressed_at = 0;
+      const int64_t entry_data = format.data_bytes();
       for (const auto& chunk : chunks) {
+        const EntryRun ring = chunk.state->WindowRing(lid, W);
         const int64_t first = std::max<int64_t>(0, chunk.start - W + 1);
-        for (int64_t p = first; p < chunk.start; ++p) {
-          const KvSlot slot = chunk.state->window_kv(lid, p);
-          window.push_back({slot.data, slot.scales});
+        uint8_t* fresh = s.new_entries + chunk.offset * entry;
+        if (chunk.start > first) {
+          window.push_back({window_at, chunk.start - first, ring.first + first, W, ring.data, ring.data_stride,
+                            ring.scales, ring.scale_stride});
         }
-        for (int64_t i = 0; i < chunk.count; ++i) {
-          uint8_t* e = s.new_entries + (chunk.offset + i) * entry;
-          window.push_back({e, e + format.data_bytes()});
-        }
-        for (int64_t i = std::max<int64_t>(0, chunk.count - W); i < chunk.count; ++i) {
-          uint8_t* e = s.new_entries + (chunk.offset + i) * entry;
-          ring_src.push_back({e, e + format.data_bytes()});
-          const KvSlot slot = chunk.state->window_kv(lid, chunk.start + i);
-          ring_dst.push_back({slot.data, slot.scales});
-        }
+        window.push_back({window_at + chunk.start - first, chunk.count, 0, 0, fresh, entry, fresh + entry_data, entry});
+        window_at += chunk.end() - first;
+        const int64_t kept = std::max<int64_t>(0, chunk.count - W);
+        ring_src.push_back({ring_at, chunk.count - kept, 0, 0, fresh + kept * entry, entry, fresh + kept * entry + entry_data,
+                            entry});
+        ring_dst.push_back({ring_at, chunk.count - kept, ring.first + chunk.start + kept, W, ring.data, ring.data_stride,
+                            ring.scales, ring.scale_stride});
+        ring_at += chunk.count - kept;
         if (ratio > 0) {
-          for (int64_t j = 0; j < chunk.end() / ratio; ++j) {
-            const KvSlot slot = chunk.state->compressed_kv(lid, j);
-            compressed.push_back({slot.data, slot.scales});
-            if (ratio == 4) keys.push_back(chunk.state->indexer_key(lid, j));
+          const int64_t n = chunk.end() / ratio;
+          runs.clear();
+          chunk.state->CompressedKvRuns(lid, n, &runs);
+          for (const auto& r : runs) {
+            compressed.push_back({compressed_at + r.first, r.count, 0, 0, r.data, r.data_stride, r.scales, r.scale_stride});
           }
+          if (ratio == 4) {
+            runs.clear();
+            chunk.state->IndexerKeyRuns(lid, n, &runs);
+            for (const auto& r : runs) keys.push_back({compressed_at + r.first, r.count, 0, 0, r.data, r.data_stride, nullptr, 0});
+          }
+          compressed_at += n;
         }
       }
       lt.window = tables.Add(window);
+      lt.window_runs = static_cast<int64_t>(window.size());
       lt.ring_src = tables.Add(ring_src);
       lt.ring_dst = tables.Add(ring_dst);
-      lt.ring_count = static_cast<int64_t>(ring_src.size());
+      lt.ring_runs = static_cast<int64_t>(ring_src.size());
+      lt.ring_count = ring_at;
       lt.compressed = tables.Add(compressed);
+      lt.compressed_runs = static_cast<int64_t>(compressed.size());
       lt.keys = tables.Add(keys);
+      lt.key_runs = static_cast<int64_t>(keys.size());
+      max_window = std::max(max_window, window_at);
+      max_ring = std::max(max_ring, ring_at);
+      max_compressed = std::max(max_compressed, compressed_at);
       if (ratio > 0) {
         BuildCompressorTables(chunks, lid, ratio, CompressorKind::kAttention, s.crows, 2 * width_att, tables,
                               &lt.attention);
@@ -654,6 +685,14 @@ struct DeviceModel::Impl {
       profile_ms["host: address tables"] += std::chrono::duration<double, std::milli>(Clock::now() - started).count();
     }
     TANDEM_RETURN_IF_ERROR(Mark(nullptr));
+    // The expanded tables of the layer being run (reused layer after layer, in stream order).
+    kc::KvRef *d_window = nullptr, *d_ring_src = nullptr, *d_ring_dst = nullptr, *d_compressed = nullptr;
+    uint8_t** d_keys = nullptr;
+    TANDEM_ASSIGN_OR_RETURN(d_window, arena.Take<kc::KvRef>(static_cast<size_t>(max_window)));
+    TANDEM_ASSIGN_OR_RETURN(d_ring_src, arena.Take<kc::KvRef>(static_cast<size_t>(max_ring)));
+    TANDEM_ASSIGN_OR_RETURN(d_ring_dst, arena.Take<kc::KvRef>(static_cast<size_t>(max_ring)));
+    TANDEM_ASSIGN_OR_RETURN(d_compressed, arena.Take<kc::KvRef>(static_cast<size_t>(max_compressed)));
+    TANDEM_ASSIGN_OR_RETURN(d_keys, arena.Take<uint8_t*>(static_cast<size_t>(max_compressed)));
     const int64_t* d_positions = tables.at<const int64_t>(t_positions);
     const int32_t* d_ids = tables.at<const int32_t>(t_ids);
 
@@ -670,6 +709,13 @@ struct DeviceModel::Impl {
       const std::string prefix = absl::StrCat("layers.", L.spec.layer_id, ".");
 
       // ---- Attention ----
+      TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.window), lt.window_runs, d_window, stream));
+      TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.ring_src), lt.ring_runs, d_ring_src, stream));
+      TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.ring_dst), lt.ring_runs, d_ring_dst, stream));
+      TANDEM_RETURN_IF_ERROR(
+          kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.compressed), lt.compressed_runs, d_compressed, stream));
+      TANDEM_RETURN_IF_ERROR(kc::ExpandPointers(tables.at<const kc::RefRun>(lt.keys), lt.key_runs, d_keys, stream));
+      TANDEM_RETURN_IF_ERROR(Mark("address tables (expand runs)"));
       TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_attn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
                                        s.hc_workspace_bytes, stream));
       TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.attn_norm, eps, s.y, stream));
@@ -706,7 +752,7 @@ struct DeviceModel::Impl {
         ix.topk = topk;
         ix.q = s.iq;
         ix.weights = s.iw;
-        ix.keys = tables.at<const uint8_t* const>(lt.keys);
+        ix.keys = d_keys;
         ix.key_begin = tables.at<const int64_t>(t_c4_begin);
         ix.visible = tables.at<const int32_t>(t_c4_count);
         ix.max_visible = static_cast<int32_t>(max_visible);
@@ -729,11 +775,11 @@ struct DeviceModel::Impl {
       at.q = s.q;
       at.sink = L.sink;
       at.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-      at.window = tables.at<const kc::KvRef>(lt.window);
+      at.window = d_window;
       at.window_begin = tables.at<const int64_t>(t_window_begin);
       at.window_count = tables.at<const int32_t>(t_window_count);
       if (ratio > 0) {
-        at.compressed = tables.at<const kc::KvRef>(lt.compressed);
+        at.compressed = d_compressed;
         at.compressed_begin = tables.at<const int64_t>(ratio == 4 ? t_c4_begin : t_c128_begin);
         at.compressed_count = tables.at<const int32_t>(ratio == 4 ? t_c4_count : t_c128_count);
         if (ratio == 4) {
@@ -745,8 +791,7 @@ struct DeviceModel::Impl {
       TANDEM_RETURN_IF_ERROR(kc::SparseAttention(at, stream));
       TANDEM_RETURN_IF_ERROR(Mark("attn: sparse attention"));
       if (lt.ring_count > 0) {
-        TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, tables.at<const kc::KvRef>(lt.ring_src),
-                                                 tables.at<const kc::KvRef>(lt.ring_dst), lt.ring_count, stream));
+        TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, d_ring_src, d_ring_dst, lt.ring_count, stream));
       }
       TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.o, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, true, stream));
       // Grouped low-rank output: group g's heads through wo_a rows [g*R, (g+1)*R), then wo_b.
@@ -799,11 +844,10 @@ struct DeviceModel::Impl {
       TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.ea, s.eb, T * k * I, limit, s.ea, stream));
       TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
       TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));
-      const int64_t* shared_offsets = tables.at<const int64_t>(t_shared_offsets);
-      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w1, s.y, nullptr, shared_offsets, T, s.sa, stream));
-      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w3, s.y, nullptr, shared_offsets, T, s.sb, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(L.shared_w1, s.y, T, s.sa, s.xb));
+      TANDEM_RETURN_IF_ERROR(Linear(L.shared_w3, s.y, T, s.sb, s.xb));
       TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.sa, s.sb, T * I, limit, s.sa, stream));
-      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.shared.w2, s.sa, nullptr, shared_offsets, T, s.shared_out, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(L.shared_w2, s.sa, T, s.shared_out, s.xb));
       TANDEM_RETURN_IF_ERROR(Mark("moe: shared expert"));
       TANDEM_RETURN_IF_ERROR(kc::MoeCombine(s.shared_out, s.routed, s.group_position, s.route_weights, T, k, D, s.out, stream));
       TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));

@@ -82,4 +82,15 @@ float* DeviceSequenceState::compressor_row(int id, CompressorKind kind, int64_t 
   return reinterpret_cast<float*>(base_ + base) + (pos % CompressorRing(l.ratio)) * row;
 }
 
+void DeviceSequenceState::CompressedKvRuns(int id, int64_t n, std::vector<EntryRun>* runs) {
+  if (n <= 0) return;
+  uint8_t* base = base_ + layer(id).compressed;
+  runs->push_back({0, n, base, format_.entry_bytes(), base + format_.data_bytes(), format_.entry_bytes()});
+}
+
+void DeviceSequenceState::IndexerKeyRuns(int id, int64_t n, std::vector<EntryRun>* runs) {
+  if (n <= 0) return;
+  runs->push_back({0, n, base_ + layer(id).indexer, kernels::IndexerKeyBytes(config_.index_head_dim), nullptr, 0});
+}
+
 }  // namespace tandem::model::cuda

@@ -31,6 +31,8 @@ class DeviceSequenceState final : public SequenceState {
   KvSlot compressed_kv(int layer, int64_t index) override;
   uint8_t* indexer_key(int layer, int64_t index) override;
   float* compressor_row(int layer, CompressorKind kind, int64_t pos) override;
+  void CompressedKvRuns(int layer, int64_t n, std::vector<EntryRun>* runs) override;
+  void IndexerKeyRuns(int layer, int64_t n, std::vector<EntryRun>* runs) override;
 
   size_t bytes() const { return bytes_; }
 

@@ -72,6 +72,12 @@ std::vector<int64_t> PrefillThenDecode(std::vector<int64_t> prompt_chunks, int64
   return prompt_chunks;
 }
 
+struct KvSlotCheck {
+  int layer;
+  const char* state;
+  std::string what() const { return std::string(state) + " layer " + std::to_string(layer); }
+};
+
 class PagedStateTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -259,6 +265,79 @@ TEST_F(PagedStateTest, ReserveThatCannotBeSatisfiedFailsCleanly) {
   const auto too_long = third.Reserve(10000);
   EXPECT_EQ(too_long.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(third.page_table().size(), 1u) << "what the state held before stays, nothing more";
+}
+
+// The runs the GPU forward builds its address tables from name exactly the per-entry addresses: for the
+// paged state (one run per page), the host state (one run) and the generic default (merged entry by entry).
+TEST_F(PagedStateTest, EntryRunsNameTheSameAddressesAsTheEntries) {
+  MakePools({8, 2, 2, 2});
+  PagedSequenceState paged(pools_.get());
+  HostSequenceState host = NewHostState();
+  const int64_t length = 1100;  // 5 token pages of 256, the last partly used
+  ASSERT_TRUE(paged.Reserve(length).ok());
+  ASSERT_TRUE(host.Reserve(length).ok());
+  // Only the per-entry methods: exercises SequenceState's default runs.
+  struct PerEntry final : SequenceState {
+    explicit PerEntry(SequenceState* s) : inner(s) {}
+    SequenceState* inner;
+    int64_t length() const override { return inner->length(); }
+    int64_t mtp_length() const override { return inner->mtp_length(); }
+    void set_length(int64_t l) override { inner->set_length(l); }
+    void set_mtp_length(int64_t l) override { inner->set_mtp_length(l); }
+    absl::Status Reserve(int64_t l) override { return inner->Reserve(l); }
+    model::KvSlot window_kv(int layer, int64_t pos) override { return inner->window_kv(layer, pos); }
+    model::KvSlot compressed_kv(int layer, int64_t index) override { return inner->compressed_kv(layer, index); }
+    uint8_t* indexer_key(int layer, int64_t index) override { return inner->indexer_key(layer, index); }
+    float* compressor_row(int layer, model::CompressorKind kind, int64_t pos) override {
+      return inner->compressor_row(layer, kind, pos);
+    }
+  } generic(&paged);
+  auto expect_same = [&](SequenceState& state, const char* name) {
+    for (const auto& spec : config().layers) {
+      if (spec.is_mtp) continue;
+      const KvSlotCheck check{spec.layer_id, name};
+      const model::EntryRun ring = state.WindowRing(spec.layer_id, config().sliding_window);
+      for (int64_t pos = 0; pos < 300; pos += 37) {
+        const model::KvSlot slot = state.window_kv(spec.layer_id, pos);
+        const int64_t s = (ring.first + pos) % ring.count;
+        EXPECT_EQ(ring.data + s * ring.data_stride, slot.data) << check.what() << " window pos " << pos;
+        EXPECT_EQ(ring.scales + s * ring.scale_stride, slot.scales) << check.what() << " window pos " << pos;
+      }
+      if (spec.compress_ratio == 0) continue;
+      const int64_t n = length / spec.compress_ratio;
+      std::vector<model::EntryRun> runs;
+      state.CompressedKvRuns(spec.layer_id, n, &runs);
+      int64_t covered = 0;
+      for (const auto& r : runs) {
+        EXPECT_EQ(r.first, covered) << check.what() << ": runs in order, no gaps";
+        for (int64_t i = 0; i < r.count; ++i) {
+          const model::KvSlot slot = state.compressed_kv(spec.layer_id, r.first + i);
+          ASSERT_EQ(r.data + i * r.data_stride, slot.data) << check.what() << " entry " << r.first + i;
+          ASSERT_EQ(r.scales + i * r.scale_stride, slot.scales) << check.what() << " entry " << r.first + i;
+        }
+        covered += r.count;
+      }
+      EXPECT_EQ(covered, n) << check.what();
+      if (spec.compress_ratio != 4) continue;
+      runs.clear();
+      state.IndexerKeyRuns(spec.layer_id, n, &runs);
+      covered = 0;
+      for (const auto& r : runs) {
+        for (int64_t i = 0; i < r.count; ++i) {
+          ASSERT_EQ(r.data + i * r.data_stride, state.indexer_key(spec.layer_id, r.first + i)) << check.what();
+        }
+        covered += r.count;
+      }
+      EXPECT_EQ(covered, n) << check.what() << " keys";
+    }
+  };
+  expect_same(paged, "paged");
+  expect_same(host, "host");
+  expect_same(generic, "default");
+  std::vector<model::EntryRun> runs;
+  paged.CompressedKvRuns(1, length / 4, &runs);
+  EXPECT_EQ(runs.size(), 5u) << "one run per token page";
+  paged.Release();
 }
 
 // A second request sharing a >= 256-token prefix with a finished one resumes from its pages and boundary
