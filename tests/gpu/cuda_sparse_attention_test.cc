@@ -208,6 +208,8 @@ struct AttentionCase {
   bool scatter_invalid = false;     // kSelected: -1 between the chosen entries, not only after them
   float q_scale = 1.0f;
   float sink_mean = 0.0f, sink_spread = 1.0f;
+  bool split = false;       // pass the workspace SparseAttentionWorkspaceBytes asks for (poisoned)
+  size_t pool_offset = 0;   // 1: every entry misaligned (the kernels' byte-wise fallback)
 };
 
 void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
@@ -220,8 +222,8 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
   const auto compressed_cpu = QuantizeEntries(format, Normal(static_cast<size_t>(compressed_entries * dim), rng));
   const auto window_values = DequantizeEntries(format, window_cpu);
   const auto compressed_values = DequantizeEntries(format, compressed_cpu);
-  KvPool window_pool = KvPool::Create(format, window_entries);
-  KvPool compressed_pool = KvPool::Create(format, compressed_entries);
+  KvPool window_pool = KvPool::Create(format, window_entries, c.pool_offset);
+  KvPool compressed_pool = KvPool::Create(format, compressed_entries, c.pool_offset);
   window_pool.Upload(window_cpu);
   compressed_pool.Upload(compressed_cpu);
 
@@ -299,6 +301,14 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
     args.topk = c.topk;
   }
   args.o = device_o.get();
+  cuda::DeviceArray<uint8_t> workspace;
+  if (c.split) {
+    const size_t bytes = cuda::SparseAttentionWorkspaceBytes(args);
+    ASSERT_GT(bytes, 0u) << "a batch this small should split";
+    workspace = Poisoned<uint8_t>(bytes);
+    args.workspace = workspace.get();
+    args.workspace_bytes = workspace.size();
+  }
   TANDEM_ASSERT_OK(cuda::SparseAttention(args));
   TANDEM_ASSERT_OK(Sync());
   const auto gpu = ToHost(device_o);
@@ -363,6 +373,37 @@ TEST_F(CudaTest, SparseAttentionWindowAndSelected) {
 TEST_F(CudaTest, SparseAttentionSink) {
   CheckAttention(rng_, {"heavy sink", 64, {128, 3, 60}, Compressed::kAll, {64, 0, 200}, 0, false, 3.0f, 4.0f, 3.0f});
   CheckAttention(rng_, {"negligible sink", 64, {128, 40}, Compressed::kAll, {64, 1}, 0, false, 1.0f, -30.0f, 1.0f});
+}
+
+// Split-KV: a decode token's 640 candidates over many blocks, merged with the sink once; tokens with
+// fewer candidates than splits (empty splits), none at all, a partial head group, a heavy sink.
+TEST_F(CudaTest, SparseAttentionSplit) {
+  AttentionCase flash = {"split flash C4", 64, {128}, Compressed::kSelected, {512}, 512};
+  flash.split = true;
+  CheckAttention(rng_, flash);
+  AttentionCase few = {"split few candidates", 64, {3, 0, 1}};
+  few.split = true;
+  CheckAttention(rng_, few);
+  AttentionCase mixed = {"split C128", 64, {128, 0, 7, 128}, Compressed::kAll, {900, 0, 1, 33}};
+  mixed.split = true;
+  CheckAttention(rng_, mixed);
+  AttentionCase partial = {"split 20 heads", 20, {128, 7, 33}, Compressed::kSelected, {16, 3, 0}, 16, true};
+  partial.split = true;
+  CheckAttention(rng_, partial);
+  AttentionCase sink = {"split heavy sink", 64, {128, 3}, Compressed::kAll, {64, 0}, 0, false, 3.0f, 4.0f, 3.0f};
+  sink.split = true;
+  CheckAttention(rng_, sink);
+}
+
+// Entries at odd addresses (no 8-byte loads or copies), split and unsplit.
+TEST_F(CudaTest, SparseAttentionMisaligned) {
+  AttentionCase unsplit = {"misaligned", 64, {128, 40}, Compressed::kSelected, {512, 9}, 512, true};
+  unsplit.pool_offset = 1;
+  CheckAttention(rng_, unsplit);
+  AttentionCase split = unsplit;
+  split.name = "misaligned split";
+  split.split = true;
+  CheckAttention(rng_, split);
 }
 
 }  // namespace

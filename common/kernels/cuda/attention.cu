@@ -69,6 +69,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kStride = kTile + 1;      // words between pair rows: conflict-free by column and by row
 constexpr int64_t kMaxTopK = 4096;
+constexpr int kMaxSplits = 32;          // split-KV: blocks per (token, head group) at most
 static_assert(kTile == 32, "the softmax maps one candidate to one lane");
 static_assert(kGroupHeads == 2 * kWarps, "the softmax gives each warp two heads");
 static_assert(kGroupHeads / 4 * 2 == kWarps, "QK and PV: a warp per (quad of heads, half)");
@@ -91,7 +92,47 @@ struct AttentionParams {
   const int32_t* selected = nullptr;
   int topk = 0;
   float* o = nullptr;
+  // Split-KV: block (t, s, g) takes tiles [s * tiles / splits, (s + 1) * tiles / splits) of token t. With
+  // splits > 1 it leaves the unnormalized accumulator and (max, denominator) without the sink in
+  // partial_acc [t, s, head, kDim] and partial_ml [t, s, head, 2] for SparseAttentionCombineKernel; a
+  // block with no tiles writes only (-inf, 0).
+  int splits = 1;
+  float* partial_acc = nullptr;
+  float* partial_ml = nullptr;
 };
+
+// Rows (t, s, h) of the partial arrays.
+__device__ __forceinline__ int64_t PartialRow(const AttentionParams& p, int64_t t, int split, int64_t h) {
+  return (t * p.splits + split) * p.heads + h;
+}
+
+// o[t, h] from the splits' partial states, the sink joining the denominator once. One block of 128
+// threads per (t, h), 4 dims a thread.
+__global__ void __launch_bounds__(128) SparseAttentionCombineKernel(AttentionParams p) {
+  const int64_t t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+  const float sink = p.sink[h];
+  float top = sink;
+  for (int s = 0; s < p.splits; ++s) top = fmaxf(top, p.partial_ml[PartialRow(p, t, s, h) * 2]);
+  // top = -inf only when the sink is -inf and no split saw a candidate: the output is 0, as unsplit.
+  float denominator = top == -INFINITY ? 1.0f : expf(sink - top);
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s = 0; s < p.splits; ++s) {
+    const int64_t row = PartialRow(p, t, s, h);
+    const float m = p.partial_ml[row * 2], l = p.partial_ml[row * 2 + 1];
+    if (m == -INFINITY && l == 0.0f) continue;  // an empty split: its accumulator was never written
+    const float weight = expf(m - top);
+    denominator = fmaf(l, weight, denominator);
+    const float4 a = reinterpret_cast<const float4*>(p.partial_acc + row * kDim)[threadIdx.x];
+    sum.x = fmaf(a.x, weight, sum.x);
+    sum.y = fmaf(a.y, weight, sum.y);
+    sum.z = fmaf(a.z, weight, sum.z);
+    sum.w = fmaf(a.w, weight, sum.w);
+  }
+  reinterpret_cast<float4*>(p.o + (t * p.heads + h) * kDim)[threadIdx.x] =
+      make_float4(__fdiv_rn(sum.x, denominator), __fdiv_rn(sum.y, denominator), __fdiv_rn(sum.z, denominator),
+                  __fdiv_rn(sum.w, denominator));
+}
+static_assert(kDim == 128 * 4, "the combine gives each of 128 threads 4 dims");
 
 size_t AttentionSharedBytes(int64_t selected_slots) {
   const size_t words = static_cast<size_t>(kGroupHeads) * kDim    // q of the group
@@ -115,7 +156,8 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
   __shared__ int warp_counts[kWarps];
 
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const int64_t t = blockIdx.x / p.groups;
+  const int64_t t = blockIdx.x / (p.groups * p.splits);
+  const int split = static_cast<int>(blockIdx.x / p.groups % p.splits);
   const int64_t h0 = static_cast<int64_t>(blockIdx.x % p.groups) * kGroupHeads;
   const int hn = static_cast<int>(min(static_cast<int64_t>(kGroupHeads), p.heads - h0));
 
@@ -124,8 +166,13 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
     reinterpret_cast<float4*>(q_s)[i] = i / (kDim / 4) < hn ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   if (tid < kGroupHeads) {
-    m_s[tid] = tid < hn ? p.sink[h0 + tid] : 0.0f;
-    l_s[tid] = 1.0f;  // exp(sink - max) with the running max at the sink
+    if (p.splits == 1) {
+      m_s[tid] = tid < hn ? p.sink[h0 + tid] : 0.0f;
+      l_s[tid] = 1.0f;  // exp(sink - max) with the running max at the sink
+    } else {
+      m_s[tid] = -INFINITY;  // the combine adds the sink once
+      l_s[tid] = 0.0f;
+    }
   }
   const int n_window = p.window ? max(p.window_count[t], 0) : 0;
   const int64_t window_begin = n_window > 0 ? p.window_begin[t] : 0;
@@ -167,7 +214,10 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
     for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
   }
   const int chunk_groups = (p.chunks + 7) / 8;
-  for (int tile0 = 0; tile0 < total; tile0 += kTile) {
+  const int64_t tiles = (total + kTile - 1) / kTile;
+  const int tile_begin = static_cast<int>(split * tiles / p.splits) * kTile;
+  const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
+  for (int tile0 = tile_begin; tile0 < tile_end; tile0 += kTile) {
     const int valid = min(kTile, total - tile0);
 
     // 1. Dequantize the tile: a lane takes one 8-byte chunk; a warp instruction covers 4 candidates x 64
@@ -289,6 +339,25 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
   }
 
   const int column = lane + 32 * (warp & 1);
+  if (p.splits > 1) {
+    if (tid < hn) {
+      const int64_t row = PartialRow(p, t, split, h0 + tid);
+      p.partial_ml[row * 2] = m_s[tid];
+      p.partial_ml[row * 2 + 1] = l_s[tid];
+    }
+    if (tile_begin >= tile_end) return;  // no tiles: (-inf, 0) tells the combine to skip the accumulator
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int h = 4 * quad + j;
+      if (h >= hn) continue;
+      float* out = p.partial_acc + PartialRow(p, t, split, h0 + h) * kDim;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        *reinterpret_cast<float2*>(out + 2 * (column + 64 * i)) = make_float2(acc[j][2 * i], acc[j][2 * i + 1]);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int h = 4 * quad + j;
@@ -342,7 +411,10 @@ absl::Status CopyKvEntries(const KvFormat& format, const KvRef* src, const KvRef
   return absl::OkStatus();
 }
 
-absl::Status SparseAttention(const SparseAttentionArgs& a, cudaStream_t stream) {
+namespace {
+
+// The shape checks (all that SparseAttentionWorkspaceBytes needs), then the pointers.
+absl::Status CheckAttentionShape(const SparseAttentionArgs& a) {
   const KvFormat& f = a.format;
   if (f.dim() != kDim || f.nope_dim % 64 != 0 || f.rope_dim % 4 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("SparseAttention: format ", f.nope_dim, " + ", f.rope_dim,
@@ -352,6 +424,19 @@ absl::Status SparseAttention(const SparseAttentionArgs& a, cudaStream_t stream) 
     return absl::InvalidArgumentError(absl::StrCat("SparseAttention: tokens ", a.tokens, " and heads ", a.heads,
                                                    " must be >= 0 and > 0"));
   }
+  const bool selected = a.compressed && a.selected;
+  if (selected && (a.topk <= 0 || a.topk > kMaxTopK)) {
+    return absl::InvalidArgumentError(absl::StrCat("SparseAttention: topk ", a.topk, " must be in [1, ", kMaxTopK, "]"));
+  }
+  const int64_t groups = (a.heads + kGroupHeads - 1) / kGroupHeads;
+  if (a.tokens * groups > 0x7fffffff) {
+    return absl::InvalidArgumentError(absl::StrCat("SparseAttention: ", a.tokens, " tokens x ", groups, " head groups > 2^31-1"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckSparseAttention(const SparseAttentionArgs& a) {
+  TANDEM_RETURN_IF_ERROR(CheckAttentionShape(a));
   if (a.tokens == 0) return absl::OkStatus();
   if (!a.q || !a.o || !a.sink) return absl::InvalidArgumentError("SparseAttention: q, o and sink are required");
   if (!Aligned16(a.q) || !Aligned16(a.o)) return absl::InvalidArgumentError("SparseAttention: q and o must be 16-byte aligned");
@@ -362,14 +447,61 @@ absl::Status SparseAttention(const SparseAttentionArgs& a, cudaStream_t stream) 
     return absl::InvalidArgumentError(
         "SparseAttention: compressed needs compressed_begin and either selected or compressed_count");
   }
+  return absl::OkStatus();
+}
+
+// The kernel that serves these args, its block size and its dynamic shared memory.
+struct AttentionLaunch {
+  void (*kernel)(AttentionParams) = nullptr;
+  const char* name = nullptr;
+  int threads = 0;
+  size_t shared = 0;
+};
+
+AttentionLaunch ChooseAttentionKernel(const SparseAttentionArgs& a) {
+  const int64_t selected_slots = a.compressed && a.selected ? a.topk : 0;
+  return {SparseAttentionKernel, "launch of SparseAttentionKernel", kThreads, AttentionSharedBytes(selected_slots)};
+}
+
+int64_t HeadGroups(int64_t heads) { return (heads + kGroupHeads - 1) / kGroupHeads; }
+
+size_t PartialBytes(int64_t tokens, int64_t heads, int64_t splits) {
+  return static_cast<size_t>(tokens * splits * heads) * (kDim + 2) * sizeof(float);
+}
+
+// Splits so that tokens x groups x splits blocks about fill the device once: a block's latency is its
+// share of the candidates, and one wave of blocks runs them all at once. 1 when the batch fills it.
+absl::StatusOr<int64_t> PlannedSplits(const SparseAttentionArgs& a, const AttentionLaunch& launch) {
+  const int64_t units = a.tokens * HeadGroups(a.heads);
+  if (a.tokens * a.heads > 0x7fffffff || units >= 0x7fffffff / kMaxSplits) return 1;
+  TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(launch.kernel, launch.shared, "SparseAttention"));
+  int device = 0, sms = 0, per_sm = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, launch.kernel, launch.threads, launch.shared));
+  const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+  return std::clamp<int64_t>(slots / units, 1, kMaxSplits);
+}
+
+}  // namespace
+
+size_t SparseAttentionWorkspaceBytes(const SparseAttentionArgs& a) {
+  if (a.tokens <= 0 || !CheckAttentionShape(a).ok()) return 0;
+  const absl::StatusOr<int64_t> splits = PlannedSplits(a, ChooseAttentionKernel(a));
+  if (!splits.ok()) {
+    (void)cudaGetLastError();  // a failed query must not read as a later launch's failure
+    return 0;
+  }
+  return *splits > 1 ? PartialBytes(a.tokens, a.heads, *splits) : 0;
+}
+
+absl::Status SparseAttention(const SparseAttentionArgs& a, cudaStream_t stream) {
+  TANDEM_RETURN_IF_ERROR(CheckSparseAttention(a));
+  if (a.tokens == 0) return absl::OkStatus();
+  const KvFormat& f = a.format;
   const bool selected = a.compressed && a.selected;
-  if (selected && (a.topk <= 0 || a.topk > kMaxTopK)) {
-    return absl::InvalidArgumentError(absl::StrCat("SparseAttention: topk ", a.topk, " must be in [1, ", kMaxTopK, "]"));
-  }
-  const int64_t groups = (a.heads + kGroupHeads - 1) / kGroupHeads;
-  if (a.tokens * groups > 0x7fffffff) {
-    return absl::InvalidArgumentError(absl::StrCat("SparseAttention: ", a.tokens, " tokens x ", groups, " head groups > 2^31-1"));
-  }
+  const int64_t groups = HeadGroups(a.heads);
   AttentionParams p;
   p.heads = a.heads;
   p.groups = static_cast<int>(groups);
@@ -387,10 +519,25 @@ absl::Status SparseAttention(const SparseAttentionArgs& a, cudaStream_t stream) 
   p.selected = selected ? a.selected : nullptr;
   p.topk = selected ? static_cast<int>(a.topk) : 0;
   p.o = a.o;
-  const size_t shared = AttentionSharedBytes(p.topk);
-  TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(SparseAttentionKernel, shared, "SparseAttention"));
-  SparseAttentionKernel<<<static_cast<unsigned>(a.tokens * groups), kThreads, shared, stream>>>(p);
-  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("SparseAttentionKernel");
+  const AttentionLaunch launch = ChooseAttentionKernel(a);
+  TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(launch.kernel, launch.shared, "SparseAttention"));
+  // As many splits as planned and as the workspace holds (none without one).
+  int64_t splits = 1;
+  if (a.workspace && Aligned16(a.workspace) && a.workspace_bytes >= PartialBytes(a.tokens, a.heads, 2)) {
+    TANDEM_ASSIGN_OR_RETURN(splits, PlannedSplits(a, launch));
+    splits = std::min<int64_t>(splits, static_cast<int64_t>(a.workspace_bytes / PartialBytes(a.tokens, a.heads, 1)));
+  }
+  p.splits = static_cast<int>(splits);
+  if (splits > 1) {
+    p.partial_acc = static_cast<float*>(a.workspace);
+    p.partial_ml = p.partial_acc + a.tokens * splits * a.heads * kDim;
+  }
+  launch.kernel<<<static_cast<unsigned>(a.tokens * groups * splits), launch.threads, launch.shared, stream>>>(p);
+  TANDEM_RETURN_IF_ERROR(CudaStatus(cudaGetLastError(), launch.name, __FILE__, __LINE__));
+  if (splits > 1) {
+    SparseAttentionCombineKernel<<<static_cast<unsigned>(a.tokens * a.heads), 128, 0, stream>>>(p);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("SparseAttentionCombineKernel");
+  }
   return absl::OkStatus();
 }
 

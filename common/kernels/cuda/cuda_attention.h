@@ -102,9 +102,18 @@ struct SparseAttentionArgs {
   const int32_t* selected = nullptr;
   int64_t topk = 0;
   float* o = nullptr;  // [tokens, heads, format.dim()]; values are the dequantized entries (keys = values)
+  // Optional split-KV scratch (16-byte aligned, SparseAttentionWorkspaceBytes(args) bytes): when
+  // tokens x head groups leave SMs idle, each token's candidates are spread over several blocks whose
+  // partial softmax states a second kernel merges. Null (or too small for any split) runs unsplit.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 // o[t,h] = sum_k softmax_k(s) * v_k with s_k = (q[t,h] . v_k) * scale and exp(sink[h]) added to the
 // denominator; no candidates gives 0.
 absl::Status SparseAttention(const SparseAttentionArgs& args, cudaStream_t stream = nullptr);
+// Workspace for the split that SparseAttention would choose for these args on the current device
+// (0: no split pays). Reads only format, tokens, heads, compressed, selected and topk; the pointers may
+// still be null. Grows with tokens x heads until the batch fills the device: at most ~9 MB on an H200.
+size_t SparseAttentionWorkspaceBytes(const SparseAttentionArgs& args);
 
 }  // namespace tandem::kernels::cuda
