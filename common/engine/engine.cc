@@ -7,6 +7,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/engine/device_backend.h"
 #include "common/engine/paged_state.h"
 #include "common/kernels/kernels.h"
 
@@ -47,6 +48,32 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   engine->weights_ = std::shared_ptr<const model::ModelWeights>(std::move(weights));
   const auto& config = engine->weights_->config;
   engine->model_ = std::make_unique<model::Dsv4Model>(engine->weights_);
+  cache::RegionAllocator device_allocator;
+  cache::RegionCopy device_copy;
+  int64_t device_memory = 0, device_weights = 0;
+  if (options.device == "cuda") {
+    if (options.role != EngineRole::kMixed) {
+      return absl::UnimplementedError(
+          "--device cuda serves --mode mixed only for now: handing state over from device pools (staged through "
+          "pinned host memory) is not built yet");
+    }
+    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device, options.cuda_dense_f32));
+    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there", options.cuda_device, backend.device_name,
+                 static_cast<double>(backend.weight_bytes) / (1 << 30));
+    if (options.deterministic) {
+      spdlog::warn("--deterministic on CUDA: cuBLASLt picks kernels per batch shape, so batch invariance is not guaranteed");
+    }
+    engine->runner_ = std::move(backend.runner);
+    engine->device_memory_ = std::move(backend.memory);
+    device_allocator = std::move(backend.allocator);
+    device_copy = std::move(backend.copy);
+    device_memory = backend.device_memory_bytes;
+    device_weights = backend.weight_bytes;
+  } else if (options.device == "cpu") {
+    engine->runner_ = std::make_unique<model::CpuForwardRunner>(engine->model_.get());
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got \"", options.device, "\""));
+  }
 
   for (const int32_t id : options.scheduler.forced_output_ids) {
     if (id < 0 || id >= config.vocab_size) {
@@ -68,22 +95,23 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     sizing.budget_bytes = options.cache_budget_bytes;
   } else if (options.mem_fraction_static > 0) {
     sizing.mem_fraction_static = options.mem_fraction_static;
-    sizing.memory_total_bytes = PhysicalMemoryBytes();
-    sizing.static_bytes = CheckpointBytes(options.model_dir);
+    sizing.memory_total_bytes = device_memory > 0 ? device_memory : PhysicalMemoryBytes();
+    sizing.static_bytes = device_memory > 0 ? device_weights : CheckpointBytes(options.model_dir);
   } else {
     sizing.budget_bytes = EngineOptions::kDefaultCpuBudgetBytes;
   }
   TANDEM_ASSIGN_OR_RETURN(engine->plan_, cache::PlanPools(shapes, layout, sizing));
-  cache::RegionAllocator allocator;  // the mixed role keeps its pools on the heap
+  cache::RegionAllocator allocator = device_allocator;  // the mixed role keeps its pools on the heap (or the device)
   if (options.role != EngineRole::kMixed) {
     if (!options.links) return absl::InvalidArgumentError("a prefill or decode engine needs its transfer links");
     TANDEM_ASSIGN_OR_RETURN(engine->transfer_, options.links());
     if (engine->transfer_ == nullptr) return absl::InvalidArgumentError("the transfer link factory made no setup");
     allocator = engine->transfer_->allocator();
   }
-  TANDEM_ASSIGN_OR_RETURN(engine->pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts, allocator));
+  TANDEM_ASSIGN_OR_RETURN(engine->pools_,
+                          cache::StatePools::Create(shapes, layout, engine->plan_.counts, allocator, device_copy));
   spdlog::info("{}", engine->plan_.Summary());
-  engine->scheduler_ = std::make_unique<Scheduler>(engine->model_.get(), engine->pools_.get(), options.scheduler);
+  engine->scheduler_ = std::make_unique<Scheduler>(engine->runner_.get(), engine->pools_.get(), options.scheduler);
   if (engine->transfer_ != nullptr) {
     TANDEM_ASSIGN_OR_RETURN(engine->links_, engine->transfer_->MakeLinks(*engine->pools_, [e = engine.get()] { e->Wake(); }));
     engine->scheduler_->SetRole(options.role, engine->links_.prefill.get(), engine->links_.decode.get());

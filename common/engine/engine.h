@@ -58,6 +58,9 @@ struct EngineOptions {
   bool drop_cache_after_load = false;
   bool deterministic = false;
   int threads = 0;  // CPU threads for the forward (0: all cores)
+  std::string device = "cpu";  // "cpu" or "cuda" (the forward and the cache pools on that device)
+  int cuda_device = 0;
+  bool cuda_dense_f32 = false;  // f32 GEMMs on the device (closest to the CPU; slower) instead of bf16
   bool show_progress = true;
   static constexpr int64_t kDefaultCpuBudgetBytes = int64_t{1} << 30;
 };
@@ -106,6 +109,8 @@ class Engine {
   EngineOptions options_;
   std::shared_ptr<const model::ModelWeights> weights_;
   std::unique_ptr<model::Dsv4Model> model_;
+  std::unique_ptr<model::ForwardRunner> runner_;  // the CPU forward or the device backend's
+  std::shared_ptr<void> device_memory_;           // device pool regions: outlives pools_
   cache::PoolPlan plan_;
   std::unique_ptr<TransferSetup> transfer_;  // before pools_: it owns their memory for the split roles
   std::unique_ptr<cache::StatePools> pools_;

@@ -73,7 +73,17 @@ TokenOutput Logprobs(std::span<const float> row, int32_t token, int32_t top) {
 }  // namespace
 
 Scheduler::Scheduler(const model::Dsv4Model* model, cache::StatePools* pools, SchedulerOptions options)
-    : model_(model), pools_(pools), options_(options) {
+    : own_runner_(std::make_unique<model::CpuForwardRunner>(model)), model_(own_runner_.get()), pools_(pools),
+      options_(std::move(options)) {
+  Init();
+}
+
+Scheduler::Scheduler(model::ForwardRunner* runner, cache::StatePools* pools, SchedulerOptions options)
+    : model_(runner), pools_(pools), options_(std::move(options)) {
+  Init();
+}
+
+void Scheduler::Init() {
   if (options_.enable_prefix_cache) prefix_cache_ = std::make_unique<cache::RadixCache>(pools_);
   eos_token_ids_ = {static_cast<int32_t>(model_->config().eos_token_id)};
   max_context_ = pools_->token_pages().total() * pools_->page_size();
@@ -513,7 +523,7 @@ absl::StatusOr<bool> Scheduler::Step() {
                      false});
   }
   model::ForwardResult result;
-  if (auto status = model_->Forward(batch, nullptr, nullptr, &result); !status.ok()) {
+  if (auto status = model_->Forward(batch, &result); !status.ok()) {
     spdlog::error("forward failed: {}", status.ToString());
     for (const auto& p : plan) Abort(p.seq->request.id, absl::InternalError(absl::StrCat("forward failed: ", status.message())));
     return status;

@@ -92,6 +92,8 @@ struct SchedulerStats {
 class Scheduler {
  public:
   Scheduler(const model::Dsv4Model* model, cache::StatePools* pools, SchedulerOptions options);
+  // Runs the batches on `runner` (the CPU forward or a device backend; not owned).
+  Scheduler(model::ForwardRunner* runner, cache::StatePools* pools, SchedulerOptions options);
   ~Scheduler();
 
   // Makes this a prefill or decode engine of a disaggregated pair; the link must outlive the scheduler.
@@ -143,7 +145,9 @@ class Scheduler {
   void ReleaseState(Sequence& seq, bool cache_it);
   std::unique_ptr<Sequence> Take(const std::string& id);
 
-  const model::Dsv4Model* model_;
+  void Init();
+  std::unique_ptr<model::ForwardRunner> own_runner_;  // the CPU runner of the first constructor
+  model::ForwardRunner* model_;
   cache::StatePools* pools_;
   SchedulerOptions options_;
   std::unique_ptr<cache::RadixCache> prefix_cache_;

@@ -83,6 +83,28 @@ class Dsv4Model {
   Rope rope_;
 };
 
+// What a serving engine runs its batches on: the CPU forward or a device backend (whole model, logits
+// of each chunk's last token, or every token with all_logits, in the result).
+class ForwardRunner {
+ public:
+  virtual ~ForwardRunner() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result) = 0;
+};
+
+// The CPU forward as a runner.
+class CpuForwardRunner final : public ForwardRunner {
+ public:
+  explicit CpuForwardRunner(const Dsv4Model* model) : model_(model) {}
+  const ModelConfig& config() const override { return model_->config(); }
+  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result) override {
+    return model_->Forward(batch, nullptr, nullptr, result);
+  }
+
+ private:
+  const Dsv4Model* model_;
+};
+
 // RoPE inverse frequencies (NUMERICS.md): rope_dim/2 entries, optionally with YaRN.
 std::vector<double> RopeInverseFrequencies(int64_t rope_dim, double base, const RopeScaling* yarn);
 

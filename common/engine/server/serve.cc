@@ -76,6 +76,11 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
   app.add_flag("--deterministic", e.deterministic, "batch-invariant kernels: a request's tokens never depend on its batch");
   app.add_flag("--disable-prefix-cache", o.disable_prefix_cache, "no radix prefix cache");
   app.add_option("--threads", e.threads, "CPU threads for the forward (0: all cores)")->capture_default_str();
+  app.add_option("--device", e.device, "where the forward and the cache pools run: cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--cuda-device", e.cuda_device, "CUDA device index for --device cuda")->capture_default_str();
+  app.add_flag("--cuda-dense-f32", e.cuda_dense_f32, "f32 GEMMs on the GPU (closest to the CPU forward, slower than bf16)");
   app.add_option("--drain-timeout", o.drain_timeout_seconds, "seconds SIGTERM waits for running requests")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--heartbeat-interval", o.heartbeat_interval_seconds, "PD: seconds between heartbeats to the peer")
