@@ -86,8 +86,11 @@ class Gemm {
   Gemm& operator=(const Gemm&) = delete;
 
   // y[rows, out] = x[rows, in] · w[out, in]^T with bf16 x and w, f32 accumulation, y in `output` type.
+  // tune = false plans a new shape from cuBLASLt's heuristic alone (no timing, no sync): for shapes that
+  // change call to call (grouped expert row blocks), where timing each new row count costs more than it gains.
+  // Plans are also keyed by the pointers' alignment (up to 256 bytes), so offset pointers get a valid algorithm.
   absl::Status Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
-                      void* y, Output output, cudaStream_t stream = nullptr);
+                      void* y, Output output, cudaStream_t stream = nullptr, bool tune = true);
   // The same with f32 x, w and y and f32 arithmetic (no TF32): for the small, precision-sensitive
   // projections (router gates, indexer weights) and for exact-parity runs.
   absl::Status LinearF32(const float* x, int64_t rows, int64_t in, const float* weight, int64_t out, float* y,
@@ -97,14 +100,16 @@ class Gemm {
   struct Plan;
   Gemm() = default;
   // Builds (on first use of a shape) the plan; picks the fastest of cuBLASLt's candidates by timing them
-  // on these buffers unless `stream` is being captured into a graph.
+  // on these buffers when `tune` and `stream` is not being captured into a graph. An untuned plan is
+  // replaced by a tuned one the first time a caller asks for tuning.
   absl::StatusOr<const Plan*> PlanFor(bool f32_inputs, const void* x, int64_t rows, int64_t in, const void* weight,
-                                      int64_t out, void* y, Output output, cudaStream_t stream);
+                                      int64_t out, void* y, Output output, cudaStream_t stream, bool tune);
 
   cublasLtContext* handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int, bool>, std::unique_ptr<Plan>> plans_;
+  // (rows, in, out, output, f32 inputs, pointer alignment in bytes)
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t>, std::unique_ptr<Plan>> plans_;
 };
 
 // ---- Random inputs for tests and benchmarks (reproducible per seed) ----

@@ -69,6 +69,13 @@ unsigned GridFor(int64_t work, int threads) {
 
 bool Aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
 
+// The largest power of two (up to 256, cuBLASLt's default assumption) dividing every pointer's address.
+uint32_t CommonAlignment(const void* x, const void* weight, const void* y) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
+                         reinterpret_cast<uintptr_t>(y) | uintptr_t{256};
+  return static_cast<uint32_t>(bits & (~bits + 1));
+}
+
 }  // namespace
 
 absl::Status FloatToBf16(const float* x, int64_t count, __nv_bfloat16* y, cudaStream_t stream) {
@@ -101,6 +108,7 @@ struct Gemm::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  bool tuned = false;
   ~Plan() {
     if (d) cublasLtMatrixLayoutDestroy(d);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -125,9 +133,10 @@ Gemm::~Gemm() {
 
 absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, int64_t rows, int64_t in,
                                                 const void* weight, int64_t out, void* y, Output output,
-                                                cudaStream_t stream) {
-  const auto key = std::make_tuple(rows, in, out, static_cast<int>(output), f32_inputs);
-  if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
+                                                cudaStream_t stream, bool tune) {
+  const uint32_t alignment = CommonAlignment(x, weight, y);
+  const auto key = std::make_tuple(rows, in, out, static_cast<int>(output), f32_inputs, alignment);
+  if (auto it = plans_.find(key); it != plans_.end() && (it->second->tuned || !tune)) return it->second.get();
   auto plan = std::make_unique<Plan>();
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
@@ -147,6 +156,13 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
   int found = 0;
   cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
       preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_));
+  for (const cublasLtMatmulPreferenceAttributes_t attribute :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+    if (status == CUBLAS_STATUS_SUCCESS) {
+      status = cublasLtMatmulPreferenceSetAttribute(preference, attribute, &alignment, sizeof(alignment));
+    }
+  }
   if (status == CUBLAS_STATUS_SUCCESS) {
     status = cublasLtMatmulAlgoGetHeuristic(handle_, plan->desc, plan->a, plan->b, plan->d, plan->d, preference,
                                             kCandidates, results, &found);
@@ -161,8 +177,8 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
   // caller's buffers (y is overwritten by the real call right after), unless the stream is being captured.
   int best = 0;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
-  if (found > 1 && capture == cudaStreamCaptureStatusNone) {
+  if (tune) TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+  if (tune && found > 1 && capture == cudaStreamCaptureStatusNone) {
     cudaEvent_t start = nullptr, stop = nullptr;
     TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
     TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
@@ -194,16 +210,17 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
   }
   cublasLtMatmulHeuristicResult_t& result = results[best];
   plan->algo = result.algo;
+  plan->tuned = tune;
   const Plan* raw = plan.get();
-  plans_.emplace(key, std::move(plan));
+  plans_.insert_or_assign(key, std::move(plan));
   return raw;
 }
 
 absl::Status Gemm::Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
-                          void* y, Output output, cudaStream_t stream) {
+                          void* y, Output output, cudaStream_t stream, bool tune) {
   if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::Linear: bad shape");
   if (rows == 0) return absl::OkStatus();
-  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(false, x, rows, in, weight, out, y, output, stream));
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(false, x, rows, in, weight, out, y, output, stream, tune));
   const float alpha = 1.0f, beta = 0.0f;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
                                                plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));
@@ -214,7 +231,7 @@ absl::Status Gemm::LinearF32(const float* x, int64_t rows, int64_t in, const flo
                              cudaStream_t stream) {
   if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::LinearF32: bad shape");
   if (rows == 0) return absl::OkStatus();
-  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(true, x, rows, in, weight, out, y, Output::kF32, stream));
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(true, x, rows, in, weight, out, y, Output::kF32, stream, true));
   const float alpha = 1.0f, beta = 0.0f;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
                                                plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));

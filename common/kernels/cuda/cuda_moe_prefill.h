@@ -1,0 +1,103 @@
+// Prefill path of the routed experts on tensor cores: each expert's MXFP4 / block-FP8 weight is dequantized
+// (exactly) to bf16 scratch and its grouped row block runs as one cuBLASLt bf16 GEMM with f32 accumulation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "common/core/status.h"
+#include "common/kernels/cuda/cuda_moe.h"
+#include "common/kernels/cuda/cuda_ops.h"
+
+namespace tandem::kernels::cuda {
+
+// dst [out, in] = e2m1 code * 2^(scale - 127) in bf16 from MXFP4 codes [out, in/2] (low nibble first) and
+// ue8m0 scales [out, in/32]; in must be a multiple of 32. Exact: the product has two significant bits.
+absl::Status DequantizeMxfp4(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in, __nv_bfloat16* dst,
+                             cudaStream_t stream = nullptr);
+
+// h [rows, inter] = SwiGlu(gate_up[:, :inter], gate_up[:, inter:], limit) for the stacked w1/w3 output
+// [rows, 2 * inter] of GroupedExpertGemm::Run (the same arithmetic as SwiGlu).
+absl::Status SwiGluStacked(const float* gate_up, int64_t rows, int64_t inter, float limit, float* h,
+                           cudaStream_t stream = nullptr);
+
+// One grouped expert weight as the host sees it: shape and format, and host arrays [experts] of the device
+// code / scale pointers (the same pointers GroupedWeights holds in device memory).
+struct HostExpertWeights {
+  QuantizedWeight::Format format = QuantizedWeight::Format::kMxfp4;
+  const uint8_t* const* codes = nullptr;   // host array [experts] of device pointers
+  const uint8_t* const* scales = nullptr;  // host array [experts] of device pointers
+  int64_t experts = 0;
+  int64_t out = 0;
+  int64_t in = 0;
+  static HostExpertWeights Of(const GroupedWeights& weights, const uint8_t* const* host_codes,
+                              const uint8_t* const* host_scales) {
+    return {weights.format, host_codes, host_scales, weights.experts, weights.out, weights.in};
+  }
+};
+
+// Grouped expert linear for prefill. Experts with rows are dealt round-robin to `lanes` streams, each with
+// its own cuBLASLt handle and bf16 weight scratch, so one expert's dequantization overlaps other experts'
+// GEMMs (within a lane: dequantize, then GEMM, stream-ordered). GEMM plans are heuristic-only (no timing):
+// one per distinct row count, cached. Not thread-safe; use one instance per stream.
+class GroupedExpertGemm {
+ public:
+  struct Options {
+    // Largest (sum of stacked outs) * in of one Run: the bf16 weight scratch of each lane.
+    int64_t max_weight_elements = 0;
+    int lanes = 4;
+    size_t gemm_workspace_bytes = size_t{32} << 20;  // per lane
+  };
+  static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
+  ~GroupedExpertGemm();
+  GroupedExpertGemm(const GroupedExpertGemm&) = delete;
+  GroupedExpertGemm& operator=(const GroupedExpertGemm&) = delete;
+
+  // Pre-allocates the bf16 copy of x for up to `rows` rows of `in` (Run grows it otherwise, with cudaMalloc /
+  // cudaFree: call Reserve before capturing Run into a graph).
+  absl::Status Reserve(int64_t rows, int64_t in);
+
+  // For every expert e and grouped row r in [offsets[e], offsets[e+1]):
+  //   y[r, :] = bf16(x[r, :]) . [dequant(W_0[e]) ; dequant(W_1[e]) ; ...]^T
+  // x [R, in] f32 and y [R, sum_p out_p] f32 (R = offsets[E]), rows already grouped by expert; host_offsets
+  // [E + 1] on the host, offsets[0] = 0, non-decreasing. The stacked weights share experts and in; output
+  // column block p is x . W_p^T (w1 and w3 stacked: y[:, :I] = x.w1^T, y[:, I:] = x.w3^T, see SwiGluStacked).
+  // Reads x and writes y in `stream` order (lanes fork from and join back into it).
+  absl::Status Run(std::span<const HostExpertWeights> stacked, const float* x, std::span<const int64_t> host_offsets,
+                   float* y, cudaStream_t stream = nullptr);
+  absl::Status Run(const GroupedWeights& weights, const uint8_t* const* host_codes, const uint8_t* const* host_scales,
+                   const float* x, std::span<const int64_t> host_offsets, float* y, cudaStream_t stream = nullptr) {
+    const HostExpertWeights one = HostExpertWeights::Of(weights, host_codes, host_scales);
+    return Run(std::span<const HostExpertWeights>(&one, 1), x, host_offsets, y, stream);
+  }
+
+ private:
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t done = nullptr;
+    std::unique_ptr<Gemm> gemm;
+    __nv_bfloat16* weight = nullptr;  // [max_weight_elements]
+    float* staging = nullptr;         // y rows of an expert whose block in y is not 16-byte aligned
+    int64_t staging_elements = 0;
+  };
+  GroupedExpertGemm() = default;
+  // The per-expert dequantizations and GEMMs on the lanes (after the fork).
+  absl::Status Enqueue(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets, int64_t total_out,
+                       float* y);
+
+  Options options_;
+  std::vector<Lane> lanes_;
+  cudaEvent_t fork_ = nullptr;
+  __nv_bfloat16* x_bf16_ = nullptr;
+  int64_t x_bf16_elements_ = 0;
+  std::vector<int64_t> x_starts_;  // per expert: first element of its row block in x_bf16_
+  std::vector<int> lane_of_;       // per expert: its lane (-1: no rows)
+};
+
+}  // namespace tandem::kernels::cuda

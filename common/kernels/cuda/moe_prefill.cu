@@ -1,0 +1,320 @@
+// Prefill grouped expert linears: MXFP4 -> bf16 dequantization (exact), the stacked-w1/w3 SwiGLU, and
+// GroupedExpertGemm (per expert: dequantize to bf16 scratch, then one cuBLASLt GEMM of its row block).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/kernels/cuda/check.h"
+#include "common/kernels/cuda/cuda_moe_prefill.h"
+
+namespace tandem::kernels::cuda {
+namespace {
+
+constexpr int kMxfp4Group = 32;  // values per ue8m0 scale
+
+unsigned GridFor(int64_t work, int threads) {
+  // A grid-stride loop past ~16 waves of 132 SMs gains nothing.
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 132 * 16)));
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// 2^(bits - 127) as an f32 (bits 0 is the subnormal 2^-127, 255 is NaN), as the CPU's Ue8m0ToFloat.
+__device__ __forceinline__ float Ue8m0(uint32_t bits) {
+  if (bits == 0) return __uint_as_float(0x00400000u);
+  if (bits == 255) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float(bits << 23);
+}
+
+// e2m1 code (low 4 bits): 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives, as the CPU's E2m1ToFloat.
+__device__ __forceinline__ float E2m1(uint32_t code) {
+  const uint32_t exponent = (code >> 1) & 3u, mantissa = code & 1u;
+  const float magnitude =
+      exponent == 0 ? (mantissa ? 0.5f : 0.0f) : __uint_as_float(((exponent + 126u) << 23) | (mantissa << 22));
+  return (code & 8u) ? -magnitude : magnitude;
+}
+
+// One thread per 32-value group: a 16-byte code load, one scale, four 16-byte stores.
+__global__ void DequantizeMxfp4Kernel(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in,
+                                      __nv_bfloat16* dst) {
+  const int64_t groups_per_row = in / kMxfp4Group;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < out * groups_per_row; g += stride) {
+    const float scale = Ue8m0(scales[g]);  // scales [out, in/32] is indexed by the group number itself
+    const uint4 packed = *reinterpret_cast<const uint4*>(codes + g * (kMxfp4Group / 2));
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+    __align__(16) __nv_bfloat16 values[kMxfp4Group];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) values[8 * w + n] = __float2bfloat16_rn(E2m1(words[w] >> (4 * n)) * scale);
+    }
+    uint4* target = reinterpret_cast<uint4*>(dst + g * kMxfp4Group);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) target[i] = reinterpret_cast<const uint4*>(values)[i];
+  }
+}
+
+// Any alignment: one thread per code byte (two values).
+__global__ void DequantizeMxfp4ScalarKernel(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in,
+                                            __nv_bfloat16* dst) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < out * in / 2; i += stride) {
+    const float scale = Ue8m0(scales[(2 * i) / kMxfp4Group]);
+    const uint32_t byte = codes[i];
+    dst[2 * i] = __float2bfloat16_rn(E2m1(byte) * scale);
+    dst[2 * i + 1] = __float2bfloat16_rn(E2m1(byte >> 4) * scale);
+  }
+}
+
+__device__ __forceinline__ float SwiGluOne(float a, float b, float limit) {
+  // Exactly moe.cu's SwiGlu: std::min / std::clamp semantics (NaN stays NaN), then silu(g) * u.
+  const float g = limit < a ? limit : a;
+  const float u = b < -limit ? -limit : (limit < b ? limit : b);
+  return g / (1.0f + expf(-g)) * u;
+}
+
+__global__ void SwiGluStackedKernel(const float* gate_up, int64_t rows, int64_t inter, float limit, bool vector,
+                                    float* h) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vector) {
+    const int64_t per_row = inter / 4;
+    for (int64_t i = first; i < rows * per_row; i += stride) {
+      const int64_t r = i / per_row, c = (i % per_row) * 4;
+      const float4 a = *reinterpret_cast<const float4*>(gate_up + r * 2 * inter + c);
+      const float4 b = *reinterpret_cast<const float4*>(gate_up + r * 2 * inter + inter + c);
+      *reinterpret_cast<float4*>(h + r * inter + c) =
+          make_float4(SwiGluOne(a.x, b.x, limit), SwiGluOne(a.y, b.y, limit), SwiGluOne(a.z, b.z, limit),
+                      SwiGluOne(a.w, b.w, limit));
+    }
+    return;
+  }
+  for (int64_t i = first; i < rows * inter; i += stride) {
+    const int64_t r = i / inter, c = i % inter;
+    h[i] = SwiGluOne(gate_up[r * 2 * inter + c], gate_up[r * 2 * inter + inter + c], limit);
+  }
+}
+
+// x f32 -> bf16 at any alignment (the fast FloatToBf16 wants 16-byte aligned x).
+__global__ void CastToBf16Kernel(const float* x, int64_t count, __nv_bfloat16* y) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    y[i] = __float2bfloat16_rn(x[i]);
+  }
+}
+
+absl::Status CastToBf16(const float* x, int64_t count, __nv_bfloat16* y, cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  if (Aligned16(x) && (reinterpret_cast<uintptr_t>(y) & 7) == 0) return FloatToBf16(x, count, y, stream);
+  CastToBf16Kernel<<<GridFor(count, 256), 256, 0, stream>>>(x, count, y);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("CastToBf16Kernel");
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status Grow(T** buffer, int64_t* capacity, int64_t needed) {
+  if (needed <= *capacity) return absl::OkStatus();
+  // cudaFree would synchronize anyway; make the wait on in-flight users of the old buffer explicit.
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  if (*buffer) TANDEM_CUDA_RETURN_IF_ERROR(cudaFree(*buffer));
+  *buffer = nullptr;
+  *capacity = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(buffer), static_cast<size_t>(needed) * sizeof(T)));
+  *capacity = needed;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status DequantizeMxfp4(const uint8_t* codes, const uint8_t* scales, int64_t out, int64_t in, __nv_bfloat16* dst,
+                             cudaStream_t stream) {
+  if (out <= 0 || in <= 0) return absl::InvalidArgumentError("DequantizeMxfp4: empty weight");
+  if (in % kMxfp4Group != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("DequantizeMxfp4: in ", in, " is not a multiple of 32"));
+  }
+  if (!codes || !scales || !dst) return absl::InvalidArgumentError("DequantizeMxfp4: null pointer");
+  if (Aligned16(codes) && Aligned16(dst)) {
+    DequantizeMxfp4Kernel<<<GridFor(out * in / kMxfp4Group, 256), 256, 0, stream>>>(codes, scales, out, in, dst);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("DequantizeMxfp4Kernel");
+  } else {
+    DequantizeMxfp4ScalarKernel<<<GridFor(out * in / 2, 256), 256, 0, stream>>>(codes, scales, out, in, dst);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("DequantizeMxfp4ScalarKernel");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SwiGluStacked(const float* gate_up, int64_t rows, int64_t inter, float limit, float* h,
+                           cudaStream_t stream) {
+  if (rows < 0 || inter <= 0) return absl::InvalidArgumentError("SwiGluStacked: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  if (!gate_up || !h) return absl::InvalidArgumentError("SwiGluStacked: null pointer");
+  const bool vector = inter % 4 == 0 && Aligned16(gate_up) && Aligned16(h);
+  SwiGluStackedKernel<<<GridFor(vector ? rows * inter / 4 : rows * inter, 256), 256, 0, stream>>>(gate_up, rows, inter,
+                                                                                                  limit, vector, h);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("SwiGluStackedKernel");
+  return absl::OkStatus();
+}
+
+// ---- GroupedExpertGemm ----
+
+absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(const Options& options) {
+  if (options.max_weight_elements <= 0) return absl::InvalidArgumentError("GroupedExpertGemm: max_weight_elements <= 0");
+  if (options.lanes < 1 || options.lanes > 16) return absl::InvalidArgumentError("GroupedExpertGemm: lanes must be 1..16");
+  std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
+  grouped->options_ = options;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
+  grouped->lanes_.resize(static_cast<size_t>(options.lanes));
+  for (Lane& lane : grouped->lanes_) {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&lane.done, cudaEventDisableTiming));
+    TANDEM_ASSIGN_OR_RETURN(lane.gemm, Gemm::Create(options.gemm_workspace_bytes));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&lane.weight),
+                                           static_cast<size_t>(options.max_weight_elements) * sizeof(__nv_bfloat16)));
+  }
+  return grouped;
+}
+
+GroupedExpertGemm::~GroupedExpertGemm() {
+  for (Lane& lane : lanes_) {
+    if (lane.stream) cudaStreamSynchronize(lane.stream);
+    lane.gemm.reset();
+    if (lane.staging) cudaFree(lane.staging);
+    if (lane.weight) cudaFree(lane.weight);
+    if (lane.done) cudaEventDestroy(lane.done);
+    if (lane.stream) cudaStreamDestroy(lane.stream);
+  }
+  if (x_bf16_) cudaFree(x_bf16_);
+  if (fork_) cudaEventDestroy(fork_);
+}
+
+absl::Status GroupedExpertGemm::Reserve(int64_t rows, int64_t in) {
+  if (rows < 0 || in <= 0) return absl::InvalidArgumentError("GroupedExpertGemm::Reserve: bad shape");
+  return Grow(&x_bf16_, &x_bf16_elements_, rows * in + 8 * rows);
+}
+
+absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, const float* x,
+                                    std::span<const int64_t> offsets, float* y, cudaStream_t stream) {
+  if (stacked.empty()) return absl::InvalidArgumentError("GroupedExpertGemm::Run: no weights");
+  const int64_t experts = stacked[0].experts, in = stacked[0].in;
+  int64_t total_out = 0;
+  for (const HostExpertWeights& w : stacked) {
+    if (w.experts != experts || w.in != in || w.out <= 0 || in <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm::Run: stacked weights need one expert count and in "
+                                                     "(got experts ", w.experts, " vs ", experts, ", in ", w.in, " vs ", in,
+                                                     ", out ", w.out, ")"));
+    }
+    if (w.format == QuantizedWeight::Format::kMxfp4 && in % kMxfp4Group != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm::Run: MXFP4 in ", in, " not a multiple of 32"));
+    }
+    if (!w.codes || !w.scales) return absl::InvalidArgumentError("GroupedExpertGemm::Run: null host pointer array");
+    total_out += w.out;
+  }
+  if (total_out * in > options_.max_weight_elements) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm::Run: stacked weight ", total_out, " x ", in,
+                                                   " exceeds max_weight_elements ", options_.max_weight_elements));
+  }
+  if (static_cast<int64_t>(offsets.size()) != experts + 1 || offsets[0] != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm::Run: need experts + 1 = ", experts + 1,
+                                                   " host offsets starting at 0, got ", offsets.size()));
+  }
+  for (int64_t e = 0; e < experts; ++e) {
+    if (offsets[e + 1] < offsets[e]) return absl::InvalidArgumentError("GroupedExpertGemm::Run: offsets decrease");
+    if (offsets[e + 1] == offsets[e]) continue;
+    for (const HostExpertWeights& w : stacked) {
+      if (!w.codes[e] || !w.scales[e]) {
+        return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm::Run: expert ", e, " has rows but no weight"));
+      }
+    }
+  }
+  const int64_t rows_total = offsets[experts];
+  if (rows_total == 0) return absl::OkStatus();
+  if (!x || !y) return absl::InvalidArgumentError("GroupedExpertGemm::Run: null x or y");
+
+  // Row block starts in the bf16 copy of x: contiguous when rows are 16-byte multiples, else each expert's
+  // block starts on a 16-byte boundary (cuBLASLt's fast kernels and TMA want aligned bases).
+  const bool contiguous = in % 8 == 0;
+  x_starts_.assign(static_cast<size_t>(experts), 0);
+  int64_t cursor = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    x_starts_[e] = contiguous ? offsets[e] * in : cursor;
+    if (!contiguous && offsets[e + 1] > offsets[e]) cursor = (cursor + (offsets[e + 1] - offsets[e]) * in + 7) / 8 * 8;
+  }
+  const int64_t x_needed = contiguous ? rows_total * in : cursor;
+
+  // Experts to lanes, greedily to the least loaded (a dequantization costs about as much as ~128 rows of GEMM).
+  lane_of_.assign(static_cast<size_t>(experts), -1);
+  std::vector<int64_t> load(lanes_.size(), 0), staging_needed(lanes_.size(), 0);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    const size_t lane = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    lane_of_[e] = static_cast<int>(lane);
+    load[lane] += rows + 128;
+    if (!Aligned16(y + offsets[e] * total_out)) staging_needed[lane] = std::max(staging_needed[lane], rows * total_out);
+  }
+  bool grow = x_needed > x_bf16_elements_;
+  for (size_t l = 0; l < lanes_.size(); ++l) grow = grow || staging_needed[l] > lanes_[l].staging_elements;
+  if (grow) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      return absl::FailedPreconditionError("GroupedExpertGemm::Run: scratch must grow during graph capture; Reserve first");
+    }
+    TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, x_needed));
+    for (size_t l = 0; l < lanes_.size(); ++l) {
+      TANDEM_RETURN_IF_ERROR(Grow(&lanes_[l].staging, &lanes_[l].staging_elements, staging_needed[l]));
+    }
+  }
+
+  if (contiguous) {
+    TANDEM_RETURN_IF_ERROR(CastToBf16(x, rows_total * in, x_bf16_, stream));
+  } else {
+    for (int64_t e = 0; e < experts; ++e) {
+      TANDEM_RETURN_IF_ERROR(
+          CastToBf16(x + offsets[e] * in, (offsets[e + 1] - offsets[e]) * in, x_bf16_ + x_starts_[e], stream));
+    }
+  }
+  // Fork the lanes from `stream`, and join them back whatever happens in between.
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_, stream));
+  for (Lane& lane : lanes_) TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(lane.stream, fork_, 0));
+  absl::Status status = Enqueue(stacked, offsets, total_out, y);
+  for (Lane& lane : lanes_) {
+    status.Update(CudaStatus(cudaEventRecord(lane.done, lane.stream), "cudaEventRecord", __FILE__, __LINE__));
+    status.Update(CudaStatus(cudaStreamWaitEvent(stream, lane.done, 0), "cudaStreamWaitEvent", __FILE__, __LINE__));
+  }
+  return status;
+}
+
+absl::Status GroupedExpertGemm::Enqueue(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets,
+                                        int64_t total_out, float* y) {
+  const int64_t in = stacked[0].in;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    Lane& lane = lanes_[static_cast<size_t>(lane_of_[e])];
+    int64_t row0 = 0;
+    for (const HostExpertWeights& w : stacked) {
+      __nv_bfloat16* dst = lane.weight + row0 * in;
+      if (w.format == QuantizedWeight::Format::kMxfp4) {
+        TANDEM_RETURN_IF_ERROR(DequantizeMxfp4(w.codes[e], w.scales[e], w.out, in, dst, lane.stream));
+      } else {
+        TANDEM_RETURN_IF_ERROR(DequantizeFp8Block({w.codes[e], w.scales[e], w.out, in}, dst, lane.stream));
+      }
+      row0 += w.out;
+    }
+    float* target = y + offsets[e] * total_out;
+    const bool staged = !Aligned16(target);
+    TANDEM_RETURN_IF_ERROR(lane.gemm->Linear(x_bf16_ + x_starts_[e], rows, in, lane.weight, total_out,
+                                             staged ? lane.staging : target, Gemm::Output::kF32, lane.stream,
+                                             /*tune=*/false));
+    if (staged) {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(target, lane.staging, static_cast<size_t>(rows * total_out) * sizeof(float),
+                                                  cudaMemcpyDeviceToDevice, lane.stream));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tandem::kernels::cuda

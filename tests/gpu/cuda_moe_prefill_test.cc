@@ -1,0 +1,240 @@
+// The prefill expert path on the GPU (MXFP4 dequantization, GroupedExpertGemm, SwiGluStacked) against the
+// CPU's own code (kernels::DequantizeRows, kernels::QuantizedLinear). Fresh inputs every run.
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "common/core/dtype.h"
+#include "common/kernels/cuda/cuda_moe_prefill.h"
+#include "common/kernels/kernels.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace tandem::kernels {
+namespace {
+
+using Format = QuantizedWeight::Format;
+using testing::AllClose;
+using testing::CudaTest;
+using testing::Must;
+using testing::Normal;
+using testing::Poisoned;
+using testing::Sync;
+using testing::ToDevice;
+using testing::ToHost;
+
+std::vector<float> ToFloat(const std::vector<__nv_bfloat16>& values) {
+  std::vector<float> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) out[i] = __bfloat162float(values[i]);
+  return out;
+}
+
+// Random codes (every e2m1 code; finite e4m3 only, 0x7f/0xff are NaN) with scales 2^-10 .. 2^10.
+void RandomCodes(Format format, int64_t out, int64_t in, std::mt19937& rng, std::vector<uint8_t>& codes,
+                 std::vector<uint8_t>& scales) {
+  std::uniform_int_distribution<int> byte(0, 255), scale(117, 137);
+  codes.resize(static_cast<size_t>(format == Format::kMxfp4 ? out * in / 2 : out * in));
+  for (auto& b : codes) {
+    do b = static_cast<uint8_t>(byte(rng));
+    while (format == Format::kFp8Block && (b & 0x7f) == 0x7f);
+  }
+  scales.resize(static_cast<size_t>(format == Format::kMxfp4 ? out * (in / 32) : ((out + 127) / 128) * ((in + 127) / 128)));
+  for (auto& s : scales) s = static_cast<uint8_t>(scale(rng));
+}
+
+// One grouped weight: per-expert host copies (for the CPU) and device copies (for the GPU).
+struct Experts {
+  Format format;
+  int64_t out, in;
+  std::vector<std::vector<uint8_t>> codes, scales;
+  std::vector<cuda::DeviceArray<uint8_t>> device_codes, device_scales;
+  std::vector<const uint8_t*> code_pointers, scale_pointers;  // host arrays of device pointers
+
+  Experts(Format f, int64_t experts, int64_t o, int64_t i, std::mt19937& rng) : format(f), out(o), in(i) {
+    codes.resize(static_cast<size_t>(experts));
+    scales.resize(static_cast<size_t>(experts));
+    for (int64_t e = 0; e < experts; ++e) {
+      RandomCodes(format, out, in, rng, codes[e], scales[e]);
+      device_codes.push_back(ToDevice(codes[e]));
+      device_scales.push_back(ToDevice(scales[e]));
+      code_pointers.push_back(device_codes.back().get());
+      scale_pointers.push_back(device_scales.back().get());
+    }
+  }
+  QuantizedWeight View(size_t e) const { return {format, codes[e].data(), scales[e].data(), out, in}; }
+  cuda::HostExpertWeights Host() const {
+    return {format, code_pointers.data(), scale_pointers.data(), static_cast<int64_t>(codes.size()), out, in};
+  }
+};
+
+std::vector<int64_t> Offsets(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> offsets{0};
+  for (const int64_t c : counts) offsets.push_back(offsets.back() + c);
+  return offsets;
+}
+
+// y [R, sum out] from the GPU against the CPU per expert and stacked part. On the same bf16-rounded x only
+// the summation order differs: |err| <= 1e-5 * sum_k |x_k w_k|. Against f32 x (the CPU forward's numerics)
+// each x_k carries a rounding of at most 2^-9 relative: |err| <= 2^-8 * sum_k |x_k w_k|.
+void ExpectMatchesCpu(const std::vector<const Experts*>& stacked, const std::vector<float>& x,
+                      const std::vector<int64_t>& offsets, const std::vector<float>& gpu) {
+  const int64_t in = stacked[0]->in;
+  int64_t total_out = 0;
+  for (const Experts* w : stacked) total_out += w->out;
+  ASSERT_EQ(gpu.size(), static_cast<size_t>(offsets.back() * total_out));
+  std::vector<float> x_rounded(x.size());
+  for (size_t i = 0; i < x.size(); ++i) x_rounded[i] = RoundBf16(x[i]);
+  int64_t bad = 0;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t row0 = offsets[e], rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    int64_t column0 = 0;
+    for (const Experts* w : stacked) {
+      const QuantizedWeight view = w->View(e);
+      std::vector<float> rounded(static_cast<size_t>(rows * w->out)), exact(rounded.size()),
+          weight(static_cast<size_t>(w->out * in));
+      QuantizedLinear(x_rounded.data() + row0 * in, rows, view, rounded.data());
+      QuantizedLinear(x.data() + row0 * in, rows, view, exact.data());
+      DequantizeRows(view, 0, w->out, weight.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t o = 0; o < w->out; ++o) {
+          double magnitude = 0.0;
+          for (int64_t k = 0; k < in; ++k) {
+            magnitude += std::fabs(static_cast<double>(x_rounded[(row0 + r) * in + k]) * weight[o * in + k]);
+          }
+          const float got = gpu[static_cast<size_t>((row0 + r) * total_out + column0 + o)];
+          const float want = rounded[static_cast<size_t>(r * w->out + o)], want_f32 = exact[static_cast<size_t>(r * w->out + o)];
+          if (!(std::fabs(got - want) <= 1e-5 * magnitude + 1e-30) ||
+              !(std::fabs(got - want_f32) <= std::ldexp(magnitude, -8) + 1e-30)) {
+            if (bad++ < 5) {
+              ADD_FAILURE() << "expert " << e << " y[" << row0 + r << "][" << column0 + o << "] gpu " << got << " cpu "
+                            << want << " (f32 x: " << want_f32 << ", sum |xw| " << magnitude << ")";
+            }
+          }
+        }
+      }
+      column0 += w->out;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+// e2m1 times a power of two is exact in bf16: the device copy must equal the CPU's f32 dequantization.
+TEST_F(CudaTest, Mxfp4DequantizeIsExact) {
+  // (96, 512): the vector path; offset by one byte / one element: the scalar path.
+  for (const int64_t shift : {int64_t{0}, int64_t{1}}) {
+    SCOPED_TRACE(::testing::Message() << "shift " << shift);
+    const int64_t out = shift ? 5 : 96, in = shift ? 96 : 512;
+    std::vector<uint8_t> codes, scales;
+    RandomCodes(Format::kMxfp4, out, in, rng_, codes, scales);
+    std::vector<uint8_t> shifted(static_cast<size_t>(shift));
+    shifted.insert(shifted.end(), codes.begin(), codes.end());
+    auto dcodes = ToDevice(shifted);
+    auto dscales = ToDevice(scales);
+    auto dst = Poisoned<__nv_bfloat16>(static_cast<size_t>(out * in + shift));
+    TANDEM_ASSERT_OK(cuda::DequantizeMxfp4(dcodes.get() + shift, dscales.get(), out, in, dst.get() + shift));
+    TANDEM_ASSERT_OK(Sync());
+    auto gpu = ToFloat(ToHost(dst));
+    gpu.erase(gpu.begin(), gpu.begin() + shift);
+    std::vector<float> cpu(static_cast<size_t>(out * in));
+    DequantizeRows({Format::kMxfp4, codes.data(), scales.data(), out, in}, 0, out, cpu.data());
+    EXPECT_TRUE(AllClose(gpu, cpu, 0.0, 0.0));
+  }
+  EXPECT_FALSE(cuda::DequantizeMxfp4(nullptr, nullptr, 4, 48, nullptr).ok()) << "in not a multiple of 32";
+}
+
+// Experts of 37, 0, 300 and 1 rows (unaligned block starts, an empty expert, a single row), on two lanes.
+TEST_F(CudaTest, GroupedExpertGemmMatchesCpu) {
+  struct Case {
+    Format format;
+    int64_t out, in;
+  };
+  // MXFP4 w1-like; FP8 with partial 128-blocks on both sides.
+  for (const Case c : {Case{Format::kMxfp4, 256, 512}, Case{Format::kFp8Block, 320, 640}}) {
+    SCOPED_TRACE(::testing::Message() << (c.format == Format::kMxfp4 ? "mxfp4" : "fp8") << " out " << c.out << " in "
+                                      << c.in);
+    const std::vector<int64_t> offsets = Offsets({37, 0, 300, 1});
+    const Experts w(c.format, 4, c.out, c.in, rng_);
+    const auto x = Normal(static_cast<size_t>(offsets.back() * c.in), rng_);
+    auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = c.out * c.in, .lanes = 2}));
+    auto dx = ToDevice(x);
+    auto dy = Poisoned<float>(static_cast<size_t>(offsets.back() * c.out));
+    cuda::GroupedWeights weights;  // Run reads its format and shape; the pointers come from the host arrays
+    weights.format = c.format;
+    weights.experts = 4;
+    weights.out = c.out;
+    weights.in = c.in;
+    // Twice: the second run reuses the cached plans and scratch.
+    for (int pass = 0; pass < 2; ++pass) {
+      TANDEM_ASSERT_OK(grouped->Run(weights, w.code_pointers.data(), w.scale_pointers.data(), dx.get(), offsets, dy.get()));
+    }
+    TANDEM_ASSERT_OK(Sync());
+    ExpectMatchesCpu({&w}, x, offsets, ToHost(dy));
+  }
+}
+
+// w1 and w3 stacked into one GEMM: y [R, 2I] = [x.w1^T | x.w3^T]; SwiGluStacked on it equals SwiGlu on the halves.
+TEST_F(CudaTest, GroupedExpertGemmStacksWeights) {
+  const int64_t inter = 128, in = 256, experts = 3;
+  const std::vector<int64_t> offsets = Offsets({1, 300, 37});
+  const Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
+  const auto x = Normal(static_cast<size_t>(offsets.back() * in), rng_);
+  auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = 2 * inter * in, .lanes = 3}));
+  auto dx = ToDevice(x);
+  const int64_t rows = offsets.back();
+  auto dy = Poisoned<float>(static_cast<size_t>(rows * 2 * inter));
+  const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
+  TANDEM_ASSERT_OK(grouped->Run(stacked, dx.get(), offsets, dy.get()));
+  TANDEM_ASSERT_OK(Sync());
+  const auto y = ToHost(dy);
+  ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
+
+  std::vector<float> gate(static_cast<size_t>(rows * inter)), up(gate.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < inter; ++i) {
+      gate[r * inter + i] = y[r * 2 * inter + i];
+      up[r * inter + i] = y[r * 2 * inter + inter + i];
+    }
+  }
+  auto dgate = ToDevice(gate);
+  auto dup = ToDevice(up);
+  auto dh = Poisoned<float>(gate.size());
+  auto dh_stacked = Poisoned<float>(gate.size());
+  const float limit = 2.0f;  // clamps most of the (large, scaled) gate and up values
+  TANDEM_ASSERT_OK(cuda::SwiGlu(dgate.get(), dup.get(), static_cast<int64_t>(gate.size()), limit, dh.get()));
+  TANDEM_ASSERT_OK(cuda::SwiGluStacked(dy.get(), rows, inter, limit, dh_stacked.get()));
+  TANDEM_ASSERT_OK(Sync());
+  EXPECT_TRUE(AllClose(ToHost(dh_stacked), ToHost(dh), 0.0, 1e-6));
+}
+
+// Shapes off the fast path: in % 8 != 0 (padded bf16 row blocks) and out = 42 (y blocks not 16-byte aligned,
+// staged and copied); FP8 only (MXFP4 needs in % 32 == 0).
+TEST_F(CudaTest, GroupedExpertGemmUnalignedShapes) {
+  const int64_t out = 42, in = 100;
+  const std::vector<int64_t> offsets = Offsets({37, 1, 0, 300});
+  const Experts w(Format::kFp8Block, 4, out, in, rng_);
+  const auto x = Normal(static_cast<size_t>(offsets.back() * in), rng_);
+  auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = out * in, .lanes = 1}));
+  auto dx = ToDevice(x);
+  auto dy = Poisoned<float>(static_cast<size_t>(offsets.back() * out));
+  const cuda::HostExpertWeights one[] = {w.Host()};
+  TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), offsets, dy.get()));
+  TANDEM_ASSERT_OK(Sync());
+  ExpectMatchesCpu({&w}, x, offsets, ToHost(dy));
+}
+
+TEST_F(CudaTest, GroupedExpertGemmRejectsBadInput) {
+  const Experts w(Format::kMxfp4, 2, 64, 64, rng_);
+  auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .lanes = 1}));
+  auto dx = Poisoned<float>(64 * 4);
+  auto dy = Poisoned<float>(64 * 4);
+  const cuda::HostExpertWeights one[] = {w.Host()};
+  const std::vector<int64_t> wrong_count = {0, 4}, decreasing = {0, 3, 2}, good = {0, 1, 4};
+  EXPECT_FALSE(grouped->Run(one, dx.get(), wrong_count, dy.get()).ok());
+  EXPECT_FALSE(grouped->Run(one, dx.get(), decreasing, dy.get()).ok());
+  const cuda::HostExpertWeights two[] = {w.Host(), w.Host()};  // 128 x 64 > max_weight_elements
+  EXPECT_FALSE(grouped->Run(two, dx.get(), good, dy.get()).ok());
+  TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), std::vector<int64_t>{0, 0, 0}, dy.get()));  // no rows: nothing to do
+}
+
+}  // namespace
+}  // namespace tandem::kernels
