@@ -134,9 +134,10 @@ class GpuModelTest : public ::testing::Test {
   }
   const ModelConfig& config() { return Tiny()->config; }
 
-  std::unique_ptr<DeviceModel> Gpu(DenseFormat dense) {
+  std::unique_ptr<DeviceModel> Gpu(DenseFormat dense, int64_t prefill_expert_pairs = 2048) {
     cuda::DeviceModelOptions options;
     options.dense = dense;
+    options.prefill_expert_pairs = prefill_expert_pairs;
     auto model = DeviceModel::Create(Tiny(), options);
     if (!model.ok()) throw std::runtime_error(model.status().ToString());
     return std::move(*model);
@@ -182,6 +183,22 @@ TEST_F(GpuModelTest, WholeModelMatchesTheCpu) {
     std::printf("[ parity   ] %s: argmax agreement %.4f over all %.0f positions\n", name, agreeing / rows, rows);
     EXPECT_GE(agreeing / rows, 0.99) << name;
   }
+}
+
+// The prefill path of the routed experts (bf16 cuBLASLt per expert) forced on at every size: same bounds.
+TEST_F(GpuModelTest, PrefillExpertPathMatchesTheCpu) {
+  auto gpu = Gpu(DenseFormat::kBf16, /*prefill_expert_pairs=*/1);
+  double agreeing = 0, rows = 0;
+  for (const int64_t n : {7, 130, 300}) {
+    const auto ids = Prompt(n, static_cast<uint32_t>(n) + 1000);
+    const Diff d = Compare(GpuLogits(*gpu, ids, {n}), CpuLogits(ids), config().vocab_size);
+    std::printf("[ prefill  ] experts via cuBLASLt, T=%ld: rel-L2 %.3e, argmax agreement %.4f\n", static_cast<long>(n),
+                d.rel_l2, d.argmax_agreement);
+    EXPECT_LE(d.rel_l2, 2e-2) << "T=" << n;
+    agreeing += d.argmax_agreement * d.rows;
+    rows += d.rows;
+  }
+  EXPECT_GE(agreeing / rows, 0.98);
 }
 
 // The GPU takes the same discrete decisions as the CPU (experts per token, indexer top-k sets) except

@@ -18,6 +18,7 @@
 #include "common/kernels/cuda/cuda_attention.h"
 #include "common/kernels/cuda/cuda_model_ops.h"
 #include "common/kernels/cuda/cuda_moe.h"
+#include "common/kernels/cuda/cuda_moe_prefill.h"
 #include "common/kernels/cuda/cuda_ops.h"
 
 namespace tandem::model::cuda {
@@ -27,6 +28,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr size_t kAlign = 256;
+
 size_t AlignUp(size_t n, size_t to = kAlign) { return (n + to - 1) / to * to; }
 
 // Device memory held as long as the model (weights and constants).
@@ -157,6 +159,8 @@ struct Compressor {
 
 struct Experts {
   kc::GroupedWeights w1, w2, w3;
+  // The same per-expert device pointers in host arrays (the prefill path launches per expert).
+  std::vector<const uint8_t*> codes1, scales1, codes2, scales2, codes3, scales3;
 };
 
 struct Layer {
@@ -191,6 +195,7 @@ struct DeviceModel::Impl {
   DeviceModelOptions options;
   cudaStream_t stream = nullptr;
   std::unique_ptr<kc::Gemm> gemm;
+  std::unique_ptr<kc::GroupedExpertGemm> expert_gemm;  // prefill: dequantize each expert, cuBLASLt its rows
   DeviceHeap heap;
   Arena arena;
   std::vector<Layer> layers;
@@ -259,7 +264,9 @@ struct DeviceModel::Impl {
   }
 
   // One matrix (w1, w2 or w3) of every expert in `experts`, as device arrays of per-expert pointers.
-  absl::StatusOr<kc::GroupedWeights> UploadGrouped(const std::vector<const PackedWeight*>& experts) {
+  absl::StatusOr<kc::GroupedWeights> UploadGrouped(const std::vector<const PackedWeight*>& experts,
+                                                   std::vector<const uint8_t*>* host_codes,
+                                                   std::vector<const uint8_t*>* host_scales) {
     kc::GroupedWeights g;
     g.format = experts.front()->view.format;
     g.experts = static_cast<int64_t>(experts.size());
@@ -274,6 +281,8 @@ struct DeviceModel::Impl {
     }
     TANDEM_ASSIGN_OR_RETURN(g.codes, heap.Upload(codes));
     TANDEM_ASSIGN_OR_RETURN(g.scales, heap.Upload(scales));
+    *host_codes = std::move(codes);
+    *host_scales = std::move(scales);
     return g;
   }
 
@@ -285,9 +294,9 @@ struct DeviceModel::Impl {
       w2.push_back(&e->w2);
       w3.push_back(&e->w3);
     }
-    TANDEM_ASSIGN_OR_RETURN(out.w1, UploadGrouped(w1));
-    TANDEM_ASSIGN_OR_RETURN(out.w2, UploadGrouped(w2));
-    TANDEM_ASSIGN_OR_RETURN(out.w3, UploadGrouped(w3));
+    TANDEM_ASSIGN_OR_RETURN(out.w1, UploadGrouped(w1, &out.codes1, &out.scales1));
+    TANDEM_ASSIGN_OR_RETURN(out.w2, UploadGrouped(w2, &out.codes2, &out.scales2));
+    TANDEM_ASSIGN_OR_RETURN(out.w3, UploadGrouped(w3, &out.codes3, &out.scales3));
     return out;
   }
 
@@ -341,6 +350,9 @@ struct DeviceModel::Impl {
     TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     TANDEM_ASSIGN_OR_RETURN(gemm, kc::Gemm::Create());
+    kc::GroupedExpertGemm::Options expert_options;
+    expert_options.max_weight_elements = 2 * c.moe_intermediate_size * c.hidden_size;  // w1 and w3 stacked
+    TANDEM_ASSIGN_OR_RETURN(expert_gemm, kc::GroupedExpertGemm::Create(expert_options));
     for (const auto& layer : w.layers) {
       TANDEM_ASSIGN_OR_RETURN(Layer l, UploadLayer(layer));
       layers.push_back(std::move(l));
@@ -404,7 +416,7 @@ struct DeviceModel::Impl {
     int32_t* selected;
     void* index_workspace;
     size_t index_workspace_bytes;
-    float *gate_logits, *route_weights, *ea, *eb, *routed, *sa, *sb, *shared_out;
+    float *gate_logits, *route_weights, *ea, *eb, *eb2, *routed, *sa, *sb, *shared_out;
     int32_t *chosen, *group_rows, *group_position;
     int64_t* group_offsets;
     void* group_workspace;
@@ -573,7 +585,11 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(s.group_workspace, arena.Take<uint8_t>(s.group_workspace_bytes));
     TANDEM_ASSIGN_OR_RETURN(s.ea, arena.Take<float>(T * k * I));
     TANDEM_ASSIGN_OR_RETURN(s.eb, arena.Take<float>(T * k * I));
-    TANDEM_ASSIGN_OR_RETURN(s.routed, arena.Take<float>(T * k * D));
+    TANDEM_ASSIGN_OR_RETURN(s.routed, arena.Take<float>(T * k * std::max(D, I)));
+    s.eb2 = nullptr;
+    if (T * k >= options.prefill_expert_pairs) {
+      TANDEM_ASSIGN_OR_RETURN(s.eb2, arena.Take<float>(T * k * 2 * I));
+    }
     TANDEM_ASSIGN_OR_RETURN(s.sa, arena.Take<float>(T * I));
     TANDEM_ASSIGN_OR_RETURN(s.sb, arena.Take<float>(T * I));
     TANDEM_ASSIGN_OR_RETURN(s.shared_out, arena.Take<float>(T * D));
@@ -839,10 +855,26 @@ struct DeviceModel::Impl {
                                           s.group_workspace, s.group_workspace_bytes, stream));
       TANDEM_RETURN_IF_ERROR(Mark("moe: gate, routing, grouping"));
       const float limit = static_cast<float>(c.swiglu_limit);
-      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w1, s.y, s.group_rows, s.group_offsets, T * k, s.ea, stream));
-      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k, s.eb, stream));
-      TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.ea, s.eb, T * k * I, limit, s.ea, stream));
-      TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
+      if (T * k >= options.prefill_expert_pairs) {
+        // Many rows per expert: dequantize each expert to bf16 and run its rows through cuBLASLt.
+        std::vector<int64_t> offsets(static_cast<size_t>(E + 1));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(offsets.data(), s.group_offsets, offsets.size() * sizeof(int64_t),
+                                                    cudaMemcpyDeviceToHost, stream));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+        TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.y, s.group_rows, T * k, D, s.routed, stream));  // x grouped [T*k, D]
+        const kc::HostExpertWeights stacked[2] = {
+            kc::HostExpertWeights::Of(L.routed.w1, L.routed.codes1.data(), L.routed.scales1.data()),
+            kc::HostExpertWeights::Of(L.routed.w3, L.routed.codes3.data(), L.routed.scales3.data())};
+        TANDEM_RETURN_IF_ERROR(expert_gemm->Run(stacked, s.routed, offsets, s.eb2, stream));
+        TANDEM_RETURN_IF_ERROR(kc::SwiGluStacked(s.eb2, T * k, I, limit, s.ea, stream));
+        TANDEM_RETURN_IF_ERROR(expert_gemm->Run(L.routed.w2, L.routed.codes2.data(), L.routed.scales2.data(), s.ea,
+                                                offsets, s.routed, stream));
+      } else {
+        TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w1, s.y, s.group_rows, s.group_offsets, T * k, s.ea, stream));
+        TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k, s.eb, stream));
+        TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.ea, s.eb, T * k * I, limit, s.ea, stream));
+        TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
+      }
       TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));
       TANDEM_RETURN_IF_ERROR(Linear(L.shared_w1, s.y, T, s.sa, s.xb));
       TANDEM_RETURN_IF_ERROR(Linear(L.shared_w3, s.y, T, s.sb, s.xb));

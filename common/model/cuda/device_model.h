@@ -28,6 +28,9 @@ enum class DenseFormat {
 struct DeviceModelOptions {
   DenseFormat dense = DenseFormat::kBf16;
   int device = 0;
+  // From this many (token, expert) pairs in one forward, the routed experts run as per-expert bf16
+  // cuBLASLt GEMMs (weights dequantized on the fly) instead of the GEMV kernel over the packed weights.
+  int64_t prefill_expert_pairs = 2048;
   // Time every group of launches with CUDA events (and the host's table building) for TakeProfile.
   bool profile = false;
 };
