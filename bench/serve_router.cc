@@ -5,6 +5,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 
@@ -175,6 +176,10 @@ RequestRecord SendOneRouterGrpc(v1::Router::Stub& stub, const LoadSpec& spec, in
   }
   const grpc::Status status = reader->Finish();
   record.e2e_s = Seconds(Clock::now() - timing.start);
+  // Text held back by the detokenizer (an unfinished UTF-8 sequence, a possible stop string) can come
+  // as one more chunk than there were tokens; n tokens have at most n - 1 gaps.
+  const auto gaps = static_cast<size_t>(std::max<int64_t>(record.output_tokens - 1, 0));
+  if (record.itl_s.size() > gaps) record.itl_s.resize(gaps);
   if (!status.ok()) {
     record.error = fmt::format("gRPC {}: {}", static_cast<int>(status.error_code()), status.error_message());
   } else if (!finished) {

@@ -23,7 +23,8 @@ absl::StatusOr<HttpTarget> ParseHttpUrl(const std::string& url);
 RequestRecord SendOneHttp(const HttpTarget& target, const LoadSpec& spec, int level, int64_t index);
 
 // One streaming Completion over the router's gRPC API. Its chunks carry no per-chunk token count, so
-// each chunk with text counts as one ITL gap; the total comes from the last chunk's usage.
+// each chunk with text counts as one ITL gap (at most tokens - 1 of them); the total comes from the
+// last chunk's usage.
 RequestRecord SendOneRouterGrpc(v1::Router::Stub& stub, const LoadSpec& spec, int level, int64_t index);
 
 }  // namespace tandem::bench

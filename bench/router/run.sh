@@ -84,5 +84,6 @@ done
 "$PY" bench/router/added_latency.py "$OUT"
 {
   echo "# machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "# engine --threads $THREADS --disable-prefix-cache; model $MODEL_DIR"
+  echo "# engine --threads $THREADS --disable-prefix-cache; model $MODEL_DIR; commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "# latency: $REQUESTS requests, concurrency $CONCURRENCY; throughput: concurrency $THROUGHPUT_CONCURRENCY, $THROUGHPUT_SECONDS s"
 } >"$OUT/machine.txt"
