@@ -210,11 +210,12 @@ struct AttentionCase {
   float sink_mean = 0.0f, sink_spread = 1.0f;
   bool split = false;       // pass the workspace SparseAttentionWorkspaceBytes asks for (poisoned)
   size_t pool_offset = 0;   // 1: every entry misaligned (the kernels' byte-wise fallback)
+  KvFormat format = {};     // 448 + 64 runs on the tensor cores; any other the scalar kernel
 };
 
 void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
   SCOPED_TRACE(c.name);
-  const KvFormat format;
+  const KvFormat format = c.format;
   const int64_t tokens = static_cast<int64_t>(c.window.size()), heads = c.heads, dim = format.dim();
   const int64_t window_entries = 200, compressed_entries = 1000, row_entries = 700;
   // kv after kv_norm / the compressor's norm: ~N(0, 1) per dim.
@@ -393,6 +394,17 @@ TEST_F(CudaTest, SparseAttentionSplit) {
   AttentionCase sink = {"split heavy sink", 64, {128, 3}, Compressed::kAll, {64, 0}, 0, false, 3.0f, 4.0f, 3.0f};
   sink.split = true;
   CheckAttention(rng_, sink);
+}
+
+// A 384 + 128 entry (the scalar kernel, which serves every format but the DSV4 one), unsplit and split.
+TEST_F(CudaTest, SparseAttentionOtherFormat) {
+  AttentionCase unsplit = {"384 + 128", 64, {128, 5, 0}, Compressed::kSelected, {512, 30, 0}, 512, true};
+  unsplit.format = KvFormat{384, 128};
+  CheckAttention(rng_, unsplit);
+  AttentionCase split = unsplit;
+  split.name = "384 + 128 split";
+  split.split = true;
+  CheckAttention(rng_, split);
 }
 
 // Entries at odd addresses (no 8-byte loads or copies), split and unsplit.

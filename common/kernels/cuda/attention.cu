@@ -16,6 +16,15 @@ namespace tandem::kernels::cuda {
 namespace {
 
 using internal::Bf16BitsToFloat;
+using internal::CopyAsync8;
+using internal::CopyAsyncCommit;
+using internal::CopyAsyncWaitAll;
+using internal::DequantFp8Pair;
+using internal::LoadMatrixX4;
+using internal::LoadMatrixX4Trans;
+using internal::MmaBf16;
+using internal::SharedAddress;
+using internal::SplitBf16x2;
 using internal::FloatToBf16Bits;
 using internal::Fp8ToFloat;
 using internal::kFullMask;
@@ -372,6 +381,320 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
   }
 }
 
+// ---- Sparse MQA on the tensor cores (the DSV4 entry: 448 e4m3 + 64 bf16 rope dims) ----
+// A block of 4 warps serves (token, 16 heads, split) and walks its candidates in tiles of 32: the raw
+// entries arrive by cp.async while the previous tile computes, are dequantized once into shared memory as
+// bf16 [candidate][dim], and feed mma.sync m16n8k16 twice: scores = q . K^T (the 16 heads are M; warp w
+// sums dims [128w, 128w + 128) for all 32 candidates, the four partials meet in shared memory) and
+// O += P . V (warp w owns output dims [128w, 128w + 128)). q and P are f32 split into bf16 hi + lo, two
+// MMAs each, so both products keep ~2^-17 relative accuracy; K and V are exact in bf16. Each tile's PV
+// lands in a fresh accumulator that one f32 FMA adds to the running one (rescaled), so the tensor cores'
+// truncating accumulation never spans more than the tile.
+namespace tc {
+
+constexpr int kNope = 448, kRope = 64;
+constexpr int kDataChunks = (kNope + 2 * kRope) / 8;  // 8-byte chunks of an entry's data (72)
+constexpr int kNopeChunks = kNope / 8;                // of them e4m3 codes (56)
+constexpr int kRawStride = 8 * kDataChunks + 8;       // a raw entry in shared memory: data, then 8 scale bytes
+constexpr int kTile = 32;                             // candidates per tile
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSlice = kDim / kWarps;                 // dims per warp, QK's k and PV's n
+constexpr int kRowHalves = kDim + 8;                  // bf16 per K/V row: 16 pad bytes put ldmatrix rows on distinct banks
+constexpr int kScoreStride = kTile + 8;               // f32 per partial-score row (conflict-free float2 stores)
+constexpr int kProbStride = kTile + 8;                // bf16 per probability row (80 bytes: ldmatrix conflict-free)
+constexpr size_t kKvBytes = size_t{kTile} * kRowHalves * 2;
+constexpr size_t kRawBytes = size_t{kTile} * kRawStride;
+constexpr size_t kScoreBytes = size_t{kWarps} * kGroupHeads * kScoreStride * 4;
+constexpr size_t kProbBytes = size_t{2} * kGroupHeads * kProbStride * 2;
+static_assert(kNope % 64 == 0 && kNope + kRope == kDim, "the DSV4 entry");
+static_assert(kGroupHeads == 16, "the heads are one m16 tile");
+static_assert(kTile == 32, "the softmax maps one candidate to one lane; PV takes two k16 steps");
+static_assert(kWarps * kSlice == kDim && kSlice == 128, "QK: 8 k16 steps a warp; PV: 16 n8 tiles a warp");
+static_assert(kTile * 4 == kThreads && kDataChunks % 4 == 0, "the copy: 4 threads per candidate");
+static_assert(kKvBytes % 16 == 0 && kRawBytes % 16 == 0 && kScoreBytes % 16 == 0 && kProbBytes % 16 == 0,
+              "16-byte aligned shared regions");
+
+size_t SharedBytes(int64_t selected_slots) {
+  return kKvBytes + kRawBytes + kScoreBytes + kProbBytes + 3 * kGroupHeads * 4 + static_cast<size_t>(selected_slots) * 4;
+}
+
+}  // namespace tc
+
+// Compacts the row's entries >= 0 into out in order (block-wide ballot scan); returns their count.
+template <int kBlockThreads>
+__device__ int CompactSelection(const int32_t* row, int topk, int32_t* out, int* warp_counts) {
+  constexpr int kBlockWarps = kBlockThreads / 32;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  int count = 0;
+  for (int base = 0; base < topk; base += kBlockThreads) {
+    const int n = base + tid;
+    const int32_t v = n < topk ? row[n] : -1;
+    const bool keep = v >= 0;
+    const unsigned ballot = __ballot_sync(kFullMask, keep);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = count, total = 0;
+    for (int w = 0; w < kBlockWarps; ++w) {
+      if (w < warp) offset += warp_counts[w];
+      total += warp_counts[w];
+    }
+    if (keep) out[offset + __popc(ballot & ((1u << lane) - 1u))] = v;
+    count += total;
+    __syncthreads();
+  }
+  return count;
+}
+
+__global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(AttentionParams p) {
+  using tc::kDataChunks, tc::kKvBytes, tc::kNope, tc::kNopeChunks, tc::kProbStride, tc::kRawBytes, tc::kRawStride,
+      tc::kRowHalves, tc::kScoreStride, tc::kSlice, tc::kThreads, tc::kTile, tc::kWarps;
+  extern __shared__ __align__(16) uint8_t shared[];
+  uint16_t* kv_s = reinterpret_cast<uint16_t*>(shared);  // [kTile][kRowHalves] bf16
+  uint8_t* raw_s = shared + kKvBytes;                    // [kTile][kRawStride] the next tile's entries
+  float* part_s = reinterpret_cast<float*>(raw_s + kRawBytes);  // [warp][head][kScoreStride] partial scores
+  uint16_t* prob_s = reinterpret_cast<uint16_t*>(part_s + kWarps * kGroupHeads * kScoreStride);  // [hi, lo][head][kProbStride]
+  float* m_s = reinterpret_cast<float*>(prob_s + 2 * kGroupHeads * kProbStride);
+  float* l_s = m_s + kGroupHeads;
+  float* corr_s = l_s + kGroupHeads;
+  int32_t* sel_s = reinterpret_cast<int32_t*>(corr_s + kGroupHeads);
+  __shared__ int warp_counts[kWarps];
+
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
+  const int64_t t = blockIdx.x / (p.groups * p.splits);
+  const int split = static_cast<int>(blockIdx.x / p.groups % p.splits);
+  const int64_t h0 = static_cast<int64_t>(blockIdx.x % p.groups) * kGroupHeads;
+  const int hn = static_cast<int>(min(static_cast<int64_t>(kGroupHeads), p.heads - h0));
+
+  if (tid < kGroupHeads) {
+    if (p.splits == 1) {
+      m_s[tid] = tid < hn ? p.sink[h0 + tid] : 0.0f;
+      l_s[tid] = 1.0f;  // exp(sink - max) with the running max at the sink
+    } else {
+      m_s[tid] = -INFINITY;  // the combine adds the sink once
+      l_s[tid] = 0.0f;
+    }
+  }
+  const int n_window = p.window ? max(p.window_count[t], 0) : 0;
+  const int64_t window_begin = n_window > 0 ? p.window_begin[t] : 0;
+  int n_compressed = 0;
+  int64_t compressed_begin = 0;
+  if (p.compressed) {
+    compressed_begin = p.compressed_begin[t];
+    n_compressed = p.selected ? CompactSelection<kThreads>(p.selected + t * p.topk, p.topk, sel_s, warp_counts)
+                              : max(p.compressed_count[t], 0);
+  }
+  __syncthreads();
+  const int total = n_window + n_compressed;
+  const int64_t tiles = (total + kTile - 1) / kTile;
+  const int tile_begin = static_cast<int>(split * tiles / p.splits) * kTile;
+  const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
+
+  // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate, 8 bytes each
+  // (cp.async when aligned, else byte loads and a plain store that the next barrier publishes).
+  const auto issue = [&](int tile0, int valid) {
+    const int c = tid >> 2, sub = tid & 3;
+    if (c < valid) {
+      const int i = tile0 + c;
+      const KvRef ref = i < n_window ? p.window[window_begin + i]
+                                     : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
+      uint8_t* dst = raw_s + c * kRawStride;
+      if ((reinterpret_cast<uintptr_t>(ref.data) & 7u) == 0) {
+#pragma unroll
+        for (int j = 0; j < kDataChunks / 4; ++j) CopyAsync8(SharedAddress(dst + 8 * (sub + 4 * j)), ref.data + 8 * (sub + 4 * j));
+      } else {
+        for (int j = 0; j < kDataChunks / 4; ++j) *reinterpret_cast<uint2*>(dst + 8 * (sub + 4 * j)) = Load8(ref.data + 8 * (sub + 4 * j));
+      }
+      if (sub == 0) {
+        if ((reinterpret_cast<uintptr_t>(ref.scales) & 7u) == 0) {
+          CopyAsync8(SharedAddress(dst + 8 * kDataChunks), ref.scales);
+        } else {
+          *reinterpret_cast<uint2*>(dst + 8 * kDataChunks) = Load8(ref.scales);
+        }
+      }
+    }
+    CopyAsyncCommit();
+  };
+  if (tile_begin < tile_end) issue(tile_begin, min(kTile, tile_end - tile_begin));
+
+  // q of this warp's dims as A fragments (rows g, g + 8; columns 2 tq, 2 tq + 1 and + 8), split hi + lo.
+  uint32_t q_hi[kSlice / 16][4], q_lo[kSlice / 16][4];
+  {
+    const float* q0 = p.q + (t * p.heads + h0 + g) * kDim + warp * kSlice + 2 * tq;
+    const float* q1 = q0 + 8 * kDim;
+    const bool row0 = g < hn, row1 = g + 8 < hn;
+#pragma unroll
+    for (int ks = 0; ks < kSlice / 16; ++ks) {
+      const float2 zero = make_float2(0.f, 0.f);
+      const float2 v0 = row0 ? *reinterpret_cast<const float2*>(q0 + 16 * ks) : zero;
+      const float2 v1 = row1 ? *reinterpret_cast<const float2*>(q1 + 16 * ks) : zero;
+      const float2 v2 = row0 ? *reinterpret_cast<const float2*>(q0 + 16 * ks + 8) : zero;
+      const float2 v3 = row1 ? *reinterpret_cast<const float2*>(q1 + 16 * ks + 8) : zero;
+      SplitBf16x2(v0.x, v0.y, q_hi[ks][0], q_lo[ks][0]);
+      SplitBf16x2(v1.x, v1.y, q_hi[ks][1], q_lo[ks][1]);
+      SplitBf16x2(v2.x, v2.y, q_hi[ks][2], q_lo[ks][2]);
+      SplitBf16x2(v3.x, v3.y, q_hi[ks][3], q_lo[ks][3]);
+    }
+  }
+
+  // ldmatrix lane addresses. QK (K as B, no transpose): candidate 8 (lane / 16) + lane % 8, dims + 8 at
+  // lane bit 3. PV (V as B, transposed): candidate lane % 8 + 8 (bit 3), dims + 8 at lane / 16. P (A):
+  // head lane % 8 + 8 (bit 3), candidates + 8 at lane / 16.
+  const uint32_t kv_base = SharedAddress(kv_s);
+  const uint32_t qk_address =
+      kv_base + (((lane >> 4) * 8 + (lane & 7)) * kRowHalves + warp * kSlice + 8 * ((lane >> 3) & 1)) * 2;
+  const uint32_t pv_address =
+      kv_base + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kRowHalves + warp * kSlice + 8 * (lane >> 4)) * 2;
+  const uint32_t prob_address =
+      SharedAddress(prob_s) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kProbStride + 8 * (lane >> 4)) * 2;
+
+  float acc[kSlice / 8][4];
+#pragma unroll
+  for (int n = 0; n < kSlice / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int tile0 = tile_begin; tile0 < tile_end; tile0 += kTile) {
+    const int valid = min(kTile, tile_end - tile0);
+    CopyAsyncWaitAll();
+    __syncthreads();  // the tile's bytes are in raw_s; the previous tile's PV is done with kv_s and prob_s
+
+    // 1. Dequantize: 8 codes -> 8 bf16 (16-byte store) or 4 rope bf16 copied; zeros past `valid`, so that
+    // P = 0 never meets stale bytes (0 * NaN).
+    for (int item = tid; item < kTile * kDataChunks; item += kThreads) {
+      const int c = item / kDataChunks, k = item % kDataChunks;
+      uint16_t* row = kv_s + c * kRowHalves;
+      if (k < kNopeChunks) {
+        uint4 out = make_uint4(0u, 0u, 0u, 0u);
+        if (c < valid) {
+          const uint2 raw = *reinterpret_cast<const uint2*>(raw_s + c * kRawStride + 8 * k);
+          const float scale = Ue8m0ToFloat(raw_s[c * kRawStride + 8 * kDataChunks + k / 8]);
+          out = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale), DequantFp8Pair(raw.y, scale),
+                           DequantFp8Pair(raw.y >> 16, scale));
+        }
+        *reinterpret_cast<uint4*>(row + 8 * k) = out;
+      } else {
+        const uint2 raw = c < valid ? *reinterpret_cast<const uint2*>(raw_s + c * kRawStride + 8 * k) : make_uint2(0u, 0u);
+        *reinterpret_cast<uint2*>(row + kNope + 4 * (k - kNopeChunks)) = raw;
+      }
+    }
+    __syncthreads();  // kv_s is ready and raw_s free: the next tile's copy overlaps this one's math
+    if (tile0 + kTile < tile_end) issue(tile0 + kTile, min(kTile, tile_end - tile0 - kTile));
+
+    // 2. Partial scores over this warp's 128 dims: 8 k16 steps x 4 n8 tiles x (lo, hi).
+    {
+      float score[kTile / 8][4];
+#pragma unroll
+      for (int j = 0; j < kTile / 8; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kSlice / 16; ++ks) {
+#pragma unroll
+        for (int jp = 0; jp < kTile / 16; ++jp) {
+          uint32_t b[4];
+          LoadMatrixX4(b, qk_address + (jp * 16 * kRowHalves + ks * 16) * 2);
+          MmaBf16(score[2 * jp], q_lo[ks], b[0], b[1]);
+          MmaBf16(score[2 * jp], q_hi[ks], b[0], b[1]);
+          MmaBf16(score[2 * jp + 1], q_lo[ks], b[2], b[3]);
+          MmaBf16(score[2 * jp + 1], q_hi[ks], b[2], b[3]);
+        }
+      }
+      float* mine = part_s + warp * kGroupHeads * kScoreStride;
+#pragma unroll
+      for (int j = 0; j < kTile / 8; ++j) {
+        *reinterpret_cast<float2*>(mine + g * kScoreStride + 8 * j + 2 * tq) = make_float2(score[j][0], score[j][1]);
+        *reinterpret_cast<float2*>(mine + (g + 8) * kScoreStride + 8 * j + 2 * tq) = make_float2(score[j][2], score[j][3]);
+      }
+    }
+    __syncthreads();
+
+    // 3. Online softmax: a warp per 4 heads, a lane per candidate; P goes out as bf16 hi and lo.
+#pragma unroll
+    for (int j = 0; j < kGroupHeads / kWarps; ++j) {
+      const int h = (kGroupHeads / kWarps) * warp + j;
+      float score = -INFINITY;
+      if (lane < valid) {
+        float sum = part_s[h * kScoreStride + lane];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) sum = __fadd_rn(sum, part_s[(w * kGroupHeads + h) * kScoreStride + lane]);
+        score = __fmul_rn(sum, p.scale);
+      }
+      const float m_old = m_s[h];
+      const float m_new = fmaxf(m_old, WarpMax(score));
+      const float prob = lane < valid ? expf(score - m_new) : 0.0f;
+      const float denominator = WarpSum(prob);
+      const __nv_bfloat16 hi = __float2bfloat16_rn(prob);
+      const __nv_bfloat16 lo = __float2bfloat16_rn(prob - __bfloat162float(hi));
+      prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(hi);
+      prob_s[(kGroupHeads + h) * kProbStride + lane] = __bfloat16_as_ushort(lo);
+      if (lane == 0) {
+        const float correction = expf(m_old - m_new);
+        m_s[h] = m_new;
+        l_s[h] = fmaf(l_s[h], correction, denominator);
+        corr_s[h] = correction;
+      }
+    }
+    __syncthreads();
+
+    // 4. O = O * correction + P . V over this warp's 16 n8 tiles: 2 k16 steps x (lo, hi) per tile.
+    {
+      uint32_t p_hi[kTile / 16][4], p_lo[kTile / 16][4];
+#pragma unroll
+      for (int ks = 0; ks < kTile / 16; ++ks) {
+        LoadMatrixX4(p_hi[ks], prob_address + ks * 16 * 2);
+        LoadMatrixX4(p_lo[ks], prob_address + (kGroupHeads * kProbStride + ks * 16) * 2);
+      }
+      const float c0 = corr_s[g], c1 = corr_s[g + 8];
+#pragma unroll
+      for (int np = 0; np < kSlice / 16; ++np) {
+        float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int ks = 0; ks < kTile / 16; ++ks) {
+          uint32_t b[4];
+          LoadMatrixX4Trans(b, pv_address + (ks * 16 * kRowHalves + np * 16) * 2);
+          MmaBf16(part[0], p_lo[ks], b[0], b[1]);
+          MmaBf16(part[0], p_hi[ks], b[0], b[1]);
+          MmaBf16(part[1], p_lo[ks], b[2], b[3]);
+          MmaBf16(part[1], p_hi[ks], b[2], b[3]);
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float* a = acc[2 * np + e];
+          a[0] = fmaf(a[0], c0, part[e][0]);
+          a[1] = fmaf(a[1], c0, part[e][1]);
+          a[2] = fmaf(a[2], c1, part[e][2]);
+          a[3] = fmaf(a[3], c1, part[e][3]);
+        }
+      }
+    }
+  }
+
+  // Rows g and g + 8 of the accumulator, columns 8 n + 2 tq (+1) of this warp's slice.
+  const int column = warp * kSlice + 2 * tq;
+  if (p.splits > 1) {
+    if (tid < hn) {
+      const int64_t row = PartialRow(p, t, split, h0 + tid);
+      p.partial_ml[row * 2] = m_s[tid];
+      p.partial_ml[row * 2 + 1] = l_s[tid];
+    }
+    if (tile_begin >= tile_end) return;  // no tiles: (-inf, 0) tells the combine to skip the accumulator
+    float* out0 = p.partial_acc + PartialRow(p, t, split, h0 + g) * kDim + column;
+    float* out1 = out0 + 8 * kDim;
+#pragma unroll
+    for (int n = 0; n < kSlice / 8; ++n) {
+      if (g < hn) *reinterpret_cast<float2*>(out0 + 8 * n) = make_float2(acc[n][0], acc[n][1]);
+      if (g + 8 < hn) *reinterpret_cast<float2*>(out1 + 8 * n) = make_float2(acc[n][2], acc[n][3]);
+    }
+    return;
+  }
+  const float l0 = l_s[g], l1 = l_s[g + 8];
+  float* out0 = p.o + (t * p.heads + h0 + g) * kDim + column;
+  float* out1 = out0 + 8 * kDim;
+#pragma unroll
+  for (int n = 0; n < kSlice / 8; ++n) {
+    if (g < hn) *reinterpret_cast<float2*>(out0 + 8 * n) = make_float2(__fdiv_rn(acc[n][0], l0), __fdiv_rn(acc[n][1], l0));
+    if (g + 8 < hn) *reinterpret_cast<float2*>(out1 + 8 * n) = make_float2(__fdiv_rn(acc[n][2], l1), __fdiv_rn(acc[n][3], l1));
+  }
+}
+
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 absl::Status CheckEntries(const char* name, const KvFormat& format, int64_t count) {
@@ -460,6 +783,9 @@ struct AttentionLaunch {
 
 AttentionLaunch ChooseAttentionKernel(const SparseAttentionArgs& a) {
   const int64_t selected_slots = a.compressed && a.selected ? a.topk : 0;
+  if (a.format.nope_dim == tc::kNope && a.format.rope_dim == tc::kRope) {
+    return {SparseAttentionMmaKernel, "launch of SparseAttentionMmaKernel", tc::kThreads, tc::SharedBytes(selected_slots)};
+  }
   return {SparseAttentionKernel, "launch of SparseAttentionKernel", kThreads, AttentionSharedBytes(selected_slots)};
 }
 
