@@ -296,8 +296,9 @@ void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int
 }
 
 TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
-  // Experts with 0, 1, 2, 3, 4 rows (the GEMV path), 5 and 70 (the tiled path, two row tiles), 150.
-  const std::vector<int64_t> counts = {0, 1, 3, 0, 2, 4, 5, 70, 1, 150};
+  // Experts with 0 rows, 1 to 32 (the GEMV path: groups of 4, the last one partial), 33 and more (the
+  // tiled path: 70 two row tiles, 150 three).
+  const std::vector<int64_t> counts = {0, 1, 3, 0, 2, 4, 5, 70, 1, 150, 8, 13, 32, 33, 6};
   for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
     // Tiny w1/w3 and w2, a shape with partial output tiles and K chunks, and the flash expert w1.
     ExpectGroupedLinearMatches(format, kTiny.intermediate, kTiny.hidden, counts, true, 150, rng_);
@@ -310,6 +311,83 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
   // Flash w2 at decode: one row per expert.
   ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 1, 3}, false,
                              64, rng_);
+}
+
+// The fused w1/w3 + SwiGlu pass against the separate calls it replaces: the same sums, so equal bits.
+void ExpectSwiGluLinearMatchesSeparate(QuantizedWeight::Format format, int64_t out, int64_t in,
+                                       const std::vector<int64_t>& counts, bool gather, std::mt19937& rng) {
+  SCOPED_TRACE(::testing::Message() << (format == QuantizedWeight::Format::kMxfp4 ? "MXFP4" : "FP8") << " out "
+                                    << out << " in " << in << (gather ? " gathered" : " contiguous"));
+  const int64_t E = static_cast<int64_t>(counts.size());
+  std::vector<int64_t> offsets(static_cast<size_t>(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int64_t rows = offsets[E];
+  const int64_t x_rows = gather ? 29 : std::max<int64_t>(1, rows);
+  // Spread 3: some SwiGlu inputs beyond the clamp.
+  const auto x = Normal(static_cast<size_t>(x_rows * in), rng, 3.0f);
+  std::vector<int32_t> gather_rows(static_cast<size_t>(std::max<int64_t>(1, rows)));
+  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(x_rows - 1));
+  for (auto& g : gather_rows) g = gather ? pick(rng) : 0;
+  std::vector<cuda::DeviceArray<uint8_t>> storage;
+  auto upload = [&](std::vector<cuda::DeviceArray<const uint8_t*>>& keep) {
+    std::vector<const uint8_t*> codes, scales;
+    for (int64_t e = 0; e < E; ++e) {
+      const Expert ex = RandomExpert(format, out, in, rng);
+      storage.push_back(ToDevice(ex.codes));
+      codes.push_back(storage.back().get());
+      storage.push_back(ToDevice(ex.scales));
+      scales.push_back(storage.back().get());
+    }
+    keep.push_back(ToDevice(codes));
+    keep.push_back(ToDevice(scales));
+    cuda::GroupedWeights w;
+    w.format = format;
+    w.codes = keep[keep.size() - 2].get();
+    w.scales = keep.back().get();
+    w.experts = E;
+    w.out = out;
+    w.in = in;
+    return w;
+  };
+  std::vector<cuda::DeviceArray<const uint8_t*>> keep;
+  keep.reserve(4);
+  const cuda::GroupedWeights w1 = upload(keep), w3 = upload(keep);
+  auto dx = ToDevice(x);
+  auto dgather = ToDevice(gather_rows);
+  auto doffsets = ToDevice(offsets);
+  const size_t n = static_cast<size_t>(std::max<int64_t>(1, rows * out));
+  auto da = Poisoned<float>(n);
+  auto db = Poisoned<float>(n);
+  auto dh = Poisoned<float>(n);
+  const float limit = 7.0f;
+  const int32_t* g = gather ? dgather.get() : nullptr;
+  TANDEM_ASSERT_OK(cuda::GroupedQuantizedLinear(w1, dx.get(), g, doffsets.get(), 64, da.get()));
+  TANDEM_ASSERT_OK(cuda::GroupedQuantizedLinear(w3, dx.get(), g, doffsets.get(), 64, db.get()));
+  TANDEM_ASSERT_OK(cuda::SwiGlu(da.get(), db.get(), rows * out, limit, da.get()));
+  TANDEM_ASSERT_OK(cuda::GroupedSwiGluLinear(w1, w3, dx.get(), g, doffsets.get(), 64, limit, dh.get()));
+  TANDEM_ASSERT_OK(Sync());
+  const auto separate = ToHost(da), fused = ToHost(dh);
+  int64_t bad = 0;
+  for (size_t i = 0; i < static_cast<size_t>(rows * out); ++i) {
+    if (std::memcmp(&separate[i], &fused[i], sizeof(float)) != 0 && bad++ < 5) {
+      ADD_FAILURE() << "h[" << static_cast<int64_t>(i) / out << "][" << static_cast<int64_t>(i) % out << "]: fused "
+                    << fused[i] << " separate " << separate[i];
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+TEST_F(CudaTest, GroupedSwiGluLinearMatchesSeparateCalls) {
+  for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
+    // GEMV groups, partial output units, the tiled path (40 rows), experts without rows.
+    ExpectSwiGluLinearMatchesSeparate(format, kTiny.intermediate, kTiny.hidden, {0, 1, 2, 3, 4, 7, 0, 40, 1}, true,
+                                      rng_);
+    ExpectSwiGluLinearMatchesSeparate(format, 100, 192, {2, 0, 5, 1, 40}, false, rng_);
+    // Flash w1/w3 at decode.
+    ExpectSwiGluLinearMatchesSeparate(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 1}, true, rng_);
+  }
+  // No expert has rows: nothing to write, and the call still succeeds.
+  ExpectSwiGluLinearMatchesSeparate(QuantizedWeight::Format::kMxfp4, 64, 128, {0, 0, 0}, true, rng_);
 }
 
 float CpuSwiGlu(float a, float b, float limit) {

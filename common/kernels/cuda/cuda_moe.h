@@ -50,10 +50,17 @@ struct GroupedWeights {
 };
 // For every expert e and grouped row r in [offsets[e], offsets[e+1]):
 //   y[r, :] = x[gather ? gather[r] : r, :] . dequant(W_e)^T   (x [*, in] f32, y [offsets[E], out] f32).
-// max_rows_per_expert: a host-known bound on offsets[e+1] - offsets[e] (sizes the grid).
+// max_rows_per_expert: a host-known bound on offsets[e+1] - offsets[e]; 0 means no rows (nothing runs), any
+// positive value is fine (the grid is one wave that reads the offsets on the device).
 absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* x, const int32_t* gather,
                                     const int64_t* offsets, int64_t max_rows_per_expert, float* y,
                                     cudaStream_t stream = nullptr);
+// The expert FFN's first half in one pass over x: h[r, :] = SwiGlu(x_r . dequant(W1_e)^T, x_r . dequant(W3_e)^T,
+// limit) (SwiGlu below), bit-identical to GroupedQuantizedLinear into a and b followed by SwiGlu. w1 and w3:
+// same format and shape; h [offsets[E], out] f32.
+absl::Status GroupedSwiGluLinear(const GroupedWeights& w1, const GroupedWeights& w3, const float* x,
+                                 const int32_t* gather, const int64_t* offsets, int64_t max_rows_per_expert,
+                                 float limit, float* h, cudaStream_t stream = nullptr);
 
 // h = silu(min(a, L)) * clamp(b, -L, L) elementwise over count values (in place into a is allowed).
 absl::Status SwiGlu(const float* a, const float* b, int64_t count, float limit, float* h, cudaStream_t stream = nullptr);

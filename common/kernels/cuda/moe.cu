@@ -168,301 +168,6 @@ __global__ void __launch_bounds__(kScanThreads) MoeGroupScanKernel(int32_t* unit
   if (tid == 0) offsets[experts] = pairs;
 }
 
-// ---- Grouped linear ----
-constexpr int kLinearThreads = 256;
-constexpr int kOutTile = 64;     // outputs per block (both paths)
-constexpr int kGemvMaxRows = 4;  // experts with at most this many rows take the GEMV path
-constexpr int kTileRows = 64, kTileK = 64, kTileLd = kTileK + 4;
-constexpr int kGemvSmemFloats = kGemvMaxRows * 1024;
-constexpr int kTiledSmemFloats = 2 * kTileRows * kTileLd;
-constexpr int kLinearSmemFloats = kGemvSmemFloats > kTiledSmemFloats ? kGemvSmemFloats : kTiledSmemFloats;
-
-using Format = QuantizedWeight::Format;
-
-struct LinearArgs {
-  const uint8_t* const* codes;
-  const uint8_t* const* scales;
-  int64_t out, in;
-  const float* x;
-  const int32_t* gather;
-  const int64_t* offsets;
-  float* y;
-};
-
-// 2^(bits - 127) as an f32 (bits 0 is the subnormal 2^-127, 255 is NaN), as the CPU's Ue8m0ToFloat.
-__device__ __forceinline__ float Ue8m0(uint32_t bits) {
-  if (bits == 0) return __uint_as_float(0x00400000u);
-  if (bits == 255) return __uint_as_float(0x7fc00000u);
-  return __uint_as_float(bits << 23);
-}
-
-// e2m1 code `n` (0..7) of word w times 2^-126, exactly (sign to bit 31, e1 e0 m to bits 24..22).
-template <int n>
-__device__ __forceinline__ float E2m1Raw(uint32_t w) {
-  const uint32_t sign = (w << (28 - 4 * n)) & 0x80000000u;
-  const uint32_t magnitude = (4 * n <= 22 ? (w << (22 - 4 * n)) : (w >> (4 * n - 22))) & 0x01c00000u;
-  return __uint_as_float(sign | magnitude);
-}
-// e4m3 byte `n` (0..3) of word w times 2^-120 (sign to bit 31, e3..e0 m2..m0 to bits 26..20). NaN codes
-// read as +-480 (checkpoints hold none).
-template <int n>
-__device__ __forceinline__ float E4m3Raw(uint32_t w) {
-  const uint32_t sign = (w << (24 - 8 * n)) & 0x80000000u;
-  const uint32_t magnitude = (8 * n <= 20 ? (w << (20 - 8 * n)) : (w >> (8 * n - 20))) & 0x07f00000u;
-  return __uint_as_float(sign | magnitude);
-}
-
-__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-// The 4 values of float4 piece `j` of a 16-byte code load, exact e2m1/e4m3 values (not yet scaled).
-template <Format F, int j>
-__device__ __forceinline__ float4 Piece(const uint4& codes) {
-  if constexpr (F == Format::kMxfp4) {
-    const uint32_t w = Word(codes, j / 2);
-    constexpr int n = (j % 2) * 4;
-    return make_float4(E2m1Raw<n>(w) * 0x1p126f, E2m1Raw<n + 1>(w) * 0x1p126f, E2m1Raw<n + 2>(w) * 0x1p126f,
-                       E2m1Raw<n + 3>(w) * 0x1p126f);
-  } else {
-    const uint32_t w = Word(codes, j);
-    return make_float4(E4m3Raw<0>(w) * 0x1p120f, E4m3Raw<1>(w) * 0x1p120f, E4m3Raw<2>(w) * 0x1p120f,
-                       E4m3Raw<3>(w) * 0x1p120f);
-  }
-}
-
-// Values per 16-byte code load: one MXFP4 scale group, or 16 FP8 codes inside one 128-wide scale block.
-template <Format F>
-constexpr int kValuesPerLoad = F == Format::kMxfp4 ? 32 : 16;
-
-// Code bytes and scale of the 16-byte load covering inputs [k, k + kValuesPerLoad) of weight row o.
-template <Format F>
-__device__ __forceinline__ void LoadCodes(const LinearArgs& a, const uint8_t* codes, const uint8_t* scales, int64_t o,
-                                          int64_t k, uint4* v, float* scale) {
-  if constexpr (F == Format::kMxfp4) {
-    *v = __ldg(reinterpret_cast<const uint4*>(codes + o * (a.in / 2) + k / 2));
-    *scale = Ue8m0(__ldg(scales + o * (a.in / 32) + k / 32));
-  } else {
-    const int64_t block_cols = (a.in + 127) / 128;
-    *v = __ldg(reinterpret_cast<const uint4*>(codes + o * a.in + k));
-    *scale = Ue8m0(__ldg(scales + (o / 128) * block_cols + k / 128));
-  }
-}
-
-// fn(std::integral_constant<int, j>{}) for j = 0 .. N-1, unrolled (the code pieces need j at compile time).
-template <typename Fn, int... js>
-__device__ __forceinline__ void StaticForImpl(Fn& fn, std::integer_sequence<int, js...>) {
-  (fn(std::integral_constant<int, js>{}), ...);
-}
-template <int N, typename Fn>
-__device__ __forceinline__ void StaticFor(Fn&& fn) {
-  StaticForImpl(fn, std::make_integer_sequence<int, N>{});
-}
-
-__device__ __forceinline__ float Dot4(const float4& a, const float4& b, float acc) {
-  acc = fmaf(a.x, b.x, acc);
-  acc = fmaf(a.y, b.y, acc);
-  acc = fmaf(a.z, b.z, acc);
-  return fmaf(a.w, b.w, acc);
-}
-
-// Few rows: a bandwidth-bound GEMV. Warp w owns outputs o0 + 8w .. +7 in two passes of 4; each lane reads
-// one 16-byte code load per output row per K chunk (32 lanes x kValuesPerLoad inputs), dequantizes in
-// registers and multiplies it into every row. x of the chunk is staged in shared memory with float4
-// index q stored at q ^ ((q / 8) % P) so the lanes of a quarter warp (P pieces apart) hit distinct banks.
-// A load's values share one scale, applied once to its partial sums.
-template <Format F, int R>
-__device__ void GemvTile(const LinearArgs& a, int64_t expert, int64_t row_begin, int count, int64_t o0, float* smem) {
-  constexpr int V = kValuesPerLoad<F>;
-  constexpr int P = V / 4;         // float4 pieces per lane and chunk
-  constexpr int kChunk = 32 * V;   // inputs per chunk
-  constexpr int kChunk4 = kChunk / 4;
-  const uint8_t* codes = a.codes[expert];
-  const uint8_t* scales = a.scales[expert];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float4* xs = reinterpret_cast<float4*>(smem);
-  for (int pass = 0; pass < 2; ++pass) {
-    const int64_t o_first = o0 + warp * 8 + pass * 4;
-    float acc[4][R];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
-    for (int64_t k0 = 0; k0 < a.in; k0 += kChunk) {
-      const int64_t k = k0 + static_cast<int64_t>(lane) * V;
-      uint4 w[4];
-      float scale[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        w[i] = make_uint4(0u, 0u, 0u, 0u);
-        scale[i] = 0.0f;
-        if (k < a.in && o_first + i < a.out) LoadCodes<F>(a, codes, scales, o_first + i, k, &w[i], &scale[i]);
-      }
-      __syncthreads();  // the previous chunk's readers are done
-      for (int u = threadIdx.x; u < R * kChunk4; u += kLinearThreads) {
-        const int r = u / kChunk4, q = u % kChunk4;
-        const int64_t grouped = row_begin + min(r, count - 1);
-        const int64_t src = a.gather ? a.gather[grouped] : grouped;
-        const int64_t kx = k0 + 4 * q;
-        const float4 v = kx < a.in ? __ldg(reinterpret_cast<const float4*>(a.x + src * a.in + kx))
-                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-        xs[r * kChunk4 + (q ^ ((q / 8) % P))] = v;
-      }
-      __syncthreads();
-      float part[4][R];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) part[i][r] = 0.0f;
-      auto piece = [&](auto j_constant) {
-        constexpr int j = decltype(j_constant)::value;
-        const int q = lane * P + j;
-        float4 xv[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) xv[r] = xs[r * kChunk4 + (q ^ ((q / 8) % P))];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float4 wv = Piece<F, j>(w[i]);
-#pragma unroll
-          for (int r = 0; r < R; ++r) part[i][r] = Dot4(xv[r], wv, part[i][r]);
-        }
-      };
-      StaticFor<P>(piece);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[i][r] = fmaf(part[i][r], scale[i], acc[i][r]);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float v = acc[i][r];
-        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-        const int64_t o = o_first + i;
-        if (lane == ((i * R + r) & 31) && r < count && o < a.out) a.y[(row_begin + r) * a.out + o] = v;
-      }
-    }
-  }
-}
-
-// Many rows: 64 x 64 output tiles over K steps of 64; x and the dequantized weights staged in shared memory
-// (rows padded to 68 floats), the next step's global loads held in registers while this one is multiplied.
-// Thread (ty, tx) computes rows 4ty..4ty+3 and outputs tx + 16j. Row tiles are strided by gridDim.x, so a
-// too-small max_rows_per_expert costs parallelism, never rows.
-template <Format F>
-__device__ void TiledTile(const LinearArgs& a, int64_t expert, int64_t row_begin, int64_t count, int64_t o0, float* smem) {
-  const uint8_t* codes = a.codes[expert];
-  const uint8_t* scales = a.scales[expert];
-  float* xs = smem;
-  float* ws = smem + kTileRows * kTileLd;
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  // Loader roles. x: rows tid/16 + 16i, float4 column tid%16. Weights: MXFP4 128 threads (row tid/2, group
-  // tid%2 of the step), FP8 256 threads (row tid/4, 16 codes at (tid%4)*16).
-  constexpr int kLoaders = F == Format::kMxfp4 ? 128 : 256;
-  constexpr int kPerRow = F == Format::kMxfp4 ? 2 : 4;
-  const int w_row = tid / kPerRow, w_col = (tid % kPerRow) * kValuesPerLoad<F>;
-  const int64_t w_o = o0 + w_row;
-  const bool w_loader = tid < kLoaders && w_o < a.out;
-  for (int64_t tile = blockIdx.x; tile * kTileRows < count; tile += gridDim.x) {
-    const int64_t r0 = tile * kTileRows;
-    const int rows_here = static_cast<int>(count - r0 < kTileRows ? count - r0 : kTileRows);
-    const float* x_rows[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = tid / 16 + 16 * i;
-      x_rows[i] = nullptr;
-      if (m < rows_here) {
-        const int64_t grouped = row_begin + r0 + m;
-        x_rows[i] = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in;
-      }
-    }
-    float4 x_next[4];
-    uint4 w_next = make_uint4(0u, 0u, 0u, 0u);
-    float scale_next = 0.0f;
-    auto load = [&](int64_t k0) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        x_next[i] = x_rows[i] ? __ldg(reinterpret_cast<const float4*>(x_rows[i] + k0 + 4 * tx))
-                              : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      if (w_loader) LoadCodes<F>(a, codes, scales, w_o, k0 + w_col, &w_next, &scale_next);
-    };
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
-    load(0);
-    for (int64_t k0 = 0; k0 < a.in; k0 += kTileK) {
-      __syncthreads();  // the previous step's readers are done
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        *reinterpret_cast<float4*>(&xs[(tid / 16 + 16 * i) * kTileLd + 4 * tx]) = x_next[i];
-      }
-      if (tid < kLoaders) {
-        float4* dst = reinterpret_cast<float4*>(&ws[w_row * kTileLd + w_col]);
-        auto store = [&](auto j_constant) {
-          constexpr int j = decltype(j_constant)::value;
-          const float4 v = Piece<F, j>(w_next);
-          dst[j] = make_float4(v.x * scale_next, v.y * scale_next, v.z * scale_next, v.w * scale_next);
-        };
-        StaticFor<kValuesPerLoad<F> / 4>(store);
-      }
-      __syncthreads();
-      if (k0 + kTileK < a.in) load(k0 + kTileK);
-      if (4 * ty < rows_here) {
-#pragma unroll 4
-        for (int kk = 0; kk < kTileK; kk += 4) {
-          float4 xv[4], wv[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) xv[i] = *reinterpret_cast<const float4*>(&xs[(4 * ty + i) * kTileLd + kk]);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) wv[j] = *reinterpret_cast<const float4*>(&ws[(tx + 16 * j) * kTileLd + kk]);
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] = Dot4(xv[i], wv[j], acc[i][j]);
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = 4 * ty + i;
-      if (m >= rows_here) continue;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t o = o0 + tx + 16 * j;
-        if (o < a.out) a.y[(row_begin + r0 + m) * a.out + o] = acc[i][j];
-      }
-    }
-  }
-}
-
-// grid (row tiles, output tiles, experts): a block owns (expert, 64 outputs). Experts with at most
-// kGemvMaxRows rows run the GEMV in the blocks of row tile 0; the others the tiled GEMM.
-template <Format F>
-__global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearArgs a) {
-  __shared__ __align__(16) float smem[kLinearSmemFloats];
-  const int64_t expert = blockIdx.z;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kOutTile;
-  const int64_t begin = a.offsets[expert], count = a.offsets[expert + 1] - begin;
-  if (count <= 0) return;
-  if (count <= kGemvMaxRows) {
-    if (blockIdx.x != 0) return;
-    const int rows = static_cast<int>(count);
-    if (rows == 1) {
-      GemvTile<F, 1>(a, expert, begin, rows, o0, smem);
-    } else if (rows == 2) {
-      GemvTile<F, 2>(a, expert, begin, rows, o0, smem);
-    } else {
-      GemvTile<F, 4>(a, expert, begin, rows, o0, smem);
-    }
-    return;
-  }
-  TiledTile<F>(a, expert, begin, count, o0, smem);
-}
-
 // ---- Elementwise ----
 __device__ __forceinline__ float SwiGluOne(float a, float b, float limit) {
   // std::min / std::clamp semantics (a NaN input stays NaN), then silu(g) * u as the CPU writes it.
@@ -485,6 +190,483 @@ __global__ void SwiGluKernel(const float* a, const float* b, int64_t count, floa
     done = 4 * vectors;
   }
   for (int64_t i = done + first; i < count; i += stride) h[i] = SwiGluOne(a[i], b[i], limit);
+}
+
+// ---- Grouped linear ----
+// A persistent grid (one wave): every block reads the expert offsets, cuts the work of the experts that have
+// rows into equal contiguous shares (one per block) and walks its share in order, so no block waits on an
+// empty expert and the x rows a block stages in shared memory serve all its consecutive units of that group.
+// Units: GEMV (an expert with at most kGemvMaxRows rows): one group of <= 4 rows against 128 weight rows
+// (64 outputs of each of W1 and W3 when fused), all of K, x of the group staged whole in shared memory;
+// tiled (more rows): 64 rows x 64 outputs, all of K.
+constexpr int kLinearThreads = 256;
+constexpr int kLinearWarps = kLinearThreads / 32;
+constexpr int kGroupRows = 4;         // x rows per GEMV unit
+constexpr int64_t kGemvMaxRows = 32;  // experts with more rows take the tiled path
+constexpr int kLaneRows = 4;          // weight rows per lane
+constexpr int kRowLanes = 8;          // lanes splitting one weight row's K (16-byte loads, 128 B per row and step)
+constexpr int kUnitRows = kLinearWarps * (32 / kRowLanes) * kLaneRows;  // 128 weight rows per GEMV unit
+constexpr int64_t kTiledUnitWeight = 8;  // a tiled unit's cost in GEMV units, for the shares
+constexpr int kTileRows = 64, kTileOut = 64, kTileK = 64, kTileLd = kTileK + 4;
+constexpr size_t kTiledSmemBytes = 2 * kTileRows * kTileLd * sizeof(float);
+constexpr size_t kGemvSmemLimit = 96 * 1024;  // x of a group (16 * in bytes) up to this: two blocks per SM
+
+using Format = QuantizedWeight::Format;
+
+struct MatrixArgs {
+  const uint8_t* const* codes;
+  const uint8_t* const* scales;
+};
+
+// M = 1: y = x . W^T. M = 2: h = SwiGlu(x . W1^T, x . W3^T).
+template <int M>
+struct LinearArgs {
+  MatrixArgs m[M];
+  int64_t experts, out, in;
+  const float* x;
+  const int32_t* gather;
+  const int64_t* offsets;
+  float* y;
+  float limit;
+  bool gemv;  // a group's x fits the shared memory (else every unit is tiled)
+};
+
+// 2^(bits - 127) as an f32 (bits 0 is the subnormal 2^-127, 255 is NaN), as the CPU's Ue8m0ToFloat.
+__device__ __forceinline__ float Ue8m0(uint32_t bits) {
+  if (bits == 0) return __uint_as_float(0x00400000u);
+  if (bits == 255) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float(bits << 23);
+}
+
+__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+  return d;
+}
+
+// The 4 e2m1 codes in bits [16h, 16h + 16) of w as exact f32 values (unscaled), without a multiply: byte
+// lookups (prmt) give the two bytes of each value's bf16 (0, .5, 1, 1.5, 2, 3, 4, 6 are 0x0000 0x3F00 0x3F80
+// 0x3FC0 0x4000 0x4040 0x4080 0x40C0); a prmt in sign mode on 0x80 bytes gives 0xFF for negative codes, whose
+// bit 6 becomes the sign. About 2.6 integer ops per value. Checked against all codes on the CPU.
+template <int h>
+__device__ __forceinline__ float4 E2m1Quad(uint32_t w) {
+  const uint32_t codes = h == 0 ? w : w >> 16;
+  const uint32_t magnitude = codes & 0x7777u;
+  uint32_t top = Prmt(0x3F3F3F00u, 0x40404040u, magnitude);
+  const uint32_t second = Prmt(0xC0800000u, 0xC0804000u, magnitude);
+  top |= (Prmt(0x80808080u, 0x80808080u, codes) << 1) & 0x80808080u;  // prmt reads selector bits 0..15
+  const uint32_t v01 = Prmt(top, second, 0x1504u), v23 = Prmt(top, second, 0x3726u);
+  return make_float4(__uint_as_float(v01 << 16), __uint_as_float(v01 & 0xFFFF0000u), __uint_as_float(v23 << 16),
+                     __uint_as_float(v23 & 0xFFFF0000u));
+}
+
+// e4m3 byte `n` (0..3) of word w times 2^-120 (sign to bit 31, e3..e0 m2..m0 to bits 26..20): a subnormal
+// for the code's own subnormals, so f32 denormals must be on. NaN codes read as +-480 (checkpoints hold none).
+template <int n>
+__device__ __forceinline__ float E4m3Raw(uint32_t w) {
+  const uint32_t sign = (w << (24 - 8 * n)) & 0x80000000u;
+  const uint32_t magnitude = (8 * n <= 20 ? (w << (20 - 8 * n)) : (w >> (8 * n - 20))) & 0x07f00000u;
+  return __uint_as_float(sign | magnitude);
+}
+
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The 4 values of float4 piece `j` of a 16-byte code load, exact e2m1/e4m3 values (not yet scaled).
+template <Format F, int j>
+__device__ __forceinline__ float4 Piece(const uint4& codes) {
+  if constexpr (F == Format::kMxfp4) {
+    return E2m1Quad<j % 2>(Word(codes, j / 2));
+  } else {
+    const uint32_t w = Word(codes, j);
+    return make_float4(E4m3Raw<0>(w) * 0x1p120f, E4m3Raw<1>(w) * 0x1p120f, E4m3Raw<2>(w) * 0x1p120f,
+                       E4m3Raw<3>(w) * 0x1p120f);
+  }
+}
+
+// Values per 16-byte code load: one MXFP4 scale group, or 16 FP8 codes inside one 128-wide scale block.
+template <Format F>
+constexpr int kValuesPerLoad = F == Format::kMxfp4 ? 32 : 16;
+
+// Weight codes are read once: no L1 allocation, and the next 128 B of the row prefetched into L2.
+__device__ __forceinline__ uint4 LoadStreaming(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// Code bytes and scale of the 16-byte load covering inputs [k, k + kValuesPerLoad) of weight row o.
+template <Format F>
+__device__ __forceinline__ void LoadCodes(const uint8_t* codes, const uint8_t* scales, int64_t in, int64_t o,
+                                          int64_t k, uint4* v, float* scale) {
+  if constexpr (F == Format::kMxfp4) {
+    *v = LoadStreaming(codes + o * (in / 2) + k / 2);
+    *scale = Ue8m0(__ldg(scales + o * (in / 32) + k / 32));
+  } else {
+    const int64_t block_cols = (in + 127) / 128;
+    *v = LoadStreaming(codes + o * in + k);
+    *scale = Ue8m0(__ldg(scales + (o / 128) * block_cols + k / 128));
+  }
+}
+
+// fn(std::integral_constant<int, j>{}) for j = 0 .. N-1, unrolled (the code pieces need j at compile time).
+template <typename Fn, int... js>
+__device__ __forceinline__ void StaticForImpl(Fn& fn, std::integer_sequence<int, js...>) {
+  (fn(std::integral_constant<int, js>{}), ...);
+}
+template <int N, typename Fn>
+__device__ __forceinline__ void StaticFor(Fn&& fn) {
+  StaticForImpl(fn, std::make_integer_sequence<int, N>{});
+}
+
+__device__ __forceinline__ float Dot4(const float4& a, const float4& b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+
+// Staged x is an array of float4 per row; index q is stored at q ^ ((q / 8) % (pieces per load)) so the 8
+// distinct addresses a warp reads at once (its 8 K positions; the 4 row slots read the same ones) hit
+// distinct banks.
+template <Format F>
+__device__ __forceinline__ int64_t Swizzle(int64_t q) {
+  return q ^ ((q >> 3) & (kValuesPerLoad<F> / 4 - 1));
+}
+
+// x rows [row0, row0 + rows) of the grouped order (through gather), all of K, into shared memory.
+template <Format F, int M>
+__device__ void StageRows(const LinearArgs<M>& a, int64_t row0, int rows, float4* xs) {
+  const int64_t in4 = a.in / 4;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t grouped = row0 + r;
+    const float4* src = reinterpret_cast<const float4*>(a.x + (a.gather ? a.gather[grouped] : grouped) * a.in);
+    for (int64_t q = threadIdx.x; q < in4; q += kLinearThreads) xs[r * in4 + Swizzle<F>(q)] = __ldg(src + q);
+  }
+}
+
+// One GEMV unit: R staged rows (grouped rows y_row0..) against the 128 weight rows from o_unit. Lane
+// (warp, slot = lane / 8, sub = lane % 8) owns 4 weight rows (4 consecutive outputs; fused: 2 outputs of W1
+// and the same 2 of W3) and inputs sub * V + 8V * step: each step one 16-byte load per row (the next step's
+// in flight while this one is multiplied), dequantized in registers and multiplied into every x row; each
+// load's values share one scale, applied once to their partial sums. The 8 lanes of a row are summed last.
+template <Format F, int M, int R>
+__device__ void GemvUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, const float4* xs, int64_t y_row0) {
+  constexpr int V = kValuesPerLoad<F>;
+  constexpr int P = V / 4;
+  constexpr int kStep = kRowLanes * V;
+  constexpr int kOutputs = kLaneRows / M;  // outputs per lane (per matrix)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, slot = lane / kRowLanes, sub = lane % kRowLanes;
+  const int64_t o_first = o_unit + (warp * (32 / kRowLanes) + slot) * kOutputs;
+  const int64_t in = a.in, in4 = in / 4;
+  const uint8_t* codes[M];
+  const uint8_t* scales[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    codes[m] = a.m[m].codes[expert];
+    scales[m] = a.m[m].scales[expert];
+  }
+  uint4 w_next[kLaneRows];
+  float scale_next[kLaneRows];
+  auto load = [&](int64_t k) {
+#pragma unroll
+    for (int i = 0; i < kLaneRows; ++i) {
+      const int64_t o = o_first + i % kOutputs;
+      w_next[i] = make_uint4(0u, 0u, 0u, 0u);
+      scale_next[i] = 0.0f;
+      if (k < in && o < a.out) {
+        LoadCodes<F>(codes[i / kOutputs], scales[i / kOutputs], in, o, k, &w_next[i], &scale_next[i]);
+      }
+    }
+  };
+  float acc[kLaneRows][R];
+#pragma unroll
+  for (int i = 0; i < kLaneRows; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+  load(sub * V);
+  for (int64_t k0 = 0; k0 < in; k0 += kStep) {
+    const int64_t k = k0 + sub * V;
+    uint4 w[kLaneRows];
+    float scale[kLaneRows];
+#pragma unroll
+    for (int i = 0; i < kLaneRows; ++i) {
+      w[i] = w_next[i];
+      scale[i] = scale_next[i];
+    }
+    if (k0 + kStep < in) load(k + kStep);
+    if (k < in) {
+      float part[kLaneRows][R];
+#pragma unroll
+      for (int i = 0; i < kLaneRows; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) part[i][r] = 0.0f;
+      const int64_t q0 = k / 4;
+      auto piece = [&](auto j_constant) {
+        constexpr int j = decltype(j_constant)::value;
+        float4 wv[kLaneRows];
+#pragma unroll
+        for (int i = 0; i < kLaneRows; ++i) wv[i] = Piece<F, j>(w[i]);
+        const int64_t q = Swizzle<F>(q0 + j);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float4 xv = xs[r * in4 + q];
+#pragma unroll
+          for (int i = 0; i < kLaneRows; ++i) part[i][r] = Dot4(xv, wv[i], part[i][r]);
+        }
+      };
+      StaticFor<P>(piece);
+#pragma unroll
+      for (int i = 0; i < kLaneRows; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = fmaf(part[i][r], scale[i], acc[i][r]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kLaneRows; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int offset = 1; offset < kRowLanes; offset *= 2) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], offset);
+  // Every lane of the 8 holds the sums; the writes are spread over them.
+#pragma unroll
+  for (int i = 0; i < kOutputs; ++i) {
+    const int64_t o = o_first + i;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (sub != (i * R + r) % kRowLanes || o >= a.out) continue;
+      float* dst = a.y + (y_row0 + r) * a.out + o;
+      if constexpr (M == 1) {
+        *dst = acc[i][r];
+      } else {
+        *dst = SwiGluOne(acc[i][r], acc[kOutputs + i][r], a.limit);
+      }
+    }
+  }
+}
+
+// Many rows: one 64 x 64 tile (rows r0.., outputs o0..) over K steps of 64; x and the dequantized weights
+// staged in shared memory (rows padded to 68 floats), the next step's global loads held in registers while
+// this one is multiplied. Thread (ty, tx) computes rows 4ty..4ty+3 and outputs tx + 16j into acc.
+template <Format F, int M>
+__device__ void TiledAccumulate(const LinearArgs<M>& a, const uint8_t* codes, const uint8_t* scales, int64_t row0,
+                                int rows_here, int64_t o0, float* smem, float (&acc)[4][4]) {
+  float* xs = smem;
+  float* ws = smem + kTileRows * kTileLd;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  // Loader roles. x: rows tid/16 + 16i, float4 column tid%16. Weights: MXFP4 128 threads (row tid/2, group
+  // tid%2 of the step), FP8 256 threads (row tid/4, 16 codes at (tid%4)*16).
+  constexpr int kLoaders = F == Format::kMxfp4 ? 128 : 256;
+  constexpr int kPerRow = F == Format::kMxfp4 ? 2 : 4;
+  const int w_row = tid / kPerRow, w_col = (tid % kPerRow) * kValuesPerLoad<F>;
+  const int64_t w_o = o0 + w_row;
+  const bool w_loader = tid < kLoaders && w_o < a.out;
+  const float* x_rows[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = tid / 16 + 16 * i;
+    x_rows[i] = nullptr;
+    if (m < rows_here) {
+      const int64_t grouped = row0 + m;
+      x_rows[i] = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in;
+    }
+  }
+  float4 x_next[4];
+  uint4 w_next = make_uint4(0u, 0u, 0u, 0u);
+  float scale_next = 0.0f;
+  auto load = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x_next[i] = x_rows[i] ? __ldg(reinterpret_cast<const float4*>(x_rows[i] + k0 + 4 * tx))
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if (w_loader) LoadCodes<F>(codes, scales, a.in, w_o, k0 + w_col, &w_next, &scale_next);
+  };
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  load(0);
+  for (int64_t k0 = 0; k0 < a.in; k0 += kTileK) {
+    __syncthreads();  // the previous step's (or unit's) readers are done
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      *reinterpret_cast<float4*>(&xs[(tid / 16 + 16 * i) * kTileLd + 4 * tx]) = x_next[i];
+    }
+    if (tid < kLoaders) {
+      float4* dst = reinterpret_cast<float4*>(&ws[w_row * kTileLd + w_col]);
+      auto store = [&](auto j_constant) {
+        constexpr int j = decltype(j_constant)::value;
+        const float4 v = Piece<F, j>(w_next);
+        dst[j] = make_float4(v.x * scale_next, v.y * scale_next, v.z * scale_next, v.w * scale_next);
+      };
+      StaticFor<kValuesPerLoad<F> / 4>(store);
+    }
+    __syncthreads();
+    if (k0 + kTileK < a.in) load(k0 + kTileK);
+    if (4 * ty < rows_here) {
+#pragma unroll 4
+      for (int kk = 0; kk < kTileK; kk += 4) {
+        float4 xv[4], wv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = *reinterpret_cast<const float4*>(&xs[(4 * ty + i) * kTileLd + kk]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wv[j] = *reinterpret_cast<const float4*>(&ws[(tx + 16 * j) * kTileLd + kk]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = Dot4(xv[i], wv[j], acc[i][j]);
+      }
+    }
+  }
+}
+
+template <Format F, int M>
+__device__ void TiledUnit(const LinearArgs<M>& a, int64_t expert, int64_t row0, int rows_here, int64_t o0,
+                          float* smem) {
+  float acc[M][4][4];
+#pragma unroll
+  for (int m = 0; m < M; ++m) TiledAccumulate<F, M>(a, a.m[m].codes[expert], a.m[m].scales[expert], row0, rows_here, o0, smem, acc[m]);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = 4 * ty + i;
+    if (r >= rows_here) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t o = o0 + tx + 16 * j;
+      if (o >= a.out) continue;
+      if constexpr (M == 1) {
+        a.y[(row0 + r) * a.out + o] = acc[0][i][j];
+      } else {
+        a.y[(row0 + r) * a.out + o] = SwiGluOne(acc[0][i][j], acc[M - 1][i][j], a.limit);
+      }
+    }
+  }
+}
+
+template <int M>
+__device__ __forceinline__ bool GemvExpert(const LinearArgs<M>& a, int64_t count) {
+  return a.gemv && count <= kGemvMaxRows;
+}
+__host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Units and weight of one unit for an expert with `count` rows (0 units when it has none).
+template <int M>
+__device__ __forceinline__ void ExpertUnits(const LinearArgs<M>& a, int64_t count, int64_t* units, int64_t* weight) {
+  if (count <= 0) {
+    *units = 0;
+    *weight = 1;
+  } else if (GemvExpert(a, count)) {
+    *units = CeilDiv(count, kGroupRows) * CeilDiv(a.out, kUnitRows / M);
+    *weight = 1;
+  } else {
+    *units = CeilDiv(count, kTileRows) * CeilDiv(a.out, kTileOut);
+    *weight = kTiledUnitWeight;
+  }
+}
+
+// Inclusive block-wide prefix sum of v (all threads call it).
+__device__ int64_t BlockInclusiveSum(int64_t v, int64_t* warp_sums) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int64_t other = __shfl_up_sync(0xffffffffu, v, offset);
+    if (lane >= offset) v += other;
+  }
+  __syncthreads();  // warp_sums free
+  if (lane == 31) warp_sums[warp] = v;
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) v += warp_sums[w];
+  return v;
+}
+
+template <Format F, int M>
+__global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearArgs<M> a) {
+  extern __shared__ float4 linear_smem[];
+  __shared__ int64_t chunk_end[kLinearThreads];  // inclusive prefix of the chunk's expert weights
+  __shared__ int64_t warp_sums[kLinearWarps];
+  const int tid = threadIdx.x;
+  // The total weight, then this block's share [lo, hi): the units whose weight prefix starts inside it.
+  int64_t total = 0;
+  for (int64_t e0 = 0; e0 < a.experts; e0 += kLinearThreads) {
+    int64_t units = 0, weight = 0;
+    if (e0 + tid < a.experts) ExpertUnits(a, a.offsets[e0 + tid + 1] - a.offsets[e0 + tid], &units, &weight);
+    const int64_t sum = BlockInclusiveSum(units * weight, warp_sums);
+    if (tid == kLinearThreads - 1) chunk_end[0] = sum;
+    __syncthreads();
+    total += chunk_end[0];
+    __syncthreads();
+  }
+  const int64_t lo = total * blockIdx.x / gridDim.x, hi = total * (blockIdx.x + 1) / gridDim.x;
+  if (lo == hi) return;  // the same for the whole block
+  int64_t staged_expert = -1, staged_group = -1;
+  int64_t base = 0;  // weight of the experts before this chunk
+  for (int64_t e0 = 0; e0 < a.experts && base < hi; e0 += kLinearThreads) {
+    const int n = static_cast<int>(Min64(kLinearThreads, a.experts - e0));
+    int64_t units = 0, weight = 0;
+    if (tid < n) ExpertUnits(a, a.offsets[e0 + tid + 1] - a.offsets[e0 + tid], &units, &weight);
+    const int64_t end = BlockInclusiveSum(units * weight, warp_sums);
+    chunk_end[tid] = end;
+    __syncthreads();
+    // First expert of the chunk whose weight ends after lo (the ends are non-decreasing).
+    int first = 0, last = n;
+    while (first < last) {
+      const int mid = (first + last) / 2;
+      if (base + chunk_end[mid] <= lo) {
+        first = mid + 1;
+      } else {
+        last = mid;
+      }
+    }
+    for (int i = first; i < n; ++i) {
+      const int64_t e = e0 + i;
+      const int64_t start = base + (i > 0 ? chunk_end[i - 1] : 0);
+      if (start >= hi) break;
+      const int64_t begin = a.offsets[e], count = a.offsets[e + 1] - begin;
+      int64_t e_units, e_weight;
+      ExpertUnits(a, count, &e_units, &e_weight);
+      const int64_t j_begin = lo > start ? CeilDiv(lo - start, e_weight) : 0;
+      const int64_t j_end = Min64(e_units, CeilDiv(hi - start, e_weight));
+      if (GemvExpert(a, count)) {
+        const int64_t groups = CeilDiv(count, kGroupRows);
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          const int64_t group = j % groups, o_unit = (j / groups) * (kUnitRows / M);
+          const int64_t row0 = begin + group * kGroupRows;
+          const int rows = static_cast<int>(Min64(kGroupRows, count - group * kGroupRows));
+          if (staged_expert != e || staged_group != group) {
+            __syncthreads();  // the previous unit's readers are done
+            StageRows<F, M>(a, row0, rows, linear_smem);
+            __syncthreads();
+            staged_expert = e;
+            staged_group = group;
+          }
+          if (rows == 1) {
+            GemvUnit<F, M, 1>(a, e, o_unit, linear_smem, row0);
+          } else if (rows == 2) {
+            GemvUnit<F, M, 2>(a, e, o_unit, linear_smem, row0);
+          } else if (rows == 3) {
+            GemvUnit<F, M, 3>(a, e, o_unit, linear_smem, row0);
+          } else {
+            GemvUnit<F, M, 4>(a, e, o_unit, linear_smem, row0);
+          }
+        }
+      } else {
+        const int64_t row_tiles = CeilDiv(count, kTileRows);
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          const int64_t r0 = (j % row_tiles) * kTileRows, o0 = (j / row_tiles) * kTileOut;
+          const int rows_here = static_cast<int>(Min64(kTileRows, count - r0));
+          TiledUnit<F, M>(a, e, begin + r0, rows_here, o0, reinterpret_cast<float*>(linear_smem));
+          staged_expert = -1;
+        }
+      }
+    }
+    base += chunk_end[n - 1];
+    __syncthreads();  // chunk_end is rewritten next
+  }
 }
 
 // One block per token. The slots are added in grouped-row order, which is the CPU's order (experts
@@ -521,6 +703,49 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 unsigned GridFor(int64_t work, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 132 * 16)));
+}
+
+template <Format F, int M>
+absl::Status LaunchGroupedLinear(const LinearArgs<M>& args, size_t smem, const char* name, cudaStream_t stream) {
+  const auto kernel = GroupedLinearKernel<F, M>;
+  int device = 0, sms = 0, smem_per_sm = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  if (smem > 48 * 1024) {
+    TANDEM_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  // One wave: the blocks that fit at once (2 by the launch bounds, fewer if the shared memory says so; the
+  // static arrays and the 1 KB the runtime reserves per block counted generously).
+  const size_t per_block = smem + 4096;
+  const int per_sm = static_cast<int>(std::max<size_t>(1, std::min<size_t>(2, static_cast<size_t>(smem_per_sm) / per_block)));
+  kernel<<<static_cast<unsigned>(std::max(1, sms) * per_sm), kLinearThreads, smem, stream>>>(args);
+  return CudaStatus(cudaGetLastError(), name, __FILE__, __LINE__);
+}
+
+template <int M>
+absl::Status GroupedLinear(const LinearArgs<M>& args, Format format, cudaStream_t stream) {
+  const size_t gemv_smem = static_cast<size_t>(kGroupRows) * static_cast<size_t>(args.in) * sizeof(float);
+  LinearArgs<M> a = args;
+  a.gemv = gemv_smem <= kGemvSmemLimit;
+  const size_t smem = std::max(kTiledSmemBytes, a.gemv ? gemv_smem : size_t{0});
+  if (format == Format::kMxfp4) return LaunchGroupedLinear<Format::kMxfp4, M>(a, smem, "GroupedLinearKernel<MXFP4>", stream);
+  return LaunchGroupedLinear<Format::kFp8Block, M>(a, smem, "GroupedLinearKernel<FP8>", stream);
+}
+
+absl::Status CheckGroupedWeights(const GroupedWeights& weights, const char* what) {
+  if (weights.experts < 1 || weights.experts > 65535 || weights.out < 1 || weights.in < kTileK ||
+      weights.in % kTileK != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": need 1 <= experts <= 65535, out >= 1 and in a positive "
+                                                   "multiple of ", kTileK, "; got experts ", weights.experts, ", out ",
+                                                   weights.out, ", in ", weights.in));
+  }
+  if (weights.out > (int64_t{1} << 30) || weights.in > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": out and in must be at most 2^30"));
+  }
+  if (!weights.codes || !weights.scales) return absl::InvalidArgumentError(absl::StrCat(what, ": null weights"));
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -588,32 +813,49 @@ absl::Status MoeGroup(const int32_t* chosen, int64_t tokens, int64_t k, int64_t 
 
 absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* x, const int32_t* gather,
                                     const int64_t* offsets, int64_t max_rows_per_expert, float* y, cudaStream_t stream) {
-  if (weights.experts < 1 || weights.experts > 65535 || weights.out < 1 || weights.in < kTileK ||
-      weights.in % kTileK != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("GroupedQuantizedLinear: need 1 <= experts <= 65535, out >= 1 and in a "
-                                                   "positive multiple of ", kTileK, "; got experts ", weights.experts,
-                                                   ", out ", weights.out, ", in ", weights.in));
-  }
-  const int64_t out_tiles = (weights.out + kOutTile - 1) / kOutTile;
-  if (out_tiles > 65535) return absl::InvalidArgumentError("GroupedQuantizedLinear: out exceeds 65535 * 64");
+  TANDEM_RETURN_IF_ERROR(CheckGroupedWeights(weights, "GroupedQuantizedLinear"));
   if (max_rows_per_expert < 0) return absl::InvalidArgumentError("GroupedQuantizedLinear: negative max_rows_per_expert");
   if (max_rows_per_expert == 0) return absl::OkStatus();
-  if (!weights.codes || !weights.scales || !x || !offsets || !y) {
-    return absl::InvalidArgumentError("GroupedQuantizedLinear: null weights, x, offsets or y");
-  }
+  if (!x || !offsets || !y) return absl::InvalidArgumentError("GroupedQuantizedLinear: null x, offsets or y");
   if (!Aligned16(x)) return absl::InvalidArgumentError("GroupedQuantizedLinear: x must be 16-byte aligned");
-  const LinearArgs args{weights.codes, weights.scales, weights.out, weights.in, x, gather, offsets, y};
-  const int64_t row_tiles = std::min<int64_t>((max_rows_per_expert + kTileRows - 1) / kTileRows, 4096);
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(out_tiles),
-                  static_cast<unsigned>(weights.experts));
-  if (weights.format == Format::kMxfp4) {
-    GroupedLinearKernel<Format::kMxfp4><<<grid, kLinearThreads, 0, stream>>>(args);
-    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedLinearKernel<MXFP4>");
-  } else {
-    GroupedLinearKernel<Format::kFp8Block><<<grid, kLinearThreads, 0, stream>>>(args);
-    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedLinearKernel<FP8>");
+  LinearArgs<1> args{};
+  args.m[0] = {weights.codes, weights.scales};
+  args.experts = weights.experts;
+  args.out = weights.out;
+  args.in = weights.in;
+  args.x = x;
+  args.gather = gather;
+  args.offsets = offsets;
+  args.y = y;
+  return GroupedLinear(args, weights.format, stream);
+}
+
+absl::Status GroupedSwiGluLinear(const GroupedWeights& w1, const GroupedWeights& w3, const float* x,
+                                 const int32_t* gather, const int64_t* offsets, int64_t max_rows_per_expert,
+                                 float limit, float* h, cudaStream_t stream) {
+  TANDEM_RETURN_IF_ERROR(CheckGroupedWeights(w1, "GroupedSwiGluLinear (w1)"));
+  TANDEM_RETURN_IF_ERROR(CheckGroupedWeights(w3, "GroupedSwiGluLinear (w3)"));
+  if (w1.format != w3.format || w1.experts != w3.experts || w1.out != w3.out || w1.in != w3.in) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedSwiGluLinear: w1 and w3 differ in format or shape (",
+                                                   w1.experts, " x ", w1.out, " x ", w1.in, " vs ", w3.experts, " x ",
+                                                   w3.out, " x ", w3.in, ")"));
   }
-  return absl::OkStatus();
+  if (max_rows_per_expert < 0) return absl::InvalidArgumentError("GroupedSwiGluLinear: negative max_rows_per_expert");
+  if (max_rows_per_expert == 0) return absl::OkStatus();
+  if (!x || !offsets || !h) return absl::InvalidArgumentError("GroupedSwiGluLinear: null x, offsets or h");
+  if (!Aligned16(x)) return absl::InvalidArgumentError("GroupedSwiGluLinear: x must be 16-byte aligned");
+  LinearArgs<2> args{};
+  args.m[0] = {w1.codes, w1.scales};
+  args.m[1] = {w3.codes, w3.scales};
+  args.experts = w1.experts;
+  args.out = w1.out;
+  args.in = w1.in;
+  args.x = x;
+  args.gather = gather;
+  args.offsets = offsets;
+  args.y = h;
+  args.limit = limit;
+  return GroupedLinear(args, w1.format, stream);
 }
 
 absl::Status SwiGlu(const float* a, const float* b, int64_t count, float limit, float* h, cudaStream_t stream) {
