@@ -1,8 +1,10 @@
 // KV-entry moves and sparse MQA over window + compressed entries with the attention sink (NUMERICS.md
-// "Attention"). SparseAttention runs one block per (token, group of 16 heads): each candidate entry is
-// loaded once per group, dequantized into shared memory as bf16 pairs (exact: e4m3 times a power of two
-// and the bf16 rope dims both fit bf16) and serves all 16 heads; scores, the online softmax and the
-// output accumulate in f32, and the sink seeds the running max and denominator.
+// "Attention"). SparseAttention runs one block per (token, group of 16 heads, split): each candidate entry
+// is loaded once per group, dequantized into shared memory as bf16 (exact: e4m3 times a power of two and
+// the bf16 rope dims both fit bf16) and serves all 16 heads; the DSV4 entry goes through the tensor cores
+// (SparseAttentionMmaKernel), any other format through the scalar f32 kernel. With a workspace, small
+// batches split each token's candidates over several blocks and a combine kernel merges them; unsplit,
+// the sink seeds the running max and denominator.
 #include <cuda_runtime.h>
 
 #include <algorithm>
