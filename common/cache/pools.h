@@ -106,6 +106,10 @@ class StatePools {
   const RingLayout& ring_layout(StateKind kind) const;
   // A pool's whole memory, layer-major ([layer][page][page bytes]): what transfers register.
   std::span<uint8_t> region(PoolKind kind);
+  // Whether region bytes may be read and written directly (false for device regions: use Copy).
+  bool host_accessible() const { return !copy_; }
+  // Copies bytes into or out of the pools' memory (host or device) with the pools' RegionCopy.
+  absl::Status Copy(void* dst, const void* src, size_t bytes);
   // The pool's layers, bytes of one page (or slot) of one layer, and where page `page` of `layer` starts
   // inside region(kind): how a transfer names a request's pages.
   int64_t layers(PoolKind kind) const { return regions_[static_cast<size_t>(kind)].layers; }
@@ -143,7 +147,6 @@ class StatePools {
   Region& region_of(PoolKind kind) { return regions_[static_cast<size_t>(kind)]; }
   uint8_t* page_base(PoolKind kind, int layer, PageId page, int64_t page_bytes);
   absl::Status ClearRings(const StateSlots& slots);
-  absl::Status Copy(void* dst, const void* src, size_t bytes);
   absl::Status CopySlots(const StateSlots& from, const StateSlots& to, bool with_c128);
 
   CacheShapes shapes_;

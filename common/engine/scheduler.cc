@@ -402,7 +402,16 @@ void Scheduler::ServeHandovers() {
 
 void Scheduler::ReceiveState(Sequence& seq, const Handoff& handoff) {
   const uint64_t room = seq.request.room.room;
-  const uint64_t checksum = seq.manifest->Checksum(*pools_);
+  const absl::StatusOr<uint64_t> computed = seq.manifest->Checksum(*pools_);
+  if (!computed.ok()) {
+    const absl::Status bad = absl::InternalError(
+        absl::StrCat("reading the received state of room ", room, ": ", computed.status().message()));
+    decode_link_->Acknowledge(room, bad);
+    seq.pd_done = true;
+    Fail(seq, bad);
+    return;
+  }
+  const uint64_t checksum = *computed;
   if (checksum != handoff.checksum) {
     const absl::Status bad = absl::DataLossError(absl::StrCat(
         "KV transfer checksum mismatch for room ", room, ": prefill sent ", handoff.checksum, ", decode computed ", checksum));
@@ -549,7 +558,12 @@ absl::StatusOr<bool> Scheduler::Step() {
     const FinishReason reason = seq.sampler.Accept(token);
     if (seq.request.role == EngineRole::kPrefill) {
       // The prompt's state is final: the first token and the checksum go to decode with the rest.
-      seq.handoff = Handoff{token, seq.manifest->Checksum(*pools_)};
+      const absl::StatusOr<uint64_t> checksum = seq.manifest->Checksum(*pools_);
+      if (!checksum.ok()) {
+        Abort(seq.request.id, absl::InternalError(absl::StrCat("reading the prompt's state: ", checksum.status().message())));
+        continue;
+      }
+      seq.handoff = Handoff{token, *checksum};
       continue;
     }
     RequestUpdate update;

@@ -1,6 +1,7 @@
 #include "common/engine/state_manifest.h"
 
 #include <cstring>
+#include <vector>
 
 namespace tandem::engine {
 namespace {
@@ -80,10 +81,16 @@ int64_t StateManifest::total_bytes() const {
   return total;
 }
 
-uint64_t StateManifest::Checksum(cache::StatePools& pools) const {
+absl::StatusOr<uint64_t> StateManifest::Checksum(cache::StatePools& pools) const {
   uint64_t h = 0x243f6a8885a308d3ull;
+  std::vector<uint8_t> staged;  // device pools: each segment copied to the host first
   for (const auto& s : segments_) {
     const uint8_t* p = pools.region(s.pool).data() + s.offset;
+    if (!pools.host_accessible()) {
+      staged.resize(static_cast<size_t>(s.length));
+      TANDEM_RETURN_IF_ERROR(pools.Copy(staged.data(), p, staged.size()));
+      p = staged.data();
+    }
     int64_t i = 0;
     for (; i + 8 <= s.length; i += 8) {
       uint64_t v;
@@ -109,8 +116,13 @@ absl::Status CopyState(cache::StatePools& from_pools, const StateManifest& from,
       return absl::InvalidArgumentError(absl::StrCat("state copy: segment ", i, " differs (", cache::PoolName(a.pool), " ",
                                                      a.length, " B vs ", cache::PoolName(b.pool), " ", b.length, " B)"));
     }
-    std::memcpy(to_pools.region(b.pool).data() + b.offset, from_pools.region(a.pool).data() + a.offset,
-                static_cast<size_t>(a.length));
+    uint8_t* dst = to_pools.region(b.pool).data() + b.offset;
+    const uint8_t* src = from_pools.region(a.pool).data() + a.offset;
+    if (to_pools.host_accessible() && from_pools.host_accessible()) {
+      std::memcpy(dst, src, static_cast<size_t>(a.length));
+    } else {
+      TANDEM_RETURN_IF_ERROR((to_pools.host_accessible() ? from_pools : to_pools).Copy(dst, src, static_cast<size_t>(a.length)));
+    }
   }
   return absl::OkStatus();
 }

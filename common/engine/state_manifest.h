@@ -34,7 +34,8 @@ class StateManifest {
   std::vector<size_t> TailSegments() const;
   int64_t total_bytes() const;
   // 64-bit checksum of the bytes of every segment, in order.
-  uint64_t Checksum(cache::StatePools& pools) const;
+  // Reads device pools through their copy; an error only when that copy fails.
+  absl::StatusOr<uint64_t> Checksum(cache::StatePools& pools) const;
 
  private:
   std::vector<StateSegment> segments_;

@@ -76,8 +76,9 @@ std::vector<Outcome> RunAll(Engine& engine, const std::vector<std::vector<int32_
   return out;
 }
 
-EngineOptions Options(const std::string& device) {
+EngineOptions Options(const std::string& device, bool prefix_cache = true) {
   EngineOptions o;
+  o.scheduler.enable_prefix_cache = prefix_cache;
   o.model_dir = TinyDir();
   o.device = device;
   o.cuda_dense_f32 = true;
@@ -108,7 +109,9 @@ TEST(GpuEngineTest, ConcurrentGreedyRequestsMatchTheCpuEngineAndFreeEveryPage) {
     ASSERT_TRUE(engine.ok()) << engine.status();
     cpu = RunAll(**engine, prompts, kNew);
   }
-  auto engine = Engine::Create(Options("cuda"));
+  // Without the prefix cache, so that every page must be free once the requests are done (the other
+  // test runs with it, which copies boundary snapshots inside the device pools).
+  auto engine = Engine::Create(Options("cuda", /*prefix_cache=*/false));
   ASSERT_TRUE(engine.ok()) << engine.status();
   gpu = RunAll(**engine, prompts, kNew);
   int identical = 0, first_equal = 0;
@@ -137,9 +140,18 @@ TEST(GpuEngineTest, BadRequestsAreRefusedAndTheEngineKeepsServing) {
   bad.sink = [](RequestUpdate&&) {};
   const absl::Status refused = (*engine)->Submit(std::move(bad));
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
-  const auto out = RunAll(**engine, {{0, 1, 2, 3}}, 4);
-  EXPECT_TRUE(out[0].status.ok()) << out[0].status;
-  EXPECT_EQ(out[0].tokens.size(), 4u);
+  // Two requests sharing a 600-token prefix: the second resumes from the device pools' cached pages.
+  std::vector<int32_t> shared(600);
+  for (size_t i = 0; i < shared.size(); ++i) shared[i] = static_cast<int32_t>(7 + i * 31 % 120000);
+  const auto first = RunAll(**engine, {shared}, 4);
+  auto longer = shared;
+  longer.push_back(42);
+  const auto second = RunAll(**engine, {longer, {0, 1, 2, 3}}, 4);
+  EXPECT_TRUE(first[0].status.ok()) << first[0].status;
+  EXPECT_TRUE(second[0].status.ok() && second[1].status.ok()) << second[0].status << second[1].status;
+  EXPECT_EQ(second[1].tokens.size(), 4u);
+  EXPECT_GT((*engine)->Load().scheduler.prefix_cached_tokens, 0) << "the prefix cache holds the shared pages";
+  EXPECT_TRUE((*engine)->CheckAccounting().ok());
 }
 
 TEST(GpuEngineTest, UnknownDeviceAndPdRolesOnCudaAreClearErrors) {

@@ -17,7 +17,7 @@ status=0
 for mode in "${modes[@]}"; do
   case "$mode" in
     tests)
-      for t in cuda_parity_test gpu_model_test gpu_engine_test; do
+      for t in ${GPU_TESTS:-cuda_parity_test gpu_model_test gpu_engine_test gpu_pd_test}; do
         [ -x "$carry/bin/$t" ] || continue
         "$carry/bin/$t" --gtest_output="xml:$OUT/$t.xml" 2>&1 | tee "$OUT/$t.log" || status=1
       done ;;
@@ -33,19 +33,22 @@ for mode in "${modes[@]}"; do
       tail -8 "$OUT/sanitize-memcheck.log"
       timeout "${SANITIZE_TIMEOUT:-240}" "$sanitizer" --tool racecheck --error-exitcode 3 "$carry/bin/cuda_parity_test" \
         --gtest_filter="$kernel_filter" > "$OUT/sanitize-racecheck.log" 2>&1 || status=1
-      grep -E "FAILED|RACECHECK SUMMARY|Error|PASSED" "$OUT/sanitize-racecheck.log" | tail -12 ;;
+      grep -E "FAILED|RACECHECK SUMMARY|Error|PASSED" "$OUT/sanitize-racecheck.log" | tail -12
+      # Which kernels the hazards are in (racecheck names the function of each access).
+      grep -E "^=========     (Write|Read)|in .*Kernel|Warning" "$OUT/sanitize-racecheck.log" | sort | uniq -c | sort -rn | head -20 ;;
     bench)
       if [ -n "${KERNEL_BENCH:-}" ] && [ -x "$carry/bin/cuda_kernel_bench" ]; then
         "$carry/bin/cuda_kernel_bench" "$OUT" 2>"$OUT/kernel-bench.stderr" | tee "$OUT/kernel-bench.txt" || status=1
       fi
-      [ -x "$carry/bin/gpu_layer_bench" ] && { "$carry/bin/gpu_layer_bench" "${LAYER_MODEL:-synthetic}" "$OUT" 2>&1 | tee "$OUT/layer-bench.txt" || status=1; }
+      [ -z "${NO_LAYER:-}" ] && [ -x "$carry/bin/gpu_layer_bench" ] && { "$carry/bin/gpu_layer_bench" "${LAYER_MODEL:-synthetic}" "$OUT" 2>&1 | tee "$OUT/layer-bench.txt" || status=1; }
       # The PyTorch eager baseline of the same layer step, same shapes, in the same run.
-      if [ -z "${NO_TORCH:-}" ]; then
+      if [ -z "${NO_TORCH:-}" ] && [ -z "${NO_LAYER:-}" ]; then
         python3 "$root/bench/gpu/torch_layer.py" --synthetic --out "$OUT/torch-layer.csv" 2>&1 | tail -15 | tee "$OUT/torch-layer.txt" || status=1
       fi ;;
     *) echo "unknown mode $mode"; status=2 ;;
   esac
 done
-# Everything in one archive as well (the device tool brings back a limited number of files).
-tar czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz . 2>/dev/null
+# Everything in one archive (the device tool brings back only a few files): 0-results.tgz and all.log stay.
+tar czf /tmp/0-results.tgz -C "$OUT" . 2>/dev/null && find "$OUT" -mindepth 1 -maxdepth 1 ! -name all.log -exec rm -rf {} + \
+  && mv /tmp/0-results.tgz "$OUT/"
 exit $status

@@ -7,7 +7,7 @@ set -euo pipefail
 build="${1:-build-core}"
 shift || true
 bins=("$@")
-if [ ${#bins[@]} -eq 0 ]; then bins=(cuda_parity_test gpu_model_test gpu_engine_test gpu_layer_bench cuda_kernel_bench); fi
+if [ ${#bins[@]} -eq 0 ]; then bins=(cuda_parity_test gpu_model_test gpu_engine_test gpu_pd_test gpu_layer_bench cuda_kernel_bench); fi
 out=.devcarry
 rm -rf "$out/bin" "$out/lib"
 mkdir -p "$out/bin" "$out/lib"

@@ -717,6 +717,8 @@ struct DeviceModel::Impl {
     TANDEM_RETURN_IF_ERROR(Mark("embed"));
 
     const float eps = static_cast<float>(c.rms_norm_eps);
+    uint8_t* attention_workspace = nullptr;
+    size_t attention_workspace_bytes = 0;
     for (size_t li = 0; li < layers.size(); ++li) {
       const Layer& L = layers[li];
       const LayerTables& lt = layer_tables[li];
@@ -804,6 +806,13 @@ struct DeviceModel::Impl {
         }
       }
       at.o = s.o;
+      // Split-KV scratch when the batch leaves SMs idle (small decode batches).
+      if (const size_t need = kc::SparseAttentionWorkspaceBytes(at); need > attention_workspace_bytes) {
+        TANDEM_ASSIGN_OR_RETURN(attention_workspace, arena.Take<uint8_t>(need));
+        attention_workspace_bytes = need;
+      }
+      at.workspace = attention_workspace;
+      at.workspace_bytes = attention_workspace_bytes;
       TANDEM_RETURN_IF_ERROR(kc::SparseAttention(at, stream));
       TANDEM_RETURN_IF_ERROR(Mark("attn: sparse attention"));
       if (lt.ring_count > 0) {
@@ -870,9 +879,8 @@ struct DeviceModel::Impl {
         TANDEM_RETURN_IF_ERROR(expert_gemm->Run(L.routed.w2, L.routed.codes2.data(), L.routed.scales2.data(), s.ea,
                                                 offsets, s.routed, stream));
       } else {
-        TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w1, s.y, s.group_rows, s.group_offsets, T * k, s.ea, stream));
-        TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k, s.eb, stream));
-        TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.ea, s.eb, T * k * I, limit, s.ea, stream));
+        TANDEM_RETURN_IF_ERROR(kc::GroupedSwiGluLinear(L.routed.w1, L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k,
+                                                       limit, s.ea, stream));
         TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
       }
       TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));

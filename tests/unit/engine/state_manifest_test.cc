@@ -60,7 +60,7 @@ TEST(StateManifestTest, CopiedStateDecodesBitForBit) {
     EXPECT_EQ(from->total_bytes(), to->total_bytes());
     EXPECT_EQ(from->TokenPageSegments(0, from->token_pages()).size() + from->TailSegments().size(), from->segments().size());
     ASSERT_TRUE(CopyState(*source_pools, *from, *target_pools, *to).ok());
-    EXPECT_EQ(from->Checksum(*source_pools), to->Checksum(*target_pools));
+    EXPECT_EQ(*from->Checksum(*source_pools), *to->Checksum(*target_pools));
     target.set_length(length);
     int32_t next = static_cast<int32_t>(std::max_element(logits.end() - config.vocab_size, logits.end()) - logits.end() + config.vocab_size);
     for (int step = 0; step < 6; ++step) {
@@ -84,10 +84,10 @@ TEST(StateManifestTest, ChecksumSeesOneFlippedByteAndMismatchedListsAreRefused) 
   auto small = StateManifest::Build(*pools, a, 300);
   auto large = StateManifest::Build(*pools, b, 600);
   ASSERT_TRUE(small.ok() && large.ok());
-  const uint64_t before = small->Checksum(*pools);
+  const uint64_t before = *small->Checksum(*pools);
   const auto& segment = small->segments()[small->segments().size() / 2];
   pools->region(segment.pool)[static_cast<size_t>(segment.offset + segment.length / 2)] ^= 0x10;
-  EXPECT_NE(small->Checksum(*pools), before);
+  EXPECT_NE(*small->Checksum(*pools), before);
   EXPECT_EQ(CopyState(*pools, *small, *pools, *large).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(StateManifest::Build(*pools, a, 600).status().code(), absl::StatusCode::kFailedPrecondition);
 }
