@@ -627,6 +627,7 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
       const __nv_bfloat16 lo = __float2bfloat16_rn(prob - __bfloat162float(hi));
       prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(hi);
       prob_s[(kGroupHeads + h) * kProbStride + lane] = __bfloat16_as_ushort(lo);
+      __syncwarp();  // every lane's m_s[h] read is ordered before lane 0 overwrites it (shuffles do not order memory)
       if (lane == 0) {
         const float correction = expf(m_old - m_new);
         m_s[h] = m_new;
