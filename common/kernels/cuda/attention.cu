@@ -26,7 +26,7 @@ using internal::LoadMatrixX4;
 using internal::LoadMatrixX4Trans;
 using internal::MmaBf16;
 using internal::SharedAddress;
-using internal::SplitBf16x2;
+using internal::SplitBf16x2x3;
 using internal::FloatToBf16Bits;
 using internal::Fp8ToFloat;
 using internal::kFullMask;
@@ -388,8 +388,10 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
 // entries arrive by cp.async while the previous tile computes, are dequantized once into shared memory as
 // bf16 [candidate][dim], and feed mma.sync m16n8k16 twice: scores = q . K^T (the 16 heads are M; warp w
 // sums dims [128w, 128w + 128) for all 32 candidates, the four partials meet in shared memory) and
-// O += P . V (warp w owns output dims [128w, 128w + 128)). q and P are f32 split into bf16 hi + lo, two
-// MMAs each, so both products keep ~2^-17 relative accuracy; K and V are exact in bf16. Each tile's PV
+// O += P . V (warp w owns output dims [128w, 128w + 128)). q is f32 split into bf16 hi + mid + lo (three
+// MMAs: f32 accuracy; hi + lo alone left ~1e-5 absolute score error at |q| ~ 3, enough to fail parity where
+// two large weights meet values of opposite sign), P into hi + lo (two MMAs, ~2^-17 relative: P <= 1 and
+// its error scales with the weight); K and V are exact in bf16. Each tile's PV
 // lands in a fresh accumulator that one f32 FMA adds to the running one (rescaled), so the tensor cores'
 // truncating accumulation never spans more than the tile.
 namespace tc {
@@ -409,16 +411,19 @@ constexpr size_t kKvBytes = size_t{kTile} * kRowHalves * 2;
 constexpr size_t kRawBytes = size_t{kTile} * kRawStride;
 constexpr size_t kScoreBytes = size_t{kWarps} * kGroupHeads * kScoreStride * 4;
 constexpr size_t kProbBytes = size_t{2} * kGroupHeads * kProbStride * 2;
+constexpr size_t kQLowBytes = size_t{kWarps} * (kSlice / 16) * 4 * 32 * 4;  // q's third bf16 piece, per thread
 static_assert(kNope % 64 == 0 && kNope + kRope == kDim, "the DSV4 entry");
 static_assert(kGroupHeads == 16, "the heads are one m16 tile");
 static_assert(kTile == 32, "the softmax maps one candidate to one lane; PV takes two k16 steps");
 static_assert(kWarps * kSlice == kDim && kSlice == 128, "QK: 8 k16 steps a warp; PV: 16 n8 tiles a warp");
 static_assert(kTile * 4 == kThreads && kDataChunks % 4 == 0, "the copy: 4 threads per candidate");
-static_assert(kKvBytes % 16 == 0 && kRawBytes % 16 == 0 && kScoreBytes % 16 == 0 && kProbBytes % 16 == 0,
+static_assert(kKvBytes % 16 == 0 && kRawBytes % 16 == 0 && kScoreBytes % 16 == 0 && kProbBytes % 16 == 0 &&
+                  kQLowBytes % 16 == 0,
               "16-byte aligned shared regions");
 
 size_t SharedBytes(int64_t selected_slots) {
-  return kKvBytes + kRawBytes + kScoreBytes + kProbBytes + 3 * kGroupHeads * 4 + static_cast<size_t>(selected_slots) * 4;
+  return kKvBytes + kRawBytes + kScoreBytes + kProbBytes + kQLowBytes + 3 * kGroupHeads * 4 +
+         static_cast<size_t>(selected_slots) * 4;
 }
 
 }  // namespace tc
@@ -449,14 +454,16 @@ __device__ int CompactSelection(const int32_t* row, int topk, int32_t* out, int*
 }
 
 __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(AttentionParams p) {
-  using tc::kDataChunks, tc::kKvBytes, tc::kNope, tc::kNopeChunks, tc::kProbStride, tc::kRawBytes, tc::kRawStride,
+  using tc::kDataChunks, tc::kKvBytes, tc::kNope, tc::kNopeChunks, tc::kProbStride, tc::kQLowBytes, tc::kRawBytes, tc::kRawStride,
       tc::kRowHalves, tc::kScoreStride, tc::kSlice, tc::kThreads, tc::kTile, tc::kWarps;
   extern __shared__ __align__(16) uint8_t shared[];
   uint16_t* kv_s = reinterpret_cast<uint16_t*>(shared);  // [kTile][kRowHalves] bf16
   uint8_t* raw_s = shared + kKvBytes;                    // [kTile][kRawStride] the next tile's entries
   float* part_s = reinterpret_cast<float*>(raw_s + kRawBytes);  // [warp][head][kScoreStride] partial scores
   uint16_t* prob_s = reinterpret_cast<uint16_t*>(part_s + kWarps * kGroupHeads * kScoreStride);  // [hi, lo][head][kProbStride]
-  float* m_s = reinterpret_cast<float*>(prob_s + 2 * kGroupHeads * kProbStride);
+  // [warp][ks][fragment register][lane]: each thread reads back only the words it wrote (no barrier)
+  uint32_t* qlo_s = reinterpret_cast<uint32_t*>(prob_s + 2 * kGroupHeads * kProbStride);
+  float* m_s = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(qlo_s) + kQLowBytes);
   float* l_s = m_s + kGroupHeads;
   float* corr_s = l_s + kGroupHeads;
   int32_t* sel_s = reinterpret_cast<int32_t*>(corr_s + kGroupHeads);
@@ -520,8 +527,10 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
   };
   if (tile_begin < tile_end) issue(tile_begin, min(kTile, tile_end - tile_begin));
 
-  // q of this warp's dims as A fragments (rows g, g + 8; columns 2 tq, 2 tq + 1 and + 8), split hi + lo.
+  // q of this warp's dims as A fragments (rows g, g + 8; columns 2 tq, 2 tq + 1 and + 8), split hi + mid
+  // + lo; hi and mid stay in registers, lo (the bits below hi + mid) in shared memory: no registers to spare.
   uint32_t q_hi[kSlice / 16][4], q_lo[kSlice / 16][4];
+  uint32_t* my_qlo = qlo_s + warp * (kSlice / 16) * 4 * 32 + lane;
   {
     const float* q0 = p.q + (t * p.heads + h0 + g) * kDim + warp * kSlice + 2 * tq;
     const float* q1 = q0 + 8 * kDim;
@@ -533,10 +542,13 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
       const float2 v1 = row1 ? *reinterpret_cast<const float2*>(q1 + 16 * ks) : zero;
       const float2 v2 = row0 ? *reinterpret_cast<const float2*>(q0 + 16 * ks + 8) : zero;
       const float2 v3 = row1 ? *reinterpret_cast<const float2*>(q1 + 16 * ks + 8) : zero;
-      SplitBf16x2(v0.x, v0.y, q_hi[ks][0], q_lo[ks][0]);
-      SplitBf16x2(v1.x, v1.y, q_hi[ks][1], q_lo[ks][1]);
-      SplitBf16x2(v2.x, v2.y, q_hi[ks][2], q_lo[ks][2]);
-      SplitBf16x2(v3.x, v3.y, q_hi[ks][3], q_lo[ks][3]);
+      uint32_t third[4];
+      SplitBf16x2x3(v0.x, v0.y, q_hi[ks][0], q_lo[ks][0], third[0]);
+      SplitBf16x2x3(v1.x, v1.y, q_hi[ks][1], q_lo[ks][1], third[1]);
+      SplitBf16x2x3(v2.x, v2.y, q_hi[ks][2], q_lo[ks][2], third[2]);
+      SplitBf16x2x3(v3.x, v3.y, q_hi[ks][3], q_lo[ks][3], third[3]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) my_qlo[(ks * 4 + r) * 32] = third[r];
     }
   }
 
@@ -582,17 +594,21 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
     __syncthreads();  // kv_s is ready and raw_s free: the next tile's copy overlaps this one's math
     if (tile0 + kTile < tile_end) issue(tile0 + kTile, min(kTile, tile_end - tile0 - kTile));
 
-    // 2. Partial scores over this warp's 128 dims: 8 k16 steps x 4 n8 tiles x (lo, hi).
+    // 2. Partial scores over this warp's 128 dims: 8 k16 steps x 4 n8 tiles x (q's lo, mid, hi).
     {
       float score[kTile / 8][4];
 #pragma unroll
       for (int j = 0; j < kTile / 8; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.0f;
 #pragma unroll
       for (int ks = 0; ks < kSlice / 16; ++ks) {
+        const uint32_t q_third[4] = {my_qlo[(ks * 4) * 32], my_qlo[(ks * 4 + 1) * 32], my_qlo[(ks * 4 + 2) * 32],
+                                     my_qlo[(ks * 4 + 3) * 32]};
 #pragma unroll
         for (int jp = 0; jp < kTile / 16; ++jp) {
           uint32_t b[4];
           LoadMatrixX4(b, qk_address + (jp * 16 * kRowHalves + ks * 16) * 2);
+          MmaBf16(score[2 * jp], q_third, b[0], b[1]);
+          MmaBf16(score[2 * jp + 1], q_third, b[2], b[3]);
           MmaBf16(score[2 * jp], q_lo[ks], b[0], b[1]);
           MmaBf16(score[2 * jp], q_hi[ks], b[0], b[1]);
           MmaBf16(score[2 * jp + 1], q_lo[ks], b[2], b[3]);

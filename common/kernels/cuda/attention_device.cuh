@@ -175,6 +175,21 @@ __device__ __forceinline__ void SplitBf16x2(float x, float y, uint32_t& hi, uint
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
+// Two floats as three bf16 pairs hi + mid + lo (each residual exact in f32): x ~ hi + mid + lo to ~2^-25
+// relative, i.e. f32 accuracy. hi + mid alone keeps only ~16 bits: a q . K score of |q| ~ 3 over 512 dims
+// then carries ~1e-5 absolute error, which exp turns into output errors past the parity tolerance.
+__device__ __forceinline__ void SplitBf16x2x3(float x, float y, uint32_t& hi, uint32_t& mid, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hb = __bfloat1622float2(h);
+  const float rx = x - hb.x, ry = y - hb.y;
+  const __nv_bfloat162 m = __floats2bfloat162_rn(rx, ry);
+  const float2 mb = __bfloat1622float2(m);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(rx - mb.x, ry - mb.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  mid = *reinterpret_cast<const uint32_t*>(&m);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
 // Two e4m3 codes (low byte first) times a ue8m0 scale as a bf16 pair: the same bits as
 // FloatToBf16Bits(__fmul_rn(Fp8ToFloat(code), scale)) (e4m3 -> f16 is exact; one f32 product; RNE).
 __device__ __forceinline__ uint32_t DequantFp8Pair(uint32_t codes, float scale) {
