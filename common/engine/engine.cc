@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <future>
 
@@ -52,11 +53,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   cache::RegionCopy device_copy;
   int64_t device_memory = 0, device_weights = 0;
   if (options.device == "cuda") {
-    if (options.role != EngineRole::kMixed) {
-      return absl::UnimplementedError(
-          "--device cuda serves --mode mixed only for now: handing state over from device pools (staged through "
-          "pinned host memory) is not built yet");
-    }
     TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device, options.cuda_dense_f32));
     spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there", options.cuda_device, backend.device_name,
                  static_cast<double>(backend.weight_bytes) / (1 << 30));
@@ -101,19 +97,39 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     sizing.budget_bytes = EngineOptions::kDefaultCpuBudgetBytes;
   }
   TANDEM_ASSIGN_OR_RETURN(engine->plan_, cache::PlanPools(shapes, layout, sizing));
-  cache::RegionAllocator allocator = device_allocator;  // the mixed role keeps its pools on the heap (or the device)
-  if (options.role != EngineRole::kMixed) {
+  // The pools: on the device (--device cuda), else in the transport's memory for the split roles (so
+  // shared-memory transports map them into the peer), else on the heap. Pools the transport cannot ship
+  // from directly get a host copy of the same shapes that the links stage through.
+  const bool split = options.role != EngineRole::kMixed;
+  if (split) {
     if (!options.links) return absl::InvalidArgumentError("a prefill or decode engine needs its transfer links");
     TANDEM_ASSIGN_OR_RETURN(engine->transfer_, options.links());
     if (engine->transfer_ == nullptr) return absl::InvalidArgumentError("the transfer link factory made no setup");
-    allocator = engine->transfer_->allocator();
   }
-  TANDEM_ASSIGN_OR_RETURN(engine->pools_,
-                          cache::StatePools::Create(shapes, layout, engine->plan_.counts, allocator, device_copy));
+  const bool staged = split && (device_allocator != nullptr || options.test_staged_pools);
+  cache::RegionAllocator allocator = device_allocator;
+  cache::RegionCopy copy = device_copy;
+  if (split && !staged) allocator = engine->transfer_->allocator();
+  if (staged && !device_allocator) {
+    copy = [](void* dst, const void* src, size_t bytes) {
+      std::memcpy(dst, src, bytes);
+      return absl::OkStatus();
+    };
+  }
+  TANDEM_ASSIGN_OR_RETURN(engine->pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts, allocator, copy));
+  if (staged) {
+    TANDEM_ASSIGN_OR_RETURN(engine->staging_pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts,
+                                                                              engine->transfer_->allocator()));
+    spdlog::info("PD hand-over staged through a host copy of the pools ({} pools)",
+                 device_allocator ? "device" : "test-staged");
+  }
   spdlog::info("{}", engine->plan_.Summary());
   engine->scheduler_ = std::make_unique<Scheduler>(engine->runner_.get(), engine->pools_.get(), options.scheduler);
   if (engine->transfer_ != nullptr) {
-    TANDEM_ASSIGN_OR_RETURN(engine->links_, engine->transfer_->MakeLinks(*engine->pools_, [e = engine.get()] { e->Wake(); }));
+    cache::StatePools& shipped = engine->staging_pools_ ? *engine->staging_pools_ : *engine->pools_;
+    TANDEM_ASSIGN_OR_RETURN(engine->links_,
+                            engine->transfer_->MakeLinks(shipped, [e = engine.get()] { e->Wake(); },
+                                                         engine->staging_pools_ ? engine->pools_.get() : nullptr));
     engine->scheduler_->SetRole(options.role, engine->links_.prefill.get(), engine->links_.decode.get());
   }
   engine->load_.scheduler = engine->scheduler_->Stats();

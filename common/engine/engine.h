@@ -38,8 +38,11 @@ class TransferSetup {
   virtual ~TransferSetup() = default;
   // Where the pools' memory comes from; empty: the heap.
   virtual cache::RegionAllocator allocator() = 0;
-  // `wake` nudges the scheduler thread when the other engine answered.
-  virtual absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake) = 0;
+  // `wake` nudges the scheduler thread when the other engine answered. `pools` are what the transport
+  // ships from and lands in; when `staged_from` is given, the live state is there instead (device pools
+  // of the same shapes) and the links copy each segment between the two on the way.
+  virtual absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake,
+                                                        cache::StatePools* staged_from) = 0;
 };
 using LinkFactory = std::function<absl::StatusOr<std::unique_ptr<TransferSetup>>()>;
 
@@ -61,6 +64,9 @@ struct EngineOptions {
   std::string device = "cpu";  // "cpu" or "cuda" (the forward and the cache pools on that device)
   int cuda_device = 0;
   bool cuda_dense_f32 = false;  // f32 GEMMs on the device (closest to the CPU; slower) instead of bf16
+  // Test only: on the CPU, keep the PD engine's pools apart from the transport's memory and stage the
+  // hand-over through a host copy, as a GPU engine does (so CPU tests cover that path).
+  bool test_staged_pools = false;
   bool show_progress = true;
   static constexpr int64_t kDefaultCpuBudgetBytes = int64_t{1} << 30;
 };
@@ -114,6 +120,7 @@ class Engine {
   cache::PoolPlan plan_;
   std::unique_ptr<TransferSetup> transfer_;  // before pools_: it owns their memory for the split roles
   std::unique_ptr<cache::StatePools> pools_;
+  std::unique_ptr<cache::StatePools> staging_pools_;  // PD with device pools: the transport's host copy
   DisaggregationLinks links_;
   std::unique_ptr<Scheduler> scheduler_;
 

@@ -154,7 +154,7 @@ TEST(GpuEngineTest, BadRequestsAreRefusedAndTheEngineKeepsServing) {
   EXPECT_TRUE((*engine)->CheckAccounting().ok());
 }
 
-TEST(GpuEngineTest, UnknownDeviceAndPdRolesOnCudaAreClearErrors) {
+TEST(GpuEngineTest, UnknownDeviceAndPdRolesWithoutLinksAreClearErrors) {
   auto options = Options("tpu");
   const auto unknown = Engine::Create(options);
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
@@ -162,7 +162,8 @@ TEST(GpuEngineTest, UnknownDeviceAndPdRolesOnCudaAreClearErrors) {
   options = Options("cuda");
   options.role = EngineRole::kDecode;
   const auto pd = Engine::Create(options);
-  EXPECT_EQ(pd.status().code(), absl::StatusCode::kUnimplemented) << pd.status();
+  EXPECT_EQ(pd.status().code(), absl::StatusCode::kInvalidArgument) << pd.status();
+  EXPECT_NE(pd.status().message().find("transfer links"), std::string::npos) << pd.status();
 }
 
 }  // namespace

@@ -30,11 +30,11 @@ def prompt(length, seed):
 class Pair:
     """One tandem-prefill and one tandem-decode on loopback."""
 
-    def __init__(self, transport="tcp", prefill_env=None, prefill_model=None, decode_args=()):
+    def __init__(self, transport="tcp", prefill_env=None, prefill_model=None, decode_args=(), prefill_args=()):
         env = {"UCX_TLS": transport}
         self.bootstrap_port = free_port()
         self.prefill = Server(binary="tandem-prefill", model=prefill_model, log_name="prefill",
-                              args=["--bootstrap-port", str(self.bootstrap_port), *PD_FLAGS],
+                              args=["--bootstrap-port", str(self.bootstrap_port), *PD_FLAGS, *prefill_args],
                               env=env | (prefill_env or {}))
         self.decode = Server(binary="tandem-decode", log_name="decode", args=["--mode", "decode", *PD_FLAGS, *decode_args],
                              env=env)
@@ -144,6 +144,24 @@ def test_shared_memory_transport_gives_the_same_tokens(mixed):
         shm.expect_all_free()
     finally:
         shm.stop()
+
+
+def test_staged_pools_give_the_same_tokens_and_catch_corruption(mixed):
+    # The path of a GPU engine: the live pools apart from the transport's memory, each chunk copied into
+    # the registered host copy before its puts, and into the live pools when the state has landed.
+    room = new_room()
+    staged = Pair(prefill_env={"TANDEM_TEST_CORRUPT_ROOM": str(room)}, prefill_args=["--test-staged-pools"],
+                  decode_args=["--test-staged-pools"])
+    try:
+        for length, seed in ((1, 11), (300, 12), (700, 13)):
+            ids = prompt(length, seed)
+            legs = staged.legs(ids, max_new_tokens=6, ignore_eos=True)
+            assert legs["decode"][0] == mixed.generate(ids, max_new_tokens=6, ignore_eos=True)[0], length
+        bad = staged.legs(prompt(300, 14), room=room)
+        assert code_of(bad["decode"]) == grpc.StatusCode.DATA_LOSS, bad["decode"]
+        staged.expect_all_free()
+    finally:
+        staged.stop()
 
 
 def test_corrupted_transfer_fails_that_request_only(mixed):

@@ -81,6 +81,9 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--cuda-device", e.cuda_device, "CUDA device index for --device cuda")->capture_default_str();
   app.add_flag("--cuda-dense-f32", e.cuda_dense_f32, "f32 GEMMs on the GPU (closest to the CPU forward, slower than bf16)");
+  app.add_flag("--test-staged-pools", e.test_staged_pools,
+               "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
+               "with --device cuda");
   app.add_option("--drain-timeout", o.drain_timeout_seconds, "seconds SIGTERM waits for running requests")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--heartbeat-interval", o.heartbeat_interval_seconds, "PD: seconds between heartbeats to the peer")
@@ -107,6 +110,9 @@ int RunServer(ServeOptions o, const char* binary) {
     if (o.served_model_name.empty()) o.served_model_name = std::filesystem::path(o.engine.model_dir).parent_path().filename().string();
   }
   const char* role = RoleName(o.role);
+  if (o.engine.test_staged_pools) {
+    spdlog::warn("--test-staged-pools is set: the PD hand-over is staged through a host copy (a test path)");
+  }
   if (!o.engine.scheduler.forced_output_ids.empty()) {
     spdlog::warn("{}: --test-forced-output-ids is set: every request outputs the same {} forced tokens first "
                  "(a test-only flag; this engine does not serve the model's own answers)",

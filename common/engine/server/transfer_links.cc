@@ -44,6 +44,21 @@ class RegisteredPools {
   std::array<uint32_t, cache::kAllPools.size()> ids_{};
 };
 
+// Live pools the transport cannot ship from (device memory) and their registered host copy: the same
+// shapes, so a segment has the same offset in both; segments are copied across on the way out and in.
+struct Staging {
+  cache::StatePools* live = nullptr;   // null: the registered pools are the live ones
+  cache::StatePools* host = nullptr;
+  absl::Status ToHost(const StateSegment& s) const {
+    return live->Copy(host->region(s.pool).data() + s.offset, live->region(s.pool).data() + s.offset,
+                      static_cast<size_t>(s.length));
+  }
+  absl::Status ToLive(const StateSegment& s) const {
+    return live->Copy(live->region(s.pool).data() + s.offset, host->region(s.pool).data() + s.offset,
+                      static_cast<size_t>(s.length));
+  }
+};
+
 std::string LayoutHash(const cache::StatePools& pools, const TransferLinkOptions& options) {
   std::string text = absl::StrCat(options.model_config_hash, "|", options.dtype, "|", pools.page_size());
   for (cache::PoolKind kind : cache::kAllPools) {
@@ -90,8 +105,9 @@ class Outcomes {
 
 class UcxPrefillLink final : public PrefillLink {
  public:
-  UcxPrefillLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
-      : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {
+  UcxPrefillLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, Staging staging,
+                 std::function<void()> wake)
+      : transport_(std::move(transport)), pools_(pools), staging_(staging), outcomes_(std::move(wake)) {
     // Test hook: the first bytes shipped for this room leave with one bit flipped (the source is
     // restored right after the put), so tests can prove the checksums catch a corrupted transfer.
     if (const char* room = std::getenv("TANDEM_TEST_CORRUPT_ROOM")) corrupt_room_ = std::strtoull(room, nullptr, 10);
@@ -129,7 +145,13 @@ class UcxPrefillLink final : public PrefillLink {
     while (i < segments.size()) {
       const size_t first = segments[i];
       run.clear();
-      while (i < segments.size() && segments[i] == first + run.size()) run.push_back(pools_.Convert(source.segments()[segments[i++]]));
+      while (i < segments.size() && segments[i] == first + run.size()) {
+        const StateSegment& segment = source.segments()[segments[i++]];
+        // Device pools: this chunk's bytes go to the registered host copy first (the previous chunk's
+        // puts are in flight meanwhile).
+        if (staging_.live) TANDEM_RETURN_IF_ERROR(staging_.ToHost(segment));
+        run.push_back(pools_.Convert(segment));
+      }
       uint8_t* flipped = nullptr;
       if (room == corrupt_room_ && corrupt_room_ != 0) {
         corrupt_room_ = 0;
@@ -167,6 +189,7 @@ class UcxPrefillLink final : public PrefillLink {
  private:
   std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
+  Staging staging_;
   Outcomes outcomes_;
   std::unique_ptr<transfer::PrefillAgent> agent_;
   std::map<uint64_t, const StateManifest*> sources_;  // scheduler thread only
@@ -175,8 +198,9 @@ class UcxPrefillLink final : public PrefillLink {
 
 class UcxDecodeLink final : public DecodeLink {
  public:
-  UcxDecodeLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, std::function<void()> wake)
-      : transport_(std::move(transport)), pools_(pools), outcomes_(std::move(wake)) {}
+  UcxDecodeLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, Staging staging,
+                std::function<void()> wake)
+      : transport_(std::move(transport)), pools_(pools), staging_(staging), outcomes_(std::move(wake)) {}
 
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::DecodeAgent::Create(transport_.get(), local, options.agent));
@@ -191,6 +215,7 @@ class UcxDecodeLink final : public DecodeLink {
 
   absl::Status Register(const RoomInfo& room, const StateManifest& destination) override {
     outcomes_.Forget(room.room);
+    if (staging_.live) destinations_[room.room] = destination;
     return agent_->Register(room.room, room.bootstrap_host, static_cast<uint16_t>(room.bootstrap_port),
                             pools_.Convert(destination), outcomes_.Callback());
   }
@@ -211,25 +236,41 @@ class UcxDecodeLink final : public DecodeLink {
       return absl::StatusOr<Handoff>(absl::DataLossError("prefill's completion carries no engine checksum"));
     }
     std::memcpy(&handoff.checksum, completion->payload.data(), 8);
+    if (staging_.live) {
+      // The state landed in the host copy: move it into the live (device) pools before decode reads it;
+      // the scheduler's checksum then covers this copy too.
+      auto destination = destinations_.find(room);
+      if (destination == destinations_.end()) {
+        return absl::StatusOr<Handoff>(absl::InternalError("staged room completed without its destination"));
+      }
+      for (const auto& segment : destination->second.segments()) {
+        if (absl::Status copied = staging_.ToLive(segment); !copied.ok()) return absl::StatusOr<Handoff>(copied);
+      }
+      destinations_.erase(destination);
+    }
     return absl::StatusOr<Handoff>(handoff);
   }
   void Acknowledge(uint64_t room, const absl::Status& status) override {
     absl::Status sent = status.ok() ? agent_->Ack(room) : agent_->Abort(room, std::string(status.message()));
     if (!sent.ok()) spdlog::warn("decode: acknowledge room {}: {}", room, std::string(sent.message()));
     outcomes_.Forget(room);
+    destinations_.erase(room);
   }
   void Abort(uint64_t room, const absl::Status& reason) override {
     if (auto status = agent_->Abort(room, std::string(reason.message())); !status.ok() && !absl::IsNotFound(status)) {
       spdlog::warn("decode: abort room {}: {}", room, std::string(status.message()));
     }
     outcomes_.Forget(room);
+    destinations_.erase(room);
   }
 
  private:
   std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
+  Staging staging_;
   Outcomes outcomes_;
   std::unique_ptr<transfer::DecodeAgent> agent_;
+  std::map<uint64_t, StateManifest> destinations_;  // staged rooms: where their bytes go in the live pools
 };
 
 // The transport exists first so the pools can be allocated by it; the links share it, and the engine keeps
@@ -249,7 +290,9 @@ class UcxTransferSetup final : public TransferSetup {
     return [transport = transport_](std::string_view, int64_t bytes) { return transport->AllocateRegion(static_cast<size_t>(bytes)); };
   }
 
-  absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake) override {
+  absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake,
+                                                cache::StatePools* staged_from) override {
+    const Staging staging{staged_from, &pools};
     RegisteredPools registered;
     TANDEM_RETURN_IF_ERROR(registered.Register(*transport_, pools));
     transfer::LayoutDescriptor descriptor;
@@ -262,14 +305,14 @@ class UcxTransferSetup final : public TransferSetup {
 
     DisaggregationLinks links;
     if (role_ == EngineRole::kPrefill) {
-      auto link = std::make_unique<UcxPrefillLink>(transport_, registered, std::move(wake));
+      auto link = std::make_unique<UcxPrefillLink>(transport_, registered, staging, std::move(wake));
       TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_));
       if (bound_bootstrap_port_) *bound_bootstrap_port_ = link->port();
       UcxPrefillLink* raw = link.get();
       if (on_stats_) on_stats_([raw] { return TransferStats{raw->metrics()}; });
       links.prefill = std::move(link);
     } else if (role_ == EngineRole::kDecode) {
-      auto link = std::make_unique<UcxDecodeLink>(transport_, registered, std::move(wake));
+      auto link = std::make_unique<UcxDecodeLink>(transport_, registered, staging, std::move(wake));
       TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_));
       UcxDecodeLink* raw = link.get();
       if (on_stats_) on_stats_([raw] { return TransferStats{raw->metrics()}; });
