@@ -416,7 +416,7 @@ struct DeviceModel::Impl {
     int32_t* selected;
     void* index_workspace;
     size_t index_workspace_bytes;
-    float *gate_logits, *route_weights, *ea, *eb, *eb2, *routed, *sa, *sb, *shared_out;
+    float *gate_logits, *route_weights, *ea, *eb2, *routed, *sa, *sb, *shared_out;
     int32_t *chosen, *group_rows, *group_position;
     int64_t* group_offsets;
     void* group_workspace;
@@ -584,7 +584,6 @@ struct DeviceModel::Impl {
     s.group_workspace_bytes = kc::MoeGroupWorkspaceBytes(T, k, E);
     TANDEM_ASSIGN_OR_RETURN(s.group_workspace, arena.Take<uint8_t>(s.group_workspace_bytes));
     TANDEM_ASSIGN_OR_RETURN(s.ea, arena.Take<float>(T * k * I));
-    TANDEM_ASSIGN_OR_RETURN(s.eb, arena.Take<float>(T * k * I));
     TANDEM_ASSIGN_OR_RETURN(s.routed, arena.Take<float>(T * k * std::max(D, I)));
     s.eb2 = nullptr;
     if (T * k >= options.prefill_expert_pairs) {
