@@ -75,6 +75,8 @@ def test_compose_file_is_valid_and_wired(path):
         svc = services[role]
         cmd = svc["command"]
         assert cmd[0] == f"tandem-{role}", cmd
+        gpu_file = path.name == "docker-compose.yml"
+        assert (flag(cmd, "device") or "cpu") == ("cuda" if gpu_file else "cpu"), f"{path.name} {role}: {cmd}"
         http_port = int(flag(cmd, "http-port"))
         assert http_port == ENGINE_PORTS[role]["http"] and int(flag(cmd, "grpc-port")) == ENGINE_PORTS[role]["grpc"]
         assert svc["environment"]["TANDEM_HEALTH_PORT"] == str(http_port), f"{role}: healthcheck probes the wrong port"
@@ -439,6 +441,8 @@ def test_kustomize_overlay_renders_valid_objects(overlay):
         where = f"{overlay} {role}"
         argv = expand(shell_args(container), engine_env | {e["name"]: e.get("value", "") for e in container.get("env", [])})
         assert argv[0] == f"tandem-{role}", argv
+        # The GPU overlay runs the forward and the pools on the GPU; the CPU demo on the CPU.
+        assert (flag(argv, "device") or "cpu") == ("cuda" if overlay == "gpu" else "cpu"), f"{where}: {argv}"
         assert int(flag(argv, "grpc-port")) == ports["grpc"] and int(flag(argv, "http-port")) == ports["http"]
         assert float(flag(argv, "drain-timeout")) == drain
         declared = container_ports(container)
