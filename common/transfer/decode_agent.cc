@@ -52,6 +52,11 @@ void DecodeAgent::SendLater(ConnectionId id, FrameType type, std::string payload
   deferred.push_back([this, id, type, payload = std::move(payload)] { (void)loop_->Send(id, type, payload); });
 }
 
+void DecodeAgent::set_on_progress(std::function<void(RoomId)> callback) {
+  std::lock_guard lock(mutex_);
+  on_progress_ = std::move(callback);
+}
+
 void DecodeAgent::set_on_room_transferred(RoomTransferred callback) {
   std::lock_guard lock(mutex_);
   on_room_transferred_ = std::move(callback);
@@ -304,6 +309,7 @@ void DecodeAgent::OnFrame(ConnectionId id, FrameType type, std::string_view payl
         it->second.state = State::kArrived;
         it->second.complete = std::move(*m);
         changed_.notify_all();
+        if (on_progress_) deferred.push_back([cb = on_progress_, room = m->room] { cb(room); });
       }
       break;
     }

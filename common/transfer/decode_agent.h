@@ -50,6 +50,9 @@ class DecodeAgent {
 
   AgentMetrics metrics() const;
   void set_on_room_transferred(RoomTransferred callback);
+  // Called (outside the agent's lock) when something a waiting scheduler polls for arrived for a room:
+  // the completion (decode). Lets the engine wake at once instead of on its next poll.
+  void set_on_progress(std::function<void(RoomId)> callback);
   size_t connection_count() const;
 
  private:
@@ -95,6 +98,7 @@ class DecodeAgent {
   RecentOutcomes recent_;  // what the Wait calls report for a room that just ended
   AgentMetrics counters_;
   RoomTransferred on_room_transferred_;
+  std::function<void(RoomId)> on_progress_;
 };
 
 }  // namespace tandem::transfer

@@ -55,6 +55,11 @@ void PrefillAgent::Run(Deferred& deferred) {
   deferred.clear();
 }
 
+void PrefillAgent::set_on_progress(std::function<void(RoomId)> callback) {
+  std::lock_guard lock(mutex_);
+  on_progress_ = std::move(callback);
+}
+
 void PrefillAgent::set_on_room_transferred(RoomTransferred callback) {
   std::lock_guard lock(mutex_);
   on_room_transferred_ = std::move(callback);
@@ -423,6 +428,7 @@ void PrefillAgent::OnDestination(ConnectionId id, std::string_view payload, Defe
           r.destination = std::move(m->segments);
           r.state = State::kReady;
           changed_.notify_all();
+          if (on_progress_) deferred.push_back([cb = on_progress_, room] { cb(room); });
         } else {
           refusal = absl::AlreadyExistsError(absl::StrCat("room ", room, " already has a destination"));
         }

@@ -55,6 +55,9 @@ class PrefillAgent {
 
   AgentMetrics metrics() const;
   void set_on_room_transferred(RoomTransferred callback);
+  // Called (outside the agent's lock) when something a waiting scheduler polls for arrived for a room:
+  // its destination (prefill). Lets the engine wake at once instead of on its next poll.
+  void set_on_progress(std::function<void(RoomId)> callback);
 
  private:
   enum class State { kExpected, kReady, kCompleting, kEnding };
@@ -114,6 +117,7 @@ class PrefillAgent {
   RecentOutcomes recent_;  // what the Wait calls report for a room that just ended
   AgentMetrics counters_;
   RoomTransferred on_room_transferred_;
+  std::function<void(RoomId)> on_progress_;
 };
 
 }  // namespace tandem::transfer

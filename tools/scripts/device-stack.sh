@@ -57,6 +57,40 @@ for line in metrics.splitlines():
     if line.startswith(("tandem_kv_transfer_bytes_total", "tandem_kv_transfer_failures", "tandem_kv_transfer_latency_seconds_sum",
                         "tandem_kv_transfer_latency_seconds_count")):
         print(line)
+
+# TTFT through each router (SSE, time to the first chunk with text), alternating, and prefill's own
+# transfer latency (first put to decode's acknowledgement) over the same requests.
+def ttft(port, prompt):
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+    t0 = time.time()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and '"text"' in line and '"text":""' not in line.replace(" ", ""):
+                first = time.time() - t0
+                for _ in r:
+                    pass
+                return first
+    return float("nan")
+def prefill_transfer():
+    total = count = 0.0
+    for line in get("http://127.0.0.1:31001/metrics")[1].splitlines():
+        if line.startswith("tandem_kv_transfer_latency_seconds_sum"): total = float(line.split()[-1])
+        if line.startswith("tandem_kv_transfer_latency_seconds_count"): count = float(line.split()[-1])
+    return total, count
+import statistics
+for p in prompts[2::2]:
+    before = prefill_transfer()
+    pd_t, mixed_t = [], []
+    for _ in range(7):
+        pd_t.append(ttft(8000, p))
+        mixed_t.append(ttft(8001, p))
+    after = prefill_transfer()
+    transfer = (after[0] - before[0]) / max(after[1] - before[1], 1)
+    d = statistics.median(pd_t) - statistics.median(mixed_t)
+    print(f"TTFT {len(p.split()):5d} words: PD {statistics.median(pd_t)*1000:6.2f} ms, mixed {statistics.median(mixed_t)*1000:6.2f} ms, "
+          f"difference {d*1000:6.2f} ms, prefill's transfer {transfer*1000:6.2f} ms, difference - transfer {(d - transfer)*1000:6.2f} ms")
 sys.exit(0 if same == len(prompts) else 1)
 PY
 status=$?

@@ -96,6 +96,7 @@ class Outcomes {
     std::lock_guard lock(mutex_);
     done_.erase(room);
   }
+  void Wake() { wake_(); }
 
  private:
   std::function<void()> wake_;
@@ -116,6 +117,7 @@ class UcxPrefillLink final : public PrefillLink {
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::PrefillAgent::Create(transport_.get(), local, options.agent, options.bootstrap_host,
                                                                     static_cast<uint16_t>(options.bootstrap_port)));
+    agent_->set_on_progress([this](transfer::RoomId) { outcomes_.Wake(); });  // a destination arrived
     if (observer) {
       agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
         observer(bytes, std::chrono::duration<double>(latency).count());
@@ -204,6 +206,7 @@ class UcxDecodeLink final : public DecodeLink {
 
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::DecodeAgent::Create(transport_.get(), local, options.agent));
+    agent_->set_on_progress([this](transfer::RoomId) { outcomes_.Wake(); });  // a completion arrived
     if (observer) {
       agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
         observer(bytes, std::chrono::duration<double>(latency).count());
