@@ -13,26 +13,12 @@
 
 #include "common/engine/engine.h"
 #include "common/model/generator.h"
+#include "tests/gpu/tiny_checkpoint.h"
 
 namespace tandem::engine {
 namespace {
 
-std::string TinyDir() {
-  if (const char* root = std::getenv("TANDEM_TEST_MODELS")) {
-    const std::string dir = std::string(root) + "/tiny";
-    if (std::filesystem::exists(dir + "/config.json")) return dir;
-  }
-  const std::string dir = (std::filesystem::temp_directory_path() / "tandem-gpu-test-tiny").string();
-  if (!std::filesystem::exists(dir + "/config.json")) {
-    auto config = model::PresetConfig("tiny");
-    if (!config.ok()) throw std::runtime_error(config.status().ToString());
-    model::GenerateOptions options;
-    options.quiet = true;
-    const absl::Status status = model::GenerateCheckpoint(*config, dir, options);
-    if (!status.ok()) throw std::runtime_error(status.ToString());
-  }
-  return dir;
-}
+std::string TinyDir() { return testing::TinyCheckpointDir(); }
 
 struct Outcome {
   std::vector<int32_t> tokens;

@@ -17,6 +17,7 @@
 #include "common/model/cuda/device_state.h"
 #include "common/model/forward.h"
 #include "common/model/generator.h"
+#include "tests/gpu/tiny_checkpoint.h"
 #include "common/model/weights.h"
 
 namespace tandem::model {
@@ -33,22 +34,7 @@ using cuda::DeviceSequenceState;
   } while (0)
 
 // The tiny checkpoint: the test build's fixture when present, else generated here (seed 1).
-std::string TinyDir() {
-  if (const char* root = std::getenv("TANDEM_TEST_MODELS")) {
-    const std::string dir = std::string(root) + "/tiny";
-    if (std::filesystem::exists(dir + "/config.json")) return dir;
-  }
-  const std::string dir = (std::filesystem::temp_directory_path() / "tandem-gpu-test-tiny").string();
-  if (!std::filesystem::exists(dir + "/config.json")) {
-    auto config = PresetConfig("tiny");
-    if (!config.ok()) throw std::runtime_error(config.status().ToString());
-    GenerateOptions options;
-    options.quiet = true;
-    const absl::Status status = GenerateCheckpoint(*config, dir, options);
-    if (!status.ok()) throw std::runtime_error(status.ToString());
-  }
-  return dir;
-}
+std::string TinyDir() { return testing::TinyCheckpointDir(); }
 
 std::shared_ptr<const ModelWeights> Tiny() {
   static const std::shared_ptr<const ModelWeights> weights = [] {

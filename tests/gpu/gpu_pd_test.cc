@@ -17,27 +17,13 @@
 #include "common/engine/paged_state.h"
 #include "common/engine/scheduler.h"
 #include "common/model/generator.h"
+#include "tests/gpu/tiny_checkpoint.h"
 #include "common/model/weights.h"
 
 namespace tandem::engine {
 namespace {
 
-std::string TinyDir() {
-  if (const char* root = std::getenv("TANDEM_TEST_MODELS")) {
-    const std::string dir = std::string(root) + "/tiny";
-    if (std::filesystem::exists(dir + "/config.json")) return dir;
-  }
-  const std::string dir = (std::filesystem::temp_directory_path() / "tandem-gpu-test-tiny").string();
-  if (!std::filesystem::exists(dir + "/config.json")) {
-    auto config = model::PresetConfig("tiny");
-    if (!config.ok()) throw std::runtime_error(config.status().ToString());
-    model::GenerateOptions options;
-    options.quiet = true;
-    const absl::Status status = model::GenerateCheckpoint(*config, dir, options);
-    if (!status.ok()) throw std::runtime_error(status.ToString());
-  }
-  return dir;
-}
+std::string TinyDir() { return testing::TinyCheckpointDir(); }
 
 std::shared_ptr<const model::ModelWeights> Tiny() {
   static const std::shared_ptr<const model::ModelWeights> weights = [] {
