@@ -594,9 +594,11 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(s.shared_out, arena.Take<float>(T * D));
     TANDEM_ASSIGN_OR_RETURN(s.xb, arena.Take<__nv_bfloat16>(std::max<int64_t>(T, rows_out) * std::max<int64_t>(max_dense_in, 1)));
     float *head_x = nullptr, *head_h = nullptr, *logits = nullptr;
-    TANDEM_ASSIGN_OR_RETURN(head_x, arena.Take<float>(rows_out * MD));
-    TANDEM_ASSIGN_OR_RETURN(head_h, arena.Take<float>(rows_out * D));
-    TANDEM_ASSIGN_OR_RETURN(logits, arena.Take<float>(rows_out * c.vocab_size));
+    if (head_too) {  // ForwardLayers needs no head scratch (rows x vocab floats)
+      TANDEM_ASSIGN_OR_RETURN(head_x, arena.Take<float>(rows_out * MD));
+      TANDEM_ASSIGN_OR_RETURN(head_h, arena.Take<float>(rows_out * D));
+      TANDEM_ASSIGN_OR_RETURN(logits, arena.Take<float>(rows_out * c.vocab_size));
+    }
 
     // Tables shared by every layer.
     Tables tables;
