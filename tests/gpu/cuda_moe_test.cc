@@ -1,7 +1,8 @@
 // MoE and output-head kernels on the GPU against the CPU forward's rules: routing and grouping exactly as
 // model::internal::Moe, the grouped expert GEMMs against kernels::QuantizedLinear (MXFP4 and block FP8),
-// SwiGLU and the combine as moe.cc writes them, hc_head against model::internal::HcHead, argmax, and the
-// sampling rule of engine::RequestSampler::Sample (re-stated below: common/engine is not in this build).
+// SwiGLU and the combine as moe.cc writes them, hc_head against model::internal::HcHead, argmax, the
+// sampler's logit edits and its sampling rule (engine::RequestSampler, re-stated below: common/engine is not
+// in this build).
 // Fresh inputs every run.
 #include <algorithm>
 #include <cmath>
@@ -621,6 +622,68 @@ TEST_F(CudaTest, SampleRowsFollowsTheSamplerRule) {
                                 << " top_p " << p.top_p << " min_p " << p.min_p << " u " << p.u;
     }
   }
+}
+
+// engine::RequestSampler::Draw's edits to one logit, as it writes them (float l, double penalties).
+float CpuEdit(float l, const cuda::LogitEdit& e) {
+  if (e.flags & cuda::kEditPenalize) {
+    l -= e.subtract;
+    if (e.repetition != 1.0) l = l < 0 ? static_cast<float>(l * e.repetition) : static_cast<float>(l / e.repetition);
+  }
+  if (e.flags & cuda::kEditBias) l += e.bias;
+  if (e.flags & cuda::kEditMask) l = -INFINITY;
+  return l;
+}
+
+TEST_F(CudaTest, ApplyLogitEditsIsTheSamplersArithmetic) {
+  const int64_t rows = 7, vocab = 129280;
+  auto logits = Normal(static_cast<size_t>(rows * vocab), rng_, 6.0f);
+  logits[5] = -0.0f;
+  logits[6] = 0.0f;
+  std::vector<cuda::LogitEdit> edits;
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(vocab) - 1);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (int32_t r = 0; r < rows; ++r) {
+    std::vector<int32_t> tokens = {5, 6};
+    for (int i = 0; i < 3000; ++i) tokens.push_back(token(rng_));
+    std::sort(tokens.begin(), tokens.end());
+    tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
+    for (const int32_t t : tokens) {
+      cuda::LogitEdit e;
+      e.row = r;
+      e.token = t;
+      e.flags = static_cast<uint32_t>(1 + (t + r) % 7);  // every combination of the three
+      e.subtract = static_cast<float>(0.37 * (1 + t % 9) + (r % 2 ? -1.1 : 0.2));  // f * count + p, either sign
+      e.repetition = r == 0 ? 1.0 : 0.05 + 1.95 * unit(rng_);
+      e.bias = static_cast<float>(unit(rng_) * 20.0 - 10.0);
+      edits.push_back(e);
+    }
+  }
+  // Edits outside the rows or vocabulary are skipped.
+  edits.push_back({.row = static_cast<int32_t>(rows), .token = 0, .flags = cuda::kEditMask});
+  edits.push_back({.row = 0, .token = static_cast<int32_t>(vocab), .flags = cuda::kEditMask});
+  edits.push_back({.row = -1, .token = -1, .flags = cuda::kEditMask});
+  std::vector<float> cpu = logits;
+  for (const auto& e : edits) {
+    if (e.row < 0 || e.row >= rows || e.token < 0 || e.token >= vocab) continue;
+    float& l = cpu[static_cast<size_t>(e.row * vocab + e.token)];
+    l = CpuEdit(l, e);
+  }
+  auto dlogits = ToDevice(logits);
+  auto dedits = ToDevice(edits);
+  TANDEM_ASSERT_OK(cuda::ApplyLogitEdits(dlogits.get(), rows, vocab, dedits.get(), static_cast<int64_t>(edits.size())));
+  TANDEM_ASSERT_OK(Sync());
+  const auto got = ToHost(dlogits);
+  int64_t wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &cpu[i], sizeof(float)) != 0) {
+      if (++wrong <= 10) {
+        ADD_FAILURE() << "row " << i / vocab << " token " << i % vocab << ": device " << got[i] << " cpu " << cpu[i]
+                      << " (from " << logits[i] << ")";
+      }
+    }
+  }
+  EXPECT_EQ(wrong, 0) << "of " << edits.size() << " edits";
 }
 
 }  // namespace

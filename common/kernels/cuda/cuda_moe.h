@@ -84,15 +84,32 @@ absl::Status ArgmaxRows(const float* logits, int64_t rows, int64_t vocab, int32_
 // applies those): order ids by logit (ties to the smaller id), cut to top_k (<= 0: all); p_i =
 // exp(l_i/T - l_max/T) / (sum over the whole vocabulary); keep id i while the mass before it is <= top_p and
 // p_i >= min_p * p_0 (the first is always kept); pick the first kept id where u * kept_mass - cumulative < 0.
+// temperature, top_p and min_p are doubles as the sampler's (a float 0.7 or 0.9 would move its cuts).
 struct SampleRow {
-  float temperature = 1.0f;
+  double temperature = 1.0;
   int32_t top_k = -1;
-  float top_p = 1.0f;
-  float min_p = 0.0f;
+  double top_p = 1.0;
+  double min_p = 0.0;
   double u = 0.0;
 };
 size_t SampleWorkspaceBytes(int64_t rows, int64_t vocab);
 absl::Status SampleRows(const float* logits, int64_t rows, int64_t vocab, const SampleRow* params, int32_t* ids,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// What engine::RequestSampler does to one token's logit before its rule, in its order and arithmetic:
+// kEditPenalize: l = l - subtract, then unless repetition is 1, l = float(l < 0 ? double(l) * repetition :
+// double(l) / repetition); kEditBias: l = l + bias; kEditMask: l = -inf. logits [rows, vocab] in place; edits
+// run in parallel, so each (row, token) appears at most once; edits outside the rows or vocabulary are skipped.
+enum : uint32_t { kEditPenalize = 1, kEditBias = 2, kEditMask = 4 };
+struct LogitEdit {
+  int32_t row = 0;
+  int32_t token = 0;
+  float subtract = 0.0f;
+  float bias = 0.0f;
+  double repetition = 1.0;
+  uint32_t flags = 0;
+};
+absl::Status ApplyLogitEdits(float* logits, int64_t rows, int64_t vocab, const LogitEdit* edits, int64_t count,
+                             cudaStream_t stream = nullptr);
 
 }  // namespace tandem::kernels::cuda

@@ -1,5 +1,6 @@
 // The output head on the GPU: hc_head (NUMERICS.md "Output and MTP", the same double-precision gates as the
-// CPU's model::internal::HcHead), greedy argmax and the sampling rule of engine::RequestSampler::Sample.
+// CPU's model::internal::HcHead), greedy argmax, the sampler's logit edits (penalties, logit_bias, masks) and
+// the sampling rule of engine::RequestSampler::Sample.
 // Sampling walks the logits in rank order (logit descending, ties to the smaller id) one chunk of
 // kChunk ids at a time: a radix select over a 64-bit rank key finds each chunk, which is sorted in shared
 // memory and consumed by one thread running the CPU's loops in the CPU's order (probabilities in double).
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(kSampleThreads) SampleKernel(const float* logi
   float max_logit = 0.0f;
   const int top_id = BlockArgmax(logits, vocab, &max_logit);
   // RequestSampler's greedy rule (temperature ~0 or top_k 1).
-  if (p.temperature < 1e-6f || p.top_k == 1) {
+  if (p.temperature < 1e-6 || p.top_k == 1) {
     if (tid == 0) ids[row] = top_id;
     return;
   }
@@ -356,6 +357,29 @@ __global__ void __launch_bounds__(kSampleThreads) SampleKernel(const float* logi
   if (tid == 0) ids[row] = loop_answer >= 0 ? loop_answer : last_kept_id;
 }
 
+// ---- Logit edits: one thread per edit (explicit rounding: no contraction can change the CPU's result) ----
+constexpr int kEditThreads = 256;
+
+__global__ void __launch_bounds__(kEditThreads) LogitEditKernel(float* logits, int64_t rows, int64_t vocab,
+                                                                const LogitEdit* edits, int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kEditThreads + threadIdx.x;
+  if (i >= count) return;
+  const LogitEdit e = edits[i];
+  if (e.row < 0 || e.row >= rows || e.token < 0 || e.token >= vocab) return;
+  float& logit = logits[static_cast<int64_t>(e.row) * vocab + e.token];
+  float l = logit;
+  if (e.flags & kEditPenalize) {
+    l = __fsub_rn(l, e.subtract);
+    if (e.repetition != 1.0) {
+      l = l < 0.0f ? __double2float_rn(__dmul_rn(static_cast<double>(l), e.repetition))
+                   : __double2float_rn(__ddiv_rn(static_cast<double>(l), e.repetition));
+    }
+  }
+  if (e.flags & kEditBias) l = __fadd_rn(l, e.bias);
+  if (e.flags & kEditMask) l = -INFINITY;
+  logit = l;
+}
+
 }  // namespace
 
 absl::Status HcHead(const float* fn, const float* base, const float* scale, int64_t streams, int64_t hidden,
@@ -394,6 +418,20 @@ absl::Status SampleRows(const float* logits, int64_t rows, int64_t vocab, const 
   if (!logits || !params || !ids) return absl::InvalidArgumentError("SampleRows: null pointer");
   SampleKernel<<<static_cast<unsigned>(rows), kSampleThreads, 0, stream>>>(logits, vocab, params, ids);
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("SampleKernel");
+  return absl::OkStatus();
+}
+
+absl::Status ApplyLogitEdits(float* logits, int64_t rows, int64_t vocab, const LogitEdit* edits, int64_t count,
+                             cudaStream_t stream) {
+  if (rows < 0 || vocab < 1 || vocab > INT_MAX || count < 0) {
+    return absl::InvalidArgumentError("ApplyLogitEdits: bad rows, vocab or count");
+  }
+  if (count == 0 || rows == 0) return absl::OkStatus();
+  if (!logits || !edits) return absl::InvalidArgumentError("ApplyLogitEdits: null pointer");
+  const int64_t blocks = (count + kEditThreads - 1) / kEditThreads;
+  if (blocks > 0x7fffffff) return absl::InvalidArgumentError("ApplyLogitEdits: too many edits");
+  LogitEditKernel<<<static_cast<unsigned>(blocks), kEditThreads, 0, stream>>>(logits, rows, vocab, edits, count);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("LogitEditKernel");
   return absl::OkStatus();
 }
 
