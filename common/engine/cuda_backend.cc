@@ -51,7 +51,7 @@ class DeviceRunner final : public model::ForwardRunner {
 }  // namespace
 
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              bool dense_f32) {
+                                              CudaDense dense) {
   int count = 0;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count) {
@@ -62,7 +62,9 @@ absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::Model
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, device));
   model::cuda::DeviceModelOptions options;
   options.device = device;
-  options.dense = dense_f32 ? model::cuda::DenseFormat::kF32 : model::cuda::DenseFormat::kBf16;
+  options.dense = dense == CudaDense::kF32    ? model::cuda::DenseFormat::kF32
+                  : dense == CudaDense::kBf16 ? model::cuda::DenseFormat::kBf16
+                                              : model::cuda::DenseFormat::kBf16x2;
   TANDEM_ASSIGN_OR_RETURN(auto model, model::cuda::DeviceModel::Create(std::move(weights), options));
   DeviceBackend backend;
   backend.weight_bytes = static_cast<int64_t>(model->weight_bytes());

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "common/cache/pools.h"
 #include "common/core/status.h"
@@ -23,9 +24,15 @@ struct DeviceBackend {
   std::string device_name;
 };
 
-// Uploads `weights` to CUDA device `device` (dense layers as bf16, or f32 with dense_f32) and prepares
-// its pool memory.
+// How the GPU runs the dense layers (--cuda-dense): weights are bf16 (exact for the checkpoint's FP8 and bf16
+// tensors) and activations enter each GEMM as a bf16 hi + lo pair (~16 significant bits; the default), as
+// one bf16 (faster prefill, ~8 bits), or everything in f32 (closest to the CPU forward, slowest).
+enum class CudaDense { kBf16x2, kBf16, kF32 };
+// "bf16x2", "bf16", "f32".
+absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name);
+
+// Uploads `weights` to CUDA device `device` and prepares its pool memory.
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              bool dense_f32);
+                                              CudaDense dense);
 
 }  // namespace tandem::engine

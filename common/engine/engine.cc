@@ -13,6 +13,13 @@
 #include "common/kernels/kernels.h"
 
 namespace tandem::engine {
+
+absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name) {
+  if (name == "bf16x2") return CudaDense::kBf16x2;
+  if (name == "bf16") return CudaDense::kBf16;
+  if (name == "f32") return CudaDense::kF32;
+  return absl::InvalidArgumentError(absl::StrCat("--cuda-dense ", std::string(name), ": expected bf16x2, bf16 or f32"));
+}
 namespace {
 
 int64_t PhysicalMemoryBytes() {
@@ -53,7 +60,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   cache::RegionCopy device_copy;
   int64_t device_memory = 0, device_weights = 0;
   if (options.device == "cuda") {
-    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device, options.cuda_dense_f32));
+    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device, options.cuda_dense));
     spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there", options.cuda_device, backend.device_name,
                  static_cast<double>(backend.weight_bytes) / (1 << 30));
     if (options.deterministic) {

@@ -17,6 +17,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "common/cache/pools.h"
 #include "common/core/status.h"
+#include "common/engine/device_backend.h"
 #include "common/engine/scheduler.h"
 #include "common/model/forward.h"
 #include "common/model/weights.h"
@@ -63,7 +64,7 @@ struct EngineOptions {
   int threads = 0;  // CPU threads for the forward (0: all cores)
   std::string device = "cpu";  // "cpu" or "cuda" (the forward and the cache pools on that device)
   int cuda_device = 0;
-  bool cuda_dense_f32 = false;  // f32 GEMMs on the device (closest to the CPU; slower) instead of bf16
+  CudaDense cuda_dense = CudaDense::kBf16x2;  // how the device runs the dense layers (device_backend.h)
   // Test only: on the CPU, keep the PD engine's pools apart from the transport's memory and stage the
   // hand-over through a host copy, as a GPU engine does (so CPU tests cover that path).
   bool test_staged_pools = false;

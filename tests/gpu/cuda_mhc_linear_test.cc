@@ -193,5 +193,80 @@ TEST_F(CudaTest, Fp8LinearMatchesCpu) {
   }
 }
 
+// The serving default (DenseFormat::kBf16x2): x = hi + lo in two bf16s, so against the CPU on f32 x only the
+// ~2^-17 residual of the split and the summation order remain: |err| <= 1e-5 * sum_k |x_k w_k| per output and a
+// relative L2 far below one bf16 cast's ~1e-3 (which the bound would catch if lo were dropped). Row counts
+// take both paths: stacked (one GEMM of 2 * rows, then AddRowHalves) and accumulating (beta = 1).
+TEST_F(CudaTest, SplitBf16LinearMatchesTheF32Cpu) {
+  struct Case {
+    int64_t rows, in, out;
+  };
+  for (const Case c : {Case{1, 4096, 1024}, Case{64, 1152, 640}, Case{cuda::Gemm::kSplitStackRows, 512, 384},
+                       Case{cuda::Gemm::kSplitStackRows + 1, 512, 384}, Case{200, 1024, 512}}) {
+    SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " in " << c.in << " out " << c.out);
+    const auto w = RandomFp8(c.out, c.in, rng_);
+    const auto x = Normal(static_cast<size_t>(c.rows * c.in), rng_);
+    auto gemm = Must(cuda::Gemm::Create());
+    auto dx = ToDevice(x);
+    auto dcodes = ToDevice(w.codes);
+    auto dscales = ToDevice(w.scales);
+    auto dw = Poisoned<__nv_bfloat16>(w.codes.size());
+    auto dxb = Poisoned<__nv_bfloat16>(static_cast<size_t>(cuda::Gemm::SplitScratchElements(c.rows, c.in)));
+    auto dyb = Poisoned<float>(static_cast<size_t>(2 * c.rows * c.out));
+    auto dy = Poisoned<float>(static_cast<size_t>(c.rows * c.out));
+    TANDEM_ASSERT_OK(cuda::DequantizeFp8Block({dcodes.get(), dscales.get(), c.out, c.in}, dw.get()));
+    TANDEM_ASSERT_OK(gemm->LinearSplit(dx.get(), c.rows, c.in, dw.get(), c.out, dy.get(), dxb.get(), dyb.get()));
+    TANDEM_ASSERT_OK(Sync());
+    const auto gpu = ToHost(dy);
+    std::vector<float> cpu(gpu.size()), weight(static_cast<size_t>(c.out * c.in));
+    QuantizedLinear(x.data(), c.rows, w.View(), cpu.data());
+    DequantizeRows(w.View(), 0, c.out, weight.data());
+    int64_t bad = 0;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      for (int64_t o = 0; o < c.out; ++o) {
+        double magnitude = 0.0;
+        for (int64_t k = 0; k < c.in; ++k) magnitude += std::fabs(x[r * c.in + k] * weight[o * c.in + k]);
+        const size_t i = static_cast<size_t>(r * c.out + o);
+        if (!(std::fabs(gpu[i] - cpu[i]) <= 1e-5 * magnitude + 1e-30)) {
+          if (bad++ < 5) ADD_FAILURE() << "y[" << r << "][" << o << "] gpu " << gpu[i] << " cpu " << cpu[i];
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+    EXPECT_LE(RelativeL2(gpu, cpu), 5e-5) << "the lo half must count (one bf16 cast alone gives ~1e-3)";
+  }
+}
+
+// accumulate = true adds to y (beta = 1) instead of overwriting it.
+TEST_F(CudaTest, GemmAccumulateAddsToY) {
+  const int64_t rows = 5, in = 256, out = 128;
+  std::vector<float> x = Normal(static_cast<size_t>(rows * in), rng_), w = Normal(static_cast<size_t>(out * in), rng_);
+  for (float& v : x) v = RoundBf16(v);
+  for (float& v : w) v = RoundBf16(v);
+  std::vector<__nv_bfloat16> xb(x.size()), wb(w.size());
+  for (size_t i = 0; i < x.size(); ++i) xb[i] = __float2bfloat16_rn(x[i]);
+  for (size_t i = 0; i < w.size(); ++i) wb[i] = __float2bfloat16_rn(w[i]);
+  const std::vector<float> start = Normal(static_cast<size_t>(rows * out), rng_);
+  auto gemm = Must(cuda::Gemm::Create());
+  auto dx = ToDevice(xb);
+  auto dw = ToDevice(wb);
+  auto dy = ToDevice(start);
+  TANDEM_ASSERT_OK(gemm->Linear(dx.get(), rows, in, dw.get(), out, dy.get(), cuda::Gemm::Output::kF32, nullptr,
+                                /*tune=*/true, /*accumulate=*/true));
+  TANDEM_ASSERT_OK(Sync());
+  const auto gpu = ToHost(dy);
+  std::vector<float> want(start);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < in; ++k) sum += static_cast<double>(x[r * in + k]) * w[o * in + k];
+      want[static_cast<size_t>(r * out + o)] += static_cast<float>(sum);
+    }
+  }
+  EXPECT_TRUE(AllClose(gpu, want, 1e-3, 1e-4));
+  EXPECT_FALSE(gemm->Linear(dx.get(), rows, in, dw.get(), out, dy.get(), cuda::Gemm::Output::kBf16, nullptr, true, true).ok())
+      << "accumulating into a bf16 output is refused";
+}
+
 }  // namespace
 }  // namespace tandem::kernels

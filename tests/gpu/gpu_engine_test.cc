@@ -67,7 +67,7 @@ EngineOptions Options(const std::string& device, bool prefix_cache = true) {
   o.scheduler.enable_prefix_cache = prefix_cache;
   o.model_dir = TinyDir();
   o.device = device;
-  o.cuda_dense_f32 = true;
+  o.cuda_dense = CudaDense::kF32;
   o.show_progress = false;
   o.cache_budget_bytes = int64_t{512} << 20;
   return o;

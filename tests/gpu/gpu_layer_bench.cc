@@ -313,7 +313,19 @@ int main(int argc, char** argv) {
           << bytes << "," << fraction << "," << copy_bw / 1e9 << "\n";
     }
   }
-  {
+  // Prefill in the default format (bf16x2: two bf16 GEMMs per dense layer at this size) and in plain bf16
+  // (one; an opt-in mode), each in a model of its own.
+  std::unique_ptr<model::cuda::DeviceModel> plain;
+  for (const bool split : {true, false}) {
+    if (!split) {
+      model::cuda::DeviceModelOptions options;
+      options.dense = model::cuda::DenseFormat::kBf16;
+      auto made = model::cuda::DeviceModel::Create(weights, options);
+      BENCH_CHECK(made.status());
+      plain = std::move(*made);
+    }
+    auto& gpu = split ? **created : *plain;
+    const char* kind = split ? "prefill" : "prefill-bf16";
     const int64_t tokens = 8192;
     auto state = model::cuda::DeviceSequenceState::Create(c, tokens, false);
     BENCH_CHECK(state.status());
@@ -335,11 +347,11 @@ int main(int argc, char** argv) {
     BENCH_CHECK(gpu.ForwardLayers({&chunk, 1}));
     gpu.SetProfiling(false);
     for (const auto& [op, t] : gpu.TakeProfile()) {
-      profile << "prefill-" << tokens << ",0,\"" << op << "\"," << t << "\n";
+      profile << kind << "-" << tokens << ",0,\"" << op << "\"," << t << "\n";
       std::printf("    %-48s %8.3f ms\n", op.c_str(), t);
     }
-    std::printf("prefill T=%ld: %.2f ms  %.0f tok/s\n", static_cast<long>(tokens), ms, tokens / (ms * 1e-3));
-    csv << "prefill,1,0," << tokens << "," << ms << "," << tokens / (ms * 1e-3) << ",0,0," << copy_bw / 1e9 << "\n";
+    std::printf("%s T=%ld: %.2f ms  %.0f tok/s\n", kind, static_cast<long>(tokens), ms, tokens / (ms * 1e-3));
+    csv << kind << ",1,0," << tokens << "," << ms << "," << tokens / (ms * 1e-3) << ",0,0," << copy_bw / 1e9 << "\n";
   }
   return 0;
 }

@@ -12,7 +12,7 @@ tar xJf "$root/.devcarry/stack.tar.xz" -C "$S"
 cublas_dir=$(dirname "$(ls /usr/local/cuda/lib64/libcublasLt.so.13 2>/dev/null || find / -name 'libcublasLt.so.13' -not -path '/proc/*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH="$S/lib:$cublas_dir:/usr/local/cuda/lib64" UCX_MODULE_DIR="$S/ucx" UCX_TLS="${UCX_TLS:-tcp}"
 "$S/bin/tandem-model" generate --preset tiny --seed 1 --tokenizer-dir "$S/tokenizer" --out /tmp/tiny --quiet || exit 1
-gpu=(--device cuda --cuda-dense-f32 --cache-budget-mb 512)
+gpu=(--device cuda --cuda-dense f32 --cache-budget-mb 512)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done' EXIT
 "$S/bin/tandem-prefill" --model /tmp/tiny --host 127.0.0.1 --grpc-port 30001 --http-port 31001 --bootstrap-port 8998 "${gpu[@]}" >"$OUT/prefill.log" 2>&1 & pids+=($!)

@@ -80,7 +80,13 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--cuda-device", e.cuda_device, "CUDA device index for --device cuda")->capture_default_str();
-  app.add_flag("--cuda-dense-f32", e.cuda_dense_f32, "f32 GEMMs on the GPU (closest to the CPU forward, slower than bf16)");
+  app.add_option("--cuda-dense", [&e](const std::vector<std::string>& v) {
+       auto dense = ParseCudaDense(v.front());
+       if (dense.ok()) e.cuda_dense = *dense;
+       return dense.ok();
+     }, "dense layers on the GPU: bf16x2 (bf16 weights, activations as a bf16 hi+lo pair; default), bf16 "
+        "(one bf16 activation: faster prefill, less exact) or f32 (closest to the CPU, slowest)")
+      ->check(CLI::IsMember({"bf16x2", "bf16", "f32"}));
   app.add_flag("--test-staged-pools", e.test_staged_pools,
                "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
                "with --device cuda");

@@ -53,6 +53,9 @@ class GroupedExpertGemm {
     int64_t max_weight_elements = 0;
     int lanes = 4;
     size_t gemm_workspace_bytes = size_t{32} << 20;  // per lane
+    // x as a bf16 hi + lo pair (Gemm::LinearSplit's ~16-bit precision): a second GEMM per expert
+    // accumulates lo's product.
+    bool split_x = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();
@@ -64,7 +67,7 @@ class GroupedExpertGemm {
   absl::Status Reserve(int64_t rows, int64_t in);
 
   // For every expert e and grouped row r in [offsets[e], offsets[e+1]):
-  //   y[r, :] = bf16(x[r, :]) . [dequant(W_0[e]) ; dequant(W_1[e]) ; ...]^T
+  //   y[r, :] = bf16(x[r, :]) . [dequant(W_0[e]) ; dequant(W_1[e]) ; ...]^T   (hi + lo of x with split_x)
   // x [R, in] f32 and y [R, sum_p out_p] f32 (R = offsets[E]), rows already grouped by expert; host_offsets
   // [E + 1] on the host, offsets[0] = 0, non-decreasing. The stacked weights share experts and in; output
   // column block p is x . W_p^T (w1 and w3 stacked: y[:, :I] = x.w1^T, y[:, I:] = x.w3^T, see SwiGluStacked).
@@ -96,6 +99,8 @@ class GroupedExpertGemm {
   cudaEvent_t fork_ = nullptr;
   __nv_bfloat16* x_bf16_ = nullptr;
   int64_t x_bf16_elements_ = 0;
+  __nv_bfloat16* x_lo_ = nullptr;  // split_x: x - bf16(x) in bf16, laid out as x_bf16_
+  int64_t x_lo_elements_ = 0;
   std::vector<int64_t> x_starts_;  // per expert: first element of its row block in x_bf16_
   std::vector<int> lane_of_;       // per expert: its lane (-1: no rows)
 };

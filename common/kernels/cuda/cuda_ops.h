@@ -65,6 +65,11 @@ absl::Status HcPost(const MhcShape& shape, const float* out, const float* post, 
 // ---- Linear layers: block-FP8 weights dequantized to bf16, GEMMs through cuBLASLt ----
 // y[i] = bf16(x[i]), round to nearest even.
 absl::Status FloatToBf16(const float* x, int64_t count, __nv_bfloat16* y, cudaStream_t stream = nullptr);
+// x [count] = hi + lo with hi = bf16(x) and lo = bf16(x - hi) (together ~16 significant bits).
+absl::Status FloatToBf16Split(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo,
+                              cudaStream_t stream = nullptr);
+// y [rows, out] = halves[:rows] + halves[rows:] (halves [2 * rows, out]).
+absl::Status AddRowHalves(const float* halves, int64_t rows, int64_t out, float* y, cudaStream_t stream = nullptr);
 // Device view of a block-FP8 weight: codes [out, in] e4m3, scales [ceil(out/128), ceil(in/128)] ue8m0.
 struct Fp8BlockWeight {
   const uint8_t* codes = nullptr;
@@ -89,8 +94,18 @@ class Gemm {
   // tune = false plans a new shape from cuBLASLt's heuristic alone (no timing, no sync): for shapes that
   // change call to call (grouped expert row blocks), where timing each new row count costs more than it gains.
   // Plans are also keyed by the pointers' alignment (up to 256 bytes), so offset pointers get a valid algorithm.
+  // accumulate: y += x · w^T (f32 output only; never tunes, since timing candidates overwrites y).
   absl::Status Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
-                      void* y, Output output, cudaStream_t stream = nullptr, bool tune = true);
+                      void* y, Output output, cudaStream_t stream = nullptr, bool tune = true, bool accumulate = false);
+  // f32 x through bf16 tensor cores at ~16-bit activation precision: x = hi + lo (FloatToBf16Split) and
+  // y = hi · w^T + lo · w^T in f32. Up to kSplitStackRows rows, hi and lo go through one GEMM of 2 * rows
+  // (the weight is read once: as fast as one bf16 GEMM while the weight read dominates) and AddRowHalves;
+  // above, the lo GEMM accumulates into y. Scratch: xb [SplitScratchElements(rows, in)] bf16; yb
+  // [2 * rows * out] f32 when rows <= kSplitStackRows (may be null above).
+  static int64_t SplitScratchElements(int64_t rows, int64_t in) { return 2 * rows * in + 128; }
+  static constexpr int64_t kSplitStackRows = 96;
+  absl::Status LinearSplit(const float* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out, float* y,
+                           __nv_bfloat16* xb, float* yb, cudaStream_t stream = nullptr);
   // The same with f32 x, w and y and f32 arithmetic (no TF32): for the small, precision-sensitive
   // projections (router gates, indexer weights) and for exact-parity runs.
   absl::Status LinearF32(const float* x, int64_t rows, int64_t in, const float* weight, int64_t out, float* y,

@@ -29,6 +29,23 @@ __global__ void FloatToBf16Kernel(const float* x, int64_t count, __nv_bfloat16* 
   }
 }
 
+__global__ void FloatToBf16SplitKernel(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    const float v = x[i];
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    hi[i] = h;
+    lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));  // exact difference: v and h share the exponent range
+  }
+}
+
+__global__ void AddRowHalvesKernel(const float* halves, int64_t count, float* y) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    y[i] = halves[i] + halves[count + i];
+  }
+}
+
 __device__ float Fp8ToFloat(uint8_t code) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(code), __NV_E4M3)));
 }
@@ -84,6 +101,24 @@ absl::Status FloatToBf16(const float* x, int64_t count, __nv_bfloat16* y, cudaSt
   if (!Aligned(x, 16) || !Aligned(y, 8)) return absl::InvalidArgumentError("FloatToBf16: x needs 16-byte, y 8-byte alignment");
   FloatToBf16Kernel<<<GridFor(count / 4 + 1, 256), 256, 0, stream>>>(x, count, y);
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("FloatToBf16Kernel");
+  return absl::OkStatus();
+}
+
+absl::Status FloatToBf16Split(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream) {
+  if (count < 0) return absl::InvalidArgumentError("FloatToBf16Split: negative count");
+  if (count == 0) return absl::OkStatus();
+  if (!x || !hi || !lo) return absl::InvalidArgumentError("FloatToBf16Split: null pointer");
+  FloatToBf16SplitKernel<<<GridFor(count, 256), 256, 0, stream>>>(x, count, hi, lo);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("FloatToBf16SplitKernel");
+  return absl::OkStatus();
+}
+
+absl::Status AddRowHalves(const float* halves, int64_t rows, int64_t out, float* y, cudaStream_t stream) {
+  if (rows < 0 || out <= 0) return absl::InvalidArgumentError("AddRowHalves: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  if (!halves || !y) return absl::InvalidArgumentError("AddRowHalves: null pointer");
+  AddRowHalvesKernel<<<GridFor(rows * out, 256), 256, 0, stream>>>(halves, rows * out, y);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("AddRowHalvesKernel");
   return absl::OkStatus();
 }
 
@@ -217,14 +252,35 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
 }
 
 absl::Status Gemm::Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
-                          void* y, Output output, cudaStream_t stream, bool tune) {
+                          void* y, Output output, cudaStream_t stream, bool tune, bool accumulate) {
   if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::Linear: bad shape");
+  if (accumulate && output != Output::kF32) return absl::InvalidArgumentError("Gemm::Linear: accumulate needs f32 output");
   if (rows == 0) return absl::OkStatus();
-  TANDEM_ASSIGN_OR_RETURN(const Plan* plan, PlanFor(false, x, rows, in, weight, out, y, output, stream, tune));
-  const float alpha = 1.0f, beta = 0.0f;
+  TANDEM_ASSIGN_OR_RETURN(const Plan* plan,
+                          PlanFor(false, x, rows, in, weight, out, y, output, stream, tune && !accumulate));
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
                                                plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));
   return absl::OkStatus();
+}
+
+absl::Status Gemm::LinearSplit(const float* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,
+                               float* y, __nv_bfloat16* xb, float* yb, cudaStream_t stream) {
+  if (rows < 0 || in <= 0 || out <= 0) return absl::InvalidArgumentError("Gemm::LinearSplit: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  const bool stacked = rows <= kSplitStackRows;
+  if (!xb || (stacked && !yb)) return absl::InvalidArgumentError("Gemm::LinearSplit: missing scratch");
+  // Stacked, lo directly follows hi (one [2 * rows, in] operand); otherwise lo starts 256-byte aligned so
+  // its GEMM finds the plan (keyed by alignment) the hi GEMM tuned.
+  const int64_t count = rows * in;
+  __nv_bfloat16* lo = stacked ? xb + count : xb + (count + 127) / 128 * 128;
+  TANDEM_RETURN_IF_ERROR(FloatToBf16Split(x, count, xb, lo, stream));
+  if (stacked) {
+    TANDEM_RETURN_IF_ERROR(Linear(xb, 2 * rows, in, weight, out, yb, Output::kF32, stream));
+    return AddRowHalves(yb, rows, out, y, stream);
+  }
+  TANDEM_RETURN_IF_ERROR(Linear(xb, rows, in, weight, out, y, Output::kF32, stream));
+  return Linear(lo, rows, in, weight, out, y, Output::kF32, stream, /*tune=*/false, /*accumulate=*/true);
 }
 
 absl::Status Gemm::LinearF32(const float* x, int64_t rows, int64_t in, const float* weight, int64_t out, float* y,

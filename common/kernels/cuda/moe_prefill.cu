@@ -186,12 +186,15 @@ GroupedExpertGemm::~GroupedExpertGemm() {
     if (lane.stream) cudaStreamDestroy(lane.stream);
   }
   if (x_bf16_) cudaFree(x_bf16_);
+  if (x_lo_) cudaFree(x_lo_);
   if (fork_) cudaEventDestroy(fork_);
 }
 
 absl::Status GroupedExpertGemm::Reserve(int64_t rows, int64_t in) {
   if (rows < 0 || in <= 0) return absl::InvalidArgumentError("GroupedExpertGemm::Reserve: bad shape");
-  return Grow(&x_bf16_, &x_bf16_elements_, rows * in + 8 * rows);
+  TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, rows * in + 8 * rows));
+  if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, rows * in + 8 * rows));
+  return absl::OkStatus();
 }
 
 absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, const float* x,
@@ -254,7 +257,7 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     load[lane] += rows + 128;
     if (!Aligned16(y + offsets[e] * total_out)) staging_needed[lane] = std::max(staging_needed[lane], rows * total_out);
   }
-  bool grow = x_needed > x_bf16_elements_;
+  bool grow = x_needed > x_bf16_elements_ || (options_.split_x && x_needed > x_lo_elements_);
   for (size_t l = 0; l < lanes_.size(); ++l) grow = grow || staging_needed[l] > lanes_[l].staging_elements;
   if (grow) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -263,12 +266,22 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
       return absl::FailedPreconditionError("GroupedExpertGemm::Run: scratch must grow during graph capture; Reserve first");
     }
     TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, x_needed));
+    if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, x_needed));
     for (size_t l = 0; l < lanes_.size(); ++l) {
       TANDEM_RETURN_IF_ERROR(Grow(&lanes_[l].staging, &lanes_[l].staging_elements, staging_needed[l]));
     }
   }
 
-  if (contiguous) {
+  if (options_.split_x) {
+    if (contiguous) {
+      TANDEM_RETURN_IF_ERROR(FloatToBf16Split(x, rows_total * in, x_bf16_, x_lo_, stream));
+    } else {
+      for (int64_t e = 0; e < experts; ++e) {
+        TANDEM_RETURN_IF_ERROR(FloatToBf16Split(x + offsets[e] * in, (offsets[e + 1] - offsets[e]) * in,
+                                                x_bf16_ + x_starts_[e], x_lo_ + x_starts_[e], stream));
+      }
+    }
+  } else if (contiguous) {
     TANDEM_RETURN_IF_ERROR(CastToBf16(x, rows_total * in, x_bf16_, stream));
   } else {
     for (int64_t e = 0; e < experts; ++e) {
@@ -306,9 +319,13 @@ absl::Status GroupedExpertGemm::Enqueue(std::span<const HostExpertWeights> stack
     }
     float* target = y + offsets[e] * total_out;
     const bool staged = !Aligned16(target);
-    TANDEM_RETURN_IF_ERROR(lane.gemm->Linear(x_bf16_ + x_starts_[e], rows, in, lane.weight, total_out,
-                                             staged ? lane.staging : target, Gemm::Output::kF32, lane.stream,
-                                             /*tune=*/false));
+    float* result = staged ? lane.staging : target;
+    TANDEM_RETURN_IF_ERROR(lane.gemm->Linear(x_bf16_ + x_starts_[e], rows, in, lane.weight, total_out, result,
+                                             Gemm::Output::kF32, lane.stream, /*tune=*/false));
+    if (options_.split_x) {
+      TANDEM_RETURN_IF_ERROR(lane.gemm->Linear(x_lo_ + x_starts_[e], rows, in, lane.weight, total_out, result,
+                                               Gemm::Output::kF32, lane.stream, /*tune=*/false, /*accumulate=*/true));
+    }
     if (staged) {
       TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(target, lane.staging, static_cast<size_t>(rows * total_out) * sizeof(float),
                                                   cudaMemcpyDeviceToDevice, lane.stream));

@@ -147,6 +147,7 @@ struct Dense {
   int64_t in = 0;
   const void* w = nullptr;  // bf16 or f32 [out, in]
   bool f32 = false;
+  bool split = false;  // bf16 weight, x as a bf16 hi + lo pair (DenseFormat::kBf16x2)
 };
 
 struct Compressor {
@@ -208,6 +209,8 @@ struct DeviceModel::Impl {
   const double* rope_plain = nullptr;
   const double* rope_compressed = nullptr;
   int64_t max_dense_in = 0;
+  int64_t max_dense_out = 0;
+  float* split_yb = nullptr;  // this forward's Gemm::LinearSplit output scratch (kBf16x2)
   DeviceForward last;
 
   ~Impl() {
@@ -229,7 +232,9 @@ struct DeviceModel::Impl {
       std::vector<uint16_t> bits(w.values.size());
       for (size_t i = 0; i < bits.size(); ++i) bits[i] = FloatToBf16(w.values[i]);
       TANDEM_ASSIGN_OR_RETURN(d.w, heap.Upload(bits));
+      d.split = options.dense == DenseFormat::kBf16x2;
       max_dense_in = std::max(max_dense_in, w.in);
+      max_dense_out = std::max(max_dense_out, w.out);
     }
     return d;
   }
@@ -352,6 +357,7 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(gemm, kc::Gemm::Create());
     kc::GroupedExpertGemm::Options expert_options;
     expert_options.max_weight_elements = 2 * c.moe_intermediate_size * c.hidden_size;  // w1 and w3 stacked
+    expert_options.split_x = options.dense != DenseFormat::kBf16;  // f32 runs get the closest of the two
     TANDEM_ASSIGN_OR_RETURN(expert_gemm, kc::GroupedExpertGemm::Create(expert_options));
     for (const auto& layer : w.layers) {
       TANDEM_ASSIGN_OR_RETURN(Layer l, UploadLayer(layer));
@@ -376,6 +382,9 @@ struct DeviceModel::Impl {
     const void* wp = weight ? weight : w.w;
     const int64_t n = out > 0 ? out : w.out;
     if (w.f32) return gemm->LinearF32(x, rows, w.in, static_cast<const float*>(wp), n, y, stream);
+    if (w.split) {
+      return gemm->LinearSplit(x, rows, w.in, static_cast<const __nv_bfloat16*>(wp), n, y, xb, split_yb, stream);
+    }
     TANDEM_RETURN_IF_ERROR(kc::FloatToBf16(x, rows * w.in, xb, stream));
     return gemm->Linear(xb, rows, w.in, static_cast<const __nv_bfloat16*>(wp), n, y, kc::Gemm::Output::kF32, stream);
   }
@@ -592,7 +601,15 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(s.sa, arena.Take<float>(T * I));
     TANDEM_ASSIGN_OR_RETURN(s.sb, arena.Take<float>(T * I));
     TANDEM_ASSIGN_OR_RETURN(s.shared_out, arena.Take<float>(T * D));
-    TANDEM_ASSIGN_OR_RETURN(s.xb, arena.Take<__nv_bfloat16>(std::max<int64_t>(T, rows_out) * std::max<int64_t>(max_dense_in, 1)));
+    const int64_t dense_rows = std::max<int64_t>(T, rows_out), dense_in = std::max<int64_t>(max_dense_in, 1);
+    split_yb = nullptr;
+    if (options.dense == DenseFormat::kBf16x2) {
+      TANDEM_ASSIGN_OR_RETURN(s.xb, arena.Take<__nv_bfloat16>(kc::Gemm::SplitScratchElements(dense_rows, dense_in)));
+      const int64_t stacked_rows = std::min<int64_t>(dense_rows, kc::Gemm::kSplitStackRows);
+      TANDEM_ASSIGN_OR_RETURN(split_yb, arena.Take<float>(2 * stacked_rows * std::max<int64_t>(max_dense_out, 1)));
+    } else {
+      TANDEM_ASSIGN_OR_RETURN(s.xb, arena.Take<__nv_bfloat16>(dense_rows * dense_in));
+    }
     float *head_x = nullptr, *head_h = nullptr, *logits = nullptr;
     if (head_too) {  // ForwardLayers needs no head scratch (rows x vocab floats)
       TANDEM_ASSIGN_OR_RETURN(head_x, arena.Take<float>(rows_out * MD));

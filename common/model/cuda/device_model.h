@@ -20,13 +20,16 @@
 
 namespace tandem::model::cuda {
 
+// Dense weights are bf16 in both bf16 formats (exact for the checkpoint's FP8-with-ue8m0 and bf16 tensors);
+// what differs is how the f32 activations enter each GEMM.
 enum class DenseFormat {
-  kBf16,  // activations rounded to bf16 for each GEMM, f32 accumulation (the serving path)
-  kF32,   // f32 GEMMs throughout (closest to the CPU forward; for parity runs)
+  kBf16x2,  // x = hi + lo, two bf16s (~16 significant bits), f32 accumulation: the serving default
+  kBf16,    // x rounded to one bf16 (~8 bits): half the prefill GEMM work, visibly less exact
+  kF32,     // f32 GEMMs throughout (closest to the CPU forward; for parity runs)
 };
 
 struct DeviceModelOptions {
-  DenseFormat dense = DenseFormat::kBf16;
+  DenseFormat dense = DenseFormat::kBf16x2;
   int device = 0;
   // From this many (token, expert) pairs in one forward, the routed experts run as per-expert bf16
   // cuBLASLt GEMMs (weights dequantized on the fly) instead of the GEMV kernel over the packed weights.
