@@ -166,6 +166,51 @@ int32_t RequestSampler::Draw(std::span<float> logits) {
   return order[kept - 1];
 }
 
+std::optional<model::RowDraw> RequestSampler::PlanDraw(int64_t row) {
+  model::RowDraw draw;
+  draw.row = row;
+  draw.greedy = config_.greedy;
+  draw.temperature = config_.temperature;
+  draw.top_k = config_.top_k;
+  draw.top_p = config_.top_p;
+  draw.min_p = config_.min_p;
+  std::unordered_map<int32_t, size_t> at;  // token -> its edit
+  auto edit = [&](int32_t token) -> model::LogitEdit& {
+    auto [it, added] = at.try_emplace(token, draw.edits.size());
+    if (added) draw.edits.push_back({.token = token});
+    return draw.edits[it->second];
+  };
+  // Draw's arithmetic, per token. Neutral penalties (all zero, of either sign) subtract a zero, which can at most
+  // flip the sign of a zero logit, and nothing after tells -0 from +0: they are left out.
+  if (config_.frequency_penalty != 0 || config_.presence_penalty != 0 || config_.repetition_penalty != 1.0) {
+    draw.edits.reserve(output_counts_.size());
+    for (const auto& [token, count] : output_counts_) {
+      model::LogitEdit& e = edit(token);
+      e.penalize = true;
+      e.subtract = static_cast<float>(config_.frequency_penalty * count + (count > 0 ? config_.presence_penalty : 0.0));
+      e.repetition = config_.repetition_penalty;
+    }
+  }
+  for (auto [id, bias] : config_.logit_bias) {
+    model::LogitEdit& e = edit(id);
+    if (e.biased) return std::nullopt;  // Draw adds both biases in turn: not one edit
+    e.biased = true;
+    e.bias = static_cast<float>(bias);
+  }
+  if (generated_ < config_.min_new_tokens) {
+    for (int32_t id : config_.stop_token_ids) edit(id).mask = true;
+    for (int32_t id : eos_token_ids_) edit(id).mask = true;
+  }
+  // Draw takes exactly one uniform per non-greedy draw.
+  if (!config_.greedy) draw.uniform = NextUniform();
+  return draw;
+}
+
+int32_t RequestSampler::TakeDrawn(int32_t drawn) const {
+  if (static_cast<size_t>(generated_) < forced_.size()) return forced_[static_cast<size_t>(generated_)];
+  return drawn;
+}
+
 FinishReason RequestSampler::AcceptSampledElsewhere(int32_t token) {
   if (!config_.greedy) NextUniform();
   return Accept(token);

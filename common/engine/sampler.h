@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/core/status.h"
+#include "common/model/forward.h"
 
 namespace tandem::engine {
 
@@ -69,6 +70,12 @@ class RequestSampler {
   void ForceOutput(std::span<const int32_t> ids) { forced_ = ids; }
   // Records an accepted token and says whether the request is done.
   FinishReason Accept(int32_t token);
+  // The draw Sample would make next, for a forward runner to make where the logits lie: the edits Sample
+  // would apply to the row and the uniform it would take (taken now). Nullopt, with nothing taken, when
+  // the edits are not one per token (a token twice in logit_bias): Sample the row on the host then.
+  std::optional<model::RowDraw> PlanDraw(int64_t row);
+  // The token of a planned draw once the runner made it (the forced output where one is set, as Sample).
+  int32_t TakeDrawn(int32_t drawn) const;
   // Accepts a token another engine sampled with this same configuration (the first token of a
   // disaggregated request): the draw it took is skipped here, so later draws match a mixed engine's.
   FinishReason AcceptSampledElsewhere(int32_t token);

@@ -462,6 +462,48 @@ int64_t Scheduler::PrefillChunk(const Sequence& seq, int64_t budget) const {
   return count;
 }
 
+// Per planned chunk whose next token is due: the id the runner drew, or the row it copied to the host.
+struct Scheduler::KeptDraws {
+  std::vector<std::optional<int32_t>> drawn;
+  std::vector<int64_t> copied_at;  // index into `copied` rows, -1 when none
+  std::vector<float> copied;
+};
+
+absl::Status Scheduler::DrawKept(const std::vector<Planned>& plan, KeptDraws* out) {
+  const int64_t vocab = model_->config().vocab_size;
+  out->drawn.assign(plan.size(), std::nullopt);
+  out->copied_at.assign(plan.size(), -1);
+  std::vector<model::RowDraw> draws;
+  std::vector<size_t> draw_of;
+  std::vector<int64_t> copy_rows;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    Sequence& seq = *plan[i].seq;
+    if (seq.computed() != seq.total()) continue;  // mid-prompt: no token due
+    const int64_t row = static_cast<int64_t>(i);
+    // Logprobs are of the raw row: it comes to the host, and the token is sampled there from it.
+    std::optional<model::RowDraw> draw;
+    if (!seq.request.return_logprobs) draw = seq.sampler.PlanDraw(row);
+    if (draw) {
+      draws.push_back(std::move(*draw));
+      draw_of.push_back(i);
+    } else {
+      out->copied_at[i] = static_cast<int64_t>(copy_rows.size());
+      copy_rows.push_back(row);
+    }
+  }
+  if (draws.empty() && copy_rows.empty()) return absl::OkStatus();
+  std::vector<int32_t> ids(draws.size());
+  out->copied.resize(copy_rows.size() * static_cast<size_t>(vocab));
+  TANDEM_RETURN_IF_ERROR(model_->DrawKept(draws, ids, copy_rows, out->copied));
+  for (size_t k = 0; k < draws.size(); ++k) {
+    if (ids[k] < 0 || ids[k] >= vocab) {
+      return absl::InternalError(absl::StrCat("the runner drew token ", ids[k], ", outside the vocabulary [0, ", vocab, ")"));
+    }
+    out->drawn[draw_of[k]] = ids[k];
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<bool> Scheduler::Step() {
   if (idle()) return false;
   const int64_t page = pools_->page_size();
@@ -532,9 +574,17 @@ absl::StatusOr<bool> Scheduler::Step() {
                      false});
   }
   model::ForwardResult result;
-  if (auto status = model_->Forward(batch, &result); !status.ok()) {
-    spdlog::error("forward failed: {}", status.ToString());
-    for (const auto& p : plan) Abort(p.seq->request.id, absl::InternalError(absl::StrCat("forward failed: ", status.message())));
+  const bool keep = options_.sample_on_device && model_->keeps_logits();
+  KeptDraws kept;
+  absl::Status status = keep ? model_->ForwardKeepingLogits(batch, &result) : model_->Forward(batch, &result);
+  const char* failed = "forward failed";
+  if (status.ok() && keep) {
+    status = DrawKept(plan, &kept);
+    failed = "drawing the next tokens on the device failed";
+  }
+  if (!status.ok()) {
+    spdlog::error("{}: {}", failed, status.ToString());
+    for (const auto& p : plan) Abort(p.seq->request.id, absl::InternalError(absl::StrCat(failed, ": ", status.message())));
     return status;
   }
 
@@ -551,10 +601,17 @@ absl::StatusOr<bool> Scheduler::Step() {
     if (seq.computed() != seq.total()) {
       continue;
     }
-    std::span<float> row(result.logits.data() + static_cast<int64_t>(i) * vocab, static_cast<size_t>(vocab));
     std::vector<float> raw;
-    if (seq.request.return_logprobs) raw.assign(row.begin(), row.end());
-    const int32_t token = seq.sampler.Sample(row);
+    int32_t token = 0;
+    if (keep && kept.drawn[i]) {
+      token = seq.sampler.TakeDrawn(*kept.drawn[i]);
+    } else {
+      float* const logits = keep ? kept.copied.data() + kept.copied_at[i] * vocab
+                                 : result.logits.data() + static_cast<int64_t>(i) * vocab;
+      std::span<float> row(logits, static_cast<size_t>(vocab));
+      if (seq.request.return_logprobs) raw.assign(row.begin(), row.end());
+      token = seq.sampler.Sample(row);
+    }
     const FinishReason reason = seq.sampler.Accept(token);
     if (seq.request.role == EngineRole::kPrefill) {
       // The prompt's state is final: the first token and the checksum go to decode with the rest.

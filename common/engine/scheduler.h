@@ -28,6 +28,10 @@ struct SchedulerOptions {
   int64_t max_queued_requests = 4096;
   int64_t max_new_tokens_limit = 32768;
   bool enable_prefix_cache = true;
+  // With a runner that keeps its logits (a GPU): draw the next tokens there and bring back only the ids.
+  // Requests that need the row itself (logprobs) or whose edits it cannot take get their row copied and
+  // are sampled on the host as before; the tokens are the same either way.
+  bool sample_on_device = true;
   // Test only (--test-forced-output-ids): every request's i-th generated token is replaced by the i-th
   // id here (the forward and the draw still run); past the list, sampling is normal. The finish rules
   // (stop ids, eos, max tokens) apply to the forced tokens as to sampled ones.
@@ -140,6 +144,8 @@ class Scheduler {
   bool EnsureReserved(Sequence& seq, int64_t length);
   void Retract(Sequence* victim);
   int64_t PrefillChunk(const Sequence& seq, int64_t budget) const;
+  struct KeptDraws;
+  absl::Status DrawKept(const std::vector<Planned>& plan, KeptDraws* out);
   void Emit(Sequence& seq, RequestUpdate update);
   void Finish(Sequence& seq, RequestUpdate update);
   void ReleaseState(Sequence& seq, bool cache_it);

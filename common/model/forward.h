@@ -83,6 +83,32 @@ class Dsv4Model {
   Rope rope_;
 };
 
+// What engine::RequestSampler does to one token's logit before its rule, in its order and arithmetic:
+// penalize: l = l - subtract (float), then unless repetition is 1, l = float(l < 0 ? double(l) * repetition :
+// double(l) / repetition); biased: l = l + bias (float); mask: l = -inf.
+struct LogitEdit {
+  int32_t token = 0;
+  bool penalize = false;
+  float subtract = 0.0f;
+  double repetition = 1.0;
+  bool biased = false;
+  float bias = 0.0f;
+  bool mask = false;
+};
+
+// One logit row to draw the next token from where it lies: the edits (at most one per token), then the
+// sampler's rule with the uniform it would have drawn (engine::RequestSampler::PlanDraw).
+struct RowDraw {
+  int64_t row = 0;  // of the last forward's logit rows
+  bool greedy = true;
+  double temperature = 1.0;
+  int64_t top_k = -1;  // -1: all
+  double top_p = 1.0;
+  double min_p = 0.0;
+  double uniform = 0.0;  // in [0, 1); unused when greedy
+  std::vector<LogitEdit> edits;
+};
+
 // What a serving engine runs its batches on: the CPU forward or a device backend (whole model, logits
 // of each chunk's last token, or every token with all_logits, in the result).
 class ForwardRunner {
@@ -90,6 +116,19 @@ class ForwardRunner {
   virtual ~ForwardRunner() = default;
   virtual const ModelConfig& config() const = 0;
   virtual absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result) = 0;
+
+  // Optional, for runners whose logits lie on a device, so that only token ids cross to the host.
+  // ForwardKeepingLogits is Forward that leaves result->logits empty (result->rows is set) and keeps the
+  // logits where they are until the next forward; DrawKept draws `draws` from them (ids[i] for draws[i];
+  // the kept logits are not changed) and copies the rows `copy_rows` to `copied` ([copy_rows.size(), vocab]).
+  virtual bool keeps_logits() const { return false; }
+  virtual absl::Status ForwardKeepingLogits(std::span<const SequenceChunk>, ForwardResult*) {
+    return absl::UnimplementedError("this forward runner cannot keep its logits");
+  }
+  virtual absl::Status DrawKept(std::span<const RowDraw>, std::span<int32_t>, std::span<const int64_t>,
+                                std::span<float>) {
+    return absl::UnimplementedError("this forward runner cannot keep its logits");
+  }
 };
 
 // The CPU forward as a runner.

@@ -9,6 +9,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "tests/unit/engine/row_draw_reference.h"
+
 namespace tandem::engine {
 namespace {
 
@@ -207,6 +209,138 @@ TEST(Sampling, RequestStopIdsFinishEvenWithIgnoreEos) {
   RequestSampler s(Config(p, 3), {1});
   EXPECT_EQ(s.Accept(1), FinishReason::kNone);
   EXPECT_EQ(s.Accept(2), FinishReason::kStop);
+}
+
+// PlanDraw packs what Sample would do (edits and uniform) for a runner to draw where the logits are: made
+// by the device contract's host statement, every planned draw gives Sample's token, step after step, under
+// every option the device takes (penalties over the output, logit_bias, min_new_tokens masks, forced ids).
+TEST(Sampling, PlannedDrawsGiveSamplesTokens) {
+  const int64_t vocab = 300;
+  std::mt19937 rng(2024);
+  std::vector<SamplingParams> settings(12);
+  settings[0].temperature = 0.0;
+  settings[1].temperature = 0.7;
+  settings[1].top_p = 0.9;
+  settings[2].temperature = 1.3;
+  settings[2].top_k = 20;
+  settings[3].temperature = 1.0;
+  settings[3].min_p = 0.05;
+  settings[4].temperature = 0.9;
+  settings[4].repetition_penalty = 1.4;
+  settings[4].frequency_penalty = 0.3;
+  settings[4].presence_penalty = -0.2;
+  settings[5].temperature = 0.0;
+  settings[5].repetition_penalty = 0.7;  // below 1: rewards repeats
+  settings[6].temperature = 0.8;
+  settings[6].logit_bias = {{5, 3.0}, {17, -1e9}, {250, 0.125}};
+  settings[7].temperature = 1.1;
+  settings[7].min_new_tokens = 30;
+  settings[7].stop_token_ids = {3, 4, 4};
+  settings[8].temperature = 0.6;
+  settings[8].top_k = 50;
+  settings[8].top_p = 0.8;
+  settings[8].min_p = 0.02;
+  settings[8].frequency_penalty = 1.5;
+  settings[8].logit_bias = {{1, 2.0}};
+  settings[8].min_new_tokens = 10;
+  settings[9].temperature = 2.0;  // flat: the whole vocabulary in play
+  settings[10].temperature = 1.0;
+  settings[10].top_k = 1;  // greedy
+  settings[10].presence_penalty = 2.0;
+  settings[11].temperature = 0.5;
+  settings[11].top_k = 1000;  // past the vocabulary: all
+  const std::vector<int32_t> eos = {1};
+  const std::vector<int32_t> forced = {7, 7, 9};
+  for (size_t c = 0; c < settings.size(); ++c) {
+    for (const bool force : {false, true}) {
+      SamplingParams p = settings[c];
+      p.seed = 100 + c;
+      p.max_new_tokens = 200;
+      const SamplingConfig config = Config(p, vocab);
+      RequestSampler host(config, eos), planned(config, eos);
+      if (force) {
+        host.ForceOutput(forced);
+        planned.ForceOutput(forced);
+      }
+      for (int step = 0; step < 60; ++step) {
+        // Peaked rows with ties, so that penalties and cuts change the answer.
+        std::normal_distribution<float> spread(0.0f, step % 2 ? 3.0f : 1.0f);
+        std::vector<float> logits(static_cast<size_t>(vocab));
+        for (auto& l : logits) l = spread(rng);
+        for (int i = 0; i < 10; ++i) logits[rng() % vocab] = logits[rng() % vocab];
+        logits[1] = 6.0f;  // eos leads: masked until min_new_tokens
+        auto draw = planned.PlanDraw(3);
+        ASSERT_TRUE(draw.has_value()) << "setting " << c;
+        EXPECT_EQ(draw->row, 3);
+        EXPECT_EQ(draw->greedy, config.greedy);
+        auto copy = logits;
+        const int32_t expected = host.Sample(copy);
+        const int32_t got = planned.TakeDrawn(testing::DrawOnHost(*draw, logits));
+        ASSERT_EQ(got, expected) << "setting " << c << (force ? " forced" : "") << " step " << step;
+        host.Accept(expected);
+        planned.Accept(got);
+      }
+    }
+  }
+}
+
+TEST(Sampling, PlanDrawPacksOneEditPerTokenAndTakesOneUniform) {
+  SamplingParams p;
+  p.temperature = 0.8;
+  p.seed = 5;
+  p.repetition_penalty = 1.5;
+  p.frequency_penalty = 0.5;
+  p.presence_penalty = 0.25;
+  p.logit_bias = {{7, -2.0}, {9, 1.0}};
+  p.min_new_tokens = 4;
+  p.stop_token_ids = {9, 11};
+  RequestSampler s(Config(p, 50), {11, 12});
+  s.Accept(5);
+  s.Accept(5);
+  s.Accept(7);
+  auto draw = s.PlanDraw(0);
+  ASSERT_TRUE(draw.has_value());
+  std::map<int32_t, model::LogitEdit> by_token;
+  for (const auto& e : draw->edits) EXPECT_TRUE(by_token.emplace(e.token, e).second) << "token " << e.token << " twice";
+  ASSERT_EQ(by_token.size(), 5u);  // 5, 7 (generated), 9 (bias and stop), 11 (stop and eos), 12 (eos)
+  EXPECT_TRUE(by_token[5].penalize && !by_token[5].biased && !by_token[5].mask);
+  EXPECT_EQ(by_token[5].subtract, static_cast<float>(0.5 * 2 + 0.25));
+  EXPECT_EQ(by_token[5].repetition, 1.5);
+  EXPECT_TRUE(by_token[7].penalize && by_token[7].biased && !by_token[7].mask);
+  EXPECT_EQ(by_token[7].subtract, static_cast<float>(0.5 + 0.25));
+  EXPECT_EQ(by_token[7].bias, -2.0f);
+  EXPECT_TRUE(!by_token[9].penalize && by_token[9].biased && by_token[9].mask);
+  EXPECT_TRUE(by_token[11].mask && by_token[12].mask && !by_token[11].biased);
+  // The uniform is the one Sample would have taken: a twin that samples on the host draws the same next.
+  SamplingParams flat;
+  flat.temperature = 1.0;
+  flat.seed = 5;
+  RequestSampler a(Config(flat, 50), {}), b(Config(flat, 50), {});
+  const auto planned = a.PlanDraw(0);
+  ASSERT_TRUE(planned.has_value());
+  EXPECT_TRUE(planned->edits.empty()) << "no penalties, biases or masks: nothing to edit";
+  const auto logits = RandomLogits(50, 9);
+  auto copy = logits;
+  EXPECT_EQ(testing::DrawOnHost(*planned, logits), b.Sample(copy));
+  // Greedy requests take no uniform at all.
+  SamplingParams greedy;
+  greedy.temperature = 0.0;
+  RequestSampler g(Config(greedy, 50), {});
+  EXPECT_EQ(g.PlanDraw(0)->uniform, 0.0);
+}
+
+TEST(Sampling, PlanDrawDeclinesABiasTwiceOnOneTokenAndTakesNothing) {
+  SamplingParams p;
+  p.temperature = 0.9;
+  p.seed = 77;
+  p.logit_bias = {{3, 1.0}, {3, 0.5}};  // Draw adds both in turn
+  RequestSampler declined(Config(p, 50), {}), twin(Config(p, 50), {});
+  EXPECT_FALSE(declined.PlanDraw(0).has_value());
+  for (uint32_t i = 0; i < 20; ++i) {
+    auto logits = RandomLogits(50, 40 + i);
+    auto copy = logits;
+    EXPECT_EQ(declined.Sample(logits), twin.Sample(copy)) << "draw " << i << ": the declined plan took a uniform";
+  }
 }
 
 }  // namespace
