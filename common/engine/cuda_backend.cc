@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common/engine/device_backend.h"
@@ -50,9 +51,9 @@ class DeviceScratch {
   }
   absl::StatusOr<T*> Get(size_t count) {
     if (count > capacity_) {
-      if (data_) TANDEM_CUDA_RETURN_IF_ERROR(cudaFree(data_));
-      data_ = nullptr;
+      T* old = std::exchange(data_, nullptr);
       capacity_ = 0;
+      if (old) TANDEM_CUDA_RETURN_IF_ERROR(cudaFree(old));
       const size_t want = std::max(count, size_t{64});
       void* p = nullptr;
       TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, want * sizeof(T)));
@@ -202,8 +203,10 @@ class DeviceRunner final : public model::ForwardRunner {
                                                 workspace_bytes, stream));
         }
       }
-      TANDEM_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(drawn.data(), dids, drawn.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+      const size_t from = in_place ? 0 : static_cast<size_t>(rows);  // the ids [from, end) were drawn
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(drawn.data() + from, dids + from,
+                                                  (drawn.size() - from) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                                  stream));
     }
     for (size_t j = 0; j < copy_rows.size(); ++j) {
       TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(copied.data() + j * static_cast<size_t>(vocab),
