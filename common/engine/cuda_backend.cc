@@ -264,4 +264,59 @@ absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::Model
   return backend;
 }
 
+namespace {
+
+// The staging copies of one engine, in issue order on their own stream.
+class CudaStagingCopier final : public StagingCopier {
+ public:
+  CudaStagingCopier(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  ~CudaStagingCopier() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+  absl::Status Enqueue(void* dst, const void* src, size_t bytes) override {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<StagingFence> Fence() override {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    cudaEvent_t event = nullptr;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    std::shared_ptr<void> owned(event, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(event, stream_));
+    return StagingFence([device = device_, owned]() -> absl::Status {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));  // the waiting thread may never have used the device
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(static_cast<cudaEvent_t>(owned.get())));
+      return absl::OkStatus();
+    });
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<void>> PinHostMemory(int device, void* base, size_t bytes) {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  if (const cudaError_t err = cudaHostRegister(base, bytes, cudaHostRegisterDefault); err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it, or the next launch check would report it
+    return kernels::cuda::CudaStatus(err, "cudaHostRegister", __FILE__, __LINE__);
+  }
+  return std::shared_ptr<void>(base, [device](void* p) {
+    cudaSetDevice(device);
+    cudaHostUnregister(p);
+  });
+}
+
+absl::StatusOr<std::unique_ptr<StagingCopier>> MakeCudaStagingCopier(int device) {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  cudaStream_t stream = nullptr;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  return std::unique_ptr<StagingCopier>(std::make_unique<CudaStagingCopier>(device, stream));
+}
+
 }  // namespace tandem::engine

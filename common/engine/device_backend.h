@@ -10,6 +10,7 @@
 
 #include "common/cache/pools.h"
 #include "common/core/status.h"
+#include "common/engine/staging.h"
 #include "common/model/forward.h"
 
 namespace tandem::engine {
@@ -34,5 +35,13 @@ absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name);
 // Uploads `weights` to CUDA device `device` and prepares its pool memory.
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
                                               CudaDense dense);
+
+// The PD staging of a --device cuda engine (staging.h): its host copy of the pools page-locked, so the copies
+// to and from it are DMA and asynchronous. PinHostMemory page-locks `bytes` at `base` (memory the transport
+// allocated) with cudaHostRegister; the handle unlocks it (cudaHostUnregister) when released.
+absl::StatusOr<std::shared_ptr<void>> PinHostMemory(int device, void* base, size_t bytes);
+// Copies on a non-blocking stream of their own, fenced by CUDA events. They read what the forward wrote: it
+// returns only once its own stream has synchronised.
+absl::StatusOr<std::unique_ptr<StagingCopier>> MakeCudaStagingCopier(int device);
 
 }  // namespace tandem::engine

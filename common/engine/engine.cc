@@ -127,8 +127,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (staged) {
     TANDEM_ASSIGN_OR_RETURN(engine->staging_pools_, cache::StatePools::Create(shapes, layout, engine->plan_.counts,
                                                                               engine->transfer_->allocator()));
-    spdlog::info("PD hand-over staged through a host copy of the pools ({} pools)",
-                 device_allocator ? "device" : "test-staged");
+    if (device_allocator) {
+      TANDEM_RETURN_IF_ERROR(engine->PinStagingPools());
+    } else {
+      engine->staging_copier_ = MakeDeferredHostCopier();
+      spdlog::info("PD hand-over staged through a host copy of the pools (--test-staged-pools)");
+    }
   }
   spdlog::info("{}", engine->plan_.Summary());
   engine->scheduler_ = std::make_unique<Scheduler>(engine->runner_.get(), engine->pools_.get(), options.scheduler);
@@ -136,13 +140,39 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     cache::StatePools& shipped = engine->staging_pools_ ? *engine->staging_pools_ : *engine->pools_;
     TANDEM_ASSIGN_OR_RETURN(engine->links_,
                             engine->transfer_->MakeLinks(shipped, [e = engine.get()] { e->Wake(); },
-                                                         engine->staging_pools_ ? engine->pools_.get() : nullptr));
+                                                         StagedPools{engine->staging_pools_ ? engine->pools_.get() : nullptr,
+                                                                     engine->staging_copier_.get()}));
     engine->scheduler_->SetRole(options.role, engine->links_.prefill.get(), engine->links_.decode.get());
   }
   engine->load_.scheduler = engine->scheduler_->Stats();
   engine->thread_ = std::thread([e = engine.get()] { e->Loop(); });
   TANDEM_RETURN_IF_ERROR(engine->WarmUp());
   return engine;
+}
+
+// The host copy the transport ships from, page-locked so the device copies to and from it are DMA that runs
+// asynchronously on the copier's stream. A region the driver refuses to pin is a logged fallback, not a
+// startup error: its copies still work from pageable memory, only synchronously and slower.
+absl::Status Engine::PinStagingPools() {
+  TANDEM_ASSIGN_OR_RETURN(staging_copier_, MakeCudaStagingCopier(options_.cuda_device));
+  int64_t pinned = 0, pageable = 0;
+  for (cache::PoolKind kind : cache::kAllPools) {
+    const std::span<uint8_t> region = staging_pools_->region(kind);
+    if (region.empty()) continue;
+    auto pin = PinHostMemory(options_.cuda_device, region.data(), region.size());
+    if (pin.ok()) {
+      staging_pins_.push_back(std::move(*pin));
+      pinned += static_cast<int64_t>(region.size());
+    } else {
+      pageable += static_cast<int64_t>(region.size());
+      spdlog::warn("PD staging: cannot page-lock the host copy of pool {} ({:.1f} MiB): {}; its device copies fall back to "
+                   "pageable memory (synchronous, slower)",
+                   cache::PoolName(kind), static_cast<double>(region.size()) / (1 << 20), std::string(pin.status().message()));
+    }
+  }
+  spdlog::info("PD hand-over staged through a host copy of the device pools: {:.1f} MiB page-locked, {:.1f} MiB pageable",
+               static_cast<double>(pinned) / (1 << 20), static_cast<double>(pageable) / (1 << 20));
+  return absl::OkStatus();
 }
 
 Engine::~Engine() {

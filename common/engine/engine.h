@@ -19,6 +19,7 @@
 #include "common/core/status.h"
 #include "common/engine/device_backend.h"
 #include "common/engine/scheduler.h"
+#include "common/engine/staging.h"
 #include "common/model/forward.h"
 #include "common/model/weights.h"
 
@@ -40,10 +41,10 @@ class TransferSetup {
   // Where the pools' memory comes from; empty: the heap.
   virtual cache::RegionAllocator allocator() = 0;
   // `wake` nudges the scheduler thread when the other engine answered. `pools` are what the transport
-  // ships from and lands in; when `staged_from` is given, the live state is there instead (device pools
-  // of the same shapes) and the links copy each segment between the two on the way.
+  // ships from and lands in; when `staged.live` is given, the live state is there instead (device pools
+  // of the same shapes) and the links copy each segment between the two on the way, with `staged.copier`.
   virtual absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake,
-                                                        cache::StatePools* staged_from) = 0;
+                                                        StagedPools staged) = 0;
 };
 using LinkFactory = std::function<absl::StatusOr<std::unique_ptr<TransferSetup>>()>;
 
@@ -112,6 +113,7 @@ class Engine {
   Engine() = default;
   void Loop();
   absl::Status WarmUp();
+  absl::Status PinStagingPools();
 
   EngineOptions options_;
   std::shared_ptr<const model::ModelWeights> weights_;
@@ -122,6 +124,8 @@ class Engine {
   std::unique_ptr<TransferSetup> transfer_;  // before pools_: it owns their memory for the split roles
   std::unique_ptr<cache::StatePools> pools_;
   std::unique_ptr<cache::StatePools> staging_pools_;  // PD with device pools: the transport's host copy
+  std::vector<std::shared_ptr<void>> staging_pins_;   // its regions page-locked (--device cuda)
+  std::unique_ptr<StagingCopier> staging_copier_;     // live pools <-> host copy; the links use it
   DisaggregationLinks links_;
   std::unique_ptr<Scheduler> scheduler_;
 

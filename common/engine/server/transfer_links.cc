@@ -1,9 +1,12 @@
 #include "common/engine/server/transfer_links.h"
 
 #include <cstdlib>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -45,17 +48,19 @@ class RegisteredPools {
 };
 
 // Live pools the transport cannot ship from (device memory) and their registered host copy: the same
-// shapes, so a segment has the same offset in both; segments are copied across on the way out and in.
+// shapes, so a segment has the same offset in both; segments are copied across on the way out and in, by the
+// engine's copier (asynchronous; a fence says when they landed).
 struct Staging {
-  cache::StatePools* live = nullptr;   // null: the registered pools are the live ones
+  cache::StatePools* live = nullptr;  // null: the registered pools are the live ones
   cache::StatePools* host = nullptr;
+  StagingCopier* copier = nullptr;
   absl::Status ToHost(const StateSegment& s) const {
-    return live->Copy(host->region(s.pool).data() + s.offset, live->region(s.pool).data() + s.offset,
-                      static_cast<size_t>(s.length));
+    return copier->Enqueue(host->region(s.pool).data() + s.offset, live->region(s.pool).data() + s.offset,
+                           static_cast<size_t>(s.length));
   }
   absl::Status ToLive(const StateSegment& s) const {
-    return live->Copy(live->region(s.pool).data() + s.offset, host->region(s.pool).data() + s.offset,
-                      static_cast<size_t>(s.length));
+    return copier->Enqueue(live->region(s.pool).data() + s.offset, host->region(s.pool).data() + s.offset,
+                           static_cast<size_t>(s.length));
   }
 };
 
@@ -104,6 +109,14 @@ class Outcomes {
   std::map<uint64_t, absl::Status> done_;
 };
 
+// The prefill side. Ship and Complete only queue work and return: on the scheduler thread, Ship enqueues the
+// chunk's staging copies (device pools: live -> host copy) and a fence, and hands the chunk's runs to this
+// link's shipping thread, which waits on the fence and then puts the runs; Complete queues the COMPLETE
+// behind the room's last puts. So while the shipping thread puts chunk N, the scheduler computes chunk N+1
+// and enqueues its copies (DMA on the copier's stream): the copy of chunk N+1 overlaps the puts of chunk N
+// (and the forward of chunk N+1 overlaps them too). The only waits are the shipping thread's, on a chunk's
+// fence once the puts before it returned, and inside the put (remote completion). A failure ends the room in
+// the agent; the scheduler learns of it through Acknowledged (or its next Ship).
 class UcxPrefillLink final : public PrefillLink {
  public:
   UcxPrefillLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, Staging staging,
@@ -112,6 +125,14 @@ class UcxPrefillLink final : public PrefillLink {
     // Test hook: the first bytes shipped for this room leave with one bit flipped (the source is
     // restored right after the put), so tests can prove the checksums catch a corrupted transfer.
     if (const char* room = std::getenv("TANDEM_TEST_CORRUPT_ROOM")) corrupt_room_ = std::strtoull(room, nullptr, 10);
+  }
+  ~UcxPrefillLink() override {
+    {
+      std::lock_guard lock(jobs_mutex_);
+      stop_ = true;  // what is still queued is dropped: the agent fails those rooms as it shuts down
+    }
+    jobs_changed_.notify_all();
+    if (shipper_.joinable()) shipper_.join();
   }
 
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
@@ -123,6 +144,7 @@ class UcxPrefillLink final : public PrefillLink {
         observer(bytes, std::chrono::duration<double>(latency).count());
       });
     }
+    shipper_ = std::thread([this] { ShipLoop(); });
     return absl::OkStatus();
   }
   int port() const { return agent_->port(); }
@@ -136,35 +158,36 @@ class UcxPrefillLink final : public PrefillLink {
     if (auto done = outcomes_.Find(room)) return done->ok() ? absl::InternalError("room ended before its state was sent") : *done;
     auto destination = agent_->WaitDestination(room, milliseconds(0));
     if (destination.ok()) return absl::OkStatus();
-    if (destination.status().code() == absl::StatusCode::kDeadlineExceeded && !outcomes_.Find(room)) return std::nullopt;
+    if (destination.status().code() == absl::StatusCode::kDeadlineExceeded) {
+      // Still live when the agent looked; if it ended since, its outcome is the answer, not the timeout.
+      auto done = outcomes_.Find(room);
+      if (!done) return std::nullopt;
+      return done->ok() ? absl::InternalError("room ended before its state was sent") : *done;
+    }
     return destination.status();
   }
   absl::Status Ship(uint64_t room, const StateManifest& source, std::span<const size_t> segments) override {
+    // An earlier chunk's put failed (the room ended): stop here.
+    if (auto done = outcomes_.Find(room)) return done->ok() ? absl::InternalError("room ended before its state was sent") : *done;
     sources_[room] = &source;  // the scheduler keeps it alive until the room ends
     // The agent takes runs of consecutive destination indices.
+    Job job;
+    job.room = room;
     size_t i = 0;
-    std::vector<transfer::Segment> run;
     while (i < segments.size()) {
-      const size_t first = segments[i];
-      run.clear();
-      while (i < segments.size() && segments[i] == first + run.size()) {
+      Run run{segments[i], {}};
+      while (i < segments.size() && segments[i] == run.first + run.segments.size()) {
         const StateSegment& segment = source.segments()[segments[i++]];
-        // Device pools: this chunk's bytes go to the registered host copy first (the previous chunk's
-        // puts are in flight meanwhile).
         if (staging_.live) TANDEM_RETURN_IF_ERROR(staging_.ToHost(segment));
-        run.push_back(pools_.Convert(segment));
+        run.segments.push_back(pools_.Convert(segment));
       }
-      uint8_t* flipped = nullptr;
-      if (room == corrupt_room_ && corrupt_room_ != 0) {
-        corrupt_room_ = 0;
-        flipped = transport_->regions()[run.front().region].base + run.front().offset;
-        spdlog::warn("test hook: corrupting the transfer of room {}", room);
-        *flipped ^= 0x01;
-      }
-      const absl::Status shipped = agent_->Ship(room, first, run);
-      if (flipped) *flipped ^= 0x01;
-      TANDEM_RETURN_IF_ERROR(shipped);
+      job.runs.push_back(std::move(run));
     }
+    if (job.runs.empty()) return absl::OkStatus();
+    if (staging_.live) {
+      TANDEM_ASSIGN_OR_RETURN(job.fence, staging_.copier->Fence());
+    }
+    Queue(std::move(job));
     return absl::OkStatus();
   }
   absl::Status Complete(uint64_t room, const Handoff& handoff) override {
@@ -172,10 +195,13 @@ class UcxPrefillLink final : public PrefillLink {
     // both travel: decode's agent checks the first, its scheduler the second.
     auto source = sources_.find(room);
     if (source == sources_.end()) return absl::InternalError("complete before any segment was shipped");
-    TANDEM_ASSIGN_OR_RETURN(const uint64_t wire,
-                            transfer::ChecksumSegments(transport_->regions(), pools_.Convert(*source->second)));
+    Job job;
+    job.room = room;
+    job.complete = handoff;
+    job.source = pools_.Convert(*source->second);
     sources_.erase(source);
-    return agent_->Complete(room, {handoff.first_token, wire, EncodeChecksum(handoff.checksum)});
+    Queue(std::move(job));
+    return absl::OkStatus();
   }
   std::optional<absl::Status> Acknowledged(uint64_t room) override {
     auto done = outcomes_.Find(room);
@@ -184,18 +210,87 @@ class UcxPrefillLink final : public PrefillLink {
   }
   void Abort(uint64_t room, const absl::Status& reason) override {
     sources_.erase(room);
+    {
+      std::lock_guard lock(jobs_mutex_);
+      std::erase_if(jobs_, [room](const Job& job) { return job.room == room; });
+    }
     if (auto status = agent_->Abort(room, std::string(reason.message())); !status.ok() && !absl::IsNotFound(status)) {
       spdlog::warn("prefill: abort room {}: {}", room, std::string(status.message()));
     }
   }
+
  private:
+  struct Run {
+    size_t first = 0;  // destination index of segments[0]
+    std::vector<transfer::Segment> segments;
+  };
+  // A chunk's runs (after its copies, when staged) or, for `complete`, the room's COMPLETE.
+  struct Job {
+    uint64_t room = 0;
+    std::vector<Run> runs;
+    StagingFence fence;
+    std::optional<Handoff> complete;
+    std::vector<transfer::Segment> source;  // complete: every segment of the room, for the wire checksum
+  };
+
+  void Queue(Job job) {
+    {
+      std::lock_guard lock(jobs_mutex_);
+      jobs_.push_back(std::move(job));
+    }
+    jobs_changed_.notify_one();
+  }
+  void ShipLoop() {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock lock(jobs_mutex_);
+        jobs_changed_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+        if (stop_) return;
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      if (absl::Status status = RunJob(job); !status.ok()) {
+        // A failed put has ended the room in the agent already; anything else (a staging copy) ends it here.
+        // Either way RoomDone reports it and the scheduler's next poll fails the request.
+        if (auto aborted = agent_->Abort(job.room, std::string(status.message())); !aborted.ok() && !absl::IsNotFound(aborted)) {
+          spdlog::warn("prefill: abort room {}: {}", job.room, std::string(aborted.message()));
+        }
+      }
+    }
+  }
+  absl::Status RunJob(const Job& job) {
+    // Waits here (the shipping thread, never the scheduler) for this chunk's copies into the host copy.
+    if (job.fence) TANDEM_RETURN_IF_ERROR(job.fence());
+    for (const Run& run : job.runs) {
+      uint8_t* flipped = nullptr;
+      if (job.room == corrupt_room_ && corrupt_room_ != 0) {
+        corrupt_room_ = 0;
+        flipped = transport_->regions()[run.segments.front().region].base + run.segments.front().offset;
+        spdlog::warn("test hook: corrupting the transfer of room {}", job.room);
+        *flipped ^= 0x01;
+      }
+      const absl::Status shipped = agent_->Ship(job.room, run.first, run.segments);
+      if (flipped) *flipped ^= 0x01;
+      TANDEM_RETURN_IF_ERROR(shipped);
+    }
+    if (!job.complete) return absl::OkStatus();
+    TANDEM_ASSIGN_OR_RETURN(const uint64_t wire, transfer::ChecksumSegments(transport_->regions(), job.source));
+    return agent_->Complete(job.room, {job.complete->first_token, wire, EncodeChecksum(job.complete->checksum)});
+  }
+
   std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
   Staging staging_;
   Outcomes outcomes_;
   std::unique_ptr<transfer::PrefillAgent> agent_;
   std::map<uint64_t, const StateManifest*> sources_;  // scheduler thread only
-  uint64_t corrupt_room_ = 0;
+  uint64_t corrupt_room_ = 0;                         // shipping thread only
+  std::mutex jobs_mutex_;
+  std::condition_variable jobs_changed_;
+  std::deque<Job> jobs_;
+  bool stop_ = false;
+  std::thread shipper_;  // last: started once the agent exists, joined before anything goes
 };
 
 class UcxDecodeLink final : public DecodeLink {
@@ -229,9 +324,15 @@ class UcxDecodeLink final : public DecodeLink {
     }
     auto completion = agent_->WaitCompletion(room, milliseconds(0));
     if (!completion.ok()) {
-      if (completion.status().code() == absl::StatusCode::kDeadlineExceeded && !outcomes_.Find(room)) return std::nullopt;
+      absl::Status failed = completion.status();
+      if (failed.code() == absl::StatusCode::kDeadlineExceeded) {
+        // Still live when the agent looked; if it ended since, its outcome is the answer, not the timeout.
+        auto done = outcomes_.Find(room);
+        if (!done) return std::nullopt;
+        failed = done->ok() ? absl::InternalError("room ended before its state arrived") : *done;
+      }
       outcomes_.Forget(room);
-      return absl::StatusOr<Handoff>(completion.status());
+      return absl::StatusOr<Handoff>(failed);
     }
     Handoff handoff;
     handoff.first_token = completion->first_token;
@@ -241,15 +342,21 @@ class UcxDecodeLink final : public DecodeLink {
     std::memcpy(&handoff.checksum, completion->payload.data(), 8);
     if (staging_.live) {
       // The state landed in the host copy: move it into the live (device) pools before decode reads it;
-      // the scheduler's checksum then covers this copy too.
+      // the scheduler's checksum then covers this copy too. All segments go as one batch of DMA copies, waited
+      // for here, on the scheduler thread: the next thing it does is read these pages.
       auto destination = destinations_.find(room);
       if (destination == destinations_.end()) {
         return absl::StatusOr<Handoff>(absl::InternalError("staged room completed without its destination"));
       }
+      absl::Status copied;
       for (const auto& segment : destination->second.segments()) {
-        if (absl::Status copied = staging_.ToLive(segment); !copied.ok()) return absl::StatusOr<Handoff>(copied);
+        if (copied = staging_.ToLive(segment); !copied.ok()) break;
       }
+      absl::StatusOr<StagingFence> fence = copied.ok() ? staging_.copier->Fence() : absl::StatusOr<StagingFence>(copied);
+      if (fence.ok()) copied = (*fence)();
+      if (!fence.ok()) copied = fence.status();
       destinations_.erase(destination);
+      if (!copied.ok()) return absl::StatusOr<Handoff>(copied);
     }
     return absl::StatusOr<Handoff>(handoff);
   }
@@ -294,8 +401,9 @@ class UcxTransferSetup final : public TransferSetup {
   }
 
   absl::StatusOr<DisaggregationLinks> MakeLinks(cache::StatePools& pools, std::function<void()> wake,
-                                                cache::StatePools* staged_from) override {
-    const Staging staging{staged_from, &pools};
+                                                StagedPools staged) override {
+    if (staged.live && !staged.copier) return absl::InvalidArgumentError("staged pools without a staging copier");
+    const Staging staging{staged.live, &pools, staged.copier};
     RegisteredPools registered;
     TANDEM_RETURN_IF_ERROR(registered.Register(*transport_, pools));
     transfer::LayoutDescriptor descriptor;
