@@ -831,6 +831,17 @@ Routing RandomRouting(std::mt19937_64& rng, int64_t T) {
 // Shared expert (FP8 block, one expert of T rows): the same counting with its 8 MB weight.
 // Rotation: each copy has its own routing (different experts for the small T) and its own activations;
 // the shared expert's weights have their own 20 copies.
+// Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=layer,attention,indexer,compressor,moe,head
+// and TANDEM_KERNEL_BENCH_TOKENS=1,64,... (both unset: everything).
+bool InList(const char* env, const std::string& item) {
+  const char* list = std::getenv(env);
+  if (!list || !*list) return true;
+  const std::string all = std::string(",") + list + ",";
+  return all.find("," + item + ",") != std::string::npos;
+}
+bool WantGroup(const char* group) { return InList("TANDEM_KERNEL_BENCH_GROUPS", group); }
+bool WantTokens(int64_t T) { return InList("TANDEM_KERNEL_BENCH_TOKENS", std::to_string(T)); }
+
 void RunMoe(Bench& bench, std::vector<Row>& rows) {
   const cudaStream_t s = bench.stream();
   using Format = QuantizedWeight::Format;
@@ -850,6 +861,7 @@ void RunMoe(Bench& bench, std::vector<Row>& rows) {
   }
   auto bias = RandomFloats(static_cast<size_t>(kExperts), 44, -0.1f, 0.1f);
   for (const int64_t T : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}, kPrefill}) {
+    if (!WantTokens(T)) continue;
     const int64_t P = T * kTopExperts;
     std::mt19937_64 rng(600 + static_cast<uint64_t>(T));
     std::vector<Routing> routing{RandomRouting(rng, T)};
@@ -930,6 +942,21 @@ void RunMoe(Bench& bench, std::vector<Row>& rows) {
       return GroupedQuantizedLinear(w3.view, at(i).x.get(), at(i).gather.get(), at(i).offsets.get(), P, at(i).y3.get(), s);
     });
     Add(rows, "grouped_w3_mxfp4", T, 0, t3, w13_bytes, 2.0 * P * kMoeInter * kHidden);
+    // What the decode forward runs: w1 and w3 in one pass with the SwiGLU (bytes: both weights, x, h).
+    const Timing t13 = bench.Time([&](int i) {
+      return GroupedSwiGluLinear(w1.view, w3.view, at(i).x.get(), at(i).gather.get(), at(i).offsets.get(), P, 10.0f,
+                                 at(i).h.get(), s);
+    });
+    const double w13_fused_bytes = 2.0 * touched * w1.expert_bytes + 4.0 * (T * kHidden + P * kMoeInter) + index_bytes;
+    Add(rows, "grouped_w13_swiglu_mxfp4", T, 0, t13, w13_fused_bytes, 4.0 * P * kMoeInter * kHidden);
+    // The same with every expert through the f32 GEMV / tiled kernels (the tensor-core unit off): the baseline.
+    SetGroupedLinearTensorCores(false);
+    const Timing t13_f32 = bench.Time([&](int i) {
+      return GroupedSwiGluLinear(w1.view, w3.view, at(i).x.get(), at(i).gather.get(), at(i).offsets.get(), P, 10.0f,
+                                 at(i).h.get(), s);
+    });
+    SetGroupedLinearTensorCores(true);
+    Add(rows, "grouped_w13_swiglu_mxfp4_f32", T, 0, t13_f32, w13_fused_bytes, 4.0 * P * kMoeInter * kHidden);
     // SwiGLU of the routed rows into h (the w2 input): bytes = a, b in and h out (12 B per value); FLOPs ~6 per
     // value (clamps, exp, divide, multiply).
     const double count = static_cast<double>(P * kMoeInter);
@@ -940,8 +967,14 @@ void RunMoe(Bench& bench, std::vector<Row>& rows) {
     const Timing t2 = bench.Time([&](int i) {
       return GroupedQuantizedLinear(w2.view, at(i).h.get(), nullptr, at(i).offsets.get(), P, at(i).y2.get(), s);
     });
-    Add(rows, "grouped_w2_mxfp4", T, 0, t2, touched * w2.expert_bytes + 4.0 * (P * kMoeInter + P * kHidden) + 8.0 * (kExperts + 1),
-        2.0 * P * kHidden * kMoeInter);
+    const double w2_bytes = touched * w2.expert_bytes + 4.0 * (P * kMoeInter + P * kHidden) + 8.0 * (kExperts + 1);
+    Add(rows, "grouped_w2_mxfp4", T, 0, t2, w2_bytes, 2.0 * P * kHidden * kMoeInter);
+    SetGroupedLinearTensorCores(false);
+    const Timing t2_f32 = bench.Time([&](int i) {
+      return GroupedQuantizedLinear(w2.view, at(i).h.get(), nullptr, at(i).offsets.get(), P, at(i).y2.get(), s);
+    });
+    SetGroupedLinearTensorCores(true);
+    Add(rows, "grouped_w2_mxfp4_f32", T, 0, t2_f32, w2_bytes, 2.0 * P * kHidden * kMoeInter);
     Check(cudaDeviceSynchronize(), "routed experts");
     CheckFinite(sets[0].y2.get(), sets[0].y2.size(), "grouped_w2_mxfp4");
 
@@ -1106,22 +1139,31 @@ int main(int argc, char** argv) {
     Add(rows, "dequant_fp8_wq_b", 0, 0, timing, 3.0 * out * in + static_cast<double>(scales.bytes()), 1.0 * out * in);
   }
   constexpr int64_t kDecode[] = {1, 16, 64, 256};
-  for (const int64_t T : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}, kPrefill}) RunLayerOps(bench, gemm, T, rows);
+  constexpr int64_t kAll[] = {1, 16, 64, 256, kPrefill};
+  for (const int64_t T : kAll) {
+    if (WantGroup("layer") && WantTokens(T)) RunLayerOps(bench, gemm, T, rows);
+  }
   const std::vector<uint8_t> key_template = IndexerKeyTemplate();
   for (const int64_t context : {int64_t{4096}, int64_t{32768}}) {
     for (const int64_t T : kDecode) {
-      RunSparseAttention(bench, T, context, rows);
-      RunIndexer(bench, T, context, key_template, rows);
+      if (!WantTokens(T)) continue;
+      if (WantGroup("attention")) RunSparseAttention(bench, T, context, rows);
+      if (WantGroup("indexer")) RunIndexer(bench, T, context, key_template, rows);
     }
   }
-  RunSparseAttention(bench, kPrefill, kPrefill, rows);
-  RunIndexer(bench, kPrefill, kPrefill, key_template, rows);
-  for (const int64_t T : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}, kPrefill}) {
+  if (WantTokens(kPrefill)) {
+    if (WantGroup("attention")) RunSparseAttention(bench, kPrefill, kPrefill, rows);
+    if (WantGroup("indexer")) RunIndexer(bench, kPrefill, kPrefill, key_template, rows);
+  }
+  for (const int64_t T : kAll) {
+    if (!WantGroup("compressor") || !WantTokens(T)) continue;
     RunCompressor(bench, T, false, rows);
     RunCompressor(bench, T, true, rows);
   }
-  RunMoe(bench, rows);
-  for (const int64_t T : kDecode) RunHead(bench, T, rows);
+  if (WantGroup("moe")) RunMoe(bench, rows);
+  for (const int64_t T : kDecode) {
+    if (WantGroup("head") && WantTokens(T)) RunHead(bench, T, rows);
+  }
 
   const std::string kernels_path = out_dir + "/kernels.csv", ceilings_path = out_dir + "/ceilings.csv";
   FILE* csv = std::fopen(kernels_path.c_str(), "w");

@@ -296,22 +296,39 @@ void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int
   EXPECT_EQ(bad, 0);
 }
 
+// Restores the process-wide switch whatever the test does.
+struct TensorCores {
+  explicit TensorCores(bool on) { cuda::SetGroupedLinearTensorCores(on); }
+  ~TensorCores() { cuda::SetGroupedLinearTensorCores(true); }
+};
+
 TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
-  // Experts with 0 rows, 1 to 32 (the GEMV path: groups of 4, the last one partial), 33 and more (the
-  // tiled path: 70 two row tiles, 150 three).
+  // Experts with 0 rows, 1 to 8 (MXFP4: the tensor-core unit, 4 or 8 rows staged), 9 to 32 (the GEMV path:
+  // groups of 4, the last one partial), 33 and more (the tiled path: 70 two row tiles, 150 three). With the
+  // tensor cores off, the GEMV takes the small experts too.
   const std::vector<int64_t> counts = {0, 1, 3, 0, 2, 4, 5, 70, 1, 150, 8, 13, 32, 33, 6};
-  for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
-    // Tiny w1/w3 and w2, a shape with partial output tiles and K chunks, and the flash expert w1.
-    ExpectGroupedLinearMatches(format, kTiny.intermediate, kTiny.hidden, counts, true, 150, rng_);
-    ExpectGroupedLinearMatches(format, kTiny.hidden, kTiny.intermediate, counts, false, 150, rng_);
-    ExpectGroupedLinearMatches(format, 100, 192, counts, true, 150, rng_);
-    // A bound below the real maximum costs parallelism only.
-    ExpectGroupedLinearMatches(format, 100, 192, counts, false, 1, rng_);
-    ExpectGroupedLinearMatches(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 9, 4, 1}, true, 64, rng_);
+  for (const bool tensor_cores : {true, false}) {
+    SCOPED_TRACE(tensor_cores ? "tensor cores on" : "tensor cores off");
+    const TensorCores scope(tensor_cores);
+    for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
+      // Tiny w1/w3 and w2, a shape with partial output tiles and K chunks, and the flash expert w1.
+      ExpectGroupedLinearMatches(format, kTiny.intermediate, kTiny.hidden, counts, true, 150, rng_);
+      ExpectGroupedLinearMatches(format, kTiny.hidden, kTiny.intermediate, counts, false, 150, rng_);
+      ExpectGroupedLinearMatches(format, 100, 192, counts, true, 150, rng_);
+      // A bound below the real maximum costs parallelism only.
+      ExpectGroupedLinearMatches(format, 100, 192, counts, false, 1, rng_);
+      // The flash w1 (7 rows: x staged in two K phases).
+      ExpectGroupedLinearMatches(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 9, 4, 1, 7}, true, 64, rng_);
+    }
+    // Flash w2 at decode (one to three rows per expert, and six: two phases); every expert within the tensor
+    // cores' 8 rows (the f32 launch finds no units); a bound below 24 (one token: the f32 GEMV).
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 1, 3, 6}, false,
+                               64, rng_);
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {2, 0, 8}, false, 24,
+                               rng_);
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 2, 1}, false, 6,
+                               rng_);
   }
-  // Flash w2 at decode: one row per expert.
-  ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 1, 3}, false,
-                             64, rng_);
 }
 
 // The fused w1/w3 + SwiGlu pass against the separate calls it replaces: the same sums, so equal bits.
@@ -379,13 +396,17 @@ void ExpectSwiGluLinearMatchesSeparate(QuantizedWeight::Format format, int64_t o
 }
 
 TEST_F(CudaTest, GroupedSwiGluLinearMatchesSeparateCalls) {
-  for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
-    // GEMV groups, partial output units, the tiled path (40 rows), experts without rows.
-    ExpectSwiGluLinearMatchesSeparate(format, kTiny.intermediate, kTiny.hidden, {0, 1, 2, 3, 4, 7, 0, 40, 1}, true,
-                                      rng_);
-    ExpectSwiGluLinearMatchesSeparate(format, 100, 192, {2, 0, 5, 1, 40}, false, rng_);
-    // Flash w1/w3 at decode.
-    ExpectSwiGluLinearMatchesSeparate(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 1}, true, rng_);
+  for (const bool tensor_cores : {true, false}) {
+    SCOPED_TRACE(tensor_cores ? "tensor cores on" : "tensor cores off");
+    const TensorCores scope(tensor_cores);
+    for (const auto format : {QuantizedWeight::Format::kMxfp4, QuantizedWeight::Format::kFp8Block}) {
+      // GEMV groups, partial output units, the tiled path (40 rows), experts without rows.
+      ExpectSwiGluLinearMatchesSeparate(format, kTiny.intermediate, kTiny.hidden, {0, 1, 2, 3, 4, 7, 0, 40, 1}, true,
+                                        rng_);
+      ExpectSwiGluLinearMatchesSeparate(format, 100, 192, {2, 0, 5, 1, 40}, false, rng_);
+      // Flash w1/w3 at decode.
+      ExpectSwiGluLinearMatchesSeparate(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 1, 7}, true, rng_);
+    }
   }
   // No expert has rows: nothing to write, and the call still succeeds.
   ExpectSwiGluLinearMatchesSeparate(QuantizedWeight::Format::kMxfp4, 64, 128, {0, 0, 0}, true, rng_);

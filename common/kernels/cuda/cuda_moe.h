@@ -55,6 +55,11 @@ struct GroupedWeights {
 absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* x, const int32_t* gather,
                                     const int64_t* offsets, int64_t max_rows_per_expert, float* y,
                                     cudaStream_t stream = nullptr);
+// When max_rows_per_expert >= 24 (a batch of several tokens), MXFP4 experts with at most 8 rows run on tensor
+// cores (bf16 mma with f32 accumulation, x split into a bf16 hi + lo pair: |x - hi - lo| <= 2^-16 |x|, so
+// within ~1e-5 of the f32 sums); the rest, every FP8 expert and small batches through the f32 kernels. Off: everything through the f32 kernels (process-wide; for A/B comparisons in
+// tests and benchmarks).
+void SetGroupedLinearTensorCores(bool on);
 // The expert FFN's first half in one pass over x: h[r, :] = SwiGlu(x_r . dequant(W1_e)^T, x_r . dequant(W3_e)^T,
 // limit) (SwiGlu below), bit-identical to GroupedQuantizedLinear into a and b followed by SwiGlu. w1 and w3:
 // same format and shape; h [offsets[E], out] f32.

@@ -1,12 +1,15 @@
 // MoE on the GPU (NUMERICS.md "MoE"): routing, grouping (token, slot) pairs by expert, grouped expert GEMMs
 // that dequantize MXFP4 / block-FP8 weights on the fly, the clamped SwiGLU and the weighted combine.
 // Routing scores are double like the CPU; GEMMs are f32 with f32 accumulation (only the summation order
-// differs from the CPU). e2m1 / e4m3 codes become f32 by placing their bits at the bottom of an f32
+// differs from the CPU), except the MXFP4 experts with at most 8 rows, which run on tensor cores with x as a
+// bf16 hi + lo pair (|x - hi - lo| <= 2^-16 |x|). e2m1 / e4m3 codes become f32 by placing their bits at the bottom of an f32
 // exponent (a subnormal for the codes' own subnormals) and one exact multiply by 2^126 / 2^120: this needs
 // f32 denormals, so this file must not be built with -ftz=true or --use_fast_math.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <utility>
@@ -229,6 +232,8 @@ struct LinearArgs {
   float* y;
   float limit;
   bool gemv;  // a group's x fits the shared memory (else every unit is tiled)
+  bool mma;   // MXFP4 experts with up to kMmaMaxRows rows take the tensor-core unit
+  int64_t smem_bytes;  // the dynamic shared memory of the launch
 };
 
 // 2^(bits - 127) as an f32 (bits 0 is the subnormal 2^-127, 255 is NaN), as the CPU's Ue8m0ToFloat.
@@ -248,16 +253,22 @@ __device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t select
 // lookups (prmt) give the two bytes of each value's bf16 (0, .5, 1, 1.5, 2, 3, 4, 6 are 0x0000 0x3F00 0x3F80
 // 0x3FC0 0x4000 0x4040 0x4080 0x40C0); a prmt in sign mode on 0x80 bytes gives 0xFF for negative codes, whose
 // bit 6 becomes the sign. About 2.6 integer ops per value. Checked against all codes on the CPU.
+// E2m1Bf16Quad: the same four values as two bf16x2 words (values 0, 1 and 2, 3; the lower value in the low
+// half), as the tensor-core units feed them to mma.
 template <int h>
-__device__ __forceinline__ float4 E2m1Quad(uint32_t w) {
+__device__ __forceinline__ uint2 E2m1Bf16Quad(uint32_t w) {
   const uint32_t codes = h == 0 ? w : w >> 16;
   const uint32_t magnitude = codes & 0x7777u;
   uint32_t top = Prmt(0x3F3F3F00u, 0x40404040u, magnitude);
   const uint32_t second = Prmt(0xC0800000u, 0xC0804000u, magnitude);
   top |= (Prmt(0x80808080u, 0x80808080u, codes) << 1) & 0x80808080u;  // prmt reads selector bits 0..15
-  const uint32_t v01 = Prmt(top, second, 0x1504u), v23 = Prmt(top, second, 0x3726u);
-  return make_float4(__uint_as_float(v01 << 16), __uint_as_float(v01 & 0xFFFF0000u), __uint_as_float(v23 << 16),
-                     __uint_as_float(v23 & 0xFFFF0000u));
+  return make_uint2(Prmt(top, second, 0x1504u), Prmt(top, second, 0x3726u));
+}
+template <int h>
+__device__ __forceinline__ float4 E2m1Quad(uint32_t w) {
+  const uint2 v = E2m1Bf16Quad<h>(w);
+  return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xFFFF0000u), __uint_as_float(v.y << 16),
+                     __uint_as_float(v.y & 0xFFFF0000u));
 }
 
 // e4m3 byte `n` (0..3) of word w times 2^-120 (sign to bit 31, e3..e0 m2..m0 to bits 26..20): a subnormal
@@ -448,6 +459,176 @@ __device__ void GemvUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit,
   }
 }
 
+// ---- Tensor-core unit: MXFP4 experts with up to 8 rows ----
+// x rows go to mma.sync m16n8k16 (bf16, f32 accumulation) as a hi + lo pair: A rows 0-7 are the hi parts of
+// the expert's rows, rows 8-15 their lo parts, and y = C[r] + C[r + 8]. Weight rows are B (n = 8 outputs per
+// tile). The K order inside a step of 128 is permuted (the sum does not care): lane t of a quad owns the 32
+// inputs [32t, 32t + 32) of the step, one 16-byte code load and one scale, and mma j (0..7) takes its inputs
+// 4j..4j+3 in the fragment slots 2t, 2t+1, 2t+8, 2t+9. The code quads become bf16x2 words without widening
+// (E2m1Bf16Quad) and are scaled by one exact bf16x2 multiply (a power of two; exact for scales >= 2^-120).
+// Each warp owns kMmaTiles tiles (M = 2: two of W1 and the same two of W3), so a unit is 256 weight rows.
+constexpr int kMmaMaxRows = 8;
+constexpr int kMmaTiles = 4;
+constexpr int kMmaUnitRows = kLinearWarps * kMmaTiles * 8;
+constexpr int kMmaStep = 128;
+// Below this host bound on rows per expert (about 4 tokens x 6 experts) the batch touches so few experts that
+// the tensor-core unit's 256-row units leave most SMs idle: the f32 GEMV's 128-row units spread better
+// (H200, flash w1/w3 at 1 token: 77 us on tensor cores vs 48 us in f32).
+constexpr int64_t kMmaMinRowsBound = 24;
+std::atomic<bool> g_grouped_mma{true};
+
+__device__ __forceinline__ void MmaBf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// a * b per bf16 half (fma with -0 so that +0 * s stays +0).
+__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
+// 2^(bits - 127) in both bf16 halves (bits 0: the subnormal 2^-127; 255: NaN), as Ue8m0.
+__device__ __forceinline__ uint32_t Ue8m0Bf16x2(uint32_t bits) {
+  const uint32_t v = bits == 0 ? 0x0040u : bits == 255 ? 0x7FC0u : bits << 7;
+  return v | (v << 16);
+}
+
+// x = hi + lo for two values, each half a bf16x2 word (as FloatToBf16Split).
+__device__ __forceinline__ void SplitBf16Pair(float x0, float x1, uint32_t* hi, uint32_t* lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 back = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - back.x, x1 - back.y);
+  *hi = *reinterpret_cast<const uint32_t*>(&h);
+  *lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// x rows [row0, row0 + count) (through gather), inputs [k_begin, k_begin + k_len), as hi / lo bf16 in the
+// order the unit reads them: uint4 index ((step * 2 + plane) * 4 + q) * lanes + lane, lane = 4 * row + t,
+// holding inputs 32t + 8q .. + 7 of the step (lanes = 4 * rows_staged; rows count.. are zero).
+template <int M>
+__device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, int rows_staged, int64_t k_begin,
+                             int64_t k_len, uint4* smem) {
+  const int lanes = 4 * rows_staged;
+  const int64_t groups = k_len / 8;  // 8 inputs per item
+  for (int64_t item = threadIdx.x; item < rows_staged * groups; item += kLinearThreads) {
+    const int r = static_cast<int>(item / groups);
+    const int64_t k = (item % groups) * 8;  // within the phase
+    uint4 hi = make_uint4(0u, 0u, 0u, 0u), lo = hi;
+    if (r < count) {
+      const int64_t grouped = row0 + r;
+      const float* src = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in + k_begin + k;
+      const float4 v0 = __ldg(reinterpret_cast<const float4*>(src));
+      const float4 v1 = __ldg(reinterpret_cast<const float4*>(src) + 1);
+      SplitBf16Pair(v0.x, v0.y, &hi.x, &lo.x);
+      SplitBf16Pair(v0.z, v0.w, &hi.y, &lo.y);
+      SplitBf16Pair(v1.x, v1.y, &hi.z, &lo.z);
+      SplitBf16Pair(v1.z, v1.w, &hi.w, &lo.w);
+    }
+    const int64_t step = k / kMmaStep;
+    const int within = static_cast<int>(k % kMmaStep);
+    const int t = within / 32, q = (within % 32) / 8;
+    const int64_t slot = (step * 2 * 4 + q) * lanes + 4 * r + t;
+    smem[slot] = hi;
+    smem[slot + 4 * lanes] = lo;
+  }
+}
+
+template <int M>
+__device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, int64_t row0, int count, uint4* smem) {
+  constexpr int kPerMatrix = kMmaTiles / M;  // tiles of each matrix per warp
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int rows_staged = count <= 4 ? 4 : 8;
+  const int lanes = 4 * rows_staged;
+  const int64_t in = a.in;
+  const int64_t fits = a.smem_bytes / (4 * rows_staged) / kMmaStep * kMmaStep;
+  const int64_t phase = fits < in ? fits : in;
+  const int64_t o_warp = o_unit + warp * (kPerMatrix * 8);
+  // Tile i reads weight row o_warp + 8 * (i % kPerMatrix) + g of matrix i / kPerMatrix (rows past out: none).
+  const uint8_t* code_base[M];
+  const uint8_t* scale_base[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    code_base[m] = a.m[m].codes[expert] + (o_warp + g) * (in / 2) + 16 * t;
+    scale_base[m] = a.m[m].scales[expert] + (o_warp + g) * (in / 32) + t;
+  }
+  const int64_t tile_codes = 8 * (in / 2), tile_scales = 8 * (in / 32);
+  const int64_t rows_left = a.out - (o_warp + g);  // tile i is valid when 8 * (i % kPerMatrix) < rows_left
+  float c[kMmaTiles][4];
+#pragma unroll
+  for (int i = 0; i < kMmaTiles; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+  uint4 w_next[kMmaTiles];
+  uint32_t s_next[kMmaTiles];
+  auto load = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < kMmaTiles; ++i) {
+      const int m = i / kPerMatrix, ii = i % kPerMatrix;
+      const bool valid = 8 * ii < rows_left;
+      w_next[i] = valid ? LoadStreaming(code_base[m] + ii * tile_codes + k0 / 2) : make_uint4(0u, 0u, 0u, 0u);
+      s_next[i] = valid ? __ldg(scale_base[m] + ii * tile_scales + k0 / 32) : 127u;
+    }
+  };
+  load(0);
+  for (int64_t p0 = 0; p0 < in; p0 += phase) {
+    const int64_t len = phase < in - p0 ? phase : in - p0;
+    __syncthreads();  // the previous phase's (or unit's) readers are done
+    StageMmaRows<M>(a, row0, count, rows_staged, p0, len, smem);
+    __syncthreads();
+    for (int64_t k0 = p0; k0 < p0 + len; k0 += kMmaStep) {
+      uint4 w[kMmaTiles];
+      uint32_t scale[kMmaTiles];
+#pragma unroll
+      for (int i = 0; i < kMmaTiles; ++i) {
+        w[i] = w_next[i];
+        scale[i] = Ue8m0Bf16x2(s_next[i]);
+      }
+      if (k0 + kMmaStep < in) load(k0 + kMmaStep);
+      const uint4* step = smem + (k0 - p0) / kMmaStep * 8 * lanes;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const bool row_staged = g < rows_staged;
+        const uint4 hi = row_staged ? step[q * lanes + lane] : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 lo = row_staged ? step[(4 + q) * lanes + lane] : make_uint4(0u, 0u, 0u, 0u);
+        auto half = [&](auto jj_constant) {
+          constexpr int jj = decltype(jj_constant)::value;
+          const uint32_t a0 = jj ? hi.z : hi.x, a2 = jj ? hi.w : hi.y;
+          const uint32_t a1 = jj ? lo.z : lo.x, a3 = jj ? lo.w : lo.y;
+#pragma unroll
+          for (int i = 0; i < kMmaTiles; ++i) {
+            // mma j = 2q + jj reads code quad j: word q, half jj.
+            const uint2 b = E2m1Bf16Quad<jj>(Word(w[i], q));
+            MmaBf16(c[i], a0, a1, a2, a3, MulBf16x2(b.x, scale[i]), MulBf16x2(b.y, scale[i]));
+          }
+        };
+        half(std::integral_constant<int, 0>{});
+        half(std::integral_constant<int, 1>{});
+      }
+    }
+  }
+  // C: c[i][0..1] row g (hi), c[i][2..3] row g + 8 (lo), outputs 2t, 2t + 1 of the tile.
+  if (g >= count) return;
+  float* dst = a.y + (row0 + g) * a.out;
+#pragma unroll
+  for (int i = 0; i < kPerMatrix; ++i) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t o = o_warp + 8 * i + 2 * t + u;
+      if (o >= a.out) continue;
+      const float v = c[i][u] + c[i][2 + u];
+      if constexpr (M == 1) {
+        dst[o] = v;
+      } else {
+        dst[o] = SwiGluOne(v, c[kPerMatrix + i][u] + c[kPerMatrix + i][2 + u], a.limit);
+      }
+    }
+  }
+}
+
 // Many rows: one 64 x 64 tile (rows r0.., outputs o0..) over K steps of 64; x and the dequantized weights
 // staged in shared memory (rows padded to 68 floats), the next step's global loads held in registers while
 // this one is multiplied. Thread (ty, tx) computes rows 4ty..4ty+3 and outputs tx + 16j into acc.
@@ -549,18 +730,26 @@ __device__ void TiledUnit(const LinearArgs<M>& a, int64_t expert, int64_t row0, 
 }
 
 template <int M>
+__device__ __forceinline__ bool MmaExpert(const LinearArgs<M>& a, int64_t count) {
+  return a.mma && count <= kMmaMaxRows;
+}
+template <int M>
 __device__ __forceinline__ bool GemvExpert(const LinearArgs<M>& a, int64_t count) {
   return a.gemv && count <= kGemvMaxRows;
 }
 __host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Units and weight of one unit for an expert with `count` rows (0 units when it has none).
-template <int M>
+// Units and weight of one unit for an expert with `count` rows (0 units when it has none). The tensor-core
+// experts run in a launch of their own (kMma: only they have units; otherwise they have none), so that
+// each kernel gets the registers of its own units.
+template <int M, bool kMma>
 __device__ __forceinline__ void ExpertUnits(const LinearArgs<M>& a, int64_t count, int64_t* units, int64_t* weight) {
-  if (count <= 0) {
+  *weight = 1;
+  if (count <= 0 || MmaExpert(a, count) != kMma) {
     *units = 0;
-    *weight = 1;
+  } else if (kMma) {
+    *units = CeilDiv(a.out, kMmaUnitRows / M);
   } else if (GemvExpert(a, count)) {
     *units = CeilDiv(count, kGroupRows) * CeilDiv(a.out, kUnitRows / M);
     *weight = 1;
@@ -584,7 +773,7 @@ __device__ int64_t BlockInclusiveSum(int64_t v, int64_t* warp_sums) {
   return v;
 }
 
-template <Format F, int M>
+template <Format F, int M, bool kMma>
 __global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearArgs<M> a) {
   extern __shared__ float4 linear_smem[];
   __shared__ int64_t chunk_end[kLinearThreads];  // inclusive prefix of the chunk's expert weights
@@ -594,7 +783,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearA
   int64_t total = 0;
   for (int64_t e0 = 0; e0 < a.experts; e0 += kLinearThreads) {
     int64_t units = 0, weight = 0;
-    if (e0 + tid < a.experts) ExpertUnits(a, a.offsets[e0 + tid + 1] - a.offsets[e0 + tid], &units, &weight);
+    if (e0 + tid < a.experts) ExpertUnits<M, kMma>(a, a.offsets[e0 + tid + 1] - a.offsets[e0 + tid], &units, &weight);
     const int64_t sum = BlockInclusiveSum(units * weight, warp_sums);
     if (tid == kLinearThreads - 1) chunk_end[0] = sum;
     __syncthreads();
@@ -608,7 +797,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearA
   for (int64_t e0 = 0; e0 < a.experts && base < hi; e0 += kLinearThreads) {
     const int n = static_cast<int>(Min64(kLinearThreads, a.experts - e0));
     int64_t units = 0, weight = 0;
-    if (tid < n) ExpertUnits(a, a.offsets[e0 + tid + 1] - a.offsets[e0 + tid], &units, &weight);
+    if (tid < n) ExpertUnits<M, kMma>(a, a.offsets[e0 + tid + 1] - a.offsets[e0 + tid], &units, &weight);
     const int64_t end = BlockInclusiveSum(units * weight, warp_sums);
     chunk_end[tid] = end;
     __syncthreads();
@@ -628,10 +817,14 @@ __global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearA
       if (start >= hi) break;
       const int64_t begin = a.offsets[e], count = a.offsets[e + 1] - begin;
       int64_t e_units, e_weight;
-      ExpertUnits(a, count, &e_units, &e_weight);
+      ExpertUnits<M, kMma>(a, count, &e_units, &e_weight);
       const int64_t j_begin = lo > start ? CeilDiv(lo - start, e_weight) : 0;
       const int64_t j_end = Min64(e_units, CeilDiv(hi - start, e_weight));
-      if (GemvExpert(a, count)) {
+      if constexpr (kMma) {
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          MmaUnit<M>(a, e, j * (kMmaUnitRows / M), begin, static_cast<int>(count), reinterpret_cast<uint4*>(linear_smem));
+        }
+      } else if (GemvExpert(a, count)) {
         const int64_t groups = CeilDiv(count, kGroupRows);
         for (int64_t j = j_begin; j < j_end; ++j) {
           const int64_t group = j % groups, o_unit = (j / groups) * (kUnitRows / M);
@@ -705,9 +898,9 @@ unsigned GridFor(int64_t work, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 132 * 16)));
 }
 
-template <Format F, int M>
+template <Format F, int M, bool kMma>
 absl::Status LaunchGroupedLinear(const LinearArgs<M>& args, size_t smem, const char* name, cudaStream_t stream) {
-  const auto kernel = GroupedLinearKernel<F, M>;
+  const auto kernel = GroupedLinearKernel<F, M, kMma>;
   int device = 0, sms = 0, smem_per_sm = 0;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -724,14 +917,25 @@ absl::Status LaunchGroupedLinear(const LinearArgs<M>& args, size_t smem, const c
   return CudaStatus(cudaGetLastError(), name, __FILE__, __LINE__);
 }
 
+// max_rows: the caller's bound on the rows of one expert. With the tensor cores on, two launches: the
+// tensor-core experts, then the others (a launch whose blocks find no units returns at once).
 template <int M>
-absl::Status GroupedLinear(const LinearArgs<M>& args, Format format, cudaStream_t stream) {
+absl::Status GroupedLinear(const LinearArgs<M>& args, Format format, int64_t max_rows, cudaStream_t stream) {
   const size_t gemv_smem = static_cast<size_t>(kGroupRows) * static_cast<size_t>(args.in) * sizeof(float);
   LinearArgs<M> a = args;
   a.gemv = gemv_smem <= kGemvSmemLimit;
   const size_t smem = std::max(kTiledSmemBytes, a.gemv ? gemv_smem : size_t{0});
-  if (format == Format::kMxfp4) return LaunchGroupedLinear<Format::kMxfp4, M>(a, smem, "GroupedLinearKernel<MXFP4>", stream);
-  return LaunchGroupedLinear<Format::kFp8Block, M>(a, smem, "GroupedLinearKernel<FP8>", stream);
+  a.smem_bytes = static_cast<int64_t>(smem);
+  a.mma = format == Format::kMxfp4 && a.gemv && args.in % kMmaStep == 0 && max_rows >= kMmaMinRowsBound &&
+          g_grouped_mma.load(std::memory_order_relaxed);
+  if (format == Format::kFp8Block) {
+    return LaunchGroupedLinear<Format::kFp8Block, M, false>(a, smem, "GroupedLinearKernel<FP8>", stream);
+  }
+  if (a.mma) {
+    const absl::Status mma = LaunchGroupedLinear<Format::kMxfp4, M, true>(a, smem, "GroupedLinearKernel<MXFP4, mma>", stream);
+    if (!mma.ok()) return mma;
+  }
+  return LaunchGroupedLinear<Format::kMxfp4, M, false>(a, smem, "GroupedLinearKernel<MXFP4>", stream);
 }
 
 absl::Status CheckGroupedWeights(const GroupedWeights& weights, const char* what) {
@@ -811,6 +1015,8 @@ absl::Status MoeGroup(const int32_t* chosen, int64_t tokens, int64_t k, int64_t 
   return absl::OkStatus();
 }
 
+void SetGroupedLinearTensorCores(bool on) { g_grouped_mma.store(on, std::memory_order_relaxed); }
+
 absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* x, const int32_t* gather,
                                     const int64_t* offsets, int64_t max_rows_per_expert, float* y, cudaStream_t stream) {
   TANDEM_RETURN_IF_ERROR(CheckGroupedWeights(weights, "GroupedQuantizedLinear"));
@@ -827,7 +1033,7 @@ absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* 
   args.gather = gather;
   args.offsets = offsets;
   args.y = y;
-  return GroupedLinear(args, weights.format, stream);
+  return GroupedLinear(args, weights.format, max_rows_per_expert, stream);
 }
 
 absl::Status GroupedSwiGluLinear(const GroupedWeights& w1, const GroupedWeights& w3, const float* x,
@@ -855,7 +1061,7 @@ absl::Status GroupedSwiGluLinear(const GroupedWeights& w1, const GroupedWeights&
   args.offsets = offsets;
   args.y = h;
   args.limit = limit;
-  return GroupedLinear(args, w1.format, stream);
+  return GroupedLinear(args, w1.format, max_rows_per_expert, stream);
 }
 
 absl::Status SwiGlu(const float* a, const float* b, int64_t count, float limit, float* h, cudaStream_t stream) {
