@@ -48,6 +48,18 @@ std::shared_ptr<const ModelWeights> Tiny() {
   return weights;
 }
 
+// The same checkpoint with its MTP layer.
+std::shared_ptr<const ModelWeights> TinyWithMtp() {
+  static const std::shared_ptr<const ModelWeights> weights = [] {
+    LoadOptions options;
+    options.show_progress = false;
+    auto loaded = LoadModelWeights(TinyDir(), options);
+    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
+    return std::shared_ptr<const ModelWeights>(std::move(*loaded));
+  }();
+  return weights;
+}
+
 uint32_t Seed() {
   static const uint32_t seed = [] {
     const char* env = std::getenv("TANDEM_TEST_SEED");
@@ -327,6 +339,80 @@ TEST_F(GpuModelTest, BadInputIsAnErrorNotACrash) {
   SequenceChunk ok{state.get(), {long_prompt.data(), 64}, false};
   ASSERT_OK(gpu->Forward({&ok, 1}, nullptr));
   EXPECT_EQ(state->length(), 64);
+}
+
+// The MTP draft step on the GPU against the CPU's, both fed the CPU target's pre-head streams (so the MTP
+// layer alone is compared): prompt 170 crosses the window; then the GPU in pieces (150, then 1 at a time)
+// against its own one shot, and the refusals.
+TEST_F(GpuModelTest, MtpDraftMatchesTheCpu) {
+  const auto weights = TinyWithMtp();
+  ASSERT_TRUE(weights->mtp) << "the tiny checkpoint has an MTP layer";
+  const auto& c = weights->config;
+  const int64_t T = 169, MD = c.hc_dim(), L = c.num_hidden_layers;
+  const auto ids = Prompt(T + 1, 11);
+  const std::vector<int32_t> next(ids.begin() + 1, ids.end());
+  Dsv4Model cpu(weights);
+  HostSequenceState target(c, 0, static_cast<int>(L), true);
+  ForwardResult main;
+  {
+    SequenceChunk chunk{&target, {ids.data(), ids.size()}, true};
+    ASSERT_OK(cpu.Forward({&chunk, 1}, nullptr, nullptr, &main));
+  }
+  const std::vector<float> hidden(main.pre_head_hidden.begin(), main.pre_head_hidden.begin() + T * MD);
+  ForwardResult want;
+  {
+    HostSequenceState draft(c, 0, static_cast<int>(L), true);
+    SequenceChunk chunk{&draft, next, true};
+    ASSERT_OK(cpu.ForwardMtp({&chunk, 1}, hidden, &want));
+  }
+  for (const DenseFormat dense : {DenseFormat::kBf16x2, DenseFormat::kF32}) {
+    cuda::DeviceModelOptions options;
+    options.dense = dense;
+    auto gpu = DeviceModel::Create(weights, options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    auto state = DeviceSequenceState::Create(c, 4096, true);
+    ASSERT_TRUE(state.ok()) << state.status();
+    ForwardResult got;
+    SequenceChunk chunk{state->get(), next, true};
+    ASSERT_OK((*gpu)->ForwardMtp({&chunk, 1}, hidden, &got));
+    EXPECT_EQ((*state)->mtp_length(), T);
+    EXPECT_EQ((*state)->length(), 0) << "the draft step leaves the target's length alone";
+    const Diff d = Compare(got.logits, want.logits, c.vocab_size);
+    const char* name = dense == DenseFormat::kF32 ? "f32" : "bf16x2";
+    std::printf("[ mtp      ] %s: rel-L2 %.3e, argmax agreement %.4f over %ld rows\n", name, d.rel_l2,
+                d.argmax_agreement, static_cast<long>(d.rows));
+    EXPECT_LE(d.rel_l2, 2e-2) << name;
+    EXPECT_GE(d.argmax_agreement, 0.99) << name;
+
+    auto pieces_state = DeviceSequenceState::Create(c, 4096, true);
+    ASSERT_TRUE(pieces_state.ok());
+    std::vector<float> pieces;
+    for (int64_t begin = 0; begin < T;) {
+      const int64_t count = begin == 0 ? 150 : 1;
+      SequenceChunk piece{pieces_state->get(), {next.data() + begin, static_cast<size_t>(count)}, true};
+      ForwardResult r;
+      ASSERT_OK((*gpu)->ForwardMtp({&piece, 1}, {hidden.data() + begin * MD, static_cast<size_t>(count * MD)}, &r));
+      pieces.insert(pieces.end(), r.logits.begin(), r.logits.end());
+      begin += count;
+    }
+    const Diff same = Compare(pieces, got.logits, c.vocab_size);
+    std::printf("[ mtp      ] %s pieces vs one shot: rel-L2 %.3e, argmax agreement %.4f\n", name, same.rel_l2,
+                same.argmax_agreement);
+    EXPECT_LE(same.rel_l2, 1e-3) << name;
+    EXPECT_GE(same.argmax_agreement, 0.995) << name;
+
+    // A hidden block of the wrong size is refused; nothing advances.
+    SequenceChunk one{state->get(), {next.data(), 1}, true};
+    const absl::Status bad = (*gpu)->ForwardMtp({&one, 1}, {hidden.data(), static_cast<size_t>(MD - 1)}, nullptr);
+    EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ((*state)->mtp_length(), T);
+  }
+  // A model loaded without its MTP layer says so.
+  auto plain = Gpu(DenseFormat::kBf16x2);
+  auto state = GpuState(64);
+  SequenceChunk chunk{state.get(), {next.data(), 1}, true};
+  const absl::Status missing = plain->ForwardMtp({&chunk, 1}, {hidden.data(), static_cast<size_t>(MD)}, nullptr);
+  EXPECT_EQ(missing.code(), absl::StatusCode::kFailedPrecondition) << missing;
 }
 
 }  // namespace

@@ -206,6 +206,15 @@ struct DeviceModel::Impl {
   const float* hc_head_fn = nullptr;
   const float* hc_head_base = nullptr;
   const float* hc_head_scale = nullptr;
+  // The MTP draft layer (when the weights have it): its decoder layer (sliding window only, as on the CPU),
+  // the e / h projections and norms, and its own hc_head and final norm; the embedding and head are shared.
+  struct Mtp {
+    std::vector<Layer> layer;  // one
+    Dense e_proj, h_proj;
+    const float *enorm = nullptr, *hnorm = nullptr, *norm = nullptr;
+    const float *hc_fn = nullptr, *hc_base = nullptr, *hc_scale = nullptr;
+  };
+  std::optional<Mtp> mtp;
   const double* rope_plain = nullptr;
   const double* rope_compressed = nullptr;
   int64_t max_dense_in = 0;
@@ -369,6 +378,23 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(hc_head_fn, heap.Upload(w.hc_head.fn));
     TANDEM_ASSIGN_OR_RETURN(hc_head_base, heap.Upload(w.hc_head.base));
     TANDEM_ASSIGN_OR_RETURN(hc_head_scale, heap.Upload(w.hc_head.scale));
+    if (w.mtp) {
+      Mtp m;
+      TANDEM_ASSIGN_OR_RETURN(Layer layer, UploadLayer(w.mtp->layer));
+      layer.spec.compress_ratio = 0;  // the CPU runs the MTP layer over its window only
+      layer.compressor.reset();
+      layer.index_compressor.reset();
+      m.layer.push_back(std::move(layer));
+      TANDEM_ASSIGN_OR_RETURN(m.e_proj, UploadDense(w.mtp->e_proj, false));
+      TANDEM_ASSIGN_OR_RETURN(m.h_proj, UploadDense(w.mtp->h_proj, false));
+      TANDEM_ASSIGN_OR_RETURN(m.enorm, heap.Upload(w.mtp->enorm));
+      TANDEM_ASSIGN_OR_RETURN(m.hnorm, heap.Upload(w.mtp->hnorm));
+      TANDEM_ASSIGN_OR_RETURN(m.norm, heap.Upload(w.mtp->norm));
+      TANDEM_ASSIGN_OR_RETURN(m.hc_fn, heap.Upload(w.mtp->hc_head.fn));
+      TANDEM_ASSIGN_OR_RETURN(m.hc_base, heap.Upload(w.mtp->hc_head.base));
+      TANDEM_ASSIGN_OR_RETURN(m.hc_scale, heap.Upload(w.mtp->hc_head.scale));
+      mtp = std::move(m);
+    }
     TANDEM_ASSIGN_OR_RETURN(rope_plain, heap.Upload(RopeInverseFrequencies(c.qk_rope_head_dim, c.rope_theta, nullptr)));
     TANDEM_ASSIGN_OR_RETURN(rope_compressed, heap.Upload(RopeInverseFrequencies(c.qk_rope_head_dim, c.compress_rope_theta,
                                                                                 &c.rope_scaling)));
@@ -389,7 +415,7 @@ struct DeviceModel::Impl {
     return gemm->Linear(xb, rows, w.in, static_cast<const __nv_bfloat16*>(wp), n, y, kc::Gemm::Output::kF32, stream);
   }
 
-  absl::Status CheckBatch(std::span<const SequenceChunk> batch, int64_t* total) const {
+  absl::Status CheckBatch(std::span<const SequenceChunk> batch, bool draft, int64_t* total) const {
     const auto& c = config();
     *total = 0;
     if (batch.empty()) return absl::InvalidArgumentError("empty batch");
@@ -403,7 +429,8 @@ struct DeviceModel::Impl {
                                                          " outside the vocabulary [0, ", c.vocab_size, ")"));
         }
       }
-      const int64_t end = chunk.state->length() + static_cast<int64_t>(chunk.tokens.size());
+      const int64_t end = (draft ? chunk.state->mtp_length() : chunk.state->length()) +
+                          static_cast<int64_t>(chunk.tokens.size());
       if (end > c.max_position_embeddings) {
         return absl::OutOfRangeError(absl::StrCat("batch chunk ", i, ": positions up to ", end,
                                                   " exceed max_position_embeddings ", c.max_position_embeddings));
@@ -517,11 +544,20 @@ struct DeviceModel::Impl {
     return absl::OkStatus();
   }
 
-  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace, bool head_too) {
+  // draft_hidden (host, [T, hc_mult * hidden]) set: one MTP step (Dsv4Model::ForwardMtp's contract) instead
+  // of the main layers.
+  absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace, bool head_too,
+                       std::span<const float> draft_hidden = {}) {
     const auto& c = config();
+    const bool draft = !draft_hidden.empty();
+    if (draft && !mtp) return absl::FailedPreconditionError("this model was loaded without its MTP layer");
     int64_t T = 0;
     const auto started = Clock::now();
-    TANDEM_RETURN_IF_ERROR(CheckBatch(batch, &T));
+    TANDEM_RETURN_IF_ERROR(CheckBatch(batch, draft, &T));
+    if (draft && static_cast<int64_t>(draft_hidden.size()) != T * c.hc_dim()) {
+      return absl::InvalidArgumentError(absl::StrCat("MTP needs ", T, " hidden rows of ", c.hc_dim(), " floats"));
+    }
+    const std::vector<Layer>& run_layers = draft ? mtp->layer : layers;
     TANDEM_RETURN_IF_ERROR(arena.Reset());
     const int64_t M = c.hc_mult, D = c.hidden_size, MD = c.hc_dim(), H = c.num_attention_heads, hd = c.head_dim;
     const int64_t rd = c.qk_rope_head_dim, nope = c.nope_dim(), W = c.sliding_window;
@@ -538,7 +574,8 @@ struct DeviceModel::Impl {
     std::vector<int64_t> positions;
     int64_t max_end = 0;
     for (const auto& chunk : batch) {
-      const int64_t start = chunk.state->length(), count = static_cast<int64_t>(chunk.tokens.size());
+      const int64_t start = draft ? chunk.state->mtp_length() : chunk.state->length();
+      const int64_t count = static_cast<int64_t>(chunk.tokens.size());
       const int64_t offset = static_cast<int64_t>(ids.size());
       chunks.push_back({chunk.state, offset, count, start});
       ids.insert(ids.end(), chunk.tokens.begin(), chunk.tokens.end());
@@ -601,7 +638,8 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(s.sa, arena.Take<float>(T * I));
     TANDEM_ASSIGN_OR_RETURN(s.sb, arena.Take<float>(T * I));
     TANDEM_ASSIGN_OR_RETURN(s.shared_out, arena.Take<float>(T * D));
-    const int64_t dense_rows = std::max<int64_t>(T, rows_out), dense_in = std::max<int64_t>(max_dense_in, 1);
+    const int64_t dense_rows = std::max<int64_t>(draft ? T * M : T, rows_out);
+    const int64_t dense_in = std::max<int64_t>(max_dense_in, 1);
     split_yb = nullptr;
     if (options.dense == DenseFormat::kBf16x2) {
       TANDEM_ASSIGN_OR_RETURN(s.xb, arena.Take<__nv_bfloat16>(kc::Gemm::SplitScratchElements(dense_rows, dense_in)));
@@ -650,10 +688,10 @@ struct DeviceModel::Impl {
     const size_t t_rows_att = tables.Add(rows_att), t_rows_idx = tables.Add(rows_idx);
 
     // Tables of each layer.
-    std::vector<LayerTables> layer_tables(layers.size());
+    std::vector<LayerTables> layer_tables(run_layers.size());
     int64_t max_window = 0, max_ring = 0, max_compressed = 0;
-    for (size_t li = 0; li < layers.size(); ++li) {
-      const Layer& layer = layers[li];
+    for (size_t li = 0; li < run_layers.size(); ++li) {
+      const Layer& layer = run_layers[li];
       const int lid = layer.spec.layer_id, ratio = layer.spec.compress_ratio;
       LayerTables& lt = layer_tables[li];
       // Runs, expanded into address tables on the device right before the layer runs.
@@ -730,19 +768,32 @@ struct DeviceModel::Impl {
     const int64_t* d_positions = tables.at<const int64_t>(t_positions);
     const int32_t* d_ids = tables.at<const int32_t>(t_ids);
 
-    // Embedding.
-    TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    if (!draft) {
+      TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
+    } else {
+      // x[t, m] = h_proj(hnorm(hidden[t, m])) + e_proj(enorm(embed(token t))).
+      float* h = nullptr;
+      TANDEM_ASSIGN_OR_RETURN(h, arena.Take<float>(T * MD));
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, draft_hidden.data(), draft_hidden.size() * sizeof(float),
+                                                  cudaMemcpyHostToDevice, stream));
+      TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, 1, s.y, stream));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, mtp->enorm, eps, s.y, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(mtp->e_proj, s.y, T, s.out, s.xb));
+      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(h, T * M, D, mtp->hnorm, eps, h, stream));
+      TANDEM_RETURN_IF_ERROR(Linear(mtp->h_proj, h, T * M, s.x, s.xb));
+      TANDEM_RETURN_IF_ERROR(kc::AddToStreams(s.out, T, M, D, s.x, stream));
+    }
     TANDEM_RETURN_IF_ERROR(Mark("embed"));
 
-    const float eps = static_cast<float>(c.rms_norm_eps);
     uint8_t* attention_workspace = nullptr;
     size_t attention_workspace_bytes = 0;
-    for (size_t li = 0; li < layers.size(); ++li) {
-      const Layer& L = layers[li];
+    for (size_t li = 0; li < run_layers.size(); ++li) {
+      const Layer& L = run_layers[li];
       const LayerTables& lt = layer_tables[li];
       const int ratio = L.spec.compress_ratio;
       const double* inv_freq = ratio > 0 ? rope_compressed : rope_plain;
-      const std::string prefix = absl::StrCat("layers.", L.spec.layer_id, ".");
+      const std::string prefix = draft ? std::string("mtp.0.") : absl::StrCat("layers.", L.spec.layer_id, ".");
 
       // ---- Attention ----
       TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.window), lt.window_runs, d_window, stream));
@@ -916,14 +967,15 @@ struct DeviceModel::Impl {
       last = {0, nullptr, s.x, T};
       TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
       TANDEM_RETURN_IF_ERROR(CollectProfile());
-      for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
+      Advance(batch, draft);
       return absl::OkStatus();
     }
     // Head.
     TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.x, tables.at<const int32_t>(t_head_rows), rows_out, MD, head_x, stream));
-    TANDEM_RETURN_IF_ERROR(kc::HcHead(hc_head_fn, hc_head_base, hc_head_scale, M, D, c.hc_eps, c.rms_norm_eps, head_x,
+    TANDEM_RETURN_IF_ERROR(kc::HcHead(draft ? mtp->hc_fn : hc_head_fn, draft ? mtp->hc_base : hc_head_base,
+                                      draft ? mtp->hc_scale : hc_head_scale, M, D, c.hc_eps, c.rms_norm_eps, head_x,
                                       rows_out, head_h, stream));
-    TANDEM_RETURN_IF_ERROR(kc::RmsNorm(head_h, rows_out, D, norm, eps, head_h, stream));
+    TANDEM_RETURN_IF_ERROR(kc::RmsNorm(head_h, rows_out, D, draft ? mtp->norm : norm, eps, head_h, stream));
     TANDEM_RETURN_IF_ERROR(Linear(head, head_h, rows_out, logits, s.xb));
     TANDEM_RETURN_IF_ERROR(Mark("head"));
     last = {rows_out, logits, s.x, T};
@@ -940,8 +992,18 @@ struct DeviceModel::Impl {
     }
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     TANDEM_RETURN_IF_ERROR(CollectProfile());
-    for (const auto& chunk : batch) chunk.state->set_length(chunk.state->length() + static_cast<int64_t>(chunk.tokens.size()));
+    Advance(batch, draft);
     return absl::OkStatus();
+  }
+  static void Advance(std::span<const SequenceChunk> batch, bool draft) {
+    for (const auto& chunk : batch) {
+      const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+      if (draft) {
+        chunk.state->set_mtp_length(chunk.state->mtp_length() + n);
+      } else {
+        chunk.state->set_length(chunk.state->length() + n);
+      }
+    }
   }
 
   // ---- Optional per-op timing: an event after each group of launches, summed per label ----
@@ -991,6 +1053,12 @@ const DeviceForward& DeviceModel::last() const { return impl_->last; }
 
 absl::Status DeviceModel::Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace) {
   return impl_->Forward(batch, result, trace, /*head_too=*/true);
+}
+
+absl::Status DeviceModel::ForwardMtp(std::span<const SequenceChunk> batch, std::span<const float> hidden,
+                                     ForwardResult* result, ForwardTrace* trace) {
+  if (hidden.empty()) return absl::InvalidArgumentError("MTP needs the target's hidden rows");
+  return impl_->Forward(batch, result, trace, /*head_too=*/true, hidden);
 }
 
 absl::Status DeviceModel::ForwardLayers(std::span<const SequenceChunk> batch) {

@@ -48,8 +48,8 @@ struct DeviceForward {
 
 class DeviceModel {
  public:
-  // Uploads every weight of a whole-model (first and last stage) ModelWeights; the MTP layer is not
-  // run on the device yet and is not uploaded.
+  // Uploads every weight of a whole-model (first and last stage) ModelWeights, the MTP layer too when it
+  // was loaded.
   static absl::StatusOr<std::unique_ptr<DeviceModel>> Create(std::shared_ptr<const ModelWeights> weights,
                                                              const DeviceModelOptions& options = {});
   ~DeviceModel();
@@ -65,6 +65,11 @@ class DeviceModel {
   // When `result` is given, the logits and pre-head streams are copied to it (host); `trace` gets the
   // expert and indexer choices as on the CPU.
   absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace = nullptr);
+  // One MTP draft step per chunk token (Dsv4Model::ForwardMtp's contract): chunk.tokens are the next tokens,
+  // `hidden` (host, [tokens, hc_mult * hidden]) the target's pre-head streams of the positions before them;
+  // positions continue from state->mtp_length(), which advances. FailedPrecondition without an MTP layer.
+  absl::Status ForwardMtp(std::span<const SequenceChunk> batch, std::span<const float> hidden, ForwardResult* result,
+                          ForwardTrace* trace = nullptr);
   // The embedding and the decoder layers only (no head, no logits): what a per-layer benchmark times.
   absl::Status ForwardLayers(std::span<const SequenceChunk> batch);
   // The device outputs of the last Forward.
