@@ -358,9 +358,6 @@ struct DeviceModel::Impl {
   absl::Status Upload() {
     const auto& w = *weights;
     const auto& c = config();
-    if (!w.is_first_stage() || !w.is_last_stage()) {
-      return absl::UnimplementedError("the GPU forward runs whole models only (no pipeline stages yet)");
-    }
     TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     TANDEM_ASSIGN_OR_RETURN(gemm, kc::Gemm::Create());
@@ -372,12 +369,17 @@ struct DeviceModel::Impl {
       TANDEM_ASSIGN_OR_RETURN(Layer l, UploadLayer(layer));
       layers.push_back(std::move(l));
     }
-    TANDEM_ASSIGN_OR_RETURN(embed, heap.Upload(w.embed.as<uint16_t>(), static_cast<size_t>(w.embed.numel())));
-    TANDEM_ASSIGN_OR_RETURN(head, UploadDense(w.head, false));
-    TANDEM_ASSIGN_OR_RETURN(norm, heap.Upload(w.norm));
-    TANDEM_ASSIGN_OR_RETURN(hc_head_fn, heap.Upload(w.hc_head.fn));
-    TANDEM_ASSIGN_OR_RETURN(hc_head_base, heap.Upload(w.hc_head.base));
-    TANDEM_ASSIGN_OR_RETURN(hc_head_scale, heap.Upload(w.hc_head.scale));
+    // A pipeline stage holds the embedding when it is the first (or has the MTP layer), the head when last.
+    if (w.is_first_stage() || w.mtp) {
+      TANDEM_ASSIGN_OR_RETURN(embed, heap.Upload(w.embed.as<uint16_t>(), static_cast<size_t>(w.embed.numel())));
+    }
+    if (w.is_last_stage()) {
+      TANDEM_ASSIGN_OR_RETURN(head, UploadDense(w.head, false));
+      TANDEM_ASSIGN_OR_RETURN(norm, heap.Upload(w.norm));
+      TANDEM_ASSIGN_OR_RETURN(hc_head_fn, heap.Upload(w.hc_head.fn));
+      TANDEM_ASSIGN_OR_RETURN(hc_head_base, heap.Upload(w.hc_head.base));
+      TANDEM_ASSIGN_OR_RETURN(hc_head_scale, heap.Upload(w.hc_head.scale));
+    }
     if (w.mtp) {
       Mtp m;
       TANDEM_ASSIGN_OR_RETURN(Layer layer, UploadLayer(w.mtp->layer));
@@ -545,17 +547,28 @@ struct DeviceModel::Impl {
   }
 
   // draft_hidden (host, [T, hc_mult * hidden]) set: one MTP step (Dsv4Model::ForwardMtp's contract) instead
-  // of the main layers.
+  // of the main layers. A stage after the first takes its streams from stage_input; one before the last
+  // (head_too false) leaves them in stage_output when given.
   absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace, bool head_too,
-                       std::span<const float> draft_hidden = {}) {
+                       std::span<const float> draft_hidden = {}, const HiddenStates* stage_input = nullptr,
+                       HiddenStates* stage_output = nullptr) {
     const auto& c = config();
     const bool draft = !draft_hidden.empty();
+    const bool first = weights->is_first_stage();
     if (draft && !mtp) return absl::FailedPreconditionError("this model was loaded without its MTP layer");
     int64_t T = 0;
     const auto started = Clock::now();
     TANDEM_RETURN_IF_ERROR(CheckBatch(batch, draft, &T));
     if (draft && static_cast<int64_t>(draft_hidden.size()) != T * c.hc_dim()) {
       return absl::InvalidArgumentError(absl::StrCat("MTP needs ", T, " hidden rows of ", c.hc_dim(), " floats"));
+    }
+    if (!draft && first && stage_input) {
+      return absl::InvalidArgumentError("the first pipeline stage embeds tokens and takes no hidden input");
+    }
+    if (!draft && !first &&
+        (!stage_input || stage_input->tokens != T || static_cast<int64_t>(stage_input->values.size()) != T * c.hc_dim())) {
+      return absl::InvalidArgumentError(absl::StrCat("stage [", weights->begin_layer, ", ", weights->end_layer,
+                                                     ") needs hidden states for ", T, " tokens"));
     }
     const std::vector<Layer>& run_layers = draft ? mtp->layer : layers;
     TANDEM_RETURN_IF_ERROR(arena.Reset());
@@ -769,8 +782,11 @@ struct DeviceModel::Impl {
     const int32_t* d_ids = tables.at<const int32_t>(t_ids);
 
     const float eps = static_cast<float>(c.rms_norm_eps);
-    if (!draft) {
+    if (!draft && first) {
       TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
+    } else if (!draft) {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.x, stage_input->values.data(), stage_input->values.size() * sizeof(float),
+                                                  cudaMemcpyHostToDevice, stream));
     } else {
       // x[t, m] = h_proj(hnorm(hidden[t, m])) + e_proj(enorm(embed(token t))).
       float* h = nullptr;
@@ -965,6 +981,12 @@ struct DeviceModel::Impl {
 
     if (!head_too) {
       last = {0, nullptr, s.x, T};
+      if (stage_output) {
+        stage_output->tokens = T;
+        stage_output->values.resize(static_cast<size_t>(T * MD));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(stage_output->values.data(), s.x, stage_output->values.size() * sizeof(float),
+                                                    cudaMemcpyDeviceToHost, stream));
+      }
       TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
       TANDEM_RETURN_IF_ERROR(CollectProfile());
       Advance(batch, draft);
@@ -1052,7 +1074,20 @@ size_t DeviceModel::weight_bytes() const { return impl_->heap.bytes(); }
 const DeviceForward& DeviceModel::last() const { return impl_->last; }
 
 absl::Status DeviceModel::Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace) {
+  const auto& w = *impl_->weights;
+  if (!w.is_first_stage() || !w.is_last_stage()) {
+    return absl::InvalidArgumentError(absl::StrCat("this model is the pipeline stage [", w.begin_layer, ", ", w.end_layer,
+                                                   "): call ForwardStage"));
+  }
   return impl_->Forward(batch, result, trace, /*head_too=*/true);
+}
+
+absl::Status DeviceModel::ForwardStage(std::span<const SequenceChunk> batch, const HiddenStates* input,
+                                       HiddenStates* output, ForwardResult* result, ForwardTrace* trace) {
+  const bool last = impl_->weights->is_last_stage();
+  if (last && !result) return absl::InvalidArgumentError("the last pipeline stage needs a result");
+  if (!last && !output) return absl::InvalidArgumentError("a non-final pipeline stage needs an output");
+  return impl_->Forward(batch, result, trace, /*head_too=*/last, {}, input, output);
 }
 
 absl::Status DeviceModel::ForwardMtp(std::span<const SequenceChunk> batch, std::span<const float> hidden,
@@ -1062,6 +1097,7 @@ absl::Status DeviceModel::ForwardMtp(std::span<const SequenceChunk> batch, std::
 }
 
 absl::Status DeviceModel::ForwardLayers(std::span<const SequenceChunk> batch) {
+  if (!impl_->weights->is_first_stage()) return absl::InvalidArgumentError("ForwardLayers embeds: first stage only");
   return impl_->Forward(batch, nullptr, nullptr, /*head_too=*/false);
 }
 

@@ -48,8 +48,8 @@ struct DeviceForward {
 
 class DeviceModel {
  public:
-  // Uploads every weight of a whole-model (first and last stage) ModelWeights, the MTP layer too when it
-  // was loaded.
+  // Uploads every weight of a ModelWeights: a whole model or one pipeline stage (its layers; the embedding on
+  // the first, the head on the last), the MTP layer too when it was loaded.
   static absl::StatusOr<std::unique_ptr<DeviceModel>> Create(std::shared_ptr<const ModelWeights> weights,
                                                              const DeviceModelOptions& options = {});
   ~DeviceModel();
@@ -61,10 +61,15 @@ class DeviceModel {
   // Bytes of weights held on the device.
   size_t weight_bytes() const;
 
-  // Dsv4Model::Forward's contract for the whole model: every chunk's state advances by its tokens.
+  // Dsv4Model::Forward's contract for the whole model (a stage: InvalidArgument, use ForwardStage): every
+  // chunk's state advances by its tokens.
   // When `result` is given, the logits and pre-head streams are copied to it (host); `trace` gets the
   // expert and indexer choices as on the CPU.
   absl::Status Forward(std::span<const SequenceChunk> batch, ForwardResult* result, ForwardTrace* trace = nullptr);
+  // Dsv4Model::Forward's contract for a pipeline stage: the first embeds (input null), later ones take the
+  // previous stage's streams; the last fills `result`, earlier ones `output` (host copies).
+  absl::Status ForwardStage(std::span<const SequenceChunk> batch, const HiddenStates* input, HiddenStates* output,
+                            ForwardResult* result, ForwardTrace* trace = nullptr);
   // One MTP draft step per chunk token (Dsv4Model::ForwardMtp's contract): chunk.tokens are the next tokens,
   // `hidden` (host, [tokens, hc_mult * hidden]) the target's pre-head streams of the positions before them;
   // positions continue from state->mtp_length(), which advances. FailedPrecondition without an MTP layer.
