@@ -27,7 +27,10 @@ struct RoomInfo {
 // What prefill hands over besides the state bytes.
 struct Handoff {
   int32_t first_token = 0;
-  uint64_t checksum = 0;  // StateManifest::Checksum of the prompt's state
+  uint64_t checksum = 0;  // StateManifest::Checksum of the prompt's state (0 when the link checksums it itself)
+  // Decode: the link already checked the received bytes against prefill's checksum (its wire checksum, over
+  // what became the live state), so the scheduler does not read them a second time.
+  bool verified = false;
 };
 
 // Decode side: where the state must land, then wait for it.
@@ -54,6 +57,9 @@ class PrefillLink {
   virtual std::optional<absl::Status> DestinationReady(uint64_t room) = 0;
   // Writes the given segments (indices into `source`, the same indices in the destination).
   virtual absl::Status Ship(uint64_t room, const StateManifest& source, std::span<const size_t> segments) = 0;
+  // True when Complete works out the state's checksum itself, from the bytes it shipped: the scheduler then
+  // spends no pass over the pools on it and leaves Handoff::checksum 0.
+  virtual bool checksums_shipped_state() const { return false; }
   // Everything shipped: tells decode, which checks and acknowledges.
   virtual absl::Status Complete(uint64_t room, const Handoff& handoff) = 0;
   // Non-blocking: nullopt until decode acknowledged; then OK or the failure.

@@ -6,6 +6,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/engine/pd_trace.h"
+
 namespace tandem::engine {
 
 struct Scheduler::Sequence {
@@ -402,25 +404,28 @@ void Scheduler::ServeHandovers() {
 
 void Scheduler::ReceiveState(Sequence& seq, const Handoff& handoff) {
   const uint64_t room = seq.request.room.room;
-  const absl::StatusOr<uint64_t> computed = seq.manifest->Checksum(*pools_);
-  if (!computed.ok()) {
-    const absl::Status bad = absl::InternalError(
-        absl::StrCat("reading the received state of room ", room, ": ", computed.status().message()));
-    decode_link_->Acknowledge(room, bad);
-    seq.pd_done = true;
-    Fail(seq, bad);
-    return;
+  if (!handoff.verified) {
+    const absl::StatusOr<uint64_t> computed = seq.manifest->Checksum(*pools_);
+    if (!computed.ok()) {
+      const absl::Status bad = absl::InternalError(
+          absl::StrCat("reading the received state of room ", room, ": ", computed.status().message()));
+      decode_link_->Acknowledge(room, bad);
+      seq.pd_done = true;
+      Fail(seq, bad);
+      return;
+    }
+    const uint64_t checksum = *computed;
+    if (checksum != handoff.checksum) {
+      const absl::Status bad = absl::DataLossError(absl::StrCat(
+          "KV transfer checksum mismatch for room ", room, ": prefill sent ", handoff.checksum, ", decode computed ", checksum));
+      decode_link_->Acknowledge(room, bad);
+      seq.pd_done = true;
+      Fail(seq, bad);
+      return;
+    }
+    pd_trace::Mark(room, "checked");
   }
-  const uint64_t checksum = *computed;
-  if (checksum != handoff.checksum) {
-    const absl::Status bad = absl::DataLossError(absl::StrCat(
-        "KV transfer checksum mismatch for room ", room, ": prefill sent ", handoff.checksum, ", decode computed ", checksum));
-    decode_link_->Acknowledge(room, bad);
-    seq.pd_done = true;
-    Fail(seq, bad);
-    return;
-  }
-  decode_link_->Acknowledge(room, absl::OkStatus());
+  // The first token goes out before the ACK: only prefill's page release waits on that, the client on this.
   seq.pd_done = true;
   seq.awaiting_state = false;
   seq.state_received = true;
@@ -434,6 +439,7 @@ void Scheduler::ReceiveState(Sequence& seq, const Handoff& handoff) {
   }
   if (reason == FinishReason::kNone) {
     Emit(seq, std::move(update));
+    decode_link_->Acknowledge(room, absl::OkStatus());
     return;
   }
   update.finished = true;
@@ -442,6 +448,7 @@ void Scheduler::ReceiveState(Sequence& seq, const Handoff& handoff) {
   auto owned = Take(seq.request.id);
   ReleaseState(*owned, /*cache_it=*/true);
   Emit(*owned, std::move(update));
+  decode_link_->Acknowledge(room, absl::OkStatus());
 }
 
 int64_t Scheduler::PrefillChunk(const Sequence& seq, int64_t budget) const {
@@ -615,11 +622,14 @@ absl::StatusOr<bool> Scheduler::Step() {
     const FinishReason reason = seq.sampler.Accept(token);
     if (seq.request.role == EngineRole::kPrefill) {
       // The prompt's state is final: the first token and the checksum go to decode with the rest.
-      const absl::StatusOr<uint64_t> checksum = seq.manifest->Checksum(*pools_);
+      pd_trace::Mark(seq.request.room.room, "prompt_done");
+      absl::StatusOr<uint64_t> checksum = uint64_t{0};
+      if (!prefill_link_->checksums_shipped_state()) checksum = seq.manifest->Checksum(*pools_);
       if (!checksum.ok()) {
         Abort(seq.request.id, absl::InternalError(absl::StrCat("reading the prompt's state: ", checksum.status().message())));
         continue;
       }
+      pd_trace::Mark(seq.request.room.room, "checksummed");
       seq.handoff = Handoff{token, *checksum};
       continue;
     }

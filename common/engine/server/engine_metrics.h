@@ -11,6 +11,7 @@
 #include <prometheus/registry.h>
 
 #include "common/engine/engine.h"
+#include "common/engine/pd_trace.h"
 #include "common/engine/server/transfer_links.h"
 
 namespace tandem::engine {
@@ -28,6 +29,8 @@ class EngineMetrics {
   void Queued(double seconds) { queue_time_->Observe(seconds); }
   // A finished KV hand-over (either side).
   void Transferred(uint64_t bytes, double seconds);
+  // A disaggregated request's hand-over stages on this side (pd_trace.h).
+  void Stages(std::span<const pd_trace::Stage> stages);
   // The transfer agent's counters, read at each scrape (prefill and decode roles).
   void set_transfer_stats(std::function<TransferStats()> stats) { transfer_stats_ = std::move(stats); }
   // Gauges from the engine's current load; called before each scrape.
@@ -54,6 +57,7 @@ class EngineMetrics {
   prometheus::Gauge* cache_hit_rate_;
   prometheus::Counter* transfer_bytes_;
   prometheus::Histogram* transfer_latency_;
+  prometheus::Family<prometheus::Histogram>* stage_latency_;
   prometheus::Gauge* transfer_speed_;
   prometheus::Counter* bootstrap_failures_;
   prometheus::Counter* transfer_failures_;

@@ -7,6 +7,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/engine/pd_trace.h"
+
 namespace tandem::engine {
 namespace {
 
@@ -98,6 +100,15 @@ grpc::Status EngineService::Generate(grpc::ServerContext* context, const v1::Gen
   r.top_logprobs = request->has_top_logprobs() ? request->top_logprobs() : 0;
   r.sink = [channel](RequestUpdate&& update) { channel->Push(std::move(update)); };
   const std::string id = r.id;
+  // The hand-over's timeline (pd_trace.h), closed however the call ends.
+  const uint64_t room = r.role != EngineRole::kMixed ? r.room.room : 0;
+  if (room != 0) pd_trace::Begin(room, r.role);
+  struct CloseTrace {
+    uint64_t room;
+    ~CloseTrace() {
+      if (room != 0) pd_trace::Finish(room);
+    }
+  } close_trace{room};
   if (auto status = engine_->Submit(std::move(r)); !status.ok()) return ToGrpcStatus(status);
   metrics_->RequestStarted();
 
@@ -143,6 +154,7 @@ grpc::Status EngineService::Generate(grpc::ServerContext* context, const v1::Gen
     if (chunk->token_ids_size() > 0) {
       const auto now = Clock::now();
       if (!last_token) {
+        if (room != 0) pd_trace::Mark(room, "first_token");
         metrics_->FirstToken(Seconds(now - start));
       } else {
         metrics_->InterToken(Seconds(now - *last_token) / chunk->token_ids_size());

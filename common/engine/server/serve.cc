@@ -171,6 +171,10 @@ int RunServer(ServeOptions o, const char* binary) {
           &bootstrap_port);
     };
   }
+  pd_trace::SetObserver([&engine_metrics](EngineRole, std::span<const pd_trace::Stage> stages) { engine_metrics.Stages(stages); });
+  struct StopObserving {
+    ~StopObserving() { pd_trace::SetObserver({}); }
+  } stop_observing;
   auto created = Engine::Create(o.engine);
   if (!created.ok()) {
     spdlog::error("{}: {}", binary, std::string(created.status().message()));

@@ -10,6 +10,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/engine/pd_trace.h"
 #include "common/transfer/checksum.h"
 #include "common/transfer/decode_agent.h"
 #include "common/transfer/handshake.h"
@@ -109,21 +110,22 @@ class Outcomes {
   std::map<uint64_t, absl::Status> done_;
 };
 
-// The prefill side. Ship and Complete only queue work and return: on the scheduler thread, Ship enqueues the
-// chunk's staging copies (device pools: live -> host copy) and a fence, and hands the chunk's runs to this
-// link's shipping thread, which waits on the fence and then puts the runs; Complete queues the COMPLETE
-// behind the room's last puts. So while the shipping thread puts chunk N, the scheduler computes chunk N+1
-// and enqueues its copies (DMA on the copier's stream): the copy of chunk N+1 overlaps the puts of chunk N
-// (and the forward of chunk N+1 overlaps them too). The only waits are the shipping thread's, on a chunk's
-// fence once the puts before it returned, and inside the put (remote completion). A failure ends the room in
-// the agent; the scheduler learns of it through Acknowledged (or its next Ship).
+// The prefill side. Ship only queues work and returns: on the scheduler thread it enqueues the chunk's
+// staging copies (device pools: live -> host copy) and a fence, and hands the chunk's runs to this link's
+// shipping thread, which waits on the fence and then puts the runs. So while the shipping thread puts chunk N,
+// the scheduler computes chunk N+1 and enqueues its copies (DMA on the copier's stream): the copy of chunk
+// N+1 overlaps the puts of chunk N (and the forward of chunk N+1 overlaps them too). The shipping thread waits
+// on a chunk's fence only once the puts before it returned, and inside each put (remote completion).
+// Complete checksums the room's bytes on the scheduler thread while the last chunk is put, and queues the
+// COMPLETE behind those puts. A failure ends the room in the agent; the scheduler learns of it through
+// Acknowledged (or its next Ship).
 class UcxPrefillLink final : public PrefillLink {
  public:
   UcxPrefillLink(std::shared_ptr<transfer::KvTransport> transport, RegisteredPools pools, Staging staging,
                  std::function<void()> wake)
       : transport_(std::move(transport)), pools_(pools), staging_(staging), outcomes_(std::move(wake)) {
-    // Test hook: the first bytes shipped for this room leave with one bit flipped (the source is
-    // restored right after the put), so tests can prove the checksums catch a corrupted transfer.
+    // Test hook: one byte of the first put for this room lands inverted at decode (the source stays intact),
+    // so tests can prove the checksums catch a corrupted transfer.
     if (const char* room = std::getenv("TANDEM_TEST_CORRUPT_ROOM")) corrupt_room_ = std::strtoull(room, nullptr, 10);
   }
   ~UcxPrefillLink() override {
@@ -138,7 +140,10 @@ class UcxPrefillLink final : public PrefillLink {
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::PrefillAgent::Create(transport_.get(), local, options.agent, options.bootstrap_host,
                                                                     static_cast<uint16_t>(options.bootstrap_port)));
-    agent_->set_on_progress([this](transfer::RoomId) { outcomes_.Wake(); });  // a destination arrived
+    agent_->set_on_progress([this](transfer::RoomId room) {  // a destination arrived
+      pd_trace::Mark(room, "destination_arrived");
+      outcomes_.Wake();
+    });
     if (observer) {
       agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
         observer(bytes, std::chrono::duration<double>(latency).count());
@@ -152,7 +157,10 @@ class UcxPrefillLink final : public PrefillLink {
 
   absl::Status Expect(uint64_t room) override {
     outcomes_.Forget(room);
-    return agent_->ExpectRoom(room, outcomes_.Callback());
+    return agent_->ExpectRoom(room, [done = outcomes_.Callback()](transfer::RoomId room, const absl::Status& status) {
+      if (status.ok()) pd_trace::Mark(room, "acked");
+      done(room, status);
+    });
   }
   std::optional<absl::Status> DestinationReady(uint64_t room) override {
     if (auto done = outcomes_.Find(room)) return done->ok() ? absl::InternalError("room ended before its state was sent") : *done;
@@ -170,6 +178,7 @@ class UcxPrefillLink final : public PrefillLink {
     // An earlier chunk's put failed (the room ended): stop here.
     if (auto done = outcomes_.Find(room)) return done->ok() ? absl::InternalError("room ended before its state was sent") : *done;
     sources_[room] = &source;  // the scheduler keeps it alive until the room ends
+    pd_trace::Mark(room, "shipped");
     // The agent takes runs of consecutive destination indices.
     Job job;
     job.room = room;
@@ -190,16 +199,24 @@ class UcxPrefillLink final : public PrefillLink {
     Queue(std::move(job));
     return absl::OkStatus();
   }
+  // One checksum of the shipped bytes serves as the wire checksum (decode's agent checks it over what landed)
+  // and as the engine's: no pass over the live pools, none over device memory.
+  bool checksums_shipped_state() const override { return true; }
   absl::Status Complete(uint64_t room, const Handoff& handoff) override {
-    // The wire checksum (the agent's, over the bytes in segment order) and the engine's own (state_manifest.h)
-    // both travel: decode's agent checks the first, its scheduler the second.
     auto source = sources_.find(room);
     if (source == sources_.end()) return absl::InternalError("complete before any segment was shipped");
+    const std::vector<transfer::Segment> shipped = pools_.Convert(*source->second);
+    sources_.erase(source);
+    // Taken here, on the scheduler thread, while the shipping thread puts the last chunk (both only read the
+    // bytes), over what the transport ships from: staged, the host copy once this room's copies landed.
+    if (staging_.live) {
+      TANDEM_ASSIGN_OR_RETURN(const StagingFence fence, staging_.copier->Fence());
+      TANDEM_RETURN_IF_ERROR(fence());
+    }
+    TANDEM_ASSIGN_OR_RETURN(const uint64_t checksum, transfer::ChecksumSegments(transport_->regions(), shipped));
     Job job;
     job.room = room;
-    job.complete = handoff;
-    job.source = pools_.Convert(*source->second);
-    sources_.erase(source);
+    job.complete = transfer::Completion{handoff.first_token, checksum, EncodeChecksum(checksum)};
     Queue(std::move(job));
     return absl::OkStatus();
   }
@@ -229,8 +246,7 @@ class UcxPrefillLink final : public PrefillLink {
     uint64_t room = 0;
     std::vector<Run> runs;
     StagingFence fence;
-    std::optional<Handoff> complete;
-    std::vector<transfer::Segment> source;  // complete: every segment of the room, for the wire checksum
+    std::optional<transfer::Completion> complete;
   };
 
   void Queue(Job job) {
@@ -263,20 +279,19 @@ class UcxPrefillLink final : public PrefillLink {
     // Waits here (the shipping thread, never the scheduler) for this chunk's copies into the host copy.
     if (job.fence) TANDEM_RETURN_IF_ERROR(job.fence());
     for (const Run& run : job.runs) {
-      uint8_t* flipped = nullptr;
       if (job.room == corrupt_room_ && corrupt_room_ != 0) {
         corrupt_room_ = 0;
-        flipped = transport_->regions()[run.segments.front().region].base + run.segments.front().offset;
         spdlog::warn("test hook: corrupting the transfer of room {}", job.room);
-        *flipped ^= 0x01;
+        transport_->CorruptNextPuts(1);  // this thread is the only one putting
       }
-      const absl::Status shipped = agent_->Ship(job.room, run.first, run.segments);
-      if (flipped) *flipped ^= 0x01;
-      TANDEM_RETURN_IF_ERROR(shipped);
+      TANDEM_RETURN_IF_ERROR(agent_->Ship(job.room, run.first, run.segments));
     }
-    if (!job.complete) return absl::OkStatus();
-    TANDEM_ASSIGN_OR_RETURN(const uint64_t wire, transfer::ChecksumSegments(transport_->regions(), job.source));
-    return agent_->Complete(job.room, {job.complete->first_token, wire, EncodeChecksum(job.complete->checksum)});
+    if (!job.complete) {
+      pd_trace::Mark(job.room, "puts_done");
+      return absl::OkStatus();
+    }
+    pd_trace::Mark(job.room, "complete_sent");  // before: decode's ack may overtake this thread's next line
+    return agent_->Complete(job.room, *job.complete);
   }
 
   std::shared_ptr<transfer::KvTransport> transport_;
@@ -301,7 +316,10 @@ class UcxDecodeLink final : public DecodeLink {
 
   absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::DecodeAgent::Create(transport_.get(), local, options.agent));
-    agent_->set_on_progress([this](transfer::RoomId) { outcomes_.Wake(); });  // a completion arrived
+    agent_->set_on_progress([this](transfer::RoomId room) {  // a completion arrived
+      pd_trace::Mark(room, "completion_arrived");
+      outcomes_.Wake();
+    });
     if (observer) {
       agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
         observer(bytes, std::chrono::duration<double>(latency).count());
@@ -314,14 +332,17 @@ class UcxDecodeLink final : public DecodeLink {
   absl::Status Register(const RoomInfo& room, const StateManifest& destination) override {
     outcomes_.Forget(room.room);
     if (staging_.live) destinations_[room.room] = destination;
-    return agent_->Register(room.room, room.bootstrap_host, static_cast<uint16_t>(room.bootstrap_port),
-                            pools_.Convert(destination), outcomes_.Callback());
+    TANDEM_RETURN_IF_ERROR(agent_->Register(room.room, room.bootstrap_host, static_cast<uint16_t>(room.bootstrap_port),
+                                            pools_.Convert(destination), outcomes_.Callback()));
+    pd_trace::Mark(room.room, "registered");
+    return absl::OkStatus();
   }
   std::optional<absl::StatusOr<Handoff>> Poll(uint64_t room) override {
     if (auto done = outcomes_.Find(room); done && !done->ok()) {
       outcomes_.Forget(room);
       return absl::StatusOr<Handoff>(*done);
     }
+    pd_trace::Mark(room, "polled");  // the last one is the look that found the completion
     auto completion = agent_->WaitCompletion(room, milliseconds(0));
     if (!completion.ok()) {
       absl::Status failed = completion.status();
@@ -340,10 +361,15 @@ class UcxDecodeLink final : public DecodeLink {
       return absl::StatusOr<Handoff>(absl::DataLossError("prefill's completion carries no engine checksum"));
     }
     std::memcpy(&handoff.checksum, completion->payload.data(), 8);
+    // The agent checked prefill's checksum over the bytes that landed (WaitCompletion): the live pools
+    // themselves, or the host copy that the batch below moves into them (a failed copy is an error, as for any
+    // device copy), so the scheduler does not read them again.
+    handoff.verified = true;
+    pd_trace::Mark(room, "verified");
     if (staging_.live) {
-      // The state landed in the host copy: move it into the live (device) pools before decode reads it;
-      // the scheduler's checksum then covers this copy too. All segments go as one batch of DMA copies, waited
-      // for here, on the scheduler thread: the next thing it does is read these pages.
+      // The state landed in the host copy: move it into the live (device) pools before decode reads it. All
+      // segments go as one batch of DMA copies, waited for here, on the scheduler thread: the next thing it
+      // does is read these pages.
       auto destination = destinations_.find(room);
       if (destination == destinations_.end()) {
         return absl::StatusOr<Handoff>(absl::InternalError("staged room completed without its destination"));
@@ -357,6 +383,7 @@ class UcxDecodeLink final : public DecodeLink {
       if (!fence.ok()) copied = fence.status();
       destinations_.erase(destination);
       if (!copied.ok()) return absl::StatusOr<Handoff>(copied);
+      pd_trace::Mark(room, "staged");
     }
     return absl::StatusOr<Handoff>(handoff);
   }

@@ -40,9 +40,15 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
     std::optional<absl::Status> ack;
     std::optional<absl::Status> aborted_by_decode, aborted_by_prefill;
     int ships = 0;
+    const StateManifest* source = nullptr;
   };
   std::map<uint64_t, Room> rooms;
   bool corrupt_next_ship = false;
+  // As the UCX links do: prefill's link checksums what it shipped, decode's verifies what landed, and the
+  // schedulers leave both to them.
+  bool link_checksums = false;
+  uint64_t checksum_from_scheduler = 1;
+  bool checksums_shipped_state() const override { return link_checksums; }
 
   // PrefillLink
   absl::Status Expect(uint64_t room) override {
@@ -59,6 +65,7 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
   absl::Status Ship(uint64_t room, const StateManifest& source, std::span<const size_t> segments) override {
     Room& r = rooms[room];
     ++r.ships;
+    r.source = &source;
     for (size_t i : segments) {
       const auto& a = source.segments()[i];
       const auto& b = r.destination->segments()[i];
@@ -74,7 +81,14 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
     return absl::OkStatus();
   }
   absl::Status Complete(uint64_t room, const Handoff& handoff) override {
-    rooms[room].handoff = handoff;
+    Room& r = rooms[room];
+    r.handoff = handoff;
+    if (link_checksums) {
+      checksum_from_scheduler = handoff.checksum;
+      auto checksum = r.source->Checksum(*prefill_pools_);
+      if (!checksum.ok()) return checksum.status();
+      r.handoff->checksum = *checksum;
+    }
     return absl::OkStatus();
   }
   std::optional<absl::Status> Acknowledged(uint64_t room) override {
@@ -102,6 +116,17 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
     Room& r = rooms[room];
     if (r.aborted_by_prefill) return absl::StatusOr<Handoff>(*r.aborted_by_prefill);
     if (!r.handoff) return std::nullopt;
+    if (link_checksums) {
+      auto checksum = r.destination->Checksum(*decode_pools_);
+      if (!checksum.ok()) return absl::StatusOr<Handoff>(checksum.status());
+      if (*checksum != r.handoff->checksum) {
+        r.aborted_by_decode = absl::DataLossError("link: checksum mismatch");  // as decode's agent tells prefill
+        return absl::StatusOr<Handoff>(*r.aborted_by_decode);
+      }
+      Handoff verified = *r.handoff;
+      verified.verified = true;
+      return absl::StatusOr<Handoff>(verified);
+    }
     return absl::StatusOr<Handoff>(*r.handoff);
   }
   void Acknowledge(uint64_t room, const absl::Status& status) override { rooms[room].ack = status; }
@@ -260,6 +285,25 @@ TEST_F(PdSchedulerTest, CorruptedTransferFailsThatRequestOnly) {
   EXPECT_EQ(seen_["prefill:bad"].status.code(), absl::StatusCode::kDataLoss);
   EXPECT_TRUE(seen_["decode:good"].status.ok());
   EXPECT_EQ(seen_["decode:good"].tokens.size(), 5u);
+  ExpectAllPagesBack();
+}
+
+TEST_F(PdSchedulerTest, LinksThatChecksumThemselvesAreLeftToIt) {
+  links_->link_checksums = true;
+  const auto prompt = Prompt(300, 3), bad = Prompt(200, 4);
+  ASSERT_TRUE(prefill_->Add(Request("r", EngineRole::kPrefill, 41, prompt, 6)).ok());
+  ASSERT_TRUE(decode_->Add(Request("r", EngineRole::kDecode, 41, prompt, 6)).ok());
+  ASSERT_TRUE(mixed_->Add(Request("r", EngineRole::kMixed, 0, prompt, 6)).ok());
+  RunAll();
+  EXPECT_EQ(links_->checksum_from_scheduler, 0u);  // the prefill scheduler made no pass of its own
+  ASSERT_TRUE(seen_["decode:r"].status.ok()) << seen_["decode:r"].status;
+  EXPECT_EQ(seen_["decode:r"].tokens, seen_["mixed:r"].tokens);
+  // A corruption is then the link's to catch, and it still fails that request only.
+  links_->corrupt_next_ship = true;
+  ASSERT_TRUE(prefill_->Add(Request("bad", EngineRole::kPrefill, 42, bad, 5)).ok());
+  ASSERT_TRUE(decode_->Add(Request("bad", EngineRole::kDecode, 42, bad, 5)).ok());
+  RunAll();
+  EXPECT_EQ(seen_["decode:bad"].status.code(), absl::StatusCode::kDataLoss);
   ExpectAllPagesBack();
 }
 
