@@ -237,6 +237,50 @@ TEST_F(CudaTest, SplitBf16LinearMatchesTheF32Cpu) {
   }
 }
 
+// LinearBatched over column blocks of one activation (the grouped wo_a): group g multiplies x[:, g*in:(g+1)*in]
+// by weight rows [g*out, (g+1)*out) into y[:, g*out:(g+1)*out], all in one call; against a double reference.
+TEST_F(CudaTest, LinearBatchedMatchesPerGroupProducts) {
+  for (const int64_t rows : {int64_t{3}, int64_t{64}, int64_t{130}}) {
+    const int64_t groups = 4, in = 256, out = 96;
+    SCOPED_TRACE(::testing::Message() << "rows " << rows);
+    std::vector<float> x = Normal(static_cast<size_t>(rows * groups * in), rng_);
+    std::vector<float> w = Normal(static_cast<size_t>(groups * out * in), rng_);
+    for (float& v : x) v = RoundBf16(v);
+    for (float& v : w) v = RoundBf16(v);
+    std::vector<__nv_bfloat16> xb(x.size()), wb(w.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = __float2bfloat16_rn(x[i]);
+    for (size_t i = 0; i < w.size(); ++i) wb[i] = __float2bfloat16_rn(w[i]);
+    auto gemm = Must(cuda::Gemm::Create());
+    auto dx = ToDevice(xb);
+    auto dw = ToDevice(wb);
+    auto dy = Poisoned<float>(static_cast<size_t>(rows * groups * out));
+    TANDEM_ASSERT_OK(gemm->LinearBatched(dx.get(), rows, in, groups * in, in, dw.get(), out, out * in, dy.get(),
+                                         groups * out, out, groups));
+    TANDEM_ASSERT_OK(Sync());
+    const auto gpu = ToHost(dy);
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t o = 0; o < out; ++o) {
+          double sum = 0.0, magnitude = 0.0;
+          for (int64_t k = 0; k < in; ++k) {
+            const double term = static_cast<double>(x[r * groups * in + g * in + k]) * w[(g * out + o) * in + k];
+            sum += term;
+            magnitude += std::fabs(term);
+          }
+          const float got = gpu[static_cast<size_t>(r * groups * out + g * out + o)];
+          if (!(std::fabs(got - sum) <= 1e-5 * magnitude + 1e-30) && bad++ < 5) {
+            ADD_FAILURE() << "y[" << r << "][" << g * out + o << "] gpu " << got << " want " << sum;
+          }
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+  auto gemm = Must(cuda::Gemm::Create());
+  EXPECT_FALSE(gemm->LinearBatched(nullptr, 4, 64, 32, 64, nullptr, 8, 512, nullptr, 8, 8, 2).ok()) << "ldx < in";
+}
+
 // accumulate = true adds to y (beta = 1) instead of overwriting it.
 TEST_F(CudaTest, GemmAccumulateAddsToY) {
   const int64_t rows = 5, in = 256, out = 128;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 
 #include <cuda_bf16.h>
@@ -106,6 +107,12 @@ class Gemm {
   static constexpr int64_t kSplitStackRows = 96;
   absl::Status LinearSplit(const float* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out, float* y,
                            __nv_bfloat16* xb, float* yb, cudaStream_t stream = nullptr);
+  // `batch` GEMMs in one call (bf16 in, f32 out): for b < batch, y_b[rows, out] = x_b[rows, in] . w_b[out, in]^T
+  // with x_b = x + b * x_stride (rows ldx elements apart), w_b = weight + b * w_stride (dense rows of in),
+  // y_b = y + b * y_stride (rows ldy apart). E.g. a grouped projection over column blocks of one activation.
+  absl::Status LinearBatched(const __nv_bfloat16* x, int64_t rows, int64_t in, int64_t ldx, int64_t x_stride,
+                             const __nv_bfloat16* weight, int64_t out, int64_t w_stride, float* y, int64_t ldy,
+                             int64_t y_stride, int64_t batch, cudaStream_t stream = nullptr);
   // The same with f32 x, w and y and f32 arithmetic (no TF32): for the small, precision-sensitive
   // projections (router gates, indexer weights) and for exact-parity runs.
   absl::Status LinearF32(const float* x, int64_t rows, int64_t in, const float* weight, int64_t out, float* y,
@@ -119,12 +126,21 @@ class Gemm {
   // replaced by a tuned one the first time a caller asks for tuning.
   absl::StatusOr<const Plan*> PlanFor(bool f32_inputs, const void* x, int64_t rows, int64_t in, const void* weight,
                                       int64_t out, void* y, Output output, cudaStream_t stream, bool tune);
+  // The descriptor every plan shares (f32 compute, A transposed).
+  static absl::Status Describe(Plan* plan);
+  // Picks the plan's algorithm for its layouts: cuBLASLt's candidates, timed on these buffers when `tune`.
+  absl::Status Select(Plan* plan, uint32_t alignment, const void* x, const void* weight, void* y, cudaStream_t stream,
+                      bool tune, const std::string& what);
 
   cublasLtContext* handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   // (rows, in, out, output, f32 inputs, pointer alignment in bytes)
   std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t>, std::unique_ptr<Plan>> plans_;
+  // (rows, in, out, ldx, x_stride, w_stride, ldy, y_stride, batch, alignment)
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t>,
+           std::unique_ptr<Plan>>
+      batched_plans_;
 };
 
 // ---- Random inputs for tests and benchmarks (reproducible per seed) ----

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <string>
+#include <utility>
 
 #include "common/kernels/cuda/check.h"
 #include "common/kernels/cuda/cuda_ops.h"
@@ -173,17 +175,31 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
   const auto key = std::make_tuple(rows, in, out, static_cast<int>(output), f32_inputs, alignment);
   if (auto it = plans_.find(key); it != plans_.end() && (it->second->tuned || !tune)) return it->second.get();
   auto plan = std::make_unique<Plan>();
+  const cudaDataType_t d_type = output == Output::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t in_type = f32_inputs ? CUDA_R_32F : CUDA_R_16BF;
+  TANDEM_RETURN_IF_ERROR(Describe(plan.get()));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->a, in_type, in, out, in));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->b, in_type, in, rows, in));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->d, d_type, out, rows, out));
+  TANDEM_RETURN_IF_ERROR(Select(plan.get(), alignment, x, weight, y, stream, tune,
+                                absl::StrCat(f32_inputs ? "f32" : "bf16", " rows ", rows, ", in ", in, ", out ", out)));
+  const Plan* raw = plan.get();
+  plans_.insert_or_assign(key, std::move(plan));
+  return raw;
+}
+
+absl::Status Gemm::Describe(Plan* plan) {
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
   TANDEM_CUBLAS_RETURN_IF_ERROR(
       cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose)));
   TANDEM_CUBLAS_RETURN_IF_ERROR(
       cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &keep, sizeof(keep)));
-  const cudaDataType_t d_type = output == Output::kF32 ? CUDA_R_32F : CUDA_R_16BF;
-  const cudaDataType_t in_type = f32_inputs ? CUDA_R_32F : CUDA_R_16BF;
-  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->a, in_type, in, out, in));
-  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->b, in_type, in, rows, in));
-  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->d, d_type, out, rows, out));
+  return absl::OkStatus();
+}
+
+absl::Status Gemm::Select(Plan* plan, uint32_t alignment, const void* x, const void* weight, void* y,
+                          cudaStream_t stream, bool tune, const std::string& what) {
   cublasLtMatmulPreference_t preference = nullptr;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&preference));
   constexpr int kCandidates = 8;
@@ -204,10 +220,7 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
   }
   cublasLtMatmulPreferenceDestroy(preference);
   TANDEM_RETURN_IF_ERROR(CublasStatus(status, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__));
-  if (found == 0) {
-    return absl::UnimplementedError(absl::StrCat("cuBLASLt has no ", f32_inputs ? "f32" : "bf16", " algorithm for rows ", rows, ", in ", in,
-                                                 ", out ", out));
-  }
+  if (found == 0) return absl::UnimplementedError(absl::StrCat("cuBLASLt has no algorithm for ", what));
   // The heuristic's first pick is often slow for skinny decode shapes: time the candidates once on the
   // caller's buffers (y is overwritten by the real call right after), unless the stream is being captured.
   int best = 0;
@@ -243,12 +256,44 @@ absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, 
     cudaEventDestroy(stop);
     TANDEM_RETURN_IF_ERROR(timing);
   }
-  cublasLtMatmulHeuristicResult_t& result = results[best];
-  plan->algo = result.algo;
+  plan->algo = results[best].algo;
   plan->tuned = tune;
-  const Plan* raw = plan.get();
-  plans_.insert_or_assign(key, std::move(plan));
-  return raw;
+  return absl::OkStatus();
+}
+
+absl::Status Gemm::LinearBatched(const __nv_bfloat16* x, int64_t rows, int64_t in, int64_t ldx, int64_t x_stride,
+                                 const __nv_bfloat16* weight, int64_t out, int64_t w_stride, float* y, int64_t ldy,
+                                 int64_t y_stride, int64_t batch, cudaStream_t stream) {
+  if (rows < 0 || in <= 0 || out <= 0 || batch <= 0 || ldx < in || ldy < out) {
+    return absl::InvalidArgumentError("Gemm::LinearBatched: bad shape");
+  }
+  if (rows == 0) return absl::OkStatus();
+  const uint32_t alignment = CommonAlignment(x, weight, y);
+  const auto key = std::make_tuple(rows, in, out, ldx, x_stride, w_stride, ldy, y_stride, batch, alignment);
+  auto it = batched_plans_.find(key);
+  if (it == batched_plans_.end()) {
+    auto plan = std::make_unique<Plan>();
+    TANDEM_RETURN_IF_ERROR(Describe(plan.get()));
+    TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, in, out, in));
+    TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, in, rows, ldx));
+    TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_32F, out, rows, ldy));
+    const int32_t count = static_cast<int32_t>(batch);
+    const std::pair<cublasLtMatrixLayout_t, int64_t> strides[] = {{plan->a, w_stride}, {plan->b, x_stride}, {plan->d, y_stride}};
+    for (const auto& [layout, stride] : strides) {
+      TANDEM_CUBLAS_RETURN_IF_ERROR(
+          cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                                     &stride, sizeof(stride)));
+    }
+    TANDEM_RETURN_IF_ERROR(Select(plan.get(), alignment, x, weight, y, stream, /*tune=*/true,
+                                  absl::StrCat("batched bf16 ", batch, " x rows ", rows, ", in ", in, ", out ", out)));
+    it = batched_plans_.emplace(key, std::move(plan)).first;
+  }
+  const Plan* plan = it->second.get();
+  const float alpha = 1.0f, beta = 0.0f;
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, weight, plan->a, x, plan->b, &beta, y,
+                                               plan->d, y, plan->d, &plan->algo, workspace_, workspace_bytes_, stream));
+  return absl::OkStatus();
 }
 
 absl::Status Gemm::Linear(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* weight, int64_t out,

@@ -460,7 +460,12 @@ struct DeviceModel::Impl {
     void* group_workspace;
     size_t group_workspace_bytes;
     __nv_bfloat16* xb;
+    // The grouped wo_a as one batched GEMM (bf16 weights, up to kBatchedWoaRows tokens): o in bf16 (hi and
+    // lo rows for bf16x2), and the stacked [2T, G * R] products before AddRowHalves.
+    __nv_bfloat16* o_bf16;
+    float* z_halves;
   };
+  static constexpr int64_t kBatchedWoaRows = 512;
 
   // Address tables of one layer (offsets into Tables).
   struct LayerTables {
@@ -633,6 +638,12 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(s.group, arena.Take<float>(T * group_in));
     TANDEM_ASSIGN_OR_RETURN(s.zg, arena.Take<float>(T * R));
     TANDEM_ASSIGN_OR_RETURN(s.z, arena.Take<float>(T * G * R));
+    s.o_bf16 = nullptr;
+    s.z_halves = nullptr;
+    if (!layers.empty() && !layers[0].wo_a.f32 && T <= kBatchedWoaRows) {
+      TANDEM_ASSIGN_OR_RETURN(s.o_bf16, arena.Take<__nv_bfloat16>(2 * T * H * hd));
+      TANDEM_ASSIGN_OR_RETURN(s.z_halves, arena.Take<float>(2 * T * G * R));
+    }
     TANDEM_ASSIGN_OR_RETURN(s.out, arena.Take<float>(T * D));
     TANDEM_ASSIGN_OR_RETURN(s.gate_logits, arena.Take<float>(T * E));
     TANDEM_ASSIGN_OR_RETURN(s.route_weights, arena.Take<float>(T * k));
@@ -904,9 +915,24 @@ struct DeviceModel::Impl {
         TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, d_ring_src, d_ring_dst, lt.ring_count, stream));
       }
       TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.o, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, true, stream));
-      // Grouped low-rank output: group g's heads through wo_a rows [g*R, (g+1)*R), then wo_b.
+      // Grouped low-rank output: group g's heads through wo_a rows [g*R, (g+1)*R), then wo_b. Decode-sized
+      // batches: one batched GEMM over the column blocks of o (hi and lo stacked as rows for bf16x2); else,
+      // and in f32, group by group.
       const size_t wo_a_elem = L.wo_a.f32 ? sizeof(float) : sizeof(__nv_bfloat16);
-      for (int64_t g = 0; g < G; ++g) {
+      if (s.o_bf16 && !L.wo_a.f32) {
+        const auto* wo_a = static_cast<const __nv_bfloat16*>(L.wo_a.w);
+        if (L.wo_a.split) {
+          TANDEM_RETURN_IF_ERROR(kc::FloatToBf16Split(s.o, T * H * hd, s.o_bf16, s.o_bf16 + T * H * hd, stream));
+          TANDEM_RETURN_IF_ERROR(gemm->LinearBatched(s.o_bf16, 2 * T, group_in, H * hd, group_in, wo_a, R, R * group_in,
+                                                     s.z_halves, G * R, R, G, stream));
+          TANDEM_RETURN_IF_ERROR(kc::AddRowHalves(s.z_halves, T, G * R, s.z, stream));
+        } else {
+          TANDEM_RETURN_IF_ERROR(kc::FloatToBf16(s.o, T * H * hd, s.o_bf16, stream));
+          TANDEM_RETURN_IF_ERROR(
+              gemm->LinearBatched(s.o_bf16, T, group_in, H * hd, group_in, wo_a, R, R * group_in, s.z, G * R, R, G, stream));
+        }
+      }
+      for (int64_t g = 0; g < G && !(s.o_bf16 && !L.wo_a.f32); ++g) {
         TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.group, group_in * sizeof(float), s.o + g * group_in,
                                                       H * hd * sizeof(float), group_in * sizeof(float), T,
                                                       cudaMemcpyDeviceToDevice, stream));
