@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -317,6 +318,86 @@ absl::StatusOr<std::unique_ptr<StagingCopier>> MakeCudaStagingCopier(int device)
   cudaStream_t stream = nullptr;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   return std::unique_ptr<StagingCopier>(std::make_unique<CudaStagingCopier>(device, stream));
+}
+
+namespace {
+
+// A peer's regions opened with cudaIpcOpenMemHandle, closed together.
+class CudaDeviceMapping final : public DeviceMapping {
+ public:
+  explicit CudaDeviceMapping(int device) : device_(device) {}
+  ~CudaDeviceMapping() override {
+    cudaSetDevice(device_);
+    for (uint8_t* p : bases_) cudaIpcCloseMemHandle(p);
+  }
+  uint8_t* base(size_t region) const override { return bases_.at(region); }
+  std::vector<uint8_t*> bases_;
+
+ private:
+  int device_;
+};
+
+class CudaDeviceIpc final : public DeviceIpc {
+ public:
+  CudaDeviceIpc(int device, std::string location, std::unique_ptr<StagingCopier> copier)
+      : device_(device), location_(std::move(location)), copier_(std::move(copier)) {}
+  std::string location() const override { return location_; }
+  absl::StatusOr<std::string> Export(void* base) override {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    cudaIpcMemHandle_t handle{};
+    if (const cudaError_t err = cudaIpcGetMemHandle(&handle, base); err != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it
+      return kernels::cuda::CudaStatus(err, "cudaIpcGetMemHandle", __FILE__, __LINE__);
+    }
+    return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  }
+  absl::StatusOr<std::unique_ptr<DeviceMapping>> Open(std::span<const std::string> handles) override {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    auto mapping = std::make_unique<CudaDeviceMapping>(device_);
+    for (size_t i = 0; i < handles.size(); ++i) {
+      if (handles[i].size() != sizeof(cudaIpcMemHandle_t)) {
+        return absl::InvalidArgumentError(absl::StrCat("device IPC handle ", i, " has ", handles[i].size(), " bytes, not ",
+                                                       sizeof(cudaIpcMemHandle_t)));
+      }
+      cudaIpcMemHandle_t handle{};
+      std::memcpy(&handle, handles[i].data(), sizeof(handle));
+      void* p = nullptr;
+      // Lazy peer access: the peer's memory may sit on another GPU of this host.
+      if (const cudaError_t err = cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess); err != cudaSuccess) {
+        cudaGetLastError();
+        return kernels::cuda::CudaStatus(err, "cudaIpcOpenMemHandle", __FILE__, __LINE__);  // closes those opened
+      }
+      mapping->bases_.push_back(static_cast<uint8_t*>(p));
+    }
+    return std::unique_ptr<DeviceMapping>(std::move(mapping));
+  }
+  StagingCopier& copier() override { return *copier_; }
+  absl::Status InvertByte(uint8_t* at) override {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    uint8_t byte = 0;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(&byte, at, 1, cudaMemcpyDefault));
+    byte = static_cast<uint8_t>(~byte);
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(at, &byte, 1, cudaMemcpyDefault));
+    return absl::OkStatus();
+  }
+
+ private:
+  int device_;
+  std::string location_;
+  std::unique_ptr<StagingCopier> copier_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceIpc>> MakeCudaDeviceIpc(int device) {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  cudaDeviceProp props{};
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, device));
+  char bus[32] = {};
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetPCIBusId(bus, sizeof(bus), device));
+  TANDEM_ASSIGN_OR_RETURN(auto copier, MakeCudaStagingCopier(device));
+  return std::unique_ptr<DeviceIpc>(
+      std::make_unique<CudaDeviceIpc>(device, absl::StrCat("GPU ", device, " (", props.name, ", ", bus, ")"), std::move(copier)));
 }
 
 }  // namespace tandem::engine

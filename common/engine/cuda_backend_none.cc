@@ -15,4 +15,8 @@ absl::StatusOr<std::unique_ptr<StagingCopier>> MakeCudaStagingCopier(int) {
   return absl::FailedPreconditionError("device staging copies: this build has no CUDA backend");
 }
 
+absl::StatusOr<std::unique_ptr<DeviceIpc>> MakeCudaDeviceIpc(int) {
+  return absl::FailedPreconditionError("device IPC: this build has no CUDA backend");
+}
+
 }  // namespace tandem::engine

@@ -43,5 +43,8 @@ absl::StatusOr<std::shared_ptr<void>> PinHostMemory(int device, void* base, size
 // Copies on a non-blocking stream of their own, fenced by CUDA events. They read what the forward wrote: it
 // returns only once its own stream has synchronised.
 absl::StatusOr<std::unique_ptr<StagingCopier>> MakeCudaStagingCopier(int device);
+// Device IPC for PD with a peer process on this host (staging.h): exports, mappings and device-to-device
+// copies on a non-blocking stream of its own.
+absl::StatusOr<std::unique_ptr<DeviceIpc>> MakeCudaDeviceIpc(int device);
 
 }  // namespace tandem::engine

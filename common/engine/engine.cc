@@ -141,7 +141,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     TANDEM_ASSIGN_OR_RETURN(engine->links_,
                             engine->transfer_->MakeLinks(shipped, [e = engine.get()] { e->Wake(); },
                                                          StagedPools{engine->staging_pools_ ? engine->pools_.get() : nullptr,
-                                                                     engine->staging_copier_.get()}));
+                                                                     engine->staging_copier_.get(), engine->device_ipc_.get()}));
     engine->scheduler_->SetRole(options.role, engine->links_.prefill.get(), engine->links_.decode.get());
   }
   engine->load_.scheduler = engine->scheduler_->Stats();
@@ -172,6 +172,12 @@ absl::Status Engine::PinStagingPools() {
   }
   spdlog::info("PD hand-over staged through a host copy of the device pools: {:.1f} MiB page-locked, {:.1f} MiB pageable",
                static_cast<double>(pinned) / (1 << 20), static_cast<double>(pageable) / (1 << 20));
+  // A PD peer on this host may instead map the device pools (CUDA IPC); the links decide per peer.
+  if (auto ipc = MakeCudaDeviceIpc(options_.cuda_device); ipc.ok()) {
+    device_ipc_ = std::move(*ipc);
+  } else {
+    spdlog::warn("PD device IPC unavailable: {}; every peer is staged through host memory", std::string(ipc.status().message()));
+  }
   return absl::OkStatus();
 }
 

@@ -126,6 +126,7 @@ class Engine {
   std::unique_ptr<cache::StatePools> staging_pools_;  // PD with device pools: the transport's host copy
   std::vector<std::shared_ptr<void>> staging_pins_;   // its regions page-locked (--device cuda)
   std::unique_ptr<StagingCopier> staging_copier_;     // live pools <-> host copy; the links use it
+  std::unique_ptr<DeviceIpc> device_ipc_;             // device pools shared with a PD peer of this host; outlives links_
   DisaggregationLinks links_;
   std::unique_ptr<Scheduler> scheduler_;
 

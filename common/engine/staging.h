@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <span>
+#include <string>
 
 #include "common/cache/pools.h"
 #include "common/core/status.h"
@@ -31,10 +33,36 @@ class StagingCopier {
 // waited on, so a wait the links forget shows up as a checksum failure in the CPU tests.
 std::unique_ptr<StagingCopier> MakeDeferredHostCopier();
 
-// What MakeLinks gets when the live pools are not the ones the transport ships: those pools and the copier.
+// A peer process's device regions mapped into this one (CUDA IPC); destroying it unmaps them.
+class DeviceMapping {
+ public:
+  virtual ~DeviceMapping() = default;
+  virtual uint8_t* base(size_t region) const = 0;  // region i of the handles Open was given
+};
+
+// Device pools shared with another process of this host (--device cuda): decode exports its regions, prefill
+// maps a decode's and copies device to device on a stream of its own (the links decide per peer;
+// common/transfer/device_ipc.h). The CUDA calls live in cuda_backend.cc.
+class DeviceIpc {
+ public:
+  virtual ~DeviceIpc() = default;
+  virtual std::string location() const = 0;  // "GPU 0 (NVIDIA H200, 0000:1b:00.0)", for logs
+  // The handle another process maps the allocation starting at `base` with (cudaIpcGetMemHandle).
+  virtual absl::StatusOr<std::string> Export(void* base) = 0;
+  // Maps each handle (cudaIpcOpenMemHandle); an error names the CUDA call and its error.
+  virtual absl::StatusOr<std::unique_ptr<DeviceMapping>> Open(std::span<const std::string> handles) = 0;
+  // Device-to-device copies in issue order (either side may be mapped memory); a fence says when they landed.
+  virtual StagingCopier& copier() = 0;
+  // Test hook: inverts the byte at device address `at` (a corrupted transfer).
+  virtual absl::Status InvertByte(uint8_t* at) = 0;
+};
+
+// What MakeLinks gets when the live pools are not the ones the transport ships: those pools and the copier,
+// and the device IPC of an engine whose pools are on the GPU (null otherwise, or when CUDA refused it).
 struct StagedPools {
   cache::StatePools* live = nullptr;
   StagingCopier* copier = nullptr;
+  DeviceIpc* ipc = nullptr;
 };
 
 }  // namespace tandem::engine

@@ -2,18 +2,31 @@
 
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
+
 #include "common/transfer/checksum.h"
 #include "common/transfer/handshake.h"
 
 namespace tandem::transfer {
 
 absl::StatusOr<std::unique_ptr<DecodeAgent>> DecodeAgent::Create(KvTransport* transport, Handshake local,
-                                                                const AgentOptions& options) {
+                                                                const AgentOptions& options, DecodeDeviceIpc device_ipc) {
   if (transport == nullptr) return absl::InvalidArgumentError("decode agent needs a transport");
   local.transport_kind = std::string(transport->kind());
   TANDEM_ASSIGN_OR_RETURN(local.transport_address, transport->LocalAddress());
   local.regions = transport->DescribeRegions();
-  std::unique_ptr<DecodeAgent> agent(new DecodeAgent(transport, std::move(local), options));
+  if (device_ipc.mode == PdTransfer::kIpc && !device_ipc.local) {
+    return absl::FailedPreconditionError("--pd-transfer ipc: this decode engine's pools are not on a GPU (it needs --device cuda)");
+  }
+  if (device_ipc.local && device_ipc.local->regions.size() != local.regions.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("decode exports ", device_ipc.local->regions.size(), " device regions for ",
+                                                   local.regions.size(), " transport regions"));
+  }
+  if (device_ipc.local && !device_ipc.device_checksum) {
+    return absl::InvalidArgumentError("decode device IPC needs a device checksum");
+  }
+  if (device_ipc.local && device_ipc.mode != PdTransfer::kStaged) local.capabilities |= kCapabilityDeviceIpc;
+  std::unique_ptr<DecodeAgent> agent(new DecodeAgent(transport, std::move(local), options, std::move(device_ipc)));
   DecodeAgent* self = agent.get();
   ControlLoop::Handlers handlers;
   handlers.on_frame = [self](ConnectionId id, FrameType type, std::string_view payload) { self->OnFrame(id, type, payload); };
@@ -27,8 +40,12 @@ absl::StatusOr<std::unique_ptr<DecodeAgent>> DecodeAgent::Create(KvTransport* tr
   return agent;
 }
 
-DecodeAgent::DecodeAgent(KvTransport* transport, Handshake local, const AgentOptions& options)
-    : transport_(transport), local_(std::move(local)), options_(options), recent_(options.max_rooms) {}
+DecodeAgent::DecodeAgent(KvTransport* transport, Handshake local, const AgentOptions& options, DecodeDeviceIpc device_ipc)
+    : transport_(transport),
+      local_(std::move(local)),
+      options_(options),
+      device_ipc_(std::move(device_ipc)),
+      recent_(options.max_rooms) {}
 
 DecodeAgent::~DecodeAgent() {
   if (loop_) loop_->Stop();
@@ -60,6 +77,50 @@ void DecodeAgent::set_on_progress(std::function<void(RoomId)> callback) {
 void DecodeAgent::set_on_room_transferred(RoomTransferred callback) {
   std::lock_guard lock(mutex_);
   on_room_transferred_ = std::move(callback);
+}
+
+bool DecodeAgent::device_ipc(const std::string& host, uint16_t port) const {
+  std::lock_guard lock(mutex_);
+  auto it = by_address_.find(absl::StrCat(host, ":", port));
+  return it != by_address_.end() && connections_.at(it->second).device_ipc;
+}
+
+absl::StatusOr<bool> DecodeAgent::NegotiateDeviceIpc(int fd, const std::string& address, const Handshake& prefill,
+                                                     Clock::time_point deadline) {
+  const bool forced = device_ipc_.mode == PdTransfer::kIpc;
+  if (!(local_.capabilities & kCapabilityDeviceIpc)) return false;
+  if (!(prefill.capabilities & kCapabilityDeviceIpc)) {
+    if (forced) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--pd-transfer ipc: prefill ", address, " does not take device IPC (its pools are not on a GPU, it runs "
+          "--pd-transfer staged, or its build predates device IPC)"));
+    }
+    spdlog::info("PD transfer with prefill {}: staged (prefill does not take device IPC)", address);
+    return false;
+  }
+  TANDEM_RETURN_IF_ERROR(WriteAll(fd, EncodeFrame(FrameType::kDeviceRegions, Encode(*device_ipc_.local)), deadline));
+  auto reply = ReadFrame(fd, deadline, options_.control.max_frame_bytes);
+  if (!reply.ok()) return absl::UnavailableError(absl::StrCat("bootstrap ", address, ": device IPC: ", reply.status().message()));
+  if (reply->first.type == FrameType::kRefuse) {
+    absl::StatusOr<StatusMessage> refusal = DecodeStatus(reply->second);
+    if (!refusal.ok()) return refusal.status();
+    return absl::Status(refusal->code, absl::StrCat("prefill ", address, " refused device IPC: ", refusal->message));
+  }
+  if (reply->first.type != FrameType::kDeviceRegionsReply) {
+    return absl::InvalidArgumentError(absl::StrCat("bootstrap ", address, ": expected DEVICE_REGIONS_REPLY, got ",
+                                                   FrameTypeName(reply->first.type)));
+  }
+  TANDEM_ASSIGN_OR_RETURN(const DeviceRegionsReply answer, DecodeDeviceRegionsReply(reply->second));
+  if (answer.accepted) {
+    spdlog::info("PD transfer with prefill {}: device IPC into {}", address, device_ipc_.local->location);
+    return true;
+  }
+  if (forced) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--pd-transfer ipc: prefill ", address, " cannot write over device IPC: ", answer.reason));
+  }
+  spdlog::warn("PD transfer with prefill {}: staged ({})", address, answer.reason);
+  return false;
 }
 
 size_t DecodeAgent::connection_count() const {
@@ -118,10 +179,12 @@ absl::StatusOr<ConnectionId> DecodeAgent::GetConnection(const std::string& host,
   if (absl::Status compatible = CheckCompatible(*prefill, local_); !compatible.ok()) {
     return close_with(absl::FailedPreconditionError(absl::StrCat("prefill ", address, ": ", compatible.message())));
   }
+  absl::StatusOr<bool> device_ipc = NegotiateDeviceIpc(*fd, address, *prefill, deadline);
+  if (!device_ipc.ok()) return close_with(device_ipc.status());
   // Adopt under mutex_ so on_closed for this connection cannot run before it is in the tables.
   std::lock_guard lock(mutex_);
   const ConnectionId id = loop_->Adopt(*fd);
-  connections_[id] = Connection{address, std::move(*prefill)};
+  connections_[id] = Connection{address, std::move(*prefill), *device_ipc};
   by_address_[address] = id;
   return id;
 }
@@ -159,6 +222,7 @@ absl::Status DecodeAgent::Register(RoomId room, const std::string& host, uint16_
     Room& r = rooms_[room];
     r.on_done = std::move(on_done);
     r.connection = connection;
+    r.device_ipc = connections_.at(connection).device_ipc;
     r.destination = std::move(destination);
     r.registered = Clock::now();
     r.deadline = r.registered + options_.room_lease;
@@ -180,13 +244,18 @@ absl::StatusOr<Completion> DecodeAgent::WaitCompletion(RoomId room, std::chrono:
       return absl::NotFoundError(absl::StrCat("room ", room, " is not live"));
     }
     Room& r = it->second;
-    if (r.state == State::kCompleted) return Completion{r.complete.first_token, r.complete.checksum, r.complete.payload};
+    if (r.state == State::kCompleted) {
+      return Completion{r.complete.first_token, r.complete.checksum, r.complete.payload, r.device_ipc};
+    }
     if (r.state == State::kArrived) {
       r.state = State::kVerifying;
       const std::vector<Segment> destination = r.destination;
       const uint64_t expected = r.complete.checksum;
+      const bool device = r.device_ipc;
       lock.unlock();
-      absl::StatusOr<uint64_t> computed = ChecksumSegments(transport_->regions(), destination);
+      // Over what prefill wrote: the device pools themselves (IPC) or the transport's memory.
+      absl::StatusOr<uint64_t> computed = device ? device_ipc_.device_checksum(destination)
+                                                 : ChecksumSegments(transport_->regions(), destination);
       uint64_t bytes = 0;
       for (const Segment& s : destination) bytes += s.length;
       lock.lock();
@@ -232,8 +301,8 @@ absl::Status DecodeAgent::Ack(RoomId room) {
     if (on_room_transferred_) {
       uint64_t bytes = 0;
       for (const Segment& s : r.destination) bytes += s.length;
-      deferred.push_back([cb = on_room_transferred_, room, bytes, latency = Clock::now() - r.registered] {
-        cb(room, bytes, std::chrono::duration_cast<std::chrono::nanoseconds>(latency));
+      deferred.push_back([cb = on_room_transferred_, room, bytes, latency = Clock::now() - r.registered, device = r.device_ipc] {
+        cb(room, bytes, std::chrono::duration_cast<std::chrono::nanoseconds>(latency), device);
       });
     }
     EndLocked(room, absl::OkStatus(), deferred);

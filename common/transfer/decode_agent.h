@@ -24,15 +24,18 @@ namespace tandem::transfer {
 class DecodeAgent {
  public:
   // `local` carries descriptor + layout hash; transport kind, address and region keys are filled in here, so
-  // register every region with the transport before creating the agent.
+  // register every region with the transport before creating the agent. `device_ipc`: how this engine's
+  // device pools may be written by a prefill process of this host (device_ipc.h); --pd-transfer ipc without
+  // an export is FAILED_PRECONDITION.
   static absl::StatusOr<std::unique_ptr<DecodeAgent>> Create(KvTransport* transport, Handshake local,
-                                                             const AgentOptions& options);
+                                                             const AgentOptions& options, DecodeDeviceIpc device_ipc = {});
   ~DecodeAgent();
   DecodeAgent(const DecodeAgent&) = delete;
   DecodeAgent& operator=(const DecodeAgent&) = delete;
 
   // Connects and handshakes with a prefill worker's bootstrap port unless already connected. An
-  // incompatible peer is FAILED_PRECONDITION naming what differs; an unreachable one UNAVAILABLE.
+  // incompatible peer is FAILED_PRECONDITION naming what differs (also: --pd-transfer ipc and the peer cannot
+  // write over device IPC); an unreachable one UNAVAILABLE.
   absl::Status Connect(const std::string& host, uint16_t port);
   // Hands prefill the destination of `room` (segments of our registered regions, canonical order).
   absl::Status Register(RoomId room, const std::string& host, uint16_t port, std::vector<Segment> destination,
@@ -54,6 +57,8 @@ class DecodeAgent {
   // the completion (decode). Lets the engine wake at once instead of on its next poll.
   void set_on_progress(std::function<void(RoomId)> callback);
   size_t connection_count() const;
+  // Whether the connection to this prefill worker writes its rooms over device IPC (false if not connected).
+  bool device_ipc(const std::string& host, uint16_t port) const;
 
  private:
   enum class State { kWaiting, kArrived, kVerifying, kCompleted, kAborting };
@@ -61,6 +66,7 @@ class DecodeAgent {
     State state = State::kWaiting;
     RoomDone on_done;
     ConnectionId connection = 0;
+    bool device_ipc = false;  // its connection writes over device IPC: verify over the device pools
     std::vector<Segment> destination;
     Clock::time_point registered;
     Clock::time_point deadline;
@@ -72,10 +78,13 @@ class DecodeAgent {
   struct Connection {
     std::string address;  // host:port
     Handshake prefill;
+    bool device_ipc = false;
   };
   using Deferred = std::vector<std::function<void()>>;
 
-  DecodeAgent(KvTransport* transport, Handshake local, const AgentOptions& options);
+  DecodeAgent(KvTransport* transport, Handshake local, const AgentOptions& options, DecodeDeviceIpc device_ipc);
+  // After HELLO_ACCEPT: offers the device regions if both sides advertised it. True when prefill takes them.
+  absl::StatusOr<bool> NegotiateDeviceIpc(int fd, const std::string& address, const Handshake& prefill, Clock::time_point deadline);
   absl::StatusOr<ConnectionId> GetConnection(const std::string& host, uint16_t port);
   void OnFrame(ConnectionId id, FrameType type, std::string_view payload);
   void OnClosed(ConnectionId id, const absl::Status& reason);
@@ -87,6 +96,7 @@ class DecodeAgent {
   KvTransport* const transport_;
   Handshake local_;
   const AgentOptions options_;
+  const DecodeDeviceIpc device_ipc_;
   std::unique_ptr<ControlLoop> loop_;
 
   std::mutex connect_mutex_;  // one handshake at a time, so concurrent Registers share one connection

@@ -10,6 +10,7 @@ std::string CapabilityNames(uint64_t bits) {
   if (bits & kCapabilityChecksum) names.push_back("checksum");
   if (bits & kCapabilityAbortAck) names.push_back("abort_ack");
   if (bits & kCapabilityChunkedShip) names.push_back("chunked_ship");
+  if (bits & kCapabilityDeviceIpc) names.push_back("device_ipc");
   return names.empty() ? "none" : absl::StrJoin(names, ",");
 }
 

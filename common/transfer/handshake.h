@@ -15,6 +15,8 @@ inline constexpr uint32_t kProtocolVersion = 1;
 inline constexpr uint64_t kCapabilityChecksum = 1ull << 0;     // COMPLETE carries a checksum decode verifies
 inline constexpr uint64_t kCapabilityAbortAck = 1ull << 1;     // ABORT is answered with ABORT_ACK after drain
 inline constexpr uint64_t kCapabilityChunkedShip = 1ull << 2;  // many puts per room before COMPLETE
+// Optional: decode offers its device pools over CUDA IPC; prefill answers with it to ask for them (device_ipc.h).
+inline constexpr uint64_t kCapabilityDeviceIpc = 1ull << 3;
 inline constexpr uint64_t kRequiredCapabilities = kCapabilityChecksum | kCapabilityAbortAck | kCapabilityChunkedShip;
 
 // A handshake with this build's version and capabilities, for the caller to fill descriptor and layout hash.

@@ -2,14 +2,19 @@
 
 #include "common/transfer/handshake.h"
 
+#include <spdlog/spdlog.h>
+
 namespace tandem::transfer {
 
 absl::StatusOr<std::unique_ptr<PrefillAgent>> PrefillAgent::Create(KvTransport* transport, Handshake local,
                                                                   const AgentOptions& options, const std::string& host,
-                                                                  uint16_t port) {
+                                                                  uint16_t port, PrefillDeviceIpc device_ipc) {
   if (transport == nullptr) return absl::InvalidArgumentError("prefill agent needs a transport");
+  if (device_ipc.mode == PdTransfer::kIpc && !device_ipc.open) {
+    return absl::FailedPreconditionError("--pd-transfer ipc: this prefill engine's pools are not on a GPU (it needs --device cuda)");
+  }
   local.transport_kind = std::string(transport->kind());
-  std::unique_ptr<PrefillAgent> agent(new PrefillAgent(transport, std::move(local), options));
+  std::unique_ptr<PrefillAgent> agent(new PrefillAgent(transport, std::move(local), options, std::move(device_ipc)));
   PrefillAgent* self = agent.get();
   ControlLoop::Handlers handlers;
   handlers.on_accept = [self](ConnectionId id) {
@@ -28,8 +33,12 @@ absl::StatusOr<std::unique_ptr<PrefillAgent>> PrefillAgent::Create(KvTransport* 
   return agent;
 }
 
-PrefillAgent::PrefillAgent(KvTransport* transport, Handshake local, const AgentOptions& options)
-    : transport_(transport), local_(std::move(local)), options_(options), recent_(options.max_rooms) {}
+PrefillAgent::PrefillAgent(KvTransport* transport, Handshake local, const AgentOptions& options, PrefillDeviceIpc device_ipc)
+    : transport_(transport),
+      local_(std::move(local)),
+      options_(options),
+      device_ipc_(std::move(device_ipc)),
+      recent_(options.max_rooms) {}
 
 PrefillAgent::~PrefillAgent() {
   if (loop_) loop_->Stop();
@@ -44,6 +53,7 @@ PrefillAgent::~PrefillAgent() {
     rooms_.clear();
     for (auto& [id, peer] : peers_) {
       if (peer.ready) deferred.push_back([t = transport_, p = peer.transport_peer] { (void)t->Disconnect(p); });
+      if (peer.device) deferred.push_back([d = std::move(peer.device)]() mutable { d.reset(); });  // unmapped outside the lock
     }
     peers_.clear();
   }
@@ -135,6 +145,7 @@ absl::Status PrefillAgent::Ship(RoomId room, size_t first_segment, std::span<con
   std::vector<Segment> dst;
   PeerId transport_peer = 0;
   ConnectionId connection = 0;
+  std::shared_ptr<DevicePeer> device;
   {
     std::lock_guard lock(mutex_);
     auto it = rooms_.find(room);
@@ -156,9 +167,11 @@ absl::Status PrefillAgent::Ship(RoomId room, size_t first_segment, std::span<con
     ++peer->second.ships_in_flight;
     if (!r.first_ship) r.first_ship = Clock::now();
     transport_peer = peer->second.transport_peer;
+    device = peer->second.device;
+    if (device) r.device_ipc = true;
     connection = r.connection;
   }
-  absl::Status status = transport_->Put(transport_peer, src, dst);
+  absl::Status status = device ? CopyToDevice(*device, src, dst) : transport_->Put(transport_peer, src, dst);
   if (!status.ok()) {
     status = absl::Status(status.code(), absl::StrCat("room ", room, ", segments from ", first_segment, ": ", status.message()));
   }
@@ -191,6 +204,19 @@ absl::Status PrefillAgent::Ship(RoomId room, size_t first_segment, std::span<con
   }
   Run(deferred);
   return status;
+}
+
+absl::Status PrefillAgent::CopyToDevice(DevicePeer& device, std::span<const Segment> src, std::span<const Segment> dst) {
+  TANDEM_RETURN_IF_ERROR(CheckSegmentPair(src, dst));
+  std::vector<uint64_t> local_sizes;
+  for (const MemoryRegion& r : transport_->regions()) local_sizes.push_back(r.size);
+  TANDEM_RETURN_IF_ERROR(CheckSegmentsInside(src, local_sizes, "source"));  // dst was checked on arrival
+  std::vector<Segment> s, d;
+  CoalesceSegments(src, dst, s, d);
+  if (s.empty()) return absl::OkStatus();
+  TANDEM_RETURN_IF_ERROR(device.Copy(s, d));
+  if (transport_->TakeCorruption()) TANDEM_RETURN_IF_ERROR(device.InvertByte(Segment{d[0].region, d[0].offset, 1}));
+  return absl::OkStatus();
 }
 
 absl::Status PrefillAgent::Complete(RoomId room, const Completion& completion) {
@@ -269,8 +295,9 @@ void PrefillAgent::FinalizeLocked(RoomId room, Deferred& deferred) {
   if (r.final.ok()) {
     ++counters_.rooms_completed;
     if (on_room_transferred_ && r.first_ship) {
-      deferred.push_back([cb = on_room_transferred_, room, bytes = r.bytes, latency = Clock::now() - *r.first_ship] {
-        cb(room, bytes, std::chrono::duration_cast<std::chrono::nanoseconds>(latency));
+      deferred.push_back([cb = on_room_transferred_, room, bytes = r.bytes, latency = Clock::now() - *r.first_ship,
+                          device = r.device_ipc] {
+        cb(room, bytes, std::chrono::duration_cast<std::chrono::nanoseconds>(latency), device);
       });
     }
   } else {
@@ -291,15 +318,18 @@ void PrefillAgent::ReleasePeerLocked(ConnectionId id, Deferred& deferred) {
   auto it = peers_.find(id);
   if (it == peers_.end()) return;
   if (it->second.ready) deferred.push_back([t = transport_, p = it->second.transport_peer] { (void)t->Disconnect(p); });
+  // The mapping of decode's device pools goes with the peer, closed outside the lock.
+  if (it->second.device) deferred.push_back([d = std::move(it->second.device)]() mutable { d.reset(); });
   peers_.erase(it);
 }
 
 void PrefillAgent::OnFrame(ConnectionId id, FrameType type, std::string_view payload) {
-  bool ready = false;
+  bool ready = false, awaiting_device_regions = false;
   {
     std::lock_guard lock(mutex_);
     auto it = peers_.find(id);
     ready = it != peers_.end() && it->second.ready;
+    awaiting_device_regions = ready && it->second.awaiting_device_regions;
   }
   auto protocol_error = [&](absl::Status status) {
     {
@@ -315,6 +345,12 @@ void PrefillAgent::OnFrame(ConnectionId id, FrameType type, std::string_view pay
       OnHello(id, payload);
     }
     return;
+  }
+  if (awaiting_device_regions) {
+    if (type != FrameType::kDeviceRegions) {
+      return protocol_error(absl::InvalidArgumentError(absl::StrCat("expected DEVICE_REGIONS, got ", FrameTypeName(type))));
+    }
+    return OnDeviceRegions(id, payload);
   }
   Deferred deferred;
   switch (type) {
@@ -382,6 +418,9 @@ void PrefillAgent::OnHello(ConnectionId id, std::string_view payload) {
   absl::StatusOr<Handshake> remote = DecodeHandshake(payload);
   if (!remote.ok()) return refuse(remote.status());
   if (absl::Status compatible = CheckCompatible(local_, *remote); !compatible.ok()) return refuse(compatible);
+  // Device IPC: decide before connecting; --pd-transfer ipc refuses a decode that cannot take it.
+  absl::StatusOr<bool> want_device = WantDeviceRegions(device_ipc_.mode, device_ipc_.open != nullptr, remote->capabilities);
+  if (!want_device.ok()) return refuse(want_device.status());
   absl::StatusOr<PeerId> transport_peer = transport_->Connect(remote->transport_address, remote->regions);
   if (!transport_peer.ok()) {
     return refuse(absl::UnavailableError(absl::StrCat("cannot reach decode's transport: ", transport_peer.status().message())));
@@ -395,12 +434,64 @@ void PrefillAgent::OnHello(ConnectionId id, std::string_view payload) {
     }
     Peer& peer = it->second;
     peer.ready = true;
+    peer.awaiting_device_regions = *want_device;
     peer.transport_peer = *transport_peer;
     for (const RemoteRegion& r : remote->regions) peer.region_sizes.push_back(r.size);
     peer.handshake = std::move(*remote);
   }
   Handshake reply = local_;
+  if (*want_device) reply.capabilities |= kCapabilityDeviceIpc;
   (void)loop_->Send(id, FrameType::kHelloAccept, Encode(reply));
+}
+
+void PrefillAgent::OnDeviceRegions(ConnectionId id, std::string_view payload) {
+  const bool forced = device_ipc_.mode == PdTransfer::kIpc;
+  auto refuse = [&](absl::Status status) {
+    {
+      std::lock_guard lock(mutex_);
+      ++counters_.bootstrap_failures;
+    }
+    loop_->Close(id, status, /*tell_peer=*/true);
+  };
+  absl::StatusOr<DeviceExport> exported = DecodeDeviceExport(payload);
+  if (!exported.ok()) return refuse(exported.status());
+  std::vector<RemoteRegion> hello_regions;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = peers_.find(id);
+    if (it == peers_.end()) return;
+    hello_regions = it->second.handshake.regions;
+  }
+  // Opened once per connection, on this thread; closed when the peer goes (ReleasePeerLocked).
+  absl::StatusOr<std::shared_ptr<DevicePeer>> device = absl::FailedPreconditionError("not mapped");
+  if (absl::Status mappable = CheckMappable(*exported, hello_regions); !mappable.ok()) {
+    device = mappable;
+  } else {
+    device = device_ipc_.open(*exported);
+    if (device.ok() && *device == nullptr) device = absl::InternalError("the device IPC opener returned nothing");
+  }
+  if (!device.ok()) {
+    const std::string why = absl::StrCat("cannot map decode's device pools (", exported->location, "): ", device.status().message());
+    if (forced) return refuse(absl::FailedPreconditionError(absl::StrCat("--pd-transfer ipc: ", why)));
+    spdlog::warn("PD transfer to decode {}: {}; staging this peer's rooms through host memory instead", exported->location,
+                 std::string(device.status().message()));
+    {
+      std::lock_guard lock(mutex_);
+      auto it = peers_.find(id);
+      if (it != peers_.end()) it->second.awaiting_device_regions = false;
+    }
+    (void)loop_->Send(id, FrameType::kDeviceRegionsReply, Encode(DeviceRegionsReply{false, why}));
+    return;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    auto it = peers_.find(id);
+    if (it == peers_.end()) return;  // closed meanwhile: the mapping goes with `device`
+    it->second.awaiting_device_regions = false;
+    it->second.device = std::move(*device);
+  }
+  spdlog::info("PD transfer to decode {}: device IPC ({} regions mapped)", exported->location, exported->regions.size());
+  (void)loop_->Send(id, FrameType::kDeviceRegionsReply, Encode(DeviceRegionsReply{true, ""}));
 }
 
 void PrefillAgent::OnDestination(ConnectionId id, std::string_view payload, Deferred& deferred) {

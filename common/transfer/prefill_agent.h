@@ -31,9 +31,11 @@ struct Destination {
 class PrefillAgent {
  public:
   // `local` carries descriptor + layout hash (see LocalHandshake); transport kind and address are filled in.
+  // `device_ipc`: how to write a same-host decode's device pools directly (device_ipc.h); --pd-transfer ipc
+  // without a way to open them is FAILED_PRECONDITION.
   static absl::StatusOr<std::unique_ptr<PrefillAgent>> Create(KvTransport* transport, Handshake local,
                                                               const AgentOptions& options, const std::string& host,
-                                                              uint16_t port);
+                                                              uint16_t port, PrefillDeviceIpc device_ipc = {});
   ~PrefillAgent();
   PrefillAgent(const PrefillAgent&) = delete;
   PrefillAgent& operator=(const PrefillAgent&) = delete;
@@ -46,7 +48,9 @@ class PrefillAgent {
   // Decode's destination, once it arrived. DEADLINE_EXCEEDED if `timeout` passes first (the room stays);
   // the room's final status if it ended meanwhile.
   absl::StatusOr<Destination> WaitDestination(RoomId room, std::chrono::milliseconds timeout);
-  // Puts src[i] into destination segment first_segment + i. Call as many times as needed, from any thread.
+  // Puts src[i] into destination segment first_segment + i (over device IPC when the room's decode takes it:
+  // src then names the live device pools at the offsets of the registered regions; returns once the bytes
+  // landed either way). Call as many times as needed, from any thread.
   absl::Status Ship(RoomId room, size_t first_segment, std::span<const Segment> src);
   // Sends the first token, checksum and payload; RoomDone(OK) follows decode's ack.
   absl::Status Complete(RoomId room, const Completion& completion);
@@ -67,6 +71,7 @@ class PrefillAgent {
     Clock::time_point deadline;
     std::optional<Clock::time_point> first_ship;
     ConnectionId connection = 0;
+    bool device_ipc = false;  // shipped over device IPC
     std::vector<Segment> destination;
     int ships_in_flight = 0;
     uint64_t bytes = 0;
@@ -81,6 +86,8 @@ class PrefillAgent {
     std::vector<uint64_t> region_sizes;
     int ships_in_flight = 0;
     bool closed = false;
+    bool awaiting_device_regions = false;  // asked for them in HELLO_ACCEPT: DEVICE_REGIONS comes next
+    std::shared_ptr<DevicePeer> device;    // decode's device pools mapped here: ships go over IPC
   };
   struct Pending {
     ConnectionId connection;
@@ -89,7 +96,9 @@ class PrefillAgent {
   };
   using Deferred = std::vector<std::function<void()>>;
 
-  PrefillAgent(KvTransport* transport, Handshake local, const AgentOptions& options);
+  PrefillAgent(KvTransport* transport, Handshake local, const AgentOptions& options, PrefillDeviceIpc device_ipc);
+  void OnDeviceRegions(ConnectionId id, std::string_view payload);
+  absl::Status CopyToDevice(DevicePeer& device, std::span<const Segment> src, std::span<const Segment> dst);
   void OnFrame(ConnectionId id, FrameType type, std::string_view payload);
   void OnClosed(ConnectionId id, const absl::Status& reason);
   void OnTick();
@@ -106,6 +115,7 @@ class PrefillAgent {
   KvTransport* const transport_;
   Handshake local_;
   const AgentOptions options_;
+  const PrefillDeviceIpc device_ipc_;
   uint16_t port_ = 0;
   std::unique_ptr<ControlLoop> loop_;
 

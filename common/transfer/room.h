@@ -26,6 +26,7 @@ struct Completion {
   int32_t first_token = 0;
   uint64_t checksum = 0;  // ChecksumSegments over the source segments, in order
   std::string payload;    // small extras (logprobs, MTP hidden state), at most max_payload_bytes
+  bool device_ipc = false;  // decode: the state landed in the device pools over IPC (not in the transport's memory)
 };
 
 struct AgentOptions {
@@ -54,9 +55,10 @@ struct AgentMetrics {
   uint64_t connections = 0;
 };
 
-// Called when a room ends well: bytes moved and the time from its first byte on the wire (prefill: first
-// Ship; decode: Register) to the end of the transfer (COMPLETE sent / verified).
-using RoomTransferred = std::function<void(RoomId, uint64_t bytes, std::chrono::nanoseconds latency)>;
+// Called when a room ends well: bytes moved, the time from its first byte on the wire (prefill: first
+// Ship; decode: Register) to the end of the transfer (COMPLETE sent / verified), and whether the bytes went
+// device to device over IPC (device_ipc.h) rather than through the transport.
+using RoomTransferred = std::function<void(RoomId, uint64_t bytes, std::chrono::nanoseconds latency, bool device_ipc)>;
 
 // The final statuses of the last `capacity` rooms that ended, so a waiter that wakes late still learns why.
 class RecentOutcomes {

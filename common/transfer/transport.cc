@@ -171,6 +171,14 @@ absl::Status KvTransport::Put(PeerId peer, std::span<const Segment> src, std::sp
   return absl::OkStatus();
 }
 
+bool KvTransport::TakeCorruption() {
+  uint64_t corrupt = corrupt_puts_.load();
+  while (corrupt > 0) {
+    if (corrupt_puts_.compare_exchange_weak(corrupt, corrupt - 1)) return true;
+  }
+  return false;
+}
+
 TransportStats KvTransport::stats() const {
   return {put_calls_.load(), puts_issued_.load(), bytes_put_.load(), put_failures_.load()};
 }

@@ -107,6 +107,9 @@ class KvTransport {
   // Test hook: the next `count` Put calls flip one byte in flight (the first byte of their first run lands
   // inverted). Also set from the environment: TANDEM_TRANSFER_CORRUPT_PUTS=N at construction.
   void CorruptNextPuts(uint64_t count) { corrupt_puts_.store(count); }
+  // Takes one of those corruptions for bytes that bypass Put (device IPC copies): true if the caller must
+  // corrupt what it moves.
+  bool TakeCorruption();
 
  protected:
   KvTransport();

@@ -84,6 +84,8 @@ const char* FrameTypeName(FrameType type) {
     case FrameType::kAck: return "ACK";
     case FrameType::kAbort: return "ABORT";
     case FrameType::kAbortAck: return "ABORT_ACK";
+    case FrameType::kDeviceRegions: return "DEVICE_REGIONS";
+    case FrameType::kDeviceRegionsReply: return "DEVICE_REGIONS_REPLY";
   }
   return "?";
 }
@@ -101,7 +103,7 @@ absl::StatusOr<FrameHeader> ParseFrameHeader(std::string_view header, size_t max
   if (magic != kFrameMagic) {
     return absl::InvalidArgumentError(absl::StrCat("bad frame magic 0x", absl::Hex(magic), ": not a Tandem bootstrap peer"));
   }
-  if (type < static_cast<uint16_t>(FrameType::kHello) || type > static_cast<uint16_t>(FrameType::kAbortAck)) {
+  if (type < static_cast<uint16_t>(FrameType::kHello) || type > static_cast<uint16_t>(FrameType::kDeviceRegionsReply)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown frame type ", type));
   }
   if (flags != 0) return absl::InvalidArgumentError(absl::StrCat("frame flags 0x", absl::Hex(flags), " not supported"));
@@ -275,6 +277,56 @@ absl::StatusOr<CompleteMessage> DecodeComplete(std::string_view payload, size_t 
   r.Bytes("payload", &m.payload, static_cast<uint32_t>(std::min<size_t>(max_payload_bytes, UINT32_MAX)));
   TANDEM_RETURN_IF_ERROR(r.Finish());
   m.first_token = static_cast<int32_t>(token);
+  return m;
+}
+
+std::string Encode(const DeviceExport& m) {
+  Writer w;
+  w.Bytes(m.host_id);
+  w.U64(m.process_token);
+  w.Bytes(m.location);
+  w.U32(static_cast<uint32_t>(m.regions.size()));
+  for (const DeviceRegionExport& r : m.regions) {
+    w.U64(r.size);
+    w.Bytes(r.handle);
+  }
+  return std::move(w.out);
+}
+
+absl::StatusOr<DeviceExport> DecodeDeviceExport(std::string_view payload) {
+  Reader r(payload, "DEVICE_REGIONS");
+  DeviceExport m;
+  r.Bytes("host_id", &m.host_id, kMaxStringBytes);
+  r.U64("process_token", &m.process_token);
+  r.Bytes("location", &m.location, kMaxStringBytes);
+  uint32_t count = 0;
+  if (r.Count("regions", &count, 8 + 4, kMaxRegions)) {
+    m.regions.resize(count);
+    for (DeviceRegionExport& region : m.regions) {
+      r.U64("region.size", &region.size);
+      r.Bytes("region.handle", &region.handle, kMaxStringBytes);
+    }
+  }
+  TANDEM_RETURN_IF_ERROR(r.Finish());
+  return m;
+}
+
+std::string Encode(const DeviceRegionsReply& m) {
+  Writer w;
+  w.U32(m.accepted ? 1 : 0);
+  w.Bytes(m.reason);
+  return std::move(w.out);
+}
+
+absl::StatusOr<DeviceRegionsReply> DecodeDeviceRegionsReply(std::string_view payload) {
+  Reader r(payload, "DEVICE_REGIONS_REPLY");
+  DeviceRegionsReply m;
+  uint32_t accepted = 0;
+  r.U32("accepted", &accepted);
+  r.Bytes("reason", &m.reason, kMaxStringBytes);
+  TANDEM_RETURN_IF_ERROR(r.Finish());
+  if (accepted > 1) return absl::InvalidArgumentError(absl::StrCat("DEVICE_REGIONS_REPLY: accepted is ", accepted, ", not 0 or 1"));
+  m.accepted = accepted == 1;
   return m;
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/core/status.h"
+#include "common/transfer/device_ipc.h"
 #include "common/transfer/transport.h"
 
 namespace tandem::transfer {
@@ -30,6 +31,9 @@ enum class FrameType : uint16_t {
   kAck = 8,           // decode -> prefill: RoomMessage
   kAbort = 9,         // either: RoomStatusMessage
   kAbortAck = 10,     // either: RoomMessage
+  // Only after both sides advertised kCapabilityDeviceIpc (device_ipc.h): older peers never see them.
+  kDeviceRegions = 11,       // decode -> prefill: DeviceExport
+  kDeviceRegionsReply = 12,  // prefill -> decode: DeviceRegionsReply
 };
 const char* FrameTypeName(FrameType type);
 
@@ -83,6 +87,12 @@ struct CompleteMessage {
   std::string payload;
 };
 
+// Prefill's answer to DEVICE_REGIONS: accepted (it writes this connection's rooms over IPC) or why not.
+struct DeviceRegionsReply {
+  bool accepted = false;
+  std::string reason;
+};
+
 // Limits applied while decoding (a forged count cannot make us allocate more than the frame holds anyway).
 inline constexpr uint32_t kMaxRegions = 1024;
 inline constexpr uint32_t kMaxStringBytes = 1u << 20;
@@ -93,6 +103,8 @@ std::string Encode(const RoomMessage& m);
 std::string Encode(const RoomStatusMessage& m);
 std::string Encode(const DestinationMessage& m);
 std::string Encode(const CompleteMessage& m);
+std::string Encode(const DeviceExport& m);
+std::string Encode(const DeviceRegionsReply& m);
 
 absl::StatusOr<Handshake> DecodeHandshake(std::string_view payload);
 absl::StatusOr<StatusMessage> DecodeStatus(std::string_view payload);
@@ -100,6 +112,8 @@ absl::StatusOr<RoomMessage> DecodeRoom(std::string_view payload, std::string_vie
 absl::StatusOr<RoomStatusMessage> DecodeRoomStatus(std::string_view payload, std::string_view what);
 absl::StatusOr<DestinationMessage> DecodeDestination(std::string_view payload);
 absl::StatusOr<CompleteMessage> DecodeComplete(std::string_view payload, size_t max_payload_bytes);
+absl::StatusOr<DeviceExport> DecodeDeviceExport(std::string_view payload);
+absl::StatusOr<DeviceRegionsReply> DecodeDeviceRegionsReply(std::string_view payload);
 
 // A status code from the wire: unknown numbers become kUnknown.
 absl::StatusCode CodeFromWire(uint32_t code);

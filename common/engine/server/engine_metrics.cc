@@ -39,7 +39,9 @@ EngineMetrics::EngineMetrics(const std::string& model_name, const std::string& r
   throughput_ = &Make(prometheus::BuildGauge(), "tandem_gen_throughput", "generated tokens per second (last 5 s)", r).Add(labels_);
   cache_hit_rate_ = &Make(prometheus::BuildGauge(), "tandem_cache_hit_rate",
                           "fraction of prompt tokens taken from the prefix cache", r).Add(labels_);
-  transfer_bytes_ = &Make(prometheus::BuildCounter(), "tandem_kv_transfer_bytes_total", "KV/state bytes handed over", r).Add(labels_);
+  transfer_bytes_ = &Make(prometheus::BuildCounter(), "tandem_kv_transfer_bytes_total",
+                          "KV/state bytes handed over, by path: ipc (device to device), staged (device pools through host "
+                          "copies), host (host pools as they are)", r);
   transfer_latency_ = &Make(prometheus::BuildHistogram(), "tandem_kv_transfer_latency_seconds",
                             "one request's hand-over, first byte to verified completion", r)
                            .Add(labels_, prometheus::Histogram::BucketBoundaries{0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
@@ -72,8 +74,10 @@ void EngineMetrics::RequestFinished(const RequestUpdate& last, double e2e_second
   retractions_->Increment(static_cast<double>(last.retractions));
 }
 
-void EngineMetrics::Transferred(uint64_t bytes, double seconds) {
-  transfer_bytes_->Increment(static_cast<double>(bytes));
+void EngineMetrics::Transferred(uint64_t bytes, double seconds, std::string_view path) {
+  prometheus::Labels labels = labels_;
+  labels["path"] = std::string(path);
+  transfer_bytes_->Add(labels).Increment(static_cast<double>(bytes));
   transfer_latency_->Observe(seconds);
   if (seconds > 0) transfer_speed_->Set(static_cast<double>(bytes) / seconds);
 }

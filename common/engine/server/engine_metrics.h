@@ -27,8 +27,8 @@ class EngineMetrics {
   void FirstToken(double ttft_seconds) { ttft_->Observe(ttft_seconds); }
   void InterToken(double seconds) { itl_->Observe(seconds); }
   void Queued(double seconds) { queue_time_->Observe(seconds); }
-  // A finished KV hand-over (either side).
-  void Transferred(uint64_t bytes, double seconds);
+  // A finished KV hand-over (either side); `path`: "ipc", "staged" or "host" (TransferObserver).
+  void Transferred(uint64_t bytes, double seconds, std::string_view path);
   // A disaggregated request's hand-over stages on this side (pd_trace.h).
   void Stages(std::span<const pd_trace::Stage> stages);
   // The transfer agent's counters, read at each scrape (prefill and decode roles).
@@ -55,7 +55,7 @@ class EngineMetrics {
   prometheus::Gauge* token_usage_;
   prometheus::Gauge* throughput_;
   prometheus::Gauge* cache_hit_rate_;
-  prometheus::Counter* transfer_bytes_;
+  prometheus::Family<prometheus::Counter>* transfer_bytes_;  // by path
   prometheus::Histogram* transfer_latency_;
   prometheus::Family<prometheus::Histogram>* stage_latency_;
   prometheus::Gauge* transfer_speed_;

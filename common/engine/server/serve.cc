@@ -90,6 +90,14 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
   app.add_flag("--test-staged-pools", e.test_staged_pools,
                "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
                "with --device cuda");
+  app.add_option("--pd-transfer", [&o](const std::vector<std::string>& v) {
+       auto mode = transfer::ParsePdTransfer(v.front());
+       if (mode.ok()) o.pd_transfer = *mode;
+       return mode.ok();
+     }, "PD: how --device cuda pools reach the peer: auto (device to device over CUDA IPC when both sides can and share "
+        "a host, else staged), staged (through page-locked host copies) or ipc (refuse a peer that cannot)")
+      ->default_str("auto")
+      ->check(CLI::IsMember({"auto", "staged", "ipc"}));
   app.add_option("--drain-timeout", o.drain_timeout_seconds, "seconds SIGTERM waits for running requests")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--heartbeat-interval", o.heartbeat_interval_seconds, "PD: seconds between heartbeats to the peer")
@@ -158,6 +166,7 @@ int RunServer(ServeOptions o, const char* binary) {
     transfer.dtype = absl::StrCat("kv-fp8/experts-", o.engine.expert_dtype == model::ExpertDType::kFp8 ? "fp8" : "default");
     transfer.bootstrap_host = o.host;
     transfer.bootstrap_port = o.bootstrap_port;
+    transfer.pd_transfer = o.pd_transfer;
     transfer.agent.control.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(o.heartbeat_interval_seconds * 1000));
     transfer.agent.control.lease = std::chrono::milliseconds(static_cast<int64_t>(o.lease_seconds * 1000));
     transfer.agent.room_lease = std::chrono::milliseconds(static_cast<int64_t>(o.room_lease_seconds * 1000));
@@ -166,7 +175,8 @@ int RunServer(ServeOptions o, const char* binary) {
     const EngineRole role = o.engine.role;
     o.engine.links = [role, transfer, &engine_metrics, &bootstrap_port]() -> absl::StatusOr<std::unique_ptr<TransferSetup>> {
       return MakeTransferSetup(
-          role, transfer, [&engine_metrics](uint64_t bytes, double seconds) { engine_metrics.Transferred(bytes, seconds); },
+          role, transfer,
+          [&engine_metrics](uint64_t bytes, double seconds, std::string_view path) { engine_metrics.Transferred(bytes, seconds, path); },
           [&engine_metrics](std::function<TransferStats()> stats) { engine_metrics.set_transfer_stats(std::move(stats)); },
           &bootstrap_port);
     };

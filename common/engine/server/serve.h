@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include "common/engine/engine.h"
+#include "common/transfer/device_ipc.h"
 #include "tandem/v1/engine.pb.h"
 
 namespace tandem::engine {
@@ -24,7 +25,8 @@ struct ServeOptions {
   bool disable_prefix_cache = false;
   double heartbeat_interval_seconds = 1.0;
   double lease_seconds = 4.0;
-  double room_lease_seconds = 600.0;  // absolute bound per room (queueing included); dead peers go by --peer-lease
+  double room_lease_seconds = 600.0;
+  transfer::PdTransfer pd_transfer = transfer::PdTransfer::kAuto;  // --pd-transfer  // absolute bound per room (queueing included); dead peers go by --peer-lease
   EngineOptions engine;
 };
 

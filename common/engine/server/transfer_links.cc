@@ -73,6 +73,106 @@ std::string LayoutHash(const cache::StatePools& pools, const TransferLinkOptions
   return fmt::format("{:016x}", transfer::ChecksumBytes(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
 }
 
+// The `path` label of the transfer metrics: device IPC, staged through host copies, or host pools shipped as they are.
+std::string_view TransferPath(bool device_ipc, bool staged) { return device_ipc ? "ipc" : staged ? "staged" : "host"; }
+
+// Registered region i of `shipped` (the transport's host copy) and the live (device) pools' region of the
+// same pool: the same shapes, so a segment's offset holds in both.
+struct RegionPair {
+  uint8_t* host = nullptr;
+  uint8_t* live = nullptr;
+  size_t size = 0;
+};
+std::vector<RegionPair> PairRegions(cache::StatePools& shipped, cache::StatePools& live) {
+  std::vector<RegionPair> out;
+  for (cache::PoolKind kind : cache::kAllPools) {  // the order RegisteredPools registers them in
+    auto region = shipped.region(kind);
+    if (region.empty()) continue;
+    out.push_back({region.data(), live.region(kind).data(), region.size()});
+  }
+  return out;
+}
+
+// A decode's device pools mapped into prefill: its rooms' segments are copied from this engine's live device
+// pools straight into them, on the device IPC stream, and waited for (so COMPLETE follows the bytes).
+class IpcDevicePeer final : public transfer::DevicePeer {
+ public:
+  IpcDevicePeer(DeviceIpc* ipc, std::unique_ptr<DeviceMapping> mapping, std::vector<RegionPair> local)
+      : ipc_(ipc), mapping_(std::move(mapping)), local_(std::move(local)) {}
+  absl::Status Copy(std::span<const transfer::Segment> src, std::span<const transfer::Segment> dst) override {
+    std::lock_guard lock(mutex_);  // one fence covers exactly this call's copies
+    for (size_t i = 0; i < src.size(); ++i) {
+      if (src[i].region >= local_.size()) return absl::InvalidArgumentError("device IPC copy from an unknown region");
+      TANDEM_RETURN_IF_ERROR(ipc_->copier().Enqueue(mapping_->base(dst[i].region) + dst[i].offset,
+                                                    local_[src[i].region].live + src[i].offset, src[i].length));
+    }
+    TANDEM_ASSIGN_OR_RETURN(const StagingFence fence, ipc_->copier().Fence());
+    return fence();
+  }
+  absl::Status InvertByte(const transfer::Segment& dst) override {
+    std::lock_guard lock(mutex_);
+    return ipc_->InvertByte(mapping_->base(dst.region) + dst.offset);
+  }
+
+ private:
+  DeviceIpc* ipc_;
+  std::unique_ptr<DeviceMapping> mapping_;
+  std::vector<RegionPair> local_;
+  std::mutex mutex_;
+};
+
+// Prefill: how to map a same-host decode's device pools, when this engine's pools are on the GPU.
+transfer::PrefillDeviceIpc PrefillIpc(transfer::PdTransfer mode, const StagedPools& staged, std::vector<RegionPair> pairs) {
+  transfer::PrefillDeviceIpc out;
+  out.mode = mode;
+  if (!staged.live || !staged.ipc || mode == transfer::PdTransfer::kStaged) return out;
+  out.open = [ipc = staged.ipc, pairs = std::move(pairs)](const transfer::DeviceExport& peer)
+      -> absl::StatusOr<std::shared_ptr<transfer::DevicePeer>> {
+    std::vector<std::string> handles;
+    for (const auto& region : peer.regions) handles.push_back(region.handle);
+    TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<DeviceMapping> mapping, ipc->Open(handles));
+    return std::shared_ptr<transfer::DevicePeer>(std::make_shared<IpcDevicePeer>(ipc, std::move(mapping), pairs));
+  };
+  return out;
+}
+
+// Decode: its device pools exported for a same-host prefill, and the checksum of what such a prefill wrote
+// there: the segments read back into the host copy (the staging copier, DMA) and checksummed as the wire's.
+absl::StatusOr<transfer::DecodeDeviceIpc> DecodeIpc(transfer::PdTransfer mode, const StagedPools& staged,
+                                                    std::vector<RegionPair> pairs, std::shared_ptr<transfer::KvTransport> transport) {
+  transfer::DecodeDeviceIpc out;
+  out.mode = mode;
+  if (!staged.live || !staged.ipc || mode == transfer::PdTransfer::kStaged) return out;
+  transfer::DeviceExport local;
+  local.host_id = transfer::LocalHostId();
+  local.process_token = transfer::LocalProcessToken();
+  local.location = staged.ipc->location();
+  for (const RegionPair& pair : pairs) {
+    absl::StatusOr<std::string> handle = staged.ipc->Export(pair.live);
+    if (!handle.ok()) {
+      if (mode == transfer::PdTransfer::kIpc) {
+        return absl::FailedPreconditionError(absl::StrCat("--pd-transfer ipc: cannot export the device pools: ", handle.status().message()));
+      }
+      spdlog::warn("PD device IPC: cannot export the device pools: {}; prefill peers stage through host memory",
+                   std::string(handle.status().message()));
+      return out;
+    }
+    local.regions.push_back({pair.size, std::move(*handle)});
+  }
+  out.local = std::move(local);
+  out.device_checksum = [pairs = std::move(pairs), copier = staged.copier,
+                         transport = std::move(transport)](std::span<const transfer::Segment> segments) -> absl::StatusOr<uint64_t> {
+    for (const transfer::Segment& s : segments) {
+      if (s.region >= pairs.size()) return absl::InvalidArgumentError("device checksum of an unknown region");
+      TANDEM_RETURN_IF_ERROR(copier->Enqueue(pairs[s.region].host + s.offset, pairs[s.region].live + s.offset, s.length));
+    }
+    TANDEM_ASSIGN_OR_RETURN(const StagingFence fence, copier->Fence());
+    TANDEM_RETURN_IF_ERROR(fence());
+    return transfer::ChecksumSegments(transport->regions(), segments);
+  };
+  return out;
+}
+
 std::string EncodeChecksum(uint64_t value) {
   std::string out(8, '\0');
   std::memcpy(out.data(), &value, 8);
@@ -137,16 +237,18 @@ class UcxPrefillLink final : public PrefillLink {
     if (shipper_.joinable()) shipper_.join();
   }
 
-  absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
+  absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer,
+                     transfer::PrefillDeviceIpc device_ipc) {
     TANDEM_ASSIGN_OR_RETURN(agent_, transfer::PrefillAgent::Create(transport_.get(), local, options.agent, options.bootstrap_host,
-                                                                    static_cast<uint16_t>(options.bootstrap_port)));
+                                                                    static_cast<uint16_t>(options.bootstrap_port), std::move(device_ipc)));
     agent_->set_on_progress([this](transfer::RoomId room) {  // a destination arrived
       pd_trace::Mark(room, "destination_arrived");
       outcomes_.Wake();
     });
     if (observer) {
-      agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
-        observer(bytes, std::chrono::duration<double>(latency).count());
+      agent_->set_on_room_transferred([observer, staged = staging_.live != nullptr](transfer::RoomId, uint64_t bytes,
+                                                                                    std::chrono::nanoseconds latency, bool device_ipc) {
+        observer(bytes, std::chrono::duration<double>(latency).count(), TransferPath(device_ipc, staged));
       });
     }
     shipper_ = std::thread([this] { ShipLoop(); });
@@ -314,15 +416,17 @@ class UcxDecodeLink final : public DecodeLink {
                 std::function<void()> wake)
       : transport_(std::move(transport)), pools_(pools), staging_(staging), outcomes_(std::move(wake)) {}
 
-  absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer) {
-    TANDEM_ASSIGN_OR_RETURN(agent_, transfer::DecodeAgent::Create(transport_.get(), local, options.agent));
+  absl::Status Start(const transfer::Handshake& local, const TransferLinkOptions& options, TransferObserver observer,
+                     transfer::DecodeDeviceIpc device_ipc) {
+    TANDEM_ASSIGN_OR_RETURN(agent_, transfer::DecodeAgent::Create(transport_.get(), local, options.agent, std::move(device_ipc)));
     agent_->set_on_progress([this](transfer::RoomId room) {  // a completion arrived
       pd_trace::Mark(room, "completion_arrived");
       outcomes_.Wake();
     });
     if (observer) {
-      agent_->set_on_room_transferred([observer](transfer::RoomId, uint64_t bytes, std::chrono::nanoseconds latency) {
-        observer(bytes, std::chrono::duration<double>(latency).count());
+      agent_->set_on_room_transferred([observer, staged = staging_.live != nullptr](transfer::RoomId, uint64_t bytes,
+                                                                                    std::chrono::nanoseconds latency, bool device_ipc) {
+        observer(bytes, std::chrono::duration<double>(latency).count(), TransferPath(device_ipc, staged));
       });
     }
     return absl::OkStatus();
@@ -366,7 +470,9 @@ class UcxDecodeLink final : public DecodeLink {
     // device copy), so the scheduler does not read them again.
     handoff.verified = true;
     pd_trace::Mark(room, "verified");
-    if (staging_.live) {
+    if (staging_.live && completion->device_ipc) {
+      destinations_.erase(room);  // prefill wrote the live (device) pools themselves; the agent checked them there
+    } else if (staging_.live) {
       // The state landed in the host copy: move it into the live (device) pools before decode reads it. All
       // segments go as one batch of DMA copies, waited for here, on the scheduler thread: the next thing it
       // does is read these pages.
@@ -440,18 +546,29 @@ class UcxTransferSetup final : public TransferSetup {
     descriptor.layer_begin = static_cast<uint32_t>(pools.layout().stage().begin);
     descriptor.layer_end = static_cast<uint32_t>(pools.layout().stage().end);
     const transfer::Handshake local = transfer::LocalHandshake(descriptor, LayoutHash(pools, options_));
+    // Device IPC works on the transport's region numbers: they must be the pools' regions, in order.
+    std::vector<RegionPair> pairs;
+    if (staged.live) {
+      pairs = PairRegions(pools, *staged.live);
+      const auto regions = transport_->regions();
+      bool same = regions.size() == pairs.size();
+      for (size_t i = 0; same && i < pairs.size(); ++i) same = regions[i].base == pairs[i].host;
+      if (!same) return absl::InternalError("device IPC: the transport's regions are not the pools' regions");
+    }
 
     DisaggregationLinks links;
     if (role_ == EngineRole::kPrefill) {
       auto link = std::make_unique<UcxPrefillLink>(transport_, registered, staging, std::move(wake));
-      TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_));
+      TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_, PrefillIpc(options_.pd_transfer, staged, std::move(pairs))));
       if (bound_bootstrap_port_) *bound_bootstrap_port_ = link->port();
       UcxPrefillLink* raw = link.get();
       if (on_stats_) on_stats_([raw] { return TransferStats{raw->metrics()}; });
       links.prefill = std::move(link);
     } else if (role_ == EngineRole::kDecode) {
       auto link = std::make_unique<UcxDecodeLink>(transport_, registered, staging, std::move(wake));
-      TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_));
+      TANDEM_ASSIGN_OR_RETURN(transfer::DecodeDeviceIpc device_ipc,
+                              DecodeIpc(options_.pd_transfer, staged, std::move(pairs), transport_));
+      TANDEM_RETURN_IF_ERROR(link->Start(local, options_, observer_, std::move(device_ipc)));
       UcxDecodeLink* raw = link.get();
       if (on_stats_) on_stats_([raw] { return TransferStats{raw->metrics()}; });
       links.decode = std::move(link);

@@ -6,10 +6,12 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "common/cache/pools.h"
 #include "common/engine/disaggregation.h"
 #include "common/engine/engine.h"
+#include "common/transfer/device_ipc.h"
 #include "common/transfer/room.h"
 
 namespace tandem::engine {
@@ -20,6 +22,8 @@ struct TransferLinkOptions {
   std::string bootstrap_host = "0.0.0.0";
   int bootstrap_port = 8998;  // prefill: where to listen (0: any free port)
   transfer::AgentOptions agent;
+  // --pd-transfer: how device pools reach a peer of this host (ipc) or any peer (staged); auto picks per peer.
+  transfer::PdTransfer pd_transfer = transfer::PdTransfer::kAuto;
 };
 
 struct TransferStats {
@@ -28,8 +32,9 @@ struct TransferStats {
   double last_room_seconds = 0;
 };
 
-// Called per finished room: bytes moved and the transfer's duration (for the services' metrics).
-using TransferObserver = std::function<void(uint64_t bytes, double seconds)>;
+// Called per finished room: bytes moved, the transfer's duration and its path (for the services' metrics):
+// "ipc" (device to device), "staged" (device pools through host copies) or "host" (host pools as they are).
+using TransferObserver = std::function<void(uint64_t bytes, double seconds, std::string_view path)>;
 
 // What the Engine's LinkFactory returns for the prefill or decode role: a UCX transport that allocates the
 // pools' memory, then the links over it. `on_stats` receives the reader of the agent's counters once the

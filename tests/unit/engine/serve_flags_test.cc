@@ -1,0 +1,47 @@
+// The engine servers' --pd-transfer flag: the three modes parse into ServeOptions (auto by default) and
+// anything else is a CLI error naming the allowed values.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "common/engine/server/serve.h"
+
+namespace tandem::engine {
+namespace {
+
+// Parses `extra` after a valid --model; returns the error text, empty on success.
+std::string Parse(std::vector<std::string> extra, ServeOptions& options) {
+  CLI::App app("test");
+  AddServeFlags(app, options);
+  std::vector<std::string> args = {"--model", std::filesystem::temp_directory_path().string()};
+  args.insert(args.end(), extra.begin(), extra.end());
+  std::reverse(args.begin(), args.end());  // CLI11 takes the vector reversed
+  try {
+    app.parse(args);
+  } catch (const CLI::ParseError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(ServeFlags, PdTransferDefaultsToAutoAndParsesEachMode) {
+  ServeOptions defaults;
+  EXPECT_EQ(Parse({}, defaults), "");
+  EXPECT_EQ(defaults.pd_transfer, transfer::PdTransfer::kAuto);
+  for (auto [name, mode] : {std::pair{"auto", transfer::PdTransfer::kAuto}, std::pair{"staged", transfer::PdTransfer::kStaged},
+                            std::pair{"ipc", transfer::PdTransfer::kIpc}}) {
+    ServeOptions options;
+    EXPECT_EQ(Parse({"--pd-transfer", name}, options), "") << name;
+    EXPECT_EQ(options.pd_transfer, mode) << name;
+  }
+}
+
+TEST(ServeFlags, PdTransferRefusesOtherValues) {
+  ServeOptions options;
+  const std::string error = Parse({"--pd-transfer", "nccl"}, options);
+  EXPECT_NE(error.find("nccl"), std::string::npos) << error;
+  EXPECT_NE(error.find("ipc"), std::string::npos) << error;
+}
+
+}  // namespace
+}  // namespace tandem::engine
