@@ -16,7 +16,7 @@ absl::StatusOr<std::unique_ptr<DecodeAgent>> DecodeAgent::Create(KvTransport* tr
   TANDEM_ASSIGN_OR_RETURN(local.transport_address, transport->LocalAddress());
   local.regions = transport->DescribeRegions();
   if (device_ipc.mode == PdTransfer::kIpc && !device_ipc.local) {
-    return absl::FailedPreconditionError("--pd-transfer ipc: this decode engine's pools are not on a GPU (it needs --device cuda)");
+    return absl::FailedPreconditionError("--pd-transfer ipc: this decode engine cannot export its pools (it needs --device cuda and CUDA IPC; see any warning above)");
   }
   if (device_ipc.local && device_ipc.local->regions.size() != local.regions.size()) {
     return absl::InvalidArgumentError(absl::StrCat("decode exports ", device_ipc.local->regions.size(), " device regions for ",

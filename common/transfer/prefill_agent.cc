@@ -11,7 +11,7 @@ absl::StatusOr<std::unique_ptr<PrefillAgent>> PrefillAgent::Create(KvTransport* 
                                                                   uint16_t port, PrefillDeviceIpc device_ipc) {
   if (transport == nullptr) return absl::InvalidArgumentError("prefill agent needs a transport");
   if (device_ipc.mode == PdTransfer::kIpc && !device_ipc.open) {
-    return absl::FailedPreconditionError("--pd-transfer ipc: this prefill engine's pools are not on a GPU (it needs --device cuda)");
+    return absl::FailedPreconditionError("--pd-transfer ipc: this prefill engine cannot map device pools (it needs --device cuda and CUDA IPC; see any warning above)");
   }
   local.transport_kind = std::string(transport->kind());
   std::unique_ptr<PrefillAgent> agent(new PrefillAgent(transport, std::move(local), options, std::move(device_ipc)));

@@ -233,5 +233,50 @@ TEST_F(GpuPdTest, CorruptedDeviceTransferIsCaughtByTheChecksum) {
   ExpectAllPagesBack();
 }
 
+// The CUDA side of PD over device IPC (MakeCudaDeviceIpc), in one process: a pool region exports as a
+// cudaIpcMemHandle_t; opening one's own export is refused by CUDA (the links never try: another process is
+// required, common/transfer/device_ipc.h), and the refusal is a clean status that leaves the device usable;
+// the IPC stream's copies land device to device and InvertByte flips one byte. The two-process path itself
+// runs in tools/scripts/device-stack.sh.
+TEST(GpuDeviceIpc, ExportOpenCopyAndInvert) {
+  auto ipc = MakeCudaDeviceIpc(0);
+  ASSERT_TRUE(ipc.ok()) << ipc.status();
+  std::printf("[ ipc      ] %s\n", (*ipc)->location().c_str());
+  constexpr size_t kBytes = 1 << 20;
+  void* src = nullptr;
+  void* dst = nullptr;
+  ASSERT_EQ(cudaMalloc(&src, kBytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dst, kBytes), cudaSuccess);
+  auto handle = (*ipc)->Export(src);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  EXPECT_EQ(handle->size(), sizeof(cudaIpcMemHandle_t));
+  const std::vector<std::string> handles = {*handle};
+  auto own = (*ipc)->Open(handles);
+  std::printf("[ ipc      ] opening this process's own export: %s\n", own.ok() ? "mapped" : std::string(own.status().message()).c_str());
+  if (!own.ok()) {
+    EXPECT_NE(own.status().message().find("cudaIpcOpenMemHandle"), std::string::npos) << own.status();
+  }
+  own = absl::InternalError("dropped");  // unmaps, if CUDA mapped it
+  auto bad = (*ipc)->Open(std::vector<std::string>{std::string(3, 'x')});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess) << "a refused open must not leave a sticky error";
+
+  std::vector<uint8_t> pattern(kBytes), back(kBytes);
+  for (size_t i = 0; i < kBytes; ++i) pattern[i] = static_cast<uint8_t>(i * 7 + 3);
+  ASSERT_EQ(cudaMemcpy(src, pattern.data(), kBytes, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_TRUE((*ipc)->copier().Enqueue(dst, src, kBytes).ok());
+  auto fence = (*ipc)->copier().Fence();
+  ASSERT_TRUE(fence.ok()) << fence.status();
+  ASSERT_TRUE((*fence)().ok());
+  ASSERT_EQ(cudaMemcpy(back.data(), dst, kBytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back, pattern);
+  ASSERT_TRUE((*ipc)->InvertByte(static_cast<uint8_t*>(dst) + 5).ok());
+  ASSERT_EQ(cudaMemcpy(back.data(), dst, kBytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back[5], static_cast<uint8_t>(~pattern[5]));
+  EXPECT_EQ(back[6], pattern[6]);
+  cudaFree(src);
+  cudaFree(dst);
+}
+
 }  // namespace
 }  // namespace tandem::engine
