@@ -128,7 +128,7 @@ print(f"after the corruption: same text as mixed: {text == mixed_text} (error {e
 if text != mixed_text:
     failures.append("the request after the corrupted one did not give the mixed engine's text")
 
-# TTFT through each router (SSE, time to the first chunk with text), alternating, and prefill's own
+# TTFT through each router (SSE, time to the first chunk with text), alternating TTFT_REPS times (default 7), and prefill's own
 # transfer latency (first put to decode's acknowledgement) over the same requests.
 def ttft(port, prompt):
     body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}).encode()
@@ -153,7 +153,7 @@ import statistics
 for p in prompts[2::2]:
     before = prefill_transfer()
     pd_t, mixed_t = [], []
-    for _ in range(7):
+    for _ in range(int(os.environ.get("TTFT_REPS", "7"))):
         pd_t.append(ttft(8000, p))
         mixed_t.append(ttft(8001, p))
     after = prefill_transfer()
