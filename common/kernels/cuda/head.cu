@@ -329,7 +329,12 @@ __global__ void __launch_bounds__(kSampleThreads) SampleKernel(const float* logi
   }
   __syncthreads();
   start = 0;
-  while (loop_answer < 0 && start < kept) {
+  while (true) {
+    // Every thread reads loop_answer before thread 0 may write it below (racecheck caught the read of the
+    // loop condition racing that write, which could also split the block at the next barrier).
+    const bool stop = loop_answer >= 0 || start >= kept;
+    __syncthreads();
+    if (stop) break;
     const int n = static_cast<int>(Min64(kChunk, kept - start));
     if (!single_chunk) {
       NextChunk(logits, vocab, start > 0, bound, n, s);
@@ -350,9 +355,8 @@ __global__ void __launch_bounds__(kSampleThreads) SampleKernel(const float* logi
       loop_state[1] = u;
     }
     __syncthreads();
-    bound = s.keys[n - 1];
+    bound = s.keys[n - 1];  // read before the next chunk's keys land: the barrier at the loop's top
     start += n;
-    __syncthreads();
   }
   if (tid == 0) ids[row] = loop_answer >= 0 ? loop_answer : last_kept_id;
 }
