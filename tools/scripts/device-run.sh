@@ -27,7 +27,7 @@ for mode in "${modes[@]}"; do
       # memcheck: the whole tiny model's prefill and decode; racecheck: our kernels one by one (the
       # parity tests; cuBLASLt's kernels are not ours to check).
       model_filter="${SANITIZE_FILTER:-GpuModelTest.DeviceArgmaxMatchesHostArgmax:GpuModelTest.BadInputIsAnErrorNotACrash:GpuModelTest.BatchedSequencesMatchSeparateRuns}"
-      kernel_filter="${RACECHECK_FILTER:-*Hadamard*:*KvEntries*:*Compressor*:*IndexerTopK*:*SparseAttention*:*MoeRoute*:*MoeGroup*:*GroupedQuantized*:*SwiGlu*:*MoeCombine*:*HcHead*:*HcPre*:*HcPost*:*RmsNorm*:*Rope*:*Argmax*}"
+      kernel_filter="${RACECHECK_FILTER:-*Hadamard*:*KvEntries*:*Compressor*:*IndexerTopK*:*SparseAttention*:*MoeRoute*:*MoeGroup*:*GroupedQuantized*:*SwiGlu*:*MoeCombine*:*HcHead*:*HcPre*:*HcPost*:*RmsNorm*:*Rope*:*Argmax*:*SampleRows*:*ApplyLogitEdits*}"
       timeout "${SANITIZE_TIMEOUT:-240}" "$sanitizer" --tool memcheck --error-exitcode 3 "$carry/bin/gpu_model_test" \
         --gtest_filter="$model_filter" > "$OUT/sanitize-memcheck.log" 2>&1 || status=1
       tail -8 "$OUT/sanitize-memcheck.log"
