@@ -14,6 +14,7 @@
 #include <climits>
 #include <utility>
 
+#include "common/kernels/cuda/attention_device.cuh"
 #include "common/kernels/cuda/check.h"
 #include "common/kernels/cuda/cuda_moe.h"
 
@@ -477,15 +478,6 @@ constexpr int kMmaStep = 128;
 constexpr int64_t kMmaMinRowsBound = 24;
 std::atomic<bool> g_grouped_mma{true};
 
-__device__ __forceinline__ void MmaBf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // a * b per bf16 half (fma with -0 so that +0 * s stays +0).
 __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
   uint32_t d;
@@ -497,15 +489,6 @@ __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
 __device__ __forceinline__ uint32_t Ue8m0Bf16x2(uint32_t bits) {
   const uint32_t v = bits == 0 ? 0x0040u : bits == 255 ? 0x7FC0u : bits << 7;
   return v | (v << 16);
-}
-
-// x = hi + lo for two values, each half a bf16x2 word (as FloatToBf16Split).
-__device__ __forceinline__ void SplitBf16Pair(float x0, float x1, uint32_t* hi, uint32_t* lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  const float2 back = __bfloat1622float2(h);
-  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - back.x, x1 - back.y);
-  *hi = *reinterpret_cast<const uint32_t*>(&h);
-  *lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
 // x rows [row0, row0 + count) (through gather), inputs [k_begin, k_begin + k_len), as hi / lo bf16 in the
@@ -525,10 +508,10 @@ __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, in
       const float* src = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in + k_begin + k;
       const float4 v0 = __ldg(reinterpret_cast<const float4*>(src));
       const float4 v1 = __ldg(reinterpret_cast<const float4*>(src) + 1);
-      SplitBf16Pair(v0.x, v0.y, &hi.x, &lo.x);
-      SplitBf16Pair(v0.z, v0.w, &hi.y, &lo.y);
-      SplitBf16Pair(v1.x, v1.y, &hi.z, &lo.z);
-      SplitBf16Pair(v1.z, v1.w, &hi.w, &lo.w);
+      internal::SplitBf16x2(v0.x, v0.y, hi.x, lo.x);
+      internal::SplitBf16x2(v0.z, v0.w, hi.y, lo.y);
+      internal::SplitBf16x2(v1.x, v1.y, hi.z, lo.z);
+      internal::SplitBf16x2(v1.z, v1.w, hi.w, lo.w);
     }
     const int64_t step = k / kMmaStep;
     const int within = static_cast<int>(k % kMmaStep);
@@ -596,13 +579,13 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
         const uint4 lo = row_staged ? step[(4 + q) * lanes + lane] : make_uint4(0u, 0u, 0u, 0u);
         auto half = [&](auto jj_constant) {
           constexpr int jj = decltype(jj_constant)::value;
-          const uint32_t a0 = jj ? hi.z : hi.x, a2 = jj ? hi.w : hi.y;
-          const uint32_t a1 = jj ? lo.z : lo.x, a3 = jj ? lo.w : lo.y;
+          // A fragment: rows g (hi) and g + 8 (lo), slots 2t, 2t + 1 then 2t + 8, 2t + 9.
+          const uint32_t a[4] = {jj ? hi.z : hi.x, jj ? lo.z : lo.x, jj ? hi.w : hi.y, jj ? lo.w : lo.y};
 #pragma unroll
           for (int i = 0; i < kMmaTiles; ++i) {
             // mma j = 2q + jj reads code quad j: word q, half jj.
             const uint2 b = E2m1Bf16Quad<jj>(Word(w[i], q));
-            MmaBf16(c[i], a0, a1, a2, a3, MulBf16x2(b.x, scale[i]), MulBf16x2(b.y, scale[i]));
+            internal::MmaBf16(c[i], a, MulBf16x2(b.x, scale[i]), MulBf16x2(b.y, scale[i]));
           }
         };
         half(std::integral_constant<int, 0>{});
