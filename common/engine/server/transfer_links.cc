@@ -101,13 +101,20 @@ class IpcDevicePeer final : public transfer::DevicePeer {
       : ipc_(ipc), mapping_(std::move(mapping)), local_(std::move(local)) {}
   absl::Status Copy(std::span<const transfer::Segment> src, std::span<const transfer::Segment> dst) override {
     std::lock_guard lock(mutex_);  // one fence covers exactly this call's copies
-    for (size_t i = 0; i < src.size(); ++i) {
-      if (src[i].region >= local_.size()) return absl::InvalidArgumentError("device IPC copy from an unknown region");
-      TANDEM_RETURN_IF_ERROR(ipc_->copier().Enqueue(mapping_->base(dst[i].region) + dst[i].offset,
-                                                    local_[src[i].region].live + src[i].offset, src[i].length));
+    absl::Status status = absl::OkStatus();
+    for (size_t i = 0; i < src.size() && status.ok(); ++i) {
+      if (src[i].region >= local_.size()) {
+        status = absl::InvalidArgumentError("device IPC copy from an unknown region");
+      } else {
+        status = ipc_->copier().Enqueue(mapping_->base(dst[i].region) + dst[i].offset,
+                                        local_[src[i].region].live + src[i].offset, src[i].length);
+      }
     }
-    TANDEM_ASSIGN_OR_RETURN(const StagingFence fence, ipc_->copier().Fence());
-    return fence();
+    // Wait for whatever was queued even after an error: no copy may land in decode's pages once this
+    // returns (decode frees them when the room ends).
+    absl::StatusOr<StagingFence> fence = ipc_->copier().Fence();
+    const absl::Status waited = fence.ok() ? (*fence)() : fence.status();
+    return status.ok() ? waited : status;
   }
   absl::Status InvertByte(const transfer::Segment& dst) override {
     std::lock_guard lock(mutex_);
@@ -162,12 +169,19 @@ absl::StatusOr<transfer::DecodeDeviceIpc> DecodeIpc(transfer::PdTransfer mode, c
   out.local = std::move(local);
   out.device_checksum = [pairs = std::move(pairs), copier = staged.copier,
                          transport = std::move(transport)](std::span<const transfer::Segment> segments) -> absl::StatusOr<uint64_t> {
-    for (const transfer::Segment& s : segments) {
-      if (s.region >= pairs.size()) return absl::InvalidArgumentError("device checksum of an unknown region");
-      TANDEM_RETURN_IF_ERROR(copier->Enqueue(pairs[s.region].host + s.offset, pairs[s.region].live + s.offset, s.length));
+    absl::Status status = absl::OkStatus();
+    for (size_t i = 0; i < segments.size() && status.ok(); ++i) {
+      const transfer::Segment& s = segments[i];
+      if (s.region >= pairs.size()) {
+        status = absl::InvalidArgumentError("device checksum of an unknown region");
+      } else {
+        status = copier->Enqueue(pairs[s.region].host + s.offset, pairs[s.region].live + s.offset, s.length);
+      }
     }
-    TANDEM_ASSIGN_OR_RETURN(const StagingFence fence, copier->Fence());
-    TANDEM_RETURN_IF_ERROR(fence());
+    absl::StatusOr<StagingFence> fence = copier->Fence();  // what was queued lands before this returns
+    const absl::Status waited = fence.ok() ? (*fence)() : fence.status();
+    TANDEM_RETURN_IF_ERROR(status);
+    TANDEM_RETURN_IF_ERROR(waited);
     return transfer::ChecksumSegments(transport->regions(), segments);
   };
   return out;

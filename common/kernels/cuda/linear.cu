@@ -257,7 +257,7 @@ absl::Status Gemm::Select(Plan* plan, uint32_t alignment, const void* x, const v
     TANDEM_RETURN_IF_ERROR(timing);
   }
   plan->algo = results[best].algo;
-  plan->tuned = tune;
+  plan->tuned = tune && capture == cudaStreamCaptureStatusNone;  // captured: heuristic only, tune on a later call
   return absl::OkStatus();
 }
 
@@ -268,7 +268,12 @@ absl::Status Gemm::LinearBatched(const __nv_bfloat16* x, int64_t rows, int64_t i
     return absl::InvalidArgumentError("Gemm::LinearBatched: bad shape");
   }
   if (rows == 0) return absl::OkStatus();
-  const uint32_t alignment = CommonAlignment(x, weight, y);
+  // Every batch's pointers and row pitches must keep the alignment the algorithm is chosen for.
+  uint32_t alignment = CommonAlignment(x, weight, y);
+  for (const int64_t bytes : {2 * ldx, 2 * x_stride, 2 * w_stride, 4 * ldy, 4 * y_stride}) {
+    const uint64_t b = static_cast<uint64_t>(bytes) | 256u;
+    alignment = std::min<uint32_t>(alignment, static_cast<uint32_t>(b & (~b + 1)));
+  }
   const auto key = std::make_tuple(rows, in, out, ldx, x_stride, w_stride, ldy, y_stride, batch, alignment);
   auto it = batched_plans_.find(key);
   if (it == batched_plans_.end()) {

@@ -561,9 +561,9 @@ struct DeviceModel::Impl {
     const bool draft = !draft_hidden.empty();
     const bool first = weights->is_first_stage();
     if (draft && !mtp) return absl::FailedPreconditionError("this model was loaded without its MTP layer");
+    // The hidden inputs' sizes first: CheckBatch reserves the states' capacity.
     int64_t T = 0;
-    const auto started = Clock::now();
-    TANDEM_RETURN_IF_ERROR(CheckBatch(batch, draft, &T));
+    for (const auto& chunk : batch) T += static_cast<int64_t>(chunk.tokens.size());
     if (draft && static_cast<int64_t>(draft_hidden.size()) != T * c.hc_dim()) {
       return absl::InvalidArgumentError(absl::StrCat("MTP needs ", T, " hidden rows of ", c.hc_dim(), " floats"));
     }
@@ -575,6 +575,8 @@ struct DeviceModel::Impl {
       return absl::InvalidArgumentError(absl::StrCat("stage [", weights->begin_layer, ", ", weights->end_layer,
                                                      ") needs hidden states for ", T, " tokens"));
     }
+    const auto started = Clock::now();
+    TANDEM_RETURN_IF_ERROR(CheckBatch(batch, draft, &T));
     const std::vector<Layer>& run_layers = draft ? mtp->layer : layers;
     TANDEM_RETURN_IF_ERROR(arena.Reset());
     const int64_t M = c.hc_mult, D = c.hidden_size, MD = c.hc_dim(), H = c.num_attention_heads, hd = c.head_dim;
