@@ -17,6 +17,7 @@
 #include "common/kernels/kernels.h"
 #include "common/model/layers.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/unit/engine/row_draw_reference.h"
 
 namespace tandem::kernels {
 namespace {
@@ -554,44 +555,17 @@ TEST_F(CudaTest, ArgmaxRowsTiesAndNan) {
   }
 }
 
-// engine::RequestSampler::Sample after its penalties and biases, with the draw u given.
+// engine::RequestSampler::Sample after its penalties and biases, with the draw u given: the engine tests'
+// host statement of the rule (tests/unit/engine/row_draw_reference.h).
 int32_t CpuSample(std::vector<float> logits, const cuda::SampleRow& p) {
-  const int64_t vocab = static_cast<int64_t>(logits.size());
-  const double temperature = p.temperature;
-  if (temperature < 1e-6 || p.top_k == 1) {
-    return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  }
-  std::vector<int32_t> order(static_cast<size_t>(vocab));
-  std::iota(order.begin(), order.end(), 0);
-  const int64_t keep_k = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
-  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  if (keep_k < vocab) {
-    std::partial_sort(order.begin(), order.begin() + keep_k, order.end(), by_logit);
-    order.resize(static_cast<size_t>(keep_k));
-  } else {
-    std::sort(order.begin(), order.end(), by_logit);
-  }
-  const double top = logits[order[0]] / temperature;
-  std::vector<double> probs(order.size());
-  double total = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) total += std::exp(logits[v] / temperature - top);
-  size_t kept = 0;
-  double cumulative = 0.0;
-  for (size_t i = 0; i < order.size(); ++i) {
-    probs[i] = std::exp(logits[order[i]] / temperature - top) / total;
-    if (i > 0 && cumulative > p.top_p) break;
-    if (probs[i] < p.min_p * probs[0]) break;
-    cumulative += probs[i];
-    kept = i + 1;
-  }
-  double mass = 0.0;
-  for (size_t i = 0; i < kept; ++i) mass += probs[i];
-  double u = p.u * mass;
-  for (size_t i = 0; i < kept; ++i) {
-    u -= probs[i];
-    if (u < 0) return order[i];
-  }
-  return order[kept - 1];
+  model::RowDraw draw;
+  draw.greedy = p.temperature < 1e-6 || p.top_k == 1;
+  draw.temperature = p.temperature;
+  draw.top_k = p.top_k;
+  draw.top_p = p.top_p;
+  draw.min_p = p.min_p;
+  draw.uniform = p.u;
+  return engine::testing::DrawOnHost(draw, std::move(logits));
 }
 
 TEST_F(CudaTest, SampleRowsFollowsTheSamplerRule) {

@@ -165,16 +165,7 @@ TEST(GpuEngineTest, UnknownDeviceAndPdRolesWithoutLinksAreClearErrors) {
 
 // ---- Drawing the next tokens on the device ----
 
-std::shared_ptr<const model::ModelWeights> TinyWeights() {
-  static const std::shared_ptr<const model::ModelWeights> weights = [] {
-    model::LoadOptions options;
-    options.show_progress = false;
-    auto loaded = model::LoadModelWeights(TinyDir(), options);
-    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
-    return std::shared_ptr<const model::ModelWeights>(std::move(*loaded));
-  }();
-  return weights;
-}
+std::shared_ptr<const model::ModelWeights> TinyWeights() { return ::tandem::testing::TinyCheckpointWeights(); }
 
 // The CUDA runner, with every device draw checked where it happens: the drawn row is also copied back and
 // the same model::RowDraw made on the host (the contract's host statement); disagreements are recorded.

@@ -36,29 +36,10 @@ using cuda::DeviceSequenceState;
 // The tiny checkpoint: the test build's fixture when present, else generated here (seed 1).
 std::string TinyDir() { return testing::TinyCheckpointDir(); }
 
-std::shared_ptr<const ModelWeights> Tiny() {
-  static const std::shared_ptr<const ModelWeights> weights = [] {
-    LoadOptions options;
-    options.show_progress = false;
-    options.load_mtp = false;
-    auto loaded = LoadModelWeights(TinyDir(), options);
-    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
-    return std::shared_ptr<const ModelWeights>(std::move(*loaded));
-  }();
-  return weights;
-}
+std::shared_ptr<const ModelWeights> Tiny() { return testing::TinyCheckpointWeights(/*load_mtp=*/false); }
 
 // The same checkpoint with its MTP layer.
-std::shared_ptr<const ModelWeights> TinyWithMtp() {
-  static const std::shared_ptr<const ModelWeights> weights = [] {
-    LoadOptions options;
-    options.show_progress = false;
-    auto loaded = LoadModelWeights(TinyDir(), options);
-    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
-    return std::shared_ptr<const ModelWeights>(std::move(*loaded));
-  }();
-  return weights;
-}
+std::shared_ptr<const ModelWeights> TinyWithMtp() { return testing::TinyCheckpointWeights(); }
 
 uint32_t Seed() {
   static const uint32_t seed = [] {

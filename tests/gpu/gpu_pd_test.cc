@@ -23,18 +23,8 @@
 namespace tandem::engine {
 namespace {
 
-std::string TinyDir() { return testing::TinyCheckpointDir(); }
 
-std::shared_ptr<const model::ModelWeights> Tiny() {
-  static const std::shared_ptr<const model::ModelWeights> weights = [] {
-    model::LoadOptions options;
-    options.show_progress = false;
-    auto loaded = model::LoadModelWeights(TinyDir(), options);
-    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
-    return std::shared_ptr<const model::ModelWeights>(std::move(*loaded));
-  }();
-  return weights;
-}
+std::shared_ptr<const model::ModelWeights> Tiny() { return testing::TinyCheckpointWeights(); }
 
 // One side: its own device forward and device pools.
 struct Side {

@@ -5,10 +5,12 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
 #include "common/model/generator.h"
+#include "common/model/weights.h"
 
 namespace tandem::testing {
 
@@ -27,6 +29,24 @@ inline std::string TinyCheckpointDir() {
     if (!status.ok()) throw std::runtime_error(status.ToString());
   }
   return dir;
+}
+
+// The tiny checkpoint loaded whole, with or without its MTP layer; loaded once per process for each.
+inline std::shared_ptr<const model::ModelWeights> TinyCheckpointWeights(bool load_mtp = true) {
+  auto load = [](bool mtp) {
+    model::LoadOptions options;
+    options.show_progress = false;
+    options.load_mtp = mtp;
+    auto loaded = model::LoadModelWeights(TinyCheckpointDir(), options);
+    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
+    return std::shared_ptr<const model::ModelWeights>(std::move(*loaded));
+  };
+  if (load_mtp) {
+    static const std::shared_ptr<const model::ModelWeights> with_mtp = load(true);
+    return with_mtp;
+  }
+  static const std::shared_ptr<const model::ModelWeights> without_mtp = load(false);
+  return without_mtp;
 }
 
 }  // namespace tandem::testing
