@@ -31,10 +31,13 @@ struct DeviceBackend {
 enum class CudaDense { kBf16x2, kBf16, kF32 };
 // "bf16x2", "bf16", "f32".
 absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name);
+// --cuda-graphs: "on" (decode steps replay CUDA graphs of their launches) or "off".
+absl::StatusOr<bool> ParseCudaGraphs(std::string_view name);
 
-// Uploads `weights` to CUDA device `device` and prepares its pool memory.
+// Uploads `weights` to CUDA device `device` and prepares its pool memory. graphs: decode steps replay CUDA
+// graphs (model::cuda::DeviceModelOptions::graphs).
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              CudaDense dense);
+                                              CudaDense dense, bool graphs = false);
 
 // The PD staging of a --device cuda engine (staging.h): its host copy of the pools page-locked, so the copies
 // to and from it are DMA and asynchronous. PinHostMemory page-locks `bytes` at `base` (memory the transport

@@ -20,6 +20,12 @@ absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name) {
   if (name == "f32") return CudaDense::kF32;
   return absl::InvalidArgumentError(absl::StrCat("--cuda-dense ", std::string(name), ": expected bf16x2, bf16 or f32"));
 }
+
+absl::StatusOr<bool> ParseCudaGraphs(std::string_view name) {
+  if (name == "on") return true;
+  if (name == "off") return false;
+  return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs ", std::string(name), ": expected on or off"));
+}
 namespace {
 
 int64_t PhysicalMemoryBytes() {
@@ -60,9 +66,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   cache::RegionCopy device_copy;
   int64_t device_memory = 0, device_weights = 0;
   if (options.device == "cuda") {
-    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device, options.cuda_dense));
-    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there", options.cuda_device, backend.device_name,
-                 static_cast<double>(backend.weight_bytes) / (1 << 30));
+    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device,
+                                                                   options.cuda_dense, options.cuda_graphs));
+    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}", options.cuda_device, backend.device_name,
+                 static_cast<double>(backend.weight_bytes) / (1 << 30),
+                 options.cuda_graphs ? "; decode steps replay CUDA graphs" : "");
     if (options.deterministic) {
       spdlog::warn("--deterministic on CUDA: cuBLASLt picks kernels per batch shape, so batch invariance is not guaranteed");
     }

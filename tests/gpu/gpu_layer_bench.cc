@@ -1,7 +1,7 @@
 // The whole-layer GPU benchmark on the flash-layer checkpoint (one DSV4 layer with exact V4-Flash shapes):
-// decode steps at batch 1/16/64/256 over contexts of 4k and 32k tokens, and an 8k-token prefill, timed
-// wall-clock around DeviceModel::ForwardLayers (what a serving step costs, host table building
-// included). The same run measures the device-to-device copy bandwidth, and each decode row reports the
+// decode steps at batch 1/16/64/256 over contexts of 4k and 32k tokens (batches up to 64 also as CUDA graph
+// replays, kind decode-graphs), and an 8k-token prefill, timed wall-clock around DeviceModel::ForwardLayers
+// (what a serving step costs, host table building included). The same run measures the device-to-device copy bandwidth, and each decode row reports the
 // bytes a step must at least read (weights it touches + the KV it attends + the indexer keys it scores)
 // as a fraction of that ceiling.
 //   gpu_layer_bench MODEL_DIR|synthetic OUT_DIR
@@ -287,8 +287,12 @@ int main(int argc, char** argv) {
   for (const int64_t context : {int64_t{4096}, int64_t{32768}}) {
     for (const int64_t batch : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}}) {
       constexpr int kWarmup = 2, kSteps = 10, kProfiled = 3;
+      // Batches up to 64 also time the steps as CUDA graph replays (warm-up: the signature's eager first
+      // step, then its capture).
+      const bool graphs = batch <= 64;
       std::vector<std::unique_ptr<model::cuda::DeviceSequenceState>> states;
-      for (int64_t b = 0; b < batch; ++b) states.push_back(FilledState(c, patterns, context, kWarmup + kSteps + kProfiled + 1));
+      const int64_t spare = (graphs ? 2 : 1) * (kWarmup + kSteps) + kProfiled + 1;
+      for (int64_t b = 0; b < batch; ++b) states.push_back(FilledState(c, patterns, context, spare));
       std::vector<int32_t> tokens(static_cast<size_t>(batch));
       for (auto& t : tokens) t = static_cast<int32_t>(rng() % c.vocab_size);
       std::vector<model::SequenceChunk> chunk_list;
@@ -311,6 +315,24 @@ int main(int argc, char** argv) {
                   static_cast<long>(batch), static_cast<long>(context), ms, batch / (ms * 1e-3), bytes / 1e6, fraction);
       csv << "decode," << batch << "," << context << "," << batch << "," << ms << "," << batch / (ms * 1e-3) << ","
           << bytes << "," << fraction << "," << copy_bw / 1e9 << "\n";
+      if (graphs) {
+        gpu.SetGraphs(true);
+        const model::cuda::GraphStats before = gpu.graph_stats();
+        for (int i = 0; i < kWarmup; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+        const auto g0 = Clock::now();
+        for (int i = 0; i < kSteps; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+        const double graph_ms = std::chrono::duration<double, std::milli>(Clock::now() - g0).count() / kSteps;
+        gpu.SetGraphs(false);
+        const model::cuda::GraphStats after = gpu.graph_stats();
+        const double graph_fraction = bytes / (graph_ms * 1e-3) / copy_bw;
+        std::printf("decode  B=%4ld ctx=%6ld: %8.3f ms/step  %9.0f tok/s  as CUDA graphs (%.2fx; %ld of %d timed steps "
+                    "replayed, %ld captured)\n",
+                    static_cast<long>(batch), static_cast<long>(context), graph_ms, batch / (graph_ms * 1e-3), ms / graph_ms,
+                    static_cast<long>(after.replays - before.replays), kSteps,
+                    static_cast<long>(after.captures - before.captures));
+        csv << "decode-graphs," << batch << "," << context << "," << batch << "," << graph_ms << ","
+            << batch / (graph_ms * 1e-3) << "," << bytes << "," << graph_fraction << "," << copy_bw / 1e9 << "\n";
+      }
     }
   }
   // Prefill in the default format (bf16x2: two bf16 GEMMs per dense layer at this size) and in plain bf16

@@ -474,5 +474,130 @@ TEST_F(GpuModelTest, PipelineStagesMatchTheWholeModel) {
   EXPECT_EQ(s_second->length(), 305);
 }
 
+// CUDA graphs of decode steps (DeviceModelOptions::graphs) against the same model's eager launches (one
+// model, so both use the cuBLASLt plans its first eager run tuned). Three runs, each on fresh states:
+// one sequence (prompt 230, then 48 one-token steps: the indexer's visible bound crosses its bucket of 64
+// entries at context 260, a second signature mid-run); three sequences decoding as a batch that a fourth
+// joins after 20 steps (a new signature); and a cache of one graph with two alternating shapes (evictions,
+// re-captures). The graph runs give the eager runs' logits, bit for bit whenever eager runs repeat bit
+// for bit, and most steps replay.
+TEST_F(GpuModelTest, CudaGraphDecodeMatchesEagerLaunches) {
+  const int64_t vocab = config().vocab_size;
+  // Runs `steps` (fresh states each time, the logits it gathers returned) eagerly twice (is the eager
+  // forward itself bit-reproducible?) and once with graphs on; checks the graph run against the first and
+  // returns the graph counters of that run.
+  auto check = [&](DeviceModel& gpu, const char* name, auto&& steps) {
+    gpu.SetGraphs(false);
+    const auto eager = steps();
+    const auto again = steps();
+    gpu.SetGraphs(true);
+    const cuda::GraphStats before = gpu.graph_stats();
+    const auto graphed = steps();
+    gpu.SetGraphs(false);
+    cuda::GraphStats after = gpu.graph_stats();
+    after.captures -= before.captures;
+    after.replays -= before.replays;
+    after.eager -= before.eager;
+    after.capture_failures -= before.capture_failures;
+    after.evictions -= before.evictions;
+    const bool reproducible = eager == again;
+    const Diff d = Compare(graphed, eager, vocab);
+    std::printf("[ graphs   ] %s: %ld captures, %ld replays, %ld eager steps, %ld failed captures, %ld evictions; "
+                "rel-L2 %.3e vs eager (%s; eager runs %s)\n",
+                name, static_cast<long>(after.captures), static_cast<long>(after.replays), static_cast<long>(after.eager),
+                static_cast<long>(after.capture_failures), static_cast<long>(after.evictions), d.rel_l2,
+                graphed == eager ? "bit-identical" : "NOT bit-identical", reproducible ? "repeat bit for bit" : "differ");
+    EXPECT_EQ(graphed.size(), eager.size()) << name;
+    EXPECT_LE(d.rel_l2, 1e-6) << name;
+    EXPECT_EQ(d.argmax_agreement, 1.0) << name;
+    if (reproducible) {
+      EXPECT_TRUE(graphed == eager) << name << ": eager launches repeat bit for bit, replays must too";
+    }
+    EXPECT_EQ(after.capture_failures, 0) << name;
+    return after;
+  };
+  auto forward = [&](DeviceModel& gpu, std::vector<SequenceChunk> batch, std::vector<float>* logits) {
+    ForwardResult r;
+    const absl::Status status = gpu.Forward(batch, &r);
+    EXPECT_TRUE(status.ok()) << status;
+    if (logits) logits->insert(logits->end(), r.logits.begin(), r.logits.end());
+  };
+  auto gpu = Gpu(DenseFormat::kBf16x2);
+
+  // One sequence.
+  {
+    const int64_t prompt = 230, steps = 48;
+    const auto ids = Prompt(prompt + steps, 41);
+    const cuda::GraphStats s = check(*gpu, "one sequence", [&] {
+      auto state = GpuState();
+      std::vector<float> logits;
+      forward(*gpu, {{state.get(), {ids.data(), static_cast<size_t>(prompt)}, false}}, nullptr);
+      for (int64_t i = 0; i < steps; ++i) {
+        forward(*gpu, {{state.get(), {ids.data() + prompt + i, 1}, false}}, &logits);
+      }
+      return logits;
+    });
+    EXPECT_GT(s.replays, steps / 2);
+    EXPECT_GE(s.captures, 2) << "context 260 crosses the indexer bound's bucket: a second signature";
+  }
+
+  // Three sequences as one batch, a fourth joining after 20 steps.
+  {
+    const std::vector<int64_t> lengths = {150, 9, 260, 40};
+    const int64_t steps = 40, join = 20;
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t i = 0; i < lengths.size(); ++i) prompts.push_back(Prompt(lengths[i] + steps, 200 + static_cast<uint32_t>(i)));
+    const cuda::GraphStats s = check(*gpu, "batch of 3, then 4", [&] {
+      std::vector<std::unique_ptr<DeviceSequenceState>> states;
+      for (size_t i = 0; i < lengths.size(); ++i) states.push_back(GpuState());
+      auto prefill = [&](size_t i) {
+        forward(*gpu, {{states[i].get(), {prompts[i].data(), static_cast<size_t>(lengths[i])}, false}}, nullptr);
+      };
+      for (size_t i = 0; i < 3; ++i) prefill(i);
+      std::vector<float> logits;
+      for (int64_t step = 0; step < steps; ++step) {
+        if (step == join) prefill(3);
+        std::vector<SequenceChunk> batch;
+        for (size_t i = 0; i < (step < join ? 3u : 4u); ++i) {
+          const int64_t at = lengths[i] + (i < 3 ? step : step - join);
+          batch.push_back({states[i].get(), {prompts[i].data() + at, 1}, false});
+        }
+        forward(*gpu, batch, &logits);
+      }
+      return logits;
+    });
+    EXPECT_GT(s.replays, steps / 2);
+    EXPECT_GE(s.captures, 2) << "the fourth sequence joining is a new signature";
+  }
+
+  // One graph cached, two shapes in turn (3 steps of one sequence, 3 of two): each shape evicts the other's
+  // graph and is captured again.
+  {
+    cuda::DeviceModelOptions options;
+    options.dense = DenseFormat::kBf16x2;
+    options.max_graphs = 1;
+    auto made = DeviceModel::Create(Tiny(), options);
+    ASSERT_TRUE(made.ok()) << made.status();
+    DeviceModel& small = **made;
+    const auto a = Prompt(100 + 24, 51), b = Prompt(70 + 24, 52);
+    const cuda::GraphStats s = check(small, "one cached graph, two shapes", [&] {
+      auto sa = GpuState(), sb = GpuState();
+      forward(small, {{sa.get(), {a.data(), 100}, false}}, nullptr);
+      forward(small, {{sb.get(), {b.data(), 70}, false}}, nullptr);
+      std::vector<float> logits;
+      for (int64_t step = 0, ia = 100, ib = 70; step < 24; ++step) {
+        std::vector<SequenceChunk> batch = {{sa.get(), {a.data() + ia++, 1}, false}};
+        if ((step / 3) % 2 == 1) batch.push_back({sb.get(), {b.data() + ib++, 1}, false});
+        forward(small, batch, &logits);
+      }
+      return logits;
+    });
+    EXPECT_GT(s.evictions, 0);
+    EXPECT_GT(s.captures, 2);
+    EXPECT_GT(s.replays, 0);
+    EXPECT_LE(small.graph_stats().cached, 1);
+  }
+}
+
 }  // namespace
 }  // namespace tandem::model

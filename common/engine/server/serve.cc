@@ -87,6 +87,13 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
      }, "dense layers on the GPU: bf16x2 (bf16 weights, activations as a bf16 hi+lo pair; default), bf16 "
         "(one bf16 activation: faster prefill, less exact) or f32 (closest to the CPU, slowest)")
       ->check(CLI::IsMember({"bf16x2", "bf16", "f32"}));
+  app.add_option("--cuda-graphs", [&e](const std::vector<std::string>& v) {
+       auto graphs = ParseCudaGraphs(v.front());
+       if (graphs.ok()) e.cuda_graphs = *graphs;
+       return graphs.ok();
+     }, "decode steps on the GPU replay CUDA graphs of their launches: on or off")
+      ->default_str("off")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_flag("--test-staged-pools", e.test_staged_pools,
                "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
                "with --device cuda");

@@ -20,6 +20,7 @@
 #include "common/kernels/cuda/cuda_moe.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
 #include "common/kernels/cuda/cuda_ops.h"
+#include "common/model/cuda/device_graphs.h"
 
 namespace tandem::model::cuda {
 namespace kc = ::tandem::kernels::cuda;
@@ -81,6 +82,10 @@ class Arena {
     return absl::OkStatus();
   }
 
+  // Counts the reallocations of the blocks: a captured graph's pointers stay valid while it is unchanged
+  // (for the same sequence of Take sizes after a Reset).
+  uint64_t generation() const { return generation_; }
+
   template <typename T>
   absl::StatusOr<T*> Take(size_t count) {
     const size_t bytes = AlignUp(std::max<size_t>(count * sizeof(T), 1));
@@ -103,9 +108,11 @@ class Arena {
     void* p = nullptr;
     TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, bytes));
     blocks_.push_back({p, bytes});
+    ++generation_;
     return absl::OkStatus();
   }
   void Free() {
+    if (!blocks_.empty()) ++generation_;
     for (const auto& b : blocks_) cudaFree(b.ptr);
     blocks_.clear();
     current_ = 0;
@@ -114,6 +121,46 @@ class Arena {
   std::vector<Block> blocks_;
   size_t current_ = 0;
   size_t used_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// The fixed device home of a forward's tables and its page-locked host staging: a captured graph reads the
+// tables at one address, so each step copies its own there first (outside the graph). Grows only; growing
+// bumps generation().
+class TableBuffer {
+ public:
+  TableBuffer() = default;
+  TableBuffer(const TableBuffer&) = delete;
+  TableBuffer& operator=(const TableBuffer&) = delete;
+  ~TableBuffer() { Free(); }
+
+  // Room for `bytes`; `stream` (the last user of the old buffers) is synchronized before they are freed.
+  absl::Status Reserve(size_t bytes, cudaStream_t stream) {
+    if (bytes <= capacity_) return absl::OkStatus();
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    Free();
+    const size_t want = AlignUp(std::max(bytes, capacity_ * 2), size_t{1} << 16);
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&device_, want));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMallocHost(&host_, want));
+    capacity_ = want;
+    ++generation_;
+    return absl::OkStatus();
+  }
+  uint8_t* device() const { return static_cast<uint8_t*>(device_); }
+  uint8_t* host() const { return static_cast<uint8_t*>(host_); }
+  uint64_t generation() const { return generation_; }
+
+ private:
+  void Free() {
+    if (device_) cudaFree(device_);
+    if (host_) cudaFreeHost(host_);
+    device_ = host_ = nullptr;
+    capacity_ = 0;
+  }
+  void* device_ = nullptr;
+  void* host_ = nullptr;
+  size_t capacity_ = 0;
+  uint64_t generation_ = 0;
 };
 
 // Host-built tables (typed arrays at aligned offsets) copied to the device in one transfer.
@@ -124,22 +171,34 @@ class Tables {
     const size_t offset = AlignUp(bytes_.size(), 16);
     bytes_.resize(offset + std::max<size_t>(values.size() * sizeof(T), 1));
     if (!values.empty()) std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
+    layout_.push_back(static_cast<int64_t>(values.size() * sizeof(T)));
     return offset;
   }
-  absl::Status Upload(Arena& arena, cudaStream_t stream) {
-    TANDEM_ASSIGN_OR_RETURN(device_, arena.Take<uint8_t>(bytes_.size()));
-    // Pageable source: the call returns once the bytes are staged, so the host vector may change after.
-    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_, bytes_.data(), bytes_.size(), cudaMemcpyHostToDevice, stream));
+  // Places the tables in `buffer` (the device addresses at() gives are then fixed) before any upload.
+  absl::Status Place(TableBuffer& buffer, cudaStream_t stream) {
+    TANDEM_RETURN_IF_ERROR(buffer.Reserve(bytes_.size(), stream));
+    buffer_ = &buffer;
+    return absl::OkStatus();
+  }
+  // Queues the copy through the page-locked staging; the caller keeps the staging untouched until `stream`
+  // has run it (each forward synchronizes before it returns).
+  absl::Status Upload(cudaStream_t stream) {
+    std::memcpy(buffer_->host(), bytes_.data(), bytes_.size());
+    TANDEM_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(buffer_->device(), buffer_->host(), bytes_.size(), cudaMemcpyHostToDevice, stream));
     return absl::OkStatus();
   }
   template <typename T>
   T* at(size_t offset) const {
-    return reinterpret_cast<T*>(device_ + offset);
+    return reinterpret_cast<T*>(buffer_->device() + offset);
   }
+  // The byte size of every array in Add order: with the offsets it fixes, part of a graph's signature.
+  const std::vector<int64_t>& layout() const { return layout_; }
 
  private:
   std::vector<uint8_t> bytes_;
-  uint8_t* device_ = nullptr;
+  std::vector<int64_t> layout_;
+  TableBuffer* buffer_ = nullptr;
 };
 
 struct Dense {
@@ -221,8 +280,14 @@ struct DeviceModel::Impl {
   int64_t max_dense_out = 0;
   float* split_yb = nullptr;  // this forward's Gemm::LinearSplit output scratch (kBf16x2)
   DeviceForward last;
+  TableBuffer table_buffer;
+  GraphCache graphs;
+  std::vector<int64_t> graph_signature;  // the last graph step's (kept to reuse its allocation)
+  bool in_flight = false;  // a forward queued work and has not synchronized since (it failed part-way)
 
   ~Impl() {
+    if (stream) cudaStreamSynchronize(stream);
+    graphs.Clear();
     for (cudaEvent_t e : events) cudaEventDestroy(e);
     if (stream) cudaStreamDestroy(stream);
   }
@@ -464,6 +529,7 @@ struct DeviceModel::Impl {
     // lo rows for bf16x2), and the stacked [2T, G * R] products before AddRowHalves.
     __nv_bfloat16* o_bf16;
     float* z_halves;
+    uint8_t* dummy;
   };
   static constexpr int64_t kBatchedWoaRows = 512;
 
@@ -479,8 +545,12 @@ struct DeviceModel::Impl {
     } attention, indexer;
   };
 
+  // pad_bound > 0 (a graph step: the most emits the chunks can make) pads the emits, the extra ones with no
+  // rows (nothing read), index 0 and the `dummy` output: C4 to the bound (its count is then a function of the
+  // chunk sizes alone), C128 (whose 128 row pointers per emit would make a big table) to a bucket of 8.
   void BuildCompressorTables(const std::vector<ChunkGeometry>& chunks, int layer_id, int ratio, CompressorKind kind,
-                             const float* tmp_rows, int64_t row_stride, Tables& tables, LayerTables::Kind* out) {
+                             const float* tmp_rows, int64_t row_stride, int64_t pad_bound, uint8_t* dummy,
+                             Tables& tables, LayerTables::Kind* out) {
     const int64_t ring = CompressorRing(ratio), per_emit = ratio == 4 ? 8 : ratio;
     std::vector<const float*> emit_rows;
     std::vector<int64_t> emit_index;
@@ -512,6 +582,17 @@ struct DeviceModel::Impl {
       for (int64_t q = std::max(chunk.start, chunk.end() - ring); q < chunk.end(); ++q) {
         persist_src.push_back(row_of(q));
         persist_dst.push_back(chunk.state->compressor_row(layer_id, kind, q));
+      }
+    }
+    const int64_t emits = static_cast<int64_t>(emit_index.size());
+    const int64_t pad_to = ratio == 4 ? pad_bound : std::min(pad_bound, BucketUp(emits, 8));
+    for (int64_t e = emits; e < pad_to; ++e) {
+      emit_rows.insert(emit_rows.end(), static_cast<size_t>(per_emit), nullptr);
+      emit_index.push_back(0);
+      if (kind == CompressorKind::kAttention) {
+        emit_kv.push_back({dummy, dummy + kernels::KvFormat{config().nope_dim(), config().qk_rope_head_dim}.data_bytes()});
+      } else {
+        emit_key.push_back(dummy);
       }
     }
     out->emits = static_cast<int64_t>(emit_index.size());
@@ -578,7 +659,17 @@ struct DeviceModel::Impl {
     const auto started = Clock::now();
     TANDEM_RETURN_IF_ERROR(CheckBatch(batch, draft, &T));
     const std::vector<Layer>& run_layers = draft ? mtp->layer : layers;
+    // A forward that failed part-way may have left work queued that reads the arena and the table staging.
+    if (in_flight) {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      in_flight = false;
+    }
     TANDEM_RETURN_IF_ERROR(arena.Reset());
+    // A step that may replay a CUDA graph: decode-sized, nothing read back or timed between its launches
+    // (no trace, no profile), no prefill expert path (it reads the group offsets on the host). Its
+    // creeping sizes are bucketed and its emit and run counts padded (below), so steps repeat a signature.
+    const bool graph_step = options.graphs && !trace && !options.profile && T <= options.graph_max_tokens &&
+                            T * c.num_experts_per_tok < options.prefill_expert_pairs;
     const int64_t M = c.hc_mult, D = c.hidden_size, MD = c.hc_dim(), H = c.num_attention_heads, hd = c.head_dim;
     const int64_t rd = c.qk_rope_head_dim, nope = c.nope_dim(), W = c.sliding_window;
     const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
@@ -617,7 +708,9 @@ struct DeviceModel::Impl {
     mhc.sinkhorn_iters = c.hc_sinkhorn_iters;
     mhc.hc_eps = c.hc_eps;
     mhc.rms_norm_eps = c.rms_norm_eps;
-    const int64_t max_visible = max_end / 4;
+    // The indexer takes it as an upper bound of every token's visible count (grid, score row pitch and the
+    // workspace); the counts themselves come from the tables, so a bucketed bound gives the same choices.
+    const int64_t max_visible = graph_step ? BucketUp(max_end / 4, 64) : max_end / 4;
     TANDEM_ASSIGN_OR_RETURN(s.x, arena.Take<float>(T * MD));
     TANDEM_ASSIGN_OR_RETURN(s.y, arena.Take<float>(T * D));
     TANDEM_ASSIGN_OR_RETURN(s.post, arena.Take<float>(T * M));
@@ -679,6 +772,12 @@ struct DeviceModel::Impl {
       TANDEM_ASSIGN_OR_RETURN(head_x, arena.Take<float>(rows_out * MD));
       TANDEM_ASSIGN_OR_RETURN(head_h, arena.Take<float>(rows_out * D));
       TANDEM_ASSIGN_OR_RETURN(logits, arena.Take<float>(rows_out * c.vocab_size));
+    }
+    // The padded compressor emits' output (an attention entry or an indexer key, never read).
+    TANDEM_ASSIGN_OR_RETURN(s.dummy, arena.Take<uint8_t>(static_cast<size_t>(std::max(entry, kernels::IndexerKeyBytes(id)))));
+    float* draft_rows = nullptr;  // the MTP step's hidden input [T * M, D]
+    if (draft) {
+      TANDEM_ASSIGN_OR_RETURN(draft_rows, arena.Take<float>(T * MD));
     }
 
     // Tables shared by every layer.
@@ -756,6 +855,12 @@ struct DeviceModel::Impl {
           compressed_at += n;
         }
       }
+      if (graph_step) {
+        // Zero-count runs (no-op blocks) up to a bucket: a paged state's run count grows a page at a time.
+        for (auto* list : {&window, &compressed, &keys}) {
+          list->resize(static_cast<size_t>(BucketUp(static_cast<int64_t>(list->size()), 8)), kc::RefRun{});
+        }
+      }
       lt.window = tables.Add(window);
       lt.window_runs = static_cast<int64_t>(window.size());
       lt.ring_src = tables.Add(ring_src);
@@ -769,16 +874,38 @@ struct DeviceModel::Impl {
       max_window = std::max(max_window, window_at);
       max_ring = std::max(max_ring, ring_at);
       max_compressed = std::max(max_compressed, compressed_at);
+      // The most emits the chunks can make (one per ratio tokens, rounded up), for a graph step's padding.
+      auto emit_bound = [&](int r) -> int64_t {
+        if (!graph_step) return 0;
+        int64_t bound = 0;
+        for (const auto& chunk : chunks) bound += (chunk.count + r - 1) / r;
+        return bound;
+      };
       if (ratio > 0) {
-        BuildCompressorTables(chunks, lid, ratio, CompressorKind::kAttention, s.crows, 2 * width_att, tables,
-                              &lt.attention);
+        BuildCompressorTables(chunks, lid, ratio, CompressorKind::kAttention, s.crows, 2 * width_att, emit_bound(ratio),
+                              s.dummy, tables, &lt.attention);
       }
       if (ratio == 4) {
-        BuildCompressorTables(chunks, lid, ratio, CompressorKind::kIndexer, s.crows, 2 * width_idx, tables,
-                              &lt.indexer);
+        BuildCompressorTables(chunks, lid, ratio, CompressorKind::kIndexer, s.crows, 2 * width_idx, emit_bound(ratio),
+                              s.dummy, tables, &lt.indexer);
       }
     }
-    TANDEM_RETURN_IF_ERROR(tables.Upload(arena, stream));
+    if (graph_step) {  // arena sizes that creep with the context: bucketed, so later Takes keep their addresses
+      max_window = BucketUp(max_window, 64);
+      max_ring = BucketUp(max_ring, 64);
+      max_compressed = BucketUp(max_compressed, 64);
+    }
+    // Uploads (outside any graph): the tables to their fixed home, the hidden inputs to the arena.
+    in_flight = true;
+    TANDEM_RETURN_IF_ERROR(tables.Place(table_buffer, stream));
+    TANDEM_RETURN_IF_ERROR(tables.Upload(stream));
+    if (!draft && !first) {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.x, stage_input->values.data(), stage_input->values.size() * sizeof(float),
+                                                  cudaMemcpyHostToDevice, stream));
+    } else if (draft) {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(draft_rows, draft_hidden.data(), draft_hidden.size() * sizeof(float),
+                                                  cudaMemcpyHostToDevice, stream));
+    }
     if (options.profile) {
       profile_ms["host: address tables"] += std::chrono::duration<double, std::milli>(Clock::now() - started).count();
     }
@@ -793,220 +920,267 @@ struct DeviceModel::Impl {
     TANDEM_ASSIGN_OR_RETURN(d_keys, arena.Take<uint8_t*>(static_cast<size_t>(max_compressed)));
     const int64_t* d_positions = tables.at<const int64_t>(t_positions);
     const int32_t* d_ids = tables.at<const int32_t>(t_ids);
-
-    const float eps = static_cast<float>(c.rms_norm_eps);
-    if (!draft && first) {
-      TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
-    } else if (!draft) {
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.x, stage_input->values.data(), stage_input->values.size() * sizeof(float),
-                                                  cudaMemcpyHostToDevice, stream));
-    } else {
-      // x[t, m] = h_proj(hnorm(hidden[t, m])) + e_proj(enorm(embed(token t))).
-      float* h = nullptr;
-      TANDEM_ASSIGN_OR_RETURN(h, arena.Take<float>(T * MD));
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, draft_hidden.data(), draft_hidden.size() * sizeof(float),
-                                                  cudaMemcpyHostToDevice, stream));
-      TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, 1, s.y, stream));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, mtp->enorm, eps, s.y, stream));
-      TANDEM_RETURN_IF_ERROR(Linear(mtp->e_proj, s.y, T, s.out, s.xb));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(h, T * M, D, mtp->hnorm, eps, h, stream));
-      TANDEM_RETURN_IF_ERROR(Linear(mtp->h_proj, h, T * M, s.x, s.xb));
-      TANDEM_RETURN_IF_ERROR(kc::AddToStreams(s.out, T, M, D, s.x, stream));
-    }
-    TANDEM_RETURN_IF_ERROR(Mark("embed"));
-
-    uint8_t* attention_workspace = nullptr;
+    // Split-KV scratch when the batch leaves SMs idle (small decode batches): the most any layer's split
+    // needs (it depends on the token count and the layer's kind only), taken before any launch.
     size_t attention_workspace_bytes = 0;
-    for (size_t li = 0; li < run_layers.size(); ++li) {
-      const Layer& L = run_layers[li];
-      const LayerTables& lt = layer_tables[li];
-      const int ratio = L.spec.compress_ratio;
-      const double* inv_freq = ratio > 0 ? rope_compressed : rope_plain;
-      const std::string prefix = draft ? std::string("mtp.0.") : absl::StrCat("layers.", L.spec.layer_id, ".");
-
-      // ---- Attention ----
-      TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.window), lt.window_runs, d_window, stream));
-      TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.ring_src), lt.ring_runs, d_ring_src, stream));
-      TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.ring_dst), lt.ring_runs, d_ring_dst, stream));
-      TANDEM_RETURN_IF_ERROR(
-          kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.compressed), lt.compressed_runs, d_compressed, stream));
-      TANDEM_RETURN_IF_ERROR(kc::ExpandPointers(tables.at<const kc::RefRun>(lt.keys), lt.key_runs, d_keys, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("address tables (expand runs)"));
-      TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_attn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
-                                       s.hc_workspace_bytes, stream));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.attn_norm, eps, s.y, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("mhc pre + norm"));
-      TANDEM_RETURN_IF_ERROR(Linear(L.wq_a, s.y, T, s.qr, s.xb));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.qr, T, c.q_lora_rank, L.q_norm, eps, s.qr, stream));
-      TANDEM_RETURN_IF_ERROR(Linear(L.wq_b, s.qr, T, s.q, s.xb));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.q, T * H, hd, nullptr, eps, s.q, stream));
-      TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.q, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, false, stream));
-      TANDEM_RETURN_IF_ERROR(Linear(L.wkv, s.y, T, s.kv, s.xb));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.kv, T, hd, L.kv_norm, eps, s.kv, stream));
-      TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.kv, T, hd, 1, hd, nope, rd, d_positions, inv_freq, false, stream));
-      TANDEM_RETURN_IF_ERROR(kc::QuantizeKvEntries(format, s.kv, T, s.new_entries, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("attn: q and kv projections"));
-
-      if (L.compressor) {
-        TANDEM_RETURN_IF_ERROR(RunCompressor(*L.compressor, false, lt.attention, tables, s.y, T, d_positions,
-                                             tables.at<const float* const>(t_rows_att), s));
+    for (const Layer& L : run_layers) {
+      kc::SparseAttentionArgs probe;
+      probe.format = format;
+      probe.tokens = T;
+      probe.heads = H;
+      if (L.spec.compress_ratio > 0) probe.compressed = d_compressed;
+      if (L.spec.compress_ratio == 4) {
+        probe.selected = s.selected;
+        probe.topk = topk;
       }
-      TANDEM_RETURN_IF_ERROR(Mark("attn: compressor"));
-      if (ratio == 4) {
-        TANDEM_RETURN_IF_ERROR(RunCompressor(*L.index_compressor, true, lt.indexer, tables, s.y, T, d_positions,
-                                             tables.at<const float* const>(t_rows_idx), s));
-        TANDEM_RETURN_IF_ERROR(Linear(L.index_wq_b, s.qr, T, s.iq, s.xb));
-        TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.iq, T, nh * id, nh, id, id - rd, rd, d_positions, inv_freq, false, stream));
-        TANDEM_RETURN_IF_ERROR(kc::Hadamard(s.iq, T * nh, id, stream));
-        TANDEM_RETURN_IF_ERROR(Linear(L.index_weights, s.y, T, s.iw, s.xb));
-        TANDEM_RETURN_IF_ERROR(kc::Scale(s.iw, T * nh,
-                                         static_cast<float>(1.0 / std::sqrt(static_cast<double>(id * nh))), stream));
-        kc::IndexerArgs ix;
-        ix.tokens = T;
-        ix.heads = nh;
-        ix.dim = id;
-        ix.topk = topk;
-        ix.q = s.iq;
-        ix.weights = s.iw;
-        ix.keys = d_keys;
-        ix.key_begin = tables.at<const int64_t>(t_c4_begin);
-        ix.visible = tables.at<const int32_t>(t_c4_count);
-        ix.max_visible = static_cast<int32_t>(max_visible);
-        ix.selected = s.selected;
-        TANDEM_RETURN_IF_ERROR(kc::IndexerTopK(ix, s.index_workspace, s.index_workspace_bytes, stream));
+      attention_workspace_bytes = std::max(attention_workspace_bytes, kc::SparseAttentionWorkspaceBytes(probe));
+    }
+    uint8_t* attention_workspace = nullptr;
+    if (attention_workspace_bytes > 0) {
+      TANDEM_ASSIGN_OR_RETURN(attention_workspace, arena.Take<uint8_t>(attention_workspace_bytes));
+    }
+
+    // The device work of the step: launches only (a graph step neither synchronizes nor copies to the host
+    // in here), queued eagerly or captured into / replayed from a CUDA graph.
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    auto enqueue = [&]() -> absl::Status {
+      if (!draft && first) {
+        TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, M, s.x, stream));
+      } else if (draft) {
+        // x[t, m] = h_proj(hnorm(hidden[t, m])) + e_proj(enorm(embed(token t))).
+        float* h = draft_rows;
+        TANDEM_RETURN_IF_ERROR(kc::EmbedTokens(embed, c.vocab_size, D, d_ids, T, 1, s.y, stream));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, mtp->enorm, eps, s.y, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(mtp->e_proj, s.y, T, s.out, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(h, T * M, D, mtp->hnorm, eps, h, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(mtp->h_proj, h, T * M, s.x, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::AddToStreams(s.out, T, M, D, s.x, stream));
+      }
+      TANDEM_RETURN_IF_ERROR(Mark("embed"));
+
+      for (size_t li = 0; li < run_layers.size(); ++li) {
+        const Layer& L = run_layers[li];
+        const LayerTables& lt = layer_tables[li];
+        const int ratio = L.spec.compress_ratio;
+        const double* inv_freq = ratio > 0 ? rope_compressed : rope_plain;
+        const std::string prefix =
+            !trace ? std::string() : draft ? std::string("mtp.0.") : absl::StrCat("layers.", L.spec.layer_id, ".");
+
+        // ---- Attention ----
+        TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.window), lt.window_runs, d_window, stream));
+        TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.ring_src), lt.ring_runs, d_ring_src, stream));
+        TANDEM_RETURN_IF_ERROR(kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.ring_dst), lt.ring_runs, d_ring_dst, stream));
+        TANDEM_RETURN_IF_ERROR(
+            kc::ExpandKvRefs(tables.at<const kc::RefRun>(lt.compressed), lt.compressed_runs, d_compressed, stream));
+        TANDEM_RETURN_IF_ERROR(kc::ExpandPointers(tables.at<const kc::RefRun>(lt.keys), lt.key_runs, d_keys, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("address tables (expand runs)"));
+        TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_attn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
+                                         s.hc_workspace_bytes, stream));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.attn_norm, eps, s.y, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("mhc pre + norm"));
+        TANDEM_RETURN_IF_ERROR(Linear(L.wq_a, s.y, T, s.qr, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.qr, T, c.q_lora_rank, L.q_norm, eps, s.qr, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(L.wq_b, s.qr, T, s.q, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.q, T * H, hd, nullptr, eps, s.q, stream));
+        TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.q, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, false, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(L.wkv, s.y, T, s.kv, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.kv, T, hd, L.kv_norm, eps, s.kv, stream));
+        TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.kv, T, hd, 1, hd, nope, rd, d_positions, inv_freq, false, stream));
+        TANDEM_RETURN_IF_ERROR(kc::QuantizeKvEntries(format, s.kv, T, s.new_entries, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("attn: q and kv projections"));
+
+        if (L.compressor) {
+          TANDEM_RETURN_IF_ERROR(RunCompressor(*L.compressor, false, lt.attention, tables, s.y, T, d_positions,
+                                               tables.at<const float* const>(t_rows_att), s));
+        }
+        TANDEM_RETURN_IF_ERROR(Mark("attn: compressor"));
+        if (ratio == 4) {
+          TANDEM_RETURN_IF_ERROR(RunCompressor(*L.index_compressor, true, lt.indexer, tables, s.y, T, d_positions,
+                                               tables.at<const float* const>(t_rows_idx), s));
+          TANDEM_RETURN_IF_ERROR(Linear(L.index_wq_b, s.qr, T, s.iq, s.xb));
+          TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.iq, T, nh * id, nh, id, id - rd, rd, d_positions, inv_freq, false, stream));
+          TANDEM_RETURN_IF_ERROR(kc::Hadamard(s.iq, T * nh, id, stream));
+          TANDEM_RETURN_IF_ERROR(Linear(L.index_weights, s.y, T, s.iw, s.xb));
+          TANDEM_RETURN_IF_ERROR(kc::Scale(s.iw, T * nh,
+                                           static_cast<float>(1.0 / std::sqrt(static_cast<double>(id * nh))), stream));
+          kc::IndexerArgs ix;
+          ix.tokens = T;
+          ix.heads = nh;
+          ix.dim = id;
+          ix.topk = topk;
+          ix.q = s.iq;
+          ix.weights = s.iw;
+          ix.keys = d_keys;
+          ix.key_begin = tables.at<const int64_t>(t_c4_begin);
+          ix.visible = tables.at<const int32_t>(t_c4_count);
+          ix.max_visible = static_cast<int32_t>(max_visible);
+          ix.selected = s.selected;
+          TANDEM_RETURN_IF_ERROR(kc::IndexerTopK(ix, s.index_workspace, s.index_workspace_bytes, stream));
+          if (trace) {
+            std::vector<int32_t> host(static_cast<size_t>(T * topk));
+            TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host.data(), s.selected, host.size() * sizeof(int32_t),
+                                                        cudaMemcpyDeviceToHost, stream));
+            TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+            trace->Append(prefix + "attn.indexer.topk", topk, host);
+          }
+        }
+
+        TANDEM_RETURN_IF_ERROR(Mark("attn: indexer (compressor, q, scores, top-k)"));
+        kc::SparseAttentionArgs at;
+        at.format = format;
+        at.tokens = T;
+        at.heads = H;
+        at.q = s.q;
+        at.sink = L.sink;
+        at.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+        at.window = d_window;
+        at.window_begin = tables.at<const int64_t>(t_window_begin);
+        at.window_count = tables.at<const int32_t>(t_window_count);
+        if (ratio > 0) {
+          at.compressed = d_compressed;
+          at.compressed_begin = tables.at<const int64_t>(ratio == 4 ? t_c4_begin : t_c128_begin);
+          at.compressed_count = tables.at<const int32_t>(ratio == 4 ? t_c4_count : t_c128_count);
+          if (ratio == 4) {
+            at.selected = s.selected;
+            at.topk = topk;
+          }
+        }
+        at.o = s.o;
+        at.workspace = attention_workspace;
+        at.workspace_bytes = attention_workspace_bytes;
+        TANDEM_RETURN_IF_ERROR(kc::SparseAttention(at, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("attn: sparse attention"));
+        if (lt.ring_count > 0) {
+          TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, d_ring_src, d_ring_dst, lt.ring_count, stream));
+        }
+        TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.o, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, true, stream));
+        // Grouped low-rank output: group g's heads through wo_a rows [g*R, (g+1)*R), then wo_b. Decode-sized
+        // batches: one batched GEMM over the column blocks of o (hi and lo stacked as rows for bf16x2); else,
+        // and in f32, group by group.
+        const size_t wo_a_elem = L.wo_a.f32 ? sizeof(float) : sizeof(__nv_bfloat16);
+        if (s.o_bf16 && !L.wo_a.f32) {
+          const auto* wo_a = static_cast<const __nv_bfloat16*>(L.wo_a.w);
+          if (L.wo_a.split) {
+            TANDEM_RETURN_IF_ERROR(kc::FloatToBf16Split(s.o, T * H * hd, s.o_bf16, s.o_bf16 + T * H * hd, stream));
+            TANDEM_RETURN_IF_ERROR(gemm->LinearBatched(s.o_bf16, 2 * T, group_in, H * hd, group_in, wo_a, R, R * group_in,
+                                                       s.z_halves, G * R, R, G, stream));
+            TANDEM_RETURN_IF_ERROR(kc::AddRowHalves(s.z_halves, T, G * R, s.z, stream));
+          } else {
+            TANDEM_RETURN_IF_ERROR(kc::FloatToBf16(s.o, T * H * hd, s.o_bf16, stream));
+            TANDEM_RETURN_IF_ERROR(
+                gemm->LinearBatched(s.o_bf16, T, group_in, H * hd, group_in, wo_a, R, R * group_in, s.z, G * R, R, G, stream));
+          }
+        }
+        for (int64_t g = 0; g < G && !(s.o_bf16 && !L.wo_a.f32); ++g) {
+          TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.group, group_in * sizeof(float), s.o + g * group_in,
+                                                        H * hd * sizeof(float), group_in * sizeof(float), T,
+                                                        cudaMemcpyDeviceToDevice, stream));
+          const void* wg = static_cast<const uint8_t*>(L.wo_a.w) + g * R * group_in * wo_a_elem;
+          TANDEM_RETURN_IF_ERROR(Linear(L.wo_a, s.group, T, s.zg, s.xb, wg, R));
+          TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.z + g * R, G * R * sizeof(float), s.zg, R * sizeof(float),
+                                                        R * sizeof(float), T, cudaMemcpyDeviceToDevice, stream));
+        }
+        TANDEM_RETURN_IF_ERROR(Linear(L.wo_b, s.z, T, s.out, s.xb));
+        TANDEM_RETURN_IF_ERROR(Mark("attn: window store + output projection"));
+        TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("mhc post"));
+
+        // ---- MoE ----
+        TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_ffn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
+                                         s.hc_workspace_bytes, stream));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.ffn_norm, eps, s.y, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("mhc pre + norm"));
+        TANDEM_RETURN_IF_ERROR(Linear(L.gate, s.y, T, s.gate_logits, s.xb));
+        kc::MoeRouteArgs route;
+        route.tokens = T;
+        route.experts = E;
+        route.k = k;
+        route.logits = s.gate_logits;
+        route.bias = L.bias;
+        route.tid2eid = L.tid2eid;
+        route.token_ids = d_ids;
+        route.routed_scaling = static_cast<float>(c.routed_scaling_factor);
+        route.chosen = s.chosen;
+        route.weights = s.route_weights;
+        TANDEM_RETURN_IF_ERROR(kc::MoeRoute(route, stream));
         if (trace) {
-          std::vector<int32_t> host(static_cast<size_t>(T * topk));
-          TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host.data(), s.selected, host.size() * sizeof(int32_t),
+          std::vector<int32_t> host(static_cast<size_t>(T * k));
+          TANDEM_CUDA_RETURN_IF_ERROR(
+              cudaMemcpyAsync(host.data(), s.chosen, host.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+          TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+          trace->Append(prefix + "ffn.experts", k, host);
+        }
+        TANDEM_RETURN_IF_ERROR(kc::MoeGroup(s.chosen, T, k, E, s.group_offsets, s.group_rows, s.group_position,
+                                            s.group_workspace, s.group_workspace_bytes, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("moe: gate, routing, grouping"));
+        const float limit = static_cast<float>(c.swiglu_limit);
+        if (T * k >= options.prefill_expert_pairs) {
+          // Many rows per expert: dequantize each expert to bf16 and run its rows through cuBLASLt.
+          std::vector<int64_t> offsets(static_cast<size_t>(E + 1));
+          TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(offsets.data(), s.group_offsets, offsets.size() * sizeof(int64_t),
                                                       cudaMemcpyDeviceToHost, stream));
           TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-          trace->Append(prefix + "attn.indexer.topk", topk, host);
-        }
-      }
-
-      TANDEM_RETURN_IF_ERROR(Mark("attn: indexer (compressor, q, scores, top-k)"));
-      kc::SparseAttentionArgs at;
-      at.format = format;
-      at.tokens = T;
-      at.heads = H;
-      at.q = s.q;
-      at.sink = L.sink;
-      at.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-      at.window = d_window;
-      at.window_begin = tables.at<const int64_t>(t_window_begin);
-      at.window_count = tables.at<const int32_t>(t_window_count);
-      if (ratio > 0) {
-        at.compressed = d_compressed;
-        at.compressed_begin = tables.at<const int64_t>(ratio == 4 ? t_c4_begin : t_c128_begin);
-        at.compressed_count = tables.at<const int32_t>(ratio == 4 ? t_c4_count : t_c128_count);
-        if (ratio == 4) {
-          at.selected = s.selected;
-          at.topk = topk;
-        }
-      }
-      at.o = s.o;
-      // Split-KV scratch when the batch leaves SMs idle (small decode batches).
-      if (const size_t need = kc::SparseAttentionWorkspaceBytes(at); need > attention_workspace_bytes) {
-        TANDEM_ASSIGN_OR_RETURN(attention_workspace, arena.Take<uint8_t>(need));
-        attention_workspace_bytes = need;
-      }
-      at.workspace = attention_workspace;
-      at.workspace_bytes = attention_workspace_bytes;
-      TANDEM_RETURN_IF_ERROR(kc::SparseAttention(at, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("attn: sparse attention"));
-      if (lt.ring_count > 0) {
-        TANDEM_RETURN_IF_ERROR(kc::CopyKvEntries(format, d_ring_src, d_ring_dst, lt.ring_count, stream));
-      }
-      TANDEM_RETURN_IF_ERROR(kc::ApplyRope(s.o, T, H * hd, H, hd, nope, rd, d_positions, inv_freq, true, stream));
-      // Grouped low-rank output: group g's heads through wo_a rows [g*R, (g+1)*R), then wo_b. Decode-sized
-      // batches: one batched GEMM over the column blocks of o (hi and lo stacked as rows for bf16x2); else,
-      // and in f32, group by group.
-      const size_t wo_a_elem = L.wo_a.f32 ? sizeof(float) : sizeof(__nv_bfloat16);
-      if (s.o_bf16 && !L.wo_a.f32) {
-        const auto* wo_a = static_cast<const __nv_bfloat16*>(L.wo_a.w);
-        if (L.wo_a.split) {
-          TANDEM_RETURN_IF_ERROR(kc::FloatToBf16Split(s.o, T * H * hd, s.o_bf16, s.o_bf16 + T * H * hd, stream));
-          TANDEM_RETURN_IF_ERROR(gemm->LinearBatched(s.o_bf16, 2 * T, group_in, H * hd, group_in, wo_a, R, R * group_in,
-                                                     s.z_halves, G * R, R, G, stream));
-          TANDEM_RETURN_IF_ERROR(kc::AddRowHalves(s.z_halves, T, G * R, s.z, stream));
+          TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.y, s.group_rows, T * k, D, s.routed, stream));  // x grouped [T*k, D]
+          const kc::HostExpertWeights stacked[2] = {
+              kc::HostExpertWeights::Of(L.routed.w1, L.routed.codes1.data(), L.routed.scales1.data()),
+              kc::HostExpertWeights::Of(L.routed.w3, L.routed.codes3.data(), L.routed.scales3.data())};
+          TANDEM_RETURN_IF_ERROR(expert_gemm->Run(stacked, s.routed, offsets, s.eb2, stream));
+          TANDEM_RETURN_IF_ERROR(kc::SwiGluStacked(s.eb2, T * k, I, limit, s.ea, stream));
+          TANDEM_RETURN_IF_ERROR(expert_gemm->Run(L.routed.w2, L.routed.codes2.data(), L.routed.scales2.data(), s.ea,
+                                                  offsets, s.routed, stream));
         } else {
-          TANDEM_RETURN_IF_ERROR(kc::FloatToBf16(s.o, T * H * hd, s.o_bf16, stream));
-          TANDEM_RETURN_IF_ERROR(
-              gemm->LinearBatched(s.o_bf16, T, group_in, H * hd, group_in, wo_a, R, R * group_in, s.z, G * R, R, G, stream));
+          TANDEM_RETURN_IF_ERROR(kc::GroupedSwiGluLinear(L.routed.w1, L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k,
+                                                         limit, s.ea, stream));
+          TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
         }
+        TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));
+        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w1, s.y, T, s.sa, s.xb));
+        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w3, s.y, T, s.sb, s.xb));
+        TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.sa, s.sb, T * I, limit, s.sa, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w2, s.sa, T, s.shared_out, s.xb));
+        TANDEM_RETURN_IF_ERROR(Mark("moe: shared expert"));
+        TANDEM_RETURN_IF_ERROR(kc::MoeCombine(s.shared_out, s.routed, s.group_position, s.route_weights, T, k, D, s.out, stream));
+        TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
+        TANDEM_RETURN_IF_ERROR(Mark("moe: combine + mhc post"));
       }
-      for (int64_t g = 0; g < G && !(s.o_bf16 && !L.wo_a.f32); ++g) {
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.group, group_in * sizeof(float), s.o + g * group_in,
-                                                      H * hd * sizeof(float), group_in * sizeof(float), T,
-                                                      cudaMemcpyDeviceToDevice, stream));
-        const void* wg = static_cast<const uint8_t*>(L.wo_a.w) + g * R * group_in * wo_a_elem;
-        TANDEM_RETURN_IF_ERROR(Linear(L.wo_a, s.group, T, s.zg, s.xb, wg, R));
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(s.z + g * R, G * R * sizeof(float), s.zg, R * sizeof(float),
-                                                      R * sizeof(float), T, cudaMemcpyDeviceToDevice, stream));
-      }
-      TANDEM_RETURN_IF_ERROR(Linear(L.wo_b, s.z, T, s.out, s.xb));
-      TANDEM_RETURN_IF_ERROR(Mark("attn: window store + output projection"));
-      TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("mhc post"));
 
-      // ---- MoE ----
-      TANDEM_RETURN_IF_ERROR(kc::HcPre(mhc, L.hc_ffn, s.x, T, s.y, s.post, s.comb, s.hc_workspace,
-                                       s.hc_workspace_bytes, stream));
-      TANDEM_RETURN_IF_ERROR(kc::RmsNorm(s.y, T, D, L.ffn_norm, eps, s.y, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("mhc pre + norm"));
-      TANDEM_RETURN_IF_ERROR(Linear(L.gate, s.y, T, s.gate_logits, s.xb));
-      kc::MoeRouteArgs route;
-      route.tokens = T;
-      route.experts = E;
-      route.k = k;
-      route.logits = s.gate_logits;
-      route.bias = L.bias;
-      route.tid2eid = L.tid2eid;
-      route.token_ids = d_ids;
-      route.routed_scaling = static_cast<float>(c.routed_scaling_factor);
-      route.chosen = s.chosen;
-      route.weights = s.route_weights;
-      TANDEM_RETURN_IF_ERROR(kc::MoeRoute(route, stream));
-      if (trace) {
-        std::vector<int32_t> host(static_cast<size_t>(T * k));
-        TANDEM_CUDA_RETURN_IF_ERROR(
-            cudaMemcpyAsync(host.data(), s.chosen, host.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-        trace->Append(prefix + "ffn.experts", k, host);
+      if (head_too) {
+        TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.x, tables.at<const int32_t>(t_head_rows), rows_out, MD, head_x, stream));
+        TANDEM_RETURN_IF_ERROR(kc::HcHead(draft ? mtp->hc_fn : hc_head_fn, draft ? mtp->hc_base : hc_head_base,
+                                          draft ? mtp->hc_scale : hc_head_scale, M, D, c.hc_eps, c.rms_norm_eps, head_x,
+                                          rows_out, head_h, stream));
+        TANDEM_RETURN_IF_ERROR(kc::RmsNorm(head_h, rows_out, D, draft ? mtp->norm : norm, eps, head_h, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(head, head_h, rows_out, logits, s.xb));
+        TANDEM_RETURN_IF_ERROR(Mark("head"));
       }
-      TANDEM_RETURN_IF_ERROR(kc::MoeGroup(s.chosen, T, k, E, s.group_offsets, s.group_rows, s.group_position,
-                                          s.group_workspace, s.group_workspace_bytes, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("moe: gate, routing, grouping"));
-      const float limit = static_cast<float>(c.swiglu_limit);
-      if (T * k >= options.prefill_expert_pairs) {
-        // Many rows per expert: dequantize each expert to bf16 and run its rows through cuBLASLt.
-        std::vector<int64_t> offsets(static_cast<size_t>(E + 1));
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(offsets.data(), s.group_offsets, offsets.size() * sizeof(int64_t),
-                                                    cudaMemcpyDeviceToHost, stream));
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-        TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.y, s.group_rows, T * k, D, s.routed, stream));  // x grouped [T*k, D]
-        const kc::HostExpertWeights stacked[2] = {
-            kc::HostExpertWeights::Of(L.routed.w1, L.routed.codes1.data(), L.routed.scales1.data()),
-            kc::HostExpertWeights::Of(L.routed.w3, L.routed.codes3.data(), L.routed.scales3.data())};
-        TANDEM_RETURN_IF_ERROR(expert_gemm->Run(stacked, s.routed, offsets, s.eb2, stream));
-        TANDEM_RETURN_IF_ERROR(kc::SwiGluStacked(s.eb2, T * k, I, limit, s.ea, stream));
-        TANDEM_RETURN_IF_ERROR(expert_gemm->Run(L.routed.w2, L.routed.codes2.data(), L.routed.scales2.data(), s.ea,
-                                                offsets, s.routed, stream));
-      } else {
-        TANDEM_RETURN_IF_ERROR(kc::GroupedSwiGluLinear(L.routed.w1, L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k,
-                                                       limit, s.ea, stream));
-        TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
+      return absl::OkStatus();
+    };
+
+    if (graph_step) {
+      // Every host value a launch of `enqueue` reads, other than the model's own constants: counts, the
+      // bucketed sizes, the table layout (which fixes every table address) and the arena's Take sizes
+      // (which fix every scratch address, given the arena's generation, checked through the epoch).
+      graph_signature.clear();
+      auto& sig = graph_signature;
+      sig.insert(sig.end(), {int64_t{head_too}, int64_t{draft}, int64_t{first}, T, rows_out,
+                             static_cast<int64_t>(chunks.size())});
+      for (const auto& chunk : chunks) sig.push_back(chunk.count);
+      for (const LayerTables& lt : layer_tables) {
+        sig.insert(sig.end(), {lt.window_runs, lt.ring_runs, lt.ring_count, lt.compressed_runs, lt.key_runs,
+                               lt.attention.emits, lt.attention.persists, lt.indexer.emits, lt.indexer.persists});
       }
-      TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));
-      TANDEM_RETURN_IF_ERROR(Linear(L.shared_w1, s.y, T, s.sa, s.xb));
-      TANDEM_RETURN_IF_ERROR(Linear(L.shared_w3, s.y, T, s.sb, s.xb));
-      TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.sa, s.sb, T * I, limit, s.sa, stream));
-      TANDEM_RETURN_IF_ERROR(Linear(L.shared_w2, s.sa, T, s.shared_out, s.xb));
-      TANDEM_RETURN_IF_ERROR(Mark("moe: shared expert"));
-      TANDEM_RETURN_IF_ERROR(kc::MoeCombine(s.shared_out, s.routed, s.group_position, s.route_weights, T, k, D, s.out, stream));
-      TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
-      TANDEM_RETURN_IF_ERROR(Mark("moe: combine + mhc post"));
+      sig.insert(sig.end(), {max_visible, max_window, max_ring, max_compressed,
+                             static_cast<int64_t>(attention_workspace_bytes), static_cast<int64_t>(s.index_workspace_bytes)});
+      sig.push_back(static_cast<int64_t>(tables.layout().size()));
+      sig.insert(sig.end(), tables.layout().begin(), tables.layout().end());
+      graphs.SetEpoch(arena.generation() + table_buffer.generation());  // either reallocating drops every graph
+      TANDEM_RETURN_IF_ERROR(graphs.Run(sig, stream, enqueue));
+    } else {
+      graphs.CountEager();
+      TANDEM_RETURN_IF_ERROR(enqueue());
     }
 
+    // Read-back (outside any graph).
     if (!head_too) {
       last = {0, nullptr, s.x, T};
       if (stage_output) {
@@ -1015,32 +1189,21 @@ struct DeviceModel::Impl {
         TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(stage_output->values.data(), s.x, stage_output->values.size() * sizeof(float),
                                                     cudaMemcpyDeviceToHost, stream));
       }
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-      TANDEM_RETURN_IF_ERROR(CollectProfile());
-      Advance(batch, draft);
-      return absl::OkStatus();
-    }
-    // Head.
-    TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.x, tables.at<const int32_t>(t_head_rows), rows_out, MD, head_x, stream));
-    TANDEM_RETURN_IF_ERROR(kc::HcHead(draft ? mtp->hc_fn : hc_head_fn, draft ? mtp->hc_base : hc_head_base,
-                                      draft ? mtp->hc_scale : hc_head_scale, M, D, c.hc_eps, c.rms_norm_eps, head_x,
-                                      rows_out, head_h, stream));
-    TANDEM_RETURN_IF_ERROR(kc::RmsNorm(head_h, rows_out, D, draft ? mtp->norm : norm, eps, head_h, stream));
-    TANDEM_RETURN_IF_ERROR(Linear(head, head_h, rows_out, logits, s.xb));
-    TANDEM_RETURN_IF_ERROR(Mark("head"));
-    last = {rows_out, logits, s.x, T};
-
-    if (result) {
-      result->rows = rows_out;
-      result->logits.resize(static_cast<size_t>(rows_out * c.vocab_size));
-      result->pre_head_hidden.resize(static_cast<size_t>(T * MD));
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), logits, result->logits.size() * sizeof(float),
-                                                  cudaMemcpyDeviceToHost, stream));
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->pre_head_hidden.data(), s.x,
-                                                  result->pre_head_hidden.size() * sizeof(float),
-                                                  cudaMemcpyDeviceToHost, stream));
+    } else {
+      last = {rows_out, logits, s.x, T};
+      if (result) {
+        result->rows = rows_out;
+        result->logits.resize(static_cast<size_t>(rows_out * c.vocab_size));
+        result->pre_head_hidden.resize(static_cast<size_t>(T * MD));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), logits, result->logits.size() * sizeof(float),
+                                                    cudaMemcpyDeviceToHost, stream));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->pre_head_hidden.data(), s.x,
+                                                    result->pre_head_hidden.size() * sizeof(float),
+                                                    cudaMemcpyDeviceToHost, stream));
+      }
     }
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    in_flight = false;
     TANDEM_RETURN_IF_ERROR(CollectProfile());
     Advance(batch, draft);
     return absl::OkStatus();
@@ -1092,6 +1255,10 @@ absl::StatusOr<std::unique_ptr<DeviceModel>> DeviceModel::Create(std::shared_ptr
   auto impl = std::make_unique<Impl>();
   impl->weights = std::move(weights);
   impl->options = options;
+  GraphCache::Options graph_options;
+  graph_options.max_graphs = std::max(options.max_graphs, 1);
+  graph_options.max_signatures = 4 * graph_options.max_graphs;
+  impl->graphs.Configure(graph_options);
   TANDEM_RETURN_IF_ERROR(impl->Upload());
   return std::unique_ptr<DeviceModel>(new DeviceModel(std::move(impl)));
 }
@@ -1130,6 +1297,8 @@ absl::Status DeviceModel::ForwardLayers(std::span<const SequenceChunk> batch) {
 }
 
 void DeviceModel::SetProfiling(bool on) { impl_->options.profile = on; }
+void DeviceModel::SetGraphs(bool on) { impl_->options.graphs = on; }
+GraphStats DeviceModel::graph_stats() const { return impl_->graphs.stats(); }
 std::map<std::string, double> DeviceModel::TakeProfile() { return std::exchange(impl_->profile_ms, {}); }
 
 absl::StatusOr<std::vector<int32_t>> DeviceModel::ArgmaxLast() {

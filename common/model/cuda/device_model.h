@@ -3,7 +3,7 @@
 // device region). Weights are uploaded once from the CPU-loaded ModelWeights: dense layers as bf16 for
 // cuBLASLt (exact: they come from FP8/bf16 checkpoints) or f32, routed experts kept packed (MXFP4/FP8)
 // and multiplied straight from that format. All work is queued on the model's stream; Forward
-// synchronizes once at its end.
+// synchronizes once at its end. Decode steps may replay CUDA graphs of their launches (options.graphs).
 #pragma once
 
 #include <cstdint>
@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common/core/status.h"
+#include "common/model/cuda/device_graphs.h"
 #include "common/model/forward.h"
 
 namespace tandem::model::cuda {
@@ -36,6 +37,12 @@ struct DeviceModelOptions {
   int64_t prefill_expert_pairs = 2048;
   // Time every group of launches with CUDA events (and the host's table building) for TakeProfile.
   bool profile = false;
+  // Decode-sized steps (at most graph_max_tokens tokens, no trace, not profiled, below prefill_expert_pairs)
+  // replay CUDA graphs of their launches, one per step signature (device_graphs.h): a signature's first
+  // step runs eagerly, its second is captured, later ones replay. Same results as eager launches.
+  bool graphs = false;
+  int64_t graph_max_tokens = 256;
+  int max_graphs = 32;  // graphs kept (LRU; evicted ones are destroyed)
 };
 
 // What one Forward leaves on the device (valid until the next Forward).
@@ -80,6 +87,11 @@ class DeviceModel {
   // The device outputs of the last Forward.
   const DeviceForward& last() const;
   void SetProfiling(bool on);
+  // Turns the CUDA graphs of decode steps on or off (DeviceModelOptions::graphs); graphs already captured
+  // are kept for when they are on again.
+  void SetGraphs(bool on);
+  // Counts of the steps since creation: captured, replayed, run eagerly (device_graphs.h).
+  GraphStats graph_stats() const;
   // Milliseconds per op group summed over the forwards since the last call (profile mode only).
   std::map<std::string, double> TakeProfile();
   // Greedy next tokens of the last Forward's logit rows (argmax on the device, ids copied back).
