@@ -372,6 +372,19 @@ class PagedPool {
     }
     return entries;
   }
+  // `count` consecutive entries as attention KV refs in the DSV4 page layout: a page's entries' data
+  // (data_bytes each, so 16-byte aligned rows), then their scale bytes (entry_bytes - data_bytes each).
+  std::vector<KvRef> TakeKv(int64_t count, int64_t data_bytes) {
+    const std::vector<uint8_t*> slots = Take(count);
+    std::vector<KvRef> refs;
+    refs.reserve(slots.size());
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int64_t j = static_cast<int64_t>(i) % per_page_;
+      uint8_t* page = slots[i] - j * entry_bytes_;
+      refs.push_back({page + j * data_bytes, page + per_page_ * data_bytes + j * (entry_bytes_ - data_bytes)});
+    }
+    return refs;
+  }
   uint8_t* data() const { return bytes_.get(); }
   size_t bytes() const { return bytes_.bytes(); }
 
@@ -403,13 +416,6 @@ void StoreRandomEntries(const KvFormat& format, const DeviceArray<KvRef>& refs, 
     Check(FillUniform(x.get(), n * format.dim(), seed + static_cast<uint64_t>(begin), -1.0f, 1.0f), "FillUniform");
     Check(StoreKvEntries(format, x.get(), n, refs.get() + begin), "StoreKvEntries");
   }
-}
-
-std::vector<KvRef> RefsOf(const KvFormat& format, const std::vector<uint8_t*>& entries) {
-  std::vector<KvRef> refs;
-  refs.reserve(entries.size());
-  for (uint8_t* e : entries) refs.push_back({e, e + format.data_bytes()});
-  return refs;
 }
 
 std::vector<double> CompressRopeFrequencies() {
@@ -469,8 +475,8 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
     std::vector<int32_t> window_count(static_cast<size_t>(T)), compressed_count(static_cast<size_t>(T));
     std::vector<int32_t> selected(static_cast<size_t>(T * kIndexTopK), -1);
     if (prefill) {
-      window = RefsOf(format, window_pool.Take(T));
-      compressed_refs = RefsOf(format, compressed_pool.Take(compressed));
+      window = window_pool.TakeKv(T, format.data_bytes());
+      compressed_refs = compressed_pool.TakeKv(compressed, format.data_bytes());
       for (int64_t t = 0; t < T; ++t) {
         const int64_t visible = (t + 1) / kRatio;
         window_begin[t] = std::max<int64_t>(0, t - (kWindow - 1));
@@ -488,12 +494,9 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
     } else {
       const int64_t p = context - 1;
       for (int64_t t = 0; t < T; ++t) {
-        const auto ring = window_pool.Take(kWindow);
-        for (int64_t j = 0; j < kWindow; ++j) {
-          uint8_t* e = ring[static_cast<size_t>((p - (kWindow - 1) + j) % kWindow)];
-          window.push_back({e, e + format.data_bytes()});
-        }
-        const auto own = RefsOf(format, compressed_pool.Take(compressed));
+        const auto ring = window_pool.TakeKv(kWindow, format.data_bytes());
+        for (int64_t j = 0; j < kWindow; ++j) window.push_back(ring[static_cast<size_t>((p - (kWindow - 1) + j) % kWindow)]);
+        const auto own = compressed_pool.TakeKv(compressed, format.data_bytes());
         compressed_refs.insert(compressed_refs.end(), own.begin(), own.end());
         window_begin[t] = t * kWindow;
         window_count[t] = static_cast<int32_t>(kWindow);

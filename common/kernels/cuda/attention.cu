@@ -18,6 +18,7 @@ namespace tandem::kernels::cuda {
 namespace {
 
 using internal::Bf16BitsToFloat;
+using internal::CopyAsync16;
 using internal::CopyAsync8;
 using internal::CopyAsyncCommit;
 using internal::CopyAsyncWaitAll;
@@ -398,8 +399,10 @@ namespace tc {
 
 constexpr int kNope = 448, kRope = 64;
 constexpr int kDataChunks = (kNope + 2 * kRope) / 8;  // 8-byte chunks of an entry's data (72)
-constexpr int kNopeChunks = kNope / 8;                // of them e4m3 codes (56)
-constexpr int kRawStride = 8 * kDataChunks + 8;       // a raw entry in shared memory: data, then 8 scale bytes
+constexpr int kRawStride = 8 * kDataChunks + 16;      // a raw entry in shared memory: data, 8 scale bytes, 8 pad
+constexpr int kWideChunks = kDataChunks / 2;          // 16-byte chunks of an entry's data (36)
+constexpr int kChunksPerThread = kWideChunks / 4;     // each of a candidate's 4 threads copies and converts 9
+constexpr int kNopeSteps = kNope / 64;                // of them e4m3 (one scale tile each: 7), then 2 of rope
 constexpr int kTile = 32;                             // candidates per tile
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
@@ -416,7 +419,9 @@ static_assert(kNope % 64 == 0 && kNope + kRope == kDim, "the DSV4 entry");
 static_assert(kGroupHeads == 16, "the heads are one m16 tile");
 static_assert(kTile == 32, "the softmax maps one candidate to one lane; PV takes two k16 steps");
 static_assert(kWarps * kSlice == kDim && kSlice == 128, "QK: 8 k16 steps a warp; PV: 16 n8 tiles a warp");
-static_assert(kTile * 4 == kThreads && kDataChunks % 4 == 0, "the copy: 4 threads per candidate");
+static_assert(kTile * 4 == kThreads && kWideChunks == 4 * kChunksPerThread, "the copy: 4 threads per candidate");
+static_assert(kNopeSteps * 4 * 16 == kNope && kRawStride % 16 == 0,
+              "thread sub's j-th chunk (sub + 4 j) of the nope part lies in scale tile j");
 static_assert(kKvBytes % 16 == 0 && kRawBytes % 16 == 0 && kScoreBytes % 16 == 0 && kProbBytes % 16 == 0 &&
                   kQLowBytes % 16 == 0,
               "16-byte aligned shared regions");
@@ -454,7 +459,7 @@ __device__ int CompactSelection(const int32_t* row, int topk, int32_t* out, int*
 }
 
 __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(AttentionParams p) {
-  using tc::kDataChunks, tc::kKvBytes, tc::kNope, tc::kNopeChunks, tc::kProbStride, tc::kQLowBytes, tc::kRawBytes, tc::kRawStride,
+  using tc::kChunksPerThread, tc::kDataChunks, tc::kWideChunks, tc::kKvBytes, tc::kNope, tc::kNopeSteps, tc::kProbStride, tc::kQLowBytes, tc::kRawBytes, tc::kRawStride,
       tc::kRowHalves, tc::kScoreStride, tc::kSlice, tc::kThreads, tc::kTile, tc::kWarps;
   extern __shared__ __align__(16) uint8_t shared[];
   uint16_t* kv_s = reinterpret_cast<uint16_t*>(shared);  // [kTile][kRowHalves] bf16
@@ -500,20 +505,33 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
   const int tile_begin = static_cast<int>(split * tiles / p.splits) * kTile;
   const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
 
-  // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate, 8 bytes each
-  // (cp.async when aligned, else byte loads and a plain store that the next barrier publishes).
-  const auto issue = [&](int tile0, int valid) {
+  // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate, thread sub
+  // the 16-byte chunks sub + 4 j (cp.async when aligned, else loads and a plain store that the next
+  // barrier publishes), thread 0 of the candidate its 8 scale bytes.
+  const auto ref_of = [&](int i) {
+    return i < n_window ? p.window[window_begin + i]
+                        : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
+  };
+  // The candidate of this thread in the tile at tile0, fetched a phase before its copy is issued (the
+  // KvRef load's latency then hides behind the dequantization instead of stalling the issue).
+  const auto ref_for = [&](int tile0) {
+    const int c = tid >> 2;
+    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? ref_of(tile0 + c) : KvRef{};
+  };
+  const auto issue = [&](int valid, const KvRef& ref) {
     const int c = tid >> 2, sub = tid & 3;
     if (c < valid) {
-      const int i = tile0 + c;
-      const KvRef ref = i < n_window ? p.window[window_begin + i]
-                                     : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
       uint8_t* dst = raw_s + c * kRawStride;
-      if ((reinterpret_cast<uintptr_t>(ref.data) & 7u) == 0) {
+      if ((reinterpret_cast<uintptr_t>(ref.data) & 15u) == 0) {
 #pragma unroll
-        for (int j = 0; j < kDataChunks / 4; ++j) CopyAsync8(SharedAddress(dst + 8 * (sub + 4 * j)), ref.data + 8 * (sub + 4 * j));
+        for (int j = 0; j < kChunksPerThread; ++j) CopyAsync16(SharedAddress(dst + 16 * (sub + 4 * j)), ref.data + 16 * (sub + 4 * j));
       } else {
-        for (int j = 0; j < kDataChunks / 4; ++j) *reinterpret_cast<uint2*>(dst + 8 * (sub + 4 * j)) = Load8(ref.data + 8 * (sub + 4 * j));
+#pragma unroll
+        for (int j = 0; j < kChunksPerThread; ++j) {
+          const uint8_t* from = ref.data + 16 * (sub + 4 * j);
+          const uint2 lo = Load8(from), hi = Load8(from + 8);
+          *reinterpret_cast<uint4*>(dst + 16 * (sub + 4 * j)) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+        }
       }
       if (sub == 0) {
         if ((reinterpret_cast<uintptr_t>(ref.scales) & 7u) == 0) {
@@ -525,7 +543,7 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
     }
     CopyAsyncCommit();
   };
-  if (tile_begin < tile_end) issue(tile_begin, min(kTile, tile_end - tile_begin));
+  if (tile_begin < tile_end) issue(min(kTile, tile_end - tile_begin), ref_for(tile_begin));
 
   // q of this warp's dims as A fragments (rows g, g + 8; columns 2 tq, 2 tq + 1 and + 8), split hi + mid
   // + lo; hi and mid stay in registers, lo (the bits below hi + mid) in shared memory: no registers to spare.
@@ -569,36 +587,57 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
 
   for (int tile0 = tile_begin; tile0 < tile_end; tile0 += kTile) {
     const int valid = min(kTile, tile_end - tile0);
+    const KvRef next_ref = ref_for(tile0 + kTile);
     CopyAsyncWaitAll();
     __syncthreads();  // the tile's bytes are in raw_s; the previous tile's PV is done with kv_s and prob_s
 
-    // 1. Dequantize: 8 codes -> 8 bf16 (16-byte store) or 4 rope bf16 copied; zeros past `valid`, so that
-    // P = 0 never meets stale bytes (0 * NaN).
-    for (int item = tid; item < kTile * kDataChunks; item += kThreads) {
-      const int c = item / kDataChunks, k = item % kDataChunks;
+    // 1. Dequantize, thread sub of candidate c its chunks sub + 4 j: 16 codes of scale tile j -> 16 bf16
+    // (j < 7), then two chunks of 8 rope bf16 copied; zeros past `valid`, so that P = 0 never meets stale
+    // bytes (0 * NaN). Unrolled: no division, no branch but the candidate's.
+    {
+      const int c = tid >> 2, sub = tid & 3;
       uint16_t* row = kv_s + c * kRowHalves;
-      if (k < kNopeChunks) {
-        uint4 out = make_uint4(0u, 0u, 0u, 0u);
-        if (c < valid) {
-          const uint2 raw = *reinterpret_cast<const uint2*>(raw_s + c * kRawStride + 8 * k);
-          const float scale = Ue8m0ToFloat(raw_s[c * kRawStride + 8 * kDataChunks + k / 8]);
-          out = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale), DequantFp8Pair(raw.y, scale),
-                           DequantFp8Pair(raw.y >> 16, scale));
+      const uint8_t* src = raw_s + c * kRawStride;
+      if (c < valid) {
+#pragma unroll
+        for (int j = 0; j < kNopeSteps; ++j) {
+          const int w = sub + 4 * j;
+          const uint4 raw = *reinterpret_cast<const uint4*>(src + 16 * w);
+          const float scale = Ue8m0ToFloat(src[8 * kDataChunks + j]);
+          *reinterpret_cast<uint4*>(row + 16 * w) = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale),
+                                                              DequantFp8Pair(raw.y, scale), DequantFp8Pair(raw.y >> 16, scale));
+          *reinterpret_cast<uint4*>(row + 16 * w + 8) = make_uint4(DequantFp8Pair(raw.z, scale), DequantFp8Pair(raw.z >> 16, scale),
+                                                                  DequantFp8Pair(raw.w, scale), DequantFp8Pair(raw.w >> 16, scale));
         }
-        *reinterpret_cast<uint4*>(row + 8 * k) = out;
+#pragma unroll
+        for (int j = kNopeSteps; j < kChunksPerThread; ++j) {
+          const int w = sub + 4 * j;  // rope bytes 16 (w - 28): bf16 values 8 (w - 28) on
+          *reinterpret_cast<uint4*>(row + kNope + 8 * (w - 4 * kNopeSteps)) = *reinterpret_cast<const uint4*>(src + 16 * w);
+        }
       } else {
-        const uint2 raw = c < valid ? *reinterpret_cast<const uint2*>(raw_s + c * kRawStride + 8 * k) : make_uint2(0u, 0u);
-        *reinterpret_cast<uint2*>(row + kNope + 4 * (k - kNopeChunks)) = raw;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int j = 0; j < kNopeSteps; ++j) {
+          *reinterpret_cast<uint4*>(row + 16 * (sub + 4 * j)) = zero;
+          *reinterpret_cast<uint4*>(row + 16 * (sub + 4 * j) + 8) = zero;
+        }
+#pragma unroll
+        for (int j = kNopeSteps; j < kChunksPerThread; ++j) *reinterpret_cast<uint4*>(row + kNope + 8 * (sub + 4 * j - 4 * kNopeSteps)) = zero;
       }
     }
     __syncthreads();  // kv_s is ready and raw_s free: the next tile's copy overlaps this one's math
-    if (tile0 + kTile < tile_end) issue(tile0 + kTile, min(kTile, tile_end - tile0 - kTile));
+    if (tile0 + kTile < tile_end) issue(min(kTile, tile_end - tile0 - kTile), next_ref);
 
-    // 2. Partial scores over this warp's 128 dims: 8 k16 steps x 4 n8 tiles x (q's lo, mid, hi).
+    // 2. Partial scores over this warp's 128 dims: 8 k16 steps x 4 n8 tiles x (q's lo, mid, hi); q's hi
+    // products and its two small pieces accumulate apart (two dependent chains of 8 and 16 MMAs instead of
+    // one of 24), summed once per tile.
     {
-      float score[kTile / 8][4];
+      float score[kTile / 8][4], small[kTile / 8][4];
 #pragma unroll
-      for (int j = 0; j < kTile / 8; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.0f;
+      for (int j = 0; j < kTile / 8; ++j) {
+        score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.0f;
+        small[j][0] = small[j][1] = small[j][2] = small[j][3] = 0.0f;
+      }
 #pragma unroll
       for (int ks = 0; ks < kSlice / 16; ++ks) {
         const uint32_t q_third[4] = {my_qlo[(ks * 4) * 32], my_qlo[(ks * 4 + 1) * 32], my_qlo[(ks * 4 + 2) * 32],
@@ -607,13 +646,18 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
         for (int jp = 0; jp < kTile / 16; ++jp) {
           uint32_t b[4];
           LoadMatrixX4(b, qk_address + (jp * 16 * kRowHalves + ks * 16) * 2);
-          MmaBf16(score[2 * jp], q_third, b[0], b[1]);
-          MmaBf16(score[2 * jp + 1], q_third, b[2], b[3]);
-          MmaBf16(score[2 * jp], q_lo[ks], b[0], b[1]);
+          MmaBf16(small[2 * jp], q_third, b[0], b[1]);
+          MmaBf16(small[2 * jp + 1], q_third, b[2], b[3]);
+          MmaBf16(small[2 * jp], q_lo[ks], b[0], b[1]);
           MmaBf16(score[2 * jp], q_hi[ks], b[0], b[1]);
-          MmaBf16(score[2 * jp + 1], q_lo[ks], b[2], b[3]);
+          MmaBf16(small[2 * jp + 1], q_lo[ks], b[2], b[3]);
           MmaBf16(score[2 * jp + 1], q_hi[ks], b[2], b[3]);
         }
+      }
+#pragma unroll
+      for (int j = 0; j < kTile / 8; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) score[j][r] += small[j][r];
       }
       float* mine = part_s + warp * kGroupHeads * kScoreStride;
 #pragma unroll
