@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <random>
@@ -217,12 +218,53 @@ TEST_F(GpuModelTest, ExpertAndIndexerChoicesMatchTheCpu) {
   }
 }
 
+// The first position at which two traces take a different discrete decision (an indexer top-k set or a
+// token's experts, compared as sets), and how many rows of each table differ.
+struct ChoiceFlips {
+  int64_t first_row = INT64_MAX;
+  int64_t rows = 0, flipped = 0;
+  double worst_table_fraction = 0;
+};
+ChoiceFlips CompareChoices(const ForwardTrace& a, const ForwardTrace& b) {
+  ChoiceFlips f;
+  for (const auto& [name, ta] : a.tables) {
+    const auto it = b.tables.find(name);
+    if (it == b.tables.end() || it->second.values.size() != ta.values.size() || ta.cols <= 0) {
+      f.first_row = 0;
+      f.worst_table_fraction = 1;
+      continue;
+    }
+    const int64_t cols = ta.cols, rows = static_cast<int64_t>(ta.values.size()) / cols;
+    int64_t flipped = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<int32_t> x(ta.values.begin() + r * cols, ta.values.begin() + (r + 1) * cols);
+      std::vector<int32_t> y(it->second.values.begin() + r * cols, it->second.values.begin() + (r + 1) * cols);
+      std::sort(x.begin(), x.end());
+      std::sort(y.begin(), y.end());
+      if (x != y) {
+        ++flipped;
+        f.first_row = std::min(f.first_row, r);
+      }
+    }
+    f.rows += rows;
+    f.flipped += flipped;
+    f.worst_table_fraction = std::max(f.worst_table_fraction, static_cast<double>(flipped) / std::max<int64_t>(rows, 1));
+  }
+  return f;
+}
+
 // On the GPU itself: prefill then one-token decode steps, and chunked prefill, give the logits of one
-// whole-prompt forward (only GEMM shapes differ, so the tolerance is tight).
+// whole-prompt forward. Only GEMM shapes differ, so up to the first position where a discrete decision
+// flips at a near-tie (an indexer top-k set or an expert set: the GEMMs of other row counts round
+// differently) the tolerance is tight; from there on a flipped choice legitimately moves that position and,
+// through the cache, later ones, so the rest is held to the model tolerance. A chunking bug flips choices on
+// many rows (and moves the logits far), which the bounds on the flipped fraction and on rel-L2 catch.
 TEST_F(GpuModelTest, IncrementalAndChunkedMatchOneForward) {
   auto gpu = Gpu(DenseFormat::kF32);
   const auto ids = Prompt(300, 5);
-  const auto whole = GpuLogits(*gpu, ids, {300});
+  ForwardTrace whole_trace;
+  const auto whole = GpuLogits(*gpu, ids, {300}, &whole_trace);
+  const int64_t vocab = config().vocab_size;
   struct Case {
     const char* name;
     std::vector<int64_t> chunks;  // cycled by Feed
@@ -231,11 +273,22 @@ TEST_F(GpuModelTest, IncrementalAndChunkedMatchOneForward) {
   decode.resize(101, 1);  // then 100 one-token steps
   const std::vector<Case> cases = {{"prefill 200 then decode", decode}, {"chunks 37/64/5", {37, 64, 5}}, {"chunks of 129", {129}}};
   for (const auto& c : cases) {
-    const auto got = GpuLogits(*gpu, ids, c.chunks);
-    const Diff d = Compare(got, whole, config().vocab_size);
-    std::printf("[ same-gpu ] %s: rel-L2 %.3e, argmax agreement %.4f\n", c.name, d.rel_l2, d.argmax_agreement);
-    EXPECT_LE(d.rel_l2, 1e-3) << c.name;
-    EXPECT_GE(d.argmax_agreement, 0.995) << c.name;
+    ForwardTrace trace;
+    const auto got = GpuLogits(*gpu, ids, c.chunks, &trace);
+    const ChoiceFlips flips = CompareChoices(whole_trace, trace);
+    const Diff d = Compare(got, whole, vocab);
+    const int64_t tight_rows = std::min<int64_t>(flips.first_row, d.rows);
+    const Diff before = Compare(std::vector<float>(got.begin(), got.begin() + std::min(got.size(), static_cast<size_t>(tight_rows * vocab))),
+                                std::vector<float>(whole.begin(), whole.begin() + tight_rows * vocab), vocab);
+    std::printf("[ same-gpu ] %s: rel-L2 %.3e, argmax agreement %.4f; %ld/%ld choice rows flipped (first at row %ld), "
+                "rel-L2 %.3e over the %ld rows before\n",
+                c.name, d.rel_l2, d.argmax_agreement, static_cast<long>(flips.flipped), static_cast<long>(flips.rows),
+                static_cast<long>(flips.first_row == INT64_MAX ? -1 : flips.first_row), before.rel_l2,
+                static_cast<long>(tight_rows));
+    EXPECT_LE(flips.worst_table_fraction, 0.02) << c.name;
+    EXPECT_LE(before.rel_l2, 1e-3) << c.name;
+    EXPECT_LE(d.rel_l2, flips.flipped == 0 ? 1e-3 : 2e-2) << c.name;
+    EXPECT_GE(d.argmax_agreement, 0.99) << c.name;
   }
 }
 
