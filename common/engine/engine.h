@@ -66,7 +66,7 @@ struct EngineOptions {
   std::string device = "cpu";  // "cpu" or "cuda" (the forward and the cache pools on that device)
   int cuda_device = 0;
   CudaDense cuda_dense = CudaDense::kBf16x2;  // how the device runs the dense layers (device_backend.h)
-  bool cuda_graphs = false;  // decode steps replay CUDA graphs (--cuda-graphs; off until verified on the GPU)
+  bool cuda_graphs = true;  // decode steps replay CUDA graphs (--cuda-graphs on|off)
   // Test only: on the CPU, keep the PD engine's pools apart from the transport's memory and stage the
   // hand-over through a host copy, as a GPU engine does (so CPU tests cover that path).
   bool test_staged_pools = false;

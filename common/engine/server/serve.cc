@@ -92,7 +92,7 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
        if (graphs.ok()) e.cuda_graphs = *graphs;
        return graphs.ok();
      }, "decode steps on the GPU replay CUDA graphs of their launches: on or off")
-      ->default_str("off")
+      ->default_str("on")
       ->check(CLI::IsMember({"on", "off"}));
   app.add_flag("--test-staged-pools", e.test_staged_pools,
                "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
@@ -113,6 +113,11 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--room-lease", o.room_lease_seconds, "PD: seconds from a room's arrival (queueing included) after which it is aborted; dead peers are caught sooner by --peer-lease")
       ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--pd-late-write-grace", o.late_write_grace_seconds,
+                 "PD decode: seconds the pages of a transfer that ended unclean (prefill's connection lost, abort not "
+                 "acknowledged) stay out of the pool, since a copy prefill had in flight may still land in them; the "
+                 "request itself fails at once. Keep it above --peer-lease")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--test-forced-output-ids", s.forced_output_ids,
                  "TEST ONLY, never in production: comma-separated token ids every request outputs in order "
                  "(the model still runs; stop ids, eos and max tokens still end it; sampling resumes after the list)")
@@ -177,6 +182,12 @@ int RunServer(ServeOptions o, const char* binary) {
     transfer.agent.control.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(o.heartbeat_interval_seconds * 1000));
     transfer.agent.control.lease = std::chrono::milliseconds(static_cast<int64_t>(o.lease_seconds * 1000));
     transfer.agent.room_lease = std::chrono::milliseconds(static_cast<int64_t>(o.room_lease_seconds * 1000));
+    transfer.agent.late_write_grace = std::chrono::milliseconds(static_cast<int64_t>(o.late_write_grace_seconds * 1000));
+    if (o.role == v1::ROLE_DECODE && o.late_write_grace_seconds <= o.lease_seconds) {
+      spdlog::warn("{}: --pd-late-write-grace {} s is not above --peer-lease {} s: a prefill that cannot hear this engine "
+                   "may still write a failed transfer's pages after they are reused",
+                   binary, o.late_write_grace_seconds, o.lease_seconds);
+    }
     // Both legs are dispatched at once; a destination may beat its Generate leg by a loaded moment.
     transfer.agent.unknown_room_grace = std::chrono::milliseconds(10000);
     const EngineRole role = o.engine.role;
