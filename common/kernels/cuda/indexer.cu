@@ -1,6 +1,9 @@
-// The C4 indexer on the GPU: scores score[j] = sum_h w[h] * relu(q[h] . K_j) in f32 (the CPU sums in
-// double, so near-ties may order differently), then an exact top-k per token by a 4-pass radix select
+// The C4 indexer on the GPU: scores score[j] = sum_h w[h] * relu(q[h] . K_j) (the CPU sums in double, so
+// near-ties may order differently): on tensor cores for the V4 shapes (64 heads x 128 dims; q as an f16
+// pair, ~22 bits), else in f32 on the SIMT cores; then an exact top-k per token by a 4-pass radix select
 // on the scores' bits and a bitonic sort of the chosen (score, -index) keys.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,7 +18,9 @@ namespace {
 
 using internal::Fp8ToFloat;
 using internal::kFullMask;
+using internal::LoadMatrixX4;
 using internal::Load4;
+using internal::SharedAddress;
 
 // ---- Scores: one block per (token, 64 keys) ----
 constexpr int kScoreThreads = 256;
@@ -105,6 +110,204 @@ __global__ void __launch_bounds__(kScoreThreads) IndexerScoreKernel(IndexerArgs 
       float score = 0.f;
       for (int w8 = 0; w8 < kScoreWarps; ++w8) score += part_s[w8 * kKeyTile + tid];
       scores[t * a.max_visible + tile0 + tid] = score;
+    }
+  }
+}
+
+// ---- Scores on tensor cores (index_n_heads 64, index_head_dim 128: the V4 shapes) ----
+// Block (key chunk, token): keys as the MMA's M (4 m16 tiles of a 64-key tile), heads as its N (warp w
+// owns heads [16w, 16w + 16): two n8 tiles), dims as K. The keys' e4m3 codes become f16 exactly (no
+// scale: each key's one f32 scale multiplies its dot products after the MMA). q is held in registers as
+// f16 hi + lo after a power-of-two shift per head that puts the head's largest |q| in [2^13, 2^14) (the
+// f16 pair then keeps ~22 bits of every element; the shift goes into the head's weight, as
+// w relu(c x) = c w relu(x) for c > 0).
+namespace tcx {
+constexpr int kHeads = 64, kDim = 128;
+constexpr int kThreads = 128, kWarps = kThreads / 32;
+constexpr int kTile = 64;                    // keys per tile
+constexpr int kRawStride = 144;              // bytes per key in raw_s: 128 codes, the 4 scale bytes, pad
+constexpr int kKeyHalves = kDim + 8;         // f16 per key row of k_s (272 bytes: ldmatrix rows on distinct banks)
+constexpr int kMaxTilesPerBlock = 8;
+static_assert(kHeads == 16 * kWarps, "a warp per 16 heads");
+constexpr size_t kRawBytes = size_t{kTile} * kRawStride;
+constexpr size_t kKeyBytes = size_t{kTile} * kKeyHalves * 2;
+constexpr size_t kSharedBytes = kRawBytes + kKeyBytes + kTile * 4 + size_t{kWarps} * kTile * 4;
+}  // namespace tcx
+
+__device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as an f16 pair hi + lo (x - hi is exact in f32); element 0 in the low half.
+__device__ __forceinline__ void SplitF16x2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(x, y);
+  const float2 back = __half22float2(h);
+  const __half2 l = __floats2half2_rn(x - back.x, y - back.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// Two e4m3 codes (low byte first) as an f16 pair: exact (every e4m3 value is an f16).
+__device__ __forceinline__ uint32_t Fp8PairToF16(uint32_t codes) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes & 0xffffu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | static_cast<uint32_t>(h.y) << 16;
+}
+
+__global__ void __launch_bounds__(tcx::kThreads) IndexerScoreMmaKernel(IndexerArgs a, float* scores, int tiles_per_block) {
+  using tcx::kDim, tcx::kHeads, tcx::kKeyBytes, tcx::kKeyHalves, tcx::kRawBytes, tcx::kRawStride, tcx::kThreads, tcx::kTile,
+      tcx::kWarps;
+  extern __shared__ __align__(16) uint8_t shared[];
+  uint8_t* raw_s = shared;                                            // [key][kRawStride]
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(shared + kRawBytes);    // [key][kKeyHalves] f16
+  float* scale_s = reinterpret_cast<float*>(shared + kRawBytes + kKeyBytes);  // [key]
+  float* part_s = scale_s + kTile;                                    // [warp][key]
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, tq = lane & 3;
+  const int chunk0 = static_cast<int>(blockIdx.x) * tiles_per_block * kTile;
+  for (int64_t t = blockIdx.y; t < a.tokens; t += gridDim.y) {
+    const int n = min(max(a.visible[t], 0), a.max_visible);
+    if (n <= a.topk || chunk0 >= n) continue;  // uniform over the block
+    const int chunk_end = min(n, chunk0 + tiles_per_block * kTile);
+    const uint8_t* const* keys = a.keys + a.key_begin[t];
+
+    // Copies keys [tile0, tile0 + valid) into raw_s: two threads per key, 4-byte cp.async (entries are
+    // 132 bytes apart), the second thread also the scale.
+    const auto issue = [&](int tile0) {
+      const int key = tid >> 1, half = tid & 1;
+      if (tile0 + key < chunk_end) {
+        const uint8_t* entry = keys[tile0 + key];
+        uint8_t* dst = raw_s + key * kRawStride;
+        if ((reinterpret_cast<uintptr_t>(entry) & 3u) == 0) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) internal::CopyAsync4(SharedAddress(dst + 64 * half + 4 * i), entry + 64 * half + 4 * i);
+          if (half) internal::CopyAsync4(SharedAddress(dst + kDim), entry + kDim);
+        } else {
+          for (int i = 0; i < 16; ++i) *reinterpret_cast<uint32_t*>(dst + 64 * half + 4 * i) = Load4(entry + 64 * half + 4 * i);
+          if (half) *reinterpret_cast<uint32_t*>(dst + kDim) = Load4(entry + kDim);
+        }
+      }
+      internal::CopyAsyncCommit();
+    };
+    __syncthreads();  // the previous token's readers are done with shared memory
+    issue(chunk0);
+
+    // q of this warp's heads as B fragments (head 16 warp + 8 nt + g; dims 16 ks + 2 tq (+1, +8, +9)),
+    // shifted per head and split f16 hi + lo; the weights with the shift folded in.
+    uint32_t q_hi[2][kDim / 16][2], q_lo[2][kDim / 16][2];
+    float weight[2];
+    {
+      const float* q = a.q + t * kHeads * kDim;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int h = 16 * warp + 8 * nt + g;
+        float2 v[kDim / 16][2];
+        float top = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < kDim / 16; ++ks) {
+          v[ks][0] = *reinterpret_cast<const float2*>(q + h * kDim + 16 * ks + 2 * tq);
+          v[ks][1] = *reinterpret_cast<const float2*>(q + h * kDim + 16 * ks + 2 * tq + 8);
+          top = fmaxf(top, fmaxf(fmaxf(fabsf(v[ks][0].x), fabsf(v[ks][0].y)), fmaxf(fabsf(v[ks][1].x), fabsf(v[ks][1].y))));
+        }
+        top = fmaxf(top, __shfl_xor_sync(internal::kFullMask, top, 1));
+        top = fmaxf(top, __shfl_xor_sync(internal::kFullMask, top, 2));
+        // 2^shift with top * 2^-shift in [2^13, 2^14); a zero, subnormal or non-finite head keeps 2^0.
+        int shift = 0;
+        if (top >= 1e-30f && top <= 3e38f) shift = ((__float_as_int(top) >> 23) & 0xff) - 127 - 13;
+        const float down = ldexpf(1.0f, -shift);
+        weight[nt] = a.weights[t * kHeads + h] * ldexpf(1.0f, shift);
+#pragma unroll
+        for (int ks = 0; ks < kDim / 16; ++ks) {
+          SplitF16x2(v[ks][0].x * down, v[ks][0].y * down, q_hi[nt][ks][0], q_lo[nt][ks][0]);
+          SplitF16x2(v[ks][1].x * down, v[ks][1].y * down, q_hi[nt][ks][1], q_lo[nt][ks][1]);
+        }
+      }
+    }
+    // Columns 2 tq, 2 tq + 1 of each n8 tile are heads 16 warp + 8 nt + 2 tq (+1): their weights.
+    float w_col[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      w_col[nt][0] = __shfl_sync(internal::kFullMask, weight[nt], (2 * tq) * 4);
+      w_col[nt][1] = __shfl_sync(internal::kFullMask, weight[nt], (2 * tq + 1) * 4);
+    }
+
+    const uint32_t key_base = SharedAddress(k_s);
+    const uint32_t a_address = key_base + ((lane & 15) * kKeyHalves + 8 * (lane >> 4)) * 2;
+    for (int tile0 = chunk0; tile0 < chunk_end; tile0 += kTile) {
+      const int valid = min(kTile, chunk_end - tile0);
+      internal::CopyAsyncWaitAll();
+      __syncthreads();  // raw_s holds the tile; the previous tile's MMAs are done with k_s and part_s
+      // Codes -> f16 rows (zeros past `valid`): a thread per (key, 16 codes), 4 items each.
+      for (int item = tid; item < kTile * (kDim / 16); item += kThreads) {
+        const int key = item / (kDim / 16), c = item % (kDim / 16);
+        uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
+        if (key < valid) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(raw_s + key * kRawStride + 16 * c);
+          lo = make_uint4(Fp8PairToF16(raw.x), Fp8PairToF16(raw.x >> 16), Fp8PairToF16(raw.y), Fp8PairToF16(raw.y >> 16));
+          hi = make_uint4(Fp8PairToF16(raw.z), Fp8PairToF16(raw.z >> 16), Fp8PairToF16(raw.w), Fp8PairToF16(raw.w >> 16));
+        }
+        *reinterpret_cast<uint4*>(k_s + key * kKeyHalves + 16 * c) = lo;
+        *reinterpret_cast<uint4*>(k_s + key * kKeyHalves + 16 * c + 8) = hi;
+        if (c == 0) scale_s[key] = key < valid ? *reinterpret_cast<const float*>(raw_s + key * kRawStride + kDim) : 0.0f;
+      }
+      __syncthreads();  // k_s ready, raw_s free
+      if (tile0 + kTile < chunk_end) issue(tile0 + kTile);
+
+      // acc[m][nt]: keys 16 m + g (+8) x heads 16 warp + 8 nt + 2 tq (+1); hi and lo products apart.
+      float acc[4][2][4], acc_lo[4][2][4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[m][nt][r] = acc_lo[m][nt][r] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < kDim / 16; ++ks) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          uint32_t k_frag[4];
+          LoadMatrixX4(k_frag, a_address + (m * 16 * kKeyHalves + ks * 16) * 2);
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            MmaF16(acc_lo[m][nt], k_frag, q_lo[nt][ks][0], q_lo[nt][ks][1]);
+            MmaF16(acc[m][nt], k_frag, q_hi[nt][ks][0], q_hi[nt][ks][1]);
+          }
+        }
+      }
+      // score partial over this warp's heads: sum of w relu(scale * dot) over 4 heads a thread, then the 4
+      // lanes of a row group.
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int key = 16 * m + g + 8 * half;
+          const float scale = scale_s[key];
+          float sum = 0.0f;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float dot = acc[m][nt][2 * half + e] + acc_lo[m][nt][2 * half + e];
+              sum = fmaf(w_col[nt][e], fmaxf(__fmul_rn(scale, dot), 0.0f), sum);
+            }
+          }
+          sum += __shfl_xor_sync(internal::kFullMask, sum, 1);
+          sum += __shfl_xor_sync(internal::kFullMask, sum, 2);
+          if (tq == 0) part_s[warp * kTile + key] = sum;
+        }
+      }
+      __syncthreads();
+      if (tid < valid) {
+        float score = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) score += part_s[w * kTile + tid];
+        scores[t * a.max_visible + tile0 + tid] = score;
+      }
     }
   }
 }
@@ -249,12 +452,25 @@ absl::Status IndexerTopK(const IndexerArgs& a, void* workspace, size_t workspace
     if ((reinterpret_cast<uintptr_t>(a.q) & 15u) != 0 || (reinterpret_cast<uintptr_t>(workspace) & 3u) != 0) {
       return absl::InvalidArgumentError("IndexerTopK: q must be 16-byte aligned and the workspace 4-byte aligned");
     }
-    const size_t shared = ScoreSharedBytes(a.heads, a.dim);
-    TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(IndexerScoreKernel, shared, "IndexerTopK"));
-    const dim3 grid(static_cast<unsigned>((a.max_visible + kKeyTile - 1) / kKeyTile),
-                    static_cast<unsigned>(std::min<int64_t>(a.tokens, 65535)));
-    IndexerScoreKernel<<<grid, kScoreThreads, shared, stream>>>(a, scores);
-    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("IndexerScoreKernel");
+    if (a.heads == tcx::kHeads && a.dim == tcx::kDim) {
+      // Enough key chunks per token that the blocks about fill the device three deep, up to 8 tiles a block.
+      int device = 0, sms = 0;
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      const int64_t tiles = (a.max_visible + tcx::kTile - 1) / tcx::kTile;
+      const int64_t per_block = std::clamp<int64_t>(tiles * a.tokens / (3 * static_cast<int64_t>(sms)), 1, tcx::kMaxTilesPerBlock);
+      const dim3 grid(static_cast<unsigned>((tiles + per_block - 1) / per_block),
+                      static_cast<unsigned>(std::min<int64_t>(a.tokens, 65535)));
+      IndexerScoreMmaKernel<<<grid, tcx::kThreads, tcx::kSharedBytes, stream>>>(a, scores, static_cast<int>(per_block));
+      TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("IndexerScoreMmaKernel");
+    } else {
+      const size_t shared = ScoreSharedBytes(a.heads, a.dim);
+      TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(IndexerScoreKernel, shared, "IndexerTopK"));
+      const dim3 grid(static_cast<unsigned>((a.max_visible + kKeyTile - 1) / kKeyTile),
+                      static_cast<unsigned>(std::min<int64_t>(a.tokens, 65535)));
+      IndexerScoreKernel<<<grid, kScoreThreads, shared, stream>>>(a, scores);
+      TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("IndexerScoreKernel");
+    }
   }
   int padded = 1;
   while (padded < a.topk) padded *= 2;
