@@ -44,6 +44,14 @@ class DecodeLink {
   // The state arrived and checked out (or failed its checksum: `status` says so); prefill may free it.
   virtual void Acknowledge(uint64_t room, const absl::Status& status) = 0;
   virtual void Abort(uint64_t room, const absl::Status& reason) = 0;
+  // Whether the pages registered for `room` may go to another request: false while the peer may still write
+  // into them (the room is live, or it ended without a clean finish less than a grace ago: a copy started
+  // before the end can land after it). The scheduler keeps a failed request's pages until then. A link whose
+  // writes cannot outlive the room (an in-process copy) keeps the default.
+  virtual bool PagesReusable(uint64_t room) {
+    (void)room;
+    return true;
+  }
 };
 
 // Prefill side: admit rooms that arrived in a Generate call, ship the state as it becomes final.

@@ -108,6 +108,7 @@ void Scheduler::SetRole(EngineRole role, PrefillLink* prefill, DecodeLink* decod
 
 Scheduler::~Scheduler() {
   AbortAll(absl::UnavailableError("engine stopped"));
+  quarantine_.Clear();  // the engine is going: no request takes these pages again
   prefix_cache_.reset();
 }
 
@@ -198,6 +199,7 @@ bool Scheduler::Abort(const std::string& id, const absl::Status& reason) {
     if (seq->request.role == EngineRole::kPrefill) prefill_link_->Abort(seq->request.room.room, reason);
     if (seq->request.role == EngineRole::kDecode) decode_link_->Abort(seq->request.room.room, reason);
   }
+  QuarantineIfWritable(*seq);
   ReleaseState(*seq, /*cache_it=*/false);
   RequestUpdate update;
   update.finished = true;
@@ -233,6 +235,15 @@ void Scheduler::ReleaseState(Sequence& seq, bool cache_it) {
   }
   seq.state->Release();
   seq.state.reset();
+}
+
+// A decode request whose state was still on its way: a copy prefill started before the room ended may land
+// after it, so its pages stay out of the pool until the link says none can (a clean end frees them at once).
+void Scheduler::QuarantineIfWritable(Sequence& seq) {
+  if (seq.request.role != EngineRole::kDecode || !seq.awaiting_state || !seq.state) return;
+  const uint64_t room = seq.request.room.room;
+  if (decode_link_->PagesReusable(room)) return;
+  quarantine_.Hold(room, std::move(seq.state));
 }
 
 absl::StatusOr<bool> Scheduler::Admit(Sequence& seq) {
@@ -320,10 +331,12 @@ void Scheduler::Retract(Sequence* victim) {
 void Scheduler::Fail(Sequence& seq, const absl::Status& status) { Abort(seq.request.id, status); }
 
 bool Scheduler::waiting_on_peer() const {
-  if (!waiting_.empty()) return false;
   for (const auto& seq : running_) {
     if (!seq->awaiting_state && !seq->handoff) return false;
   }
+  // Queued requests the last step could not admit wait on the same answers or on quarantined pages (the link
+  // wakes the engine when those come back).
+  if (!waiting_.empty()) return !quarantine_.empty();
   return !running_.empty();
 }
 
@@ -512,6 +525,7 @@ absl::Status Scheduler::DrawKept(const std::vector<Planned>& plan, KeptDraws* ou
 }
 
 absl::StatusOr<bool> Scheduler::Step() {
+  if (!quarantine_.empty()) quarantine_.ReleaseReusable(*decode_link_);  // before admission: it may need them
   if (idle()) return false;
   const int64_t page = pools_->page_size();
   ServeHandovers();
@@ -563,8 +577,9 @@ absl::StatusOr<bool> Scheduler::Step() {
   }
   if (plan.empty()) {
     ServeHandovers();
-    if (running_.empty() && !waiting_.empty()) {
-      // Validation guarantees a request fits an empty engine; anything else is a bug, not a hang.
+    if (running_.empty() && !waiting_.empty() && quarantine_.empty()) {
+      // Validation guarantees a request fits an empty engine; anything else is a bug, not a hang. (Quarantined
+      // pages come back within the link's grace: the request waits for them instead.)
       Abort(waiting_.front()->request.id,
             absl::ResourceExhaustedError("the request does not fit the engine's pools even when it runs alone"));
       return true;
@@ -667,6 +682,7 @@ SchedulerStats Scheduler::Stats() const {
     stats.awaiting_state += seq->awaiting_state ? 1 : 0;
     stats.handing_over += seq->handoff ? 1 : 0;
   }
+  stats.quarantined_pages = quarantine_.pages();
   if (prefix_cache_) stats.prefix_cached_tokens = prefix_cache_->stats().cached_tokens;
   stats.max_total_tokens = max_context_;
   stats.pools = pools_->Usage();

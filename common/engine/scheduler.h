@@ -1,5 +1,6 @@
 // The continuous-batching scheduler of one engine: admission by free pages, chunked prefill mixed with
-// decode steps, retraction under memory pressure, abort, the prefix cache, and per-request updates.
+// decode steps, retraction under memory pressure, abort, the prefix cache, per-request updates, and (decode
+// role) the quarantine of a failed transfer's pages.
 #pragma once
 
 #include <chrono>
@@ -16,6 +17,7 @@
 #include "common/cache/radix_cache.h"
 #include "common/core/status.h"
 #include "common/engine/disaggregation.h"
+#include "common/engine/page_quarantine.h"
 #include "common/engine/paged_state.h"
 #include "common/engine/sampler.h"
 #include "common/model/forward.h"
@@ -88,6 +90,7 @@ struct SchedulerStats {
   int64_t max_total_tokens = 0;
   int64_t awaiting_state = 0;  // decode role: pages reserved, state in flight from prefill
   int64_t handing_over = 0;    // prefill role: prompt done, shipping or waiting for decode's ack
+  int64_t quarantined_pages = 0;  // decode role: token pages of failed requests prefill may still be writing
   double token_usage = 0;
   std::vector<cache::PoolUsage> pools;
 };
@@ -116,14 +119,15 @@ class Scheduler {
   // One step: admit what fits, run one forward over the batch, sample, emit. Returns false when
   // there was nothing to do. An error (a failed forward) ends every request in the batch with it.
   absl::StatusOr<bool> Step();
-  // True while requests wait only on the other engine (nothing to compute until it answers).
+  // True while requests wait only on the other engine (nothing to compute until it answers, or until
+  // quarantined pages come back for the queued ones).
   bool waiting_on_peer() const;
 
   bool idle() const { return running_.empty() && waiting_.empty(); }
   // Longest prompt + output the pools can hold for one request.
   int64_t max_context_tokens() const { return max_context_; }
   SchedulerStats Stats() const;
-  // Every page of every pool is free or accounted for by a live request or the prefix cache.
+  // Every page of every pool is free or accounted for by a live request, the prefix cache or the quarantine.
   absl::Status CheckAccounting() const { return pools_->CheckAccounting(); }
   cache::RadixCache* prefix_cache() { return prefix_cache_.get(); }
 
@@ -149,6 +153,7 @@ class Scheduler {
   void Emit(Sequence& seq, RequestUpdate update);
   void Finish(Sequence& seq, RequestUpdate update);
   void ReleaseState(Sequence& seq, bool cache_it);
+  void QuarantineIfWritable(Sequence& seq);
   std::unique_ptr<Sequence> Take(const std::string& id);
 
   void Init();
@@ -157,6 +162,7 @@ class Scheduler {
   cache::StatePools* pools_;
   SchedulerOptions options_;
   std::unique_ptr<cache::RadixCache> prefix_cache_;
+  PageQuarantine quarantine_;
   std::vector<int32_t> eos_token_ids_;
   int64_t max_context_ = 0;
   // Running in admission order (the newest is retracted first); waiting in FIFO order, retracted at the front.

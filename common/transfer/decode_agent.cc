@@ -74,6 +74,11 @@ void DecodeAgent::set_on_progress(std::function<void(RoomId)> callback) {
   on_progress_ = std::move(callback);
 }
 
+void DecodeAgent::set_on_pages_reusable(std::function<void(RoomId)> callback) {
+  std::lock_guard lock(mutex_);
+  on_pages_reusable_ = std::move(callback);
+}
+
 void DecodeAgent::set_on_room_transferred(RoomTransferred callback) {
   std::lock_guard lock(mutex_);
   on_room_transferred_ = std::move(callback);
@@ -137,7 +142,16 @@ AgentMetrics DecodeAgent::metrics() const {
     if (r.state == State::kArrived || r.state == State::kVerifying || r.state == State::kCompleted) ++m.transferring_rooms;
   }
   m.connections = connections_.size();
+  const auto now = Now();
+  for (const auto& [room, q] : quarantined_) m.quarantined_rooms += now < q.until ? 1 : 0;
   return m;
+}
+
+bool DecodeAgent::PagesReusable(RoomId room) const {
+  std::lock_guard lock(mutex_);
+  if (rooms_.contains(room)) return false;
+  auto it = quarantined_.find(room);
+  return it == quarantined_.end() || Now() >= it->second.until;
 }
 
 absl::StatusOr<ConnectionId> DecodeAgent::GetConnection(const std::string& host, uint16_t port) {
@@ -224,7 +238,7 @@ absl::Status DecodeAgent::Register(RoomId room, const std::string& host, uint16_
     r.connection = connection;
     r.device_ipc = connections_.at(connection).device_ipc;
     r.destination = std::move(destination);
-    r.registered = Clock::now();
+    r.registered = Now();
     r.deadline = r.registered + options_.room_lease;
   }
   // From here on every failure reaches RoomDone: a failed send closes the connection, which ends the room.
@@ -301,7 +315,7 @@ absl::Status DecodeAgent::Ack(RoomId room) {
     if (on_room_transferred_) {
       uint64_t bytes = 0;
       for (const Segment& s : r.destination) bytes += s.length;
-      deferred.push_back([cb = on_room_transferred_, room, bytes, latency = Clock::now() - r.registered, device = r.device_ipc] {
+      deferred.push_back([cb = on_room_transferred_, room, bytes, latency = Now() - r.registered, device = r.device_ipc] {
         cb(room, bytes, std::chrono::duration_cast<std::chrono::nanoseconds>(latency), device);
       });
     }
@@ -325,7 +339,7 @@ absl::Status DecodeAgent::Abort(RoomId room, std::string_view reason) {
       // Prefill may be writing: keep the pages until it acknowledges.
       r.state = State::kAborting;
       r.abort_status = status;
-      r.abort_deadline = Clock::now() + options_.abort_ack_timeout;
+      r.abort_deadline = Now() + options_.abort_ack_timeout;
     } else {
       EndLocked(room, status, deferred);  // prefill finished writing already
     }
@@ -334,10 +348,12 @@ absl::Status DecodeAgent::Abort(RoomId room, std::string_view reason) {
   return absl::OkStatus();
 }
 
-void DecodeAgent::EndLocked(RoomId room, absl::Status status, Deferred& deferred) {
+void DecodeAgent::EndLocked(RoomId room, absl::Status status, Deferred& deferred, bool peer_may_write) {
   auto it = rooms_.find(room);
   if (it == rooms_.end()) return;
   RoomDone done = std::move(it->second.on_done);
+  // The request fails now (RoomDone below); only its pages wait.
+  if (peer_may_write) quarantined_[room] = Quarantine{it->second.connection, Now() + options_.late_write_grace};
   rooms_.erase(it);
   recent_.Remember(room, status);
   if (status.ok()) {
@@ -347,6 +363,13 @@ void DecodeAgent::EndLocked(RoomId room, absl::Status status, Deferred& deferred
   }
   changed_.notify_all();
   deferred.push_back([done = std::move(done), room, status] { if (done) done(room, status); });
+}
+
+void DecodeAgent::LiftLocked(ConnectionId id, RoomId room, Deferred& deferred) {
+  auto it = quarantined_.find(room);
+  if (it == quarantined_.end() || it->second.connection != id) return;
+  quarantined_.erase(it);
+  if (on_pages_reusable_) deferred.push_back([cb = on_pages_reusable_, room] { cb(room); });
 }
 
 void DecodeAgent::OnFrame(ConnectionId id, FrameType type, std::string_view payload) {
@@ -393,6 +416,8 @@ void DecodeAgent::OnFrame(ConnectionId id, FrameType type, std::string_view payl
                                   ? it->second.abort_status
                                   : absl::AbortedError(absl::StrCat("prefill ended room ", m->room, ": ", m->message));
         EndLocked(m->room, status, deferred);
+      } else {
+        LiftLocked(id, m->room, deferred);  // a room we gave up on: prefill's writes have drained after all
       }
       SendLater(id, FrameType::kAbortAck, Encode(RoomMessage{m->room}), deferred);
       break;
@@ -404,6 +429,8 @@ void DecodeAgent::OnFrame(ConnectionId id, FrameType type, std::string_view payl
       auto it = rooms_.find(m->room);
       if (it != rooms_.end() && it->second.connection == id && it->second.state == State::kAborting) {
         EndLocked(m->room, it->second.abort_status, deferred);
+      } else if (it == rooms_.end()) {
+        LiftLocked(id, m->room, deferred);  // acknowledged after abort_ack_timeout: nothing is in flight now
       }
       break;
     }
@@ -429,13 +456,15 @@ void DecodeAgent::OnClosed(ConnectionId id, const absl::Status& reason) {
       by_address_.erase(c->second.address);
       connections_.erase(c);
     }
-    std::vector<RoomId> affected;
+    std::vector<std::pair<RoomId, bool>> affected;  // and whether prefill may still be writing it
     for (auto& [room, r] : rooms_) {
-      if (r.connection == id && r.state != State::kVerifying) affected.push_back(room);
+      if (r.connection == id && r.state != State::kVerifying) {
+        affected.emplace_back(room, r.state == State::kWaiting || r.state == State::kAborting);
+      }
     }
-    for (RoomId room : affected) {
+    for (auto [room, may_write] : affected) {
       EndLocked(room, absl::UnavailableError(absl::StrCat("room ", room, ": connection to prefill ", address, " lost: ", reason.message())),
-                deferred);
+                deferred, may_write);
     }
   }
   Run(deferred);
@@ -445,7 +474,7 @@ void DecodeAgent::OnTick() {
   Deferred deferred;
   {
     std::lock_guard lock(mutex_);
-    const auto now = Clock::now();
+    const auto now = Now();
     std::vector<RoomId> expired, unacknowledged;
     for (auto& [room, r] : rooms_) {
       if (r.state == State::kAborting) {
@@ -454,7 +483,7 @@ void DecodeAgent::OnTick() {
         expired.push_back(room);
       }
     }
-    for (RoomId room : unacknowledged) EndLocked(room, rooms_.at(room).abort_status, deferred);
+    for (RoomId room : unacknowledged) EndLocked(room, rooms_.at(room).abort_status, deferred, /*peer_may_write=*/true);
     for (RoomId room : expired) {
       Room& r = rooms_.at(room);
       const absl::Status status = absl::DeadlineExceededError(
@@ -467,6 +496,14 @@ void DecodeAgent::OnTick() {
       } else {
         EndLocked(room, status, deferred);
       }
+    }
+    for (auto it = quarantined_.begin(); it != quarantined_.end();) {
+      if (now < it->second.until) {
+        ++it;
+        continue;
+      }
+      if (on_pages_reusable_) deferred.push_back([cb = on_pages_reusable_, room = it->first] { cb(room); });
+      it = quarantined_.erase(it);
     }
   }
   Run(deferred);

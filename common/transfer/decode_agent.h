@@ -2,8 +2,9 @@
 // worker) and the per-room protocol that receives a request's state into pages decode reserved.
 //
 // Calls in order, per room:  Register (connects on first use, sends the destination segments) ->
-// WaitCompletion (first token, payload; the checksum is verified here) -> Ack. RoomDone says when the
-// pages may be freed or reused: after Ack, or once an abort is acknowledged, the peer died, or the lease ran out.
+// WaitCompletion (first token, payload; the checksum is verified here) -> Ack. RoomDone says when the room
+// ended: after Ack, or once an abort is acknowledged, the peer died, or the lease ran out. PagesReusable says
+// when its pages may go to another request: at once after a clean end, late_write_grace after an unclean one.
 #pragma once
 
 #include <condition_variable>
@@ -50,12 +51,21 @@ class DecodeAgent {
   // Tells prefill to stop; RoomDone(ABORTED) runs once prefill acknowledged (no put of its is in flight),
   // or the connection died, or abort_ack_timeout passed.
   absl::Status Abort(RoomId room, std::string_view reason);
+  // Whether no write of prefill's can land in the pages of `room` any more, so they may go to another request:
+  // false while the room is live, and after an end without a clean finish (the connection dropped, or the
+  // abort went unacknowledged) until late_write_grace has passed or prefill acknowledged after all. True for
+  // a room that ended cleanly (ack, acknowledged abort, prefill's own abort or refusal, a completion that
+  // arrived) and for rooms this agent does not know.
+  bool PagesReusable(RoomId room) const;
 
   AgentMetrics metrics() const;
   void set_on_room_transferred(RoomTransferred callback);
   // Called (outside the agent's lock) when something a waiting scheduler polls for arrived for a room:
   // the completion (decode). Lets the engine wake at once instead of on its next poll.
   void set_on_progress(std::function<void(RoomId)> callback);
+  // Called (outside the agent's lock, on the agent's tick or on prefill's late acknowledgement) when the pages
+  // of a room that ended unclean became reusable, so a scheduler holding them can give them back at once.
+  void set_on_pages_reusable(std::function<void(RoomId)> callback);
   size_t connection_count() const;
   // Whether the connection to this prefill worker writes its rooms over device IPC (false if not connected).
   bool device_ipc(const std::string& host, uint16_t port) const;
@@ -80,6 +90,11 @@ class DecodeAgent {
     Handshake prefill;
     bool device_ipc = false;
   };
+  // A room that ended while prefill may still have been writing its pages.
+  struct Quarantine {
+    ConnectionId connection = 0;
+    Clock::time_point until;  // when no write started before the end can still land
+  };
   using Deferred = std::vector<std::function<void()>>;
 
   DecodeAgent(KvTransport* transport, Handshake local, const AgentOptions& options, DecodeDeviceIpc device_ipc);
@@ -89,7 +104,11 @@ class DecodeAgent {
   void OnFrame(ConnectionId id, FrameType type, std::string_view payload);
   void OnClosed(ConnectionId id, const absl::Status& reason);
   void OnTick();
-  void EndLocked(RoomId room, absl::Status status, Deferred& deferred);
+  // `peer_may_write`: the room ends without prefill having said it stopped writing (quarantines its pages).
+  void EndLocked(RoomId room, absl::Status status, Deferred& deferred, bool peer_may_write = false);
+  // Prefill acknowledged a quarantined room after all (ABORT / ABORT_ACK come only once its writes drained).
+  void LiftLocked(ConnectionId id, RoomId room, Deferred& deferred);
+  Clock::time_point Now() const { return options_.clock ? options_.clock() : Clock::now(); }
   void SendLater(ConnectionId id, FrameType type, std::string payload, Deferred& deferred);
   static void Run(Deferred& deferred);
 
@@ -105,10 +124,12 @@ class DecodeAgent {
   std::map<RoomId, Room> rooms_;
   std::map<std::string, ConnectionId> by_address_;
   std::map<ConnectionId, Connection> connections_;
+  std::map<RoomId, Quarantine> quarantined_;  // until their grace passed (the tick drops them)
   RecentOutcomes recent_;  // what the Wait calls report for a room that just ended
   AgentMetrics counters_;
   RoomTransferred on_room_transferred_;
   std::function<void(RoomId)> on_progress_;
+  std::function<void(RoomId)> on_pages_reusable_;
 };
 
 }  // namespace tandem::transfer

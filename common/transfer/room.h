@@ -15,10 +15,12 @@ namespace tandem::transfer {
 
 using RoomId = uint64_t;
 
-// Called exactly once per room whose ExpectRoom/Register returned OK, when the room is over and its pages may
-// be freed: OK after the ack, ABORTED (with the reason, either side's), UNAVAILABLE (peer died or the
-// connection dropped), DEADLINE_EXCEEDED (the room's lease ran out), DATA_LOSS (checksum mismatch, decode).
-// Runs on an agent thread or inside the call that ended the room, never under an agent lock.
+// Called exactly once per room whose ExpectRoom/Register returned OK, when the room is over: OK after the ack,
+// ABORTED (with the reason, either side's), UNAVAILABLE (peer died or the connection dropped), DEADLINE_EXCEEDED
+// (the room's lease ran out), DATA_LOSS (checksum mismatch, decode). Prefill may free its pages then; decode
+// may reuse its pages once DecodeAgent::PagesReusable says so (at once after a clean end, a grace later when
+// the peer may still be writing). Runs on an agent thread or inside the call that ended the room, never under
+// an agent lock.
 using RoomDone = std::function<void(RoomId, const absl::Status&)>;
 
 // What prefill hands decode at the end of a room.
@@ -35,7 +37,17 @@ struct AgentOptions {
   size_t max_pending_destinations = 256;        // prefill: destinations waiting for their Generate leg
   std::chrono::milliseconds unknown_room_grace{2000};  // prefill: how long such a destination may wait
   std::chrono::milliseconds room_lease{60000};  // a room not over by then is aborted (DEADLINE_EXCEEDED)
-  std::chrono::milliseconds abort_ack_timeout{2000};   // decode: wait this long for ABORT_ACK before freeing
+  std::chrono::milliseconds abort_ack_timeout{2000};   // decode: wait this long for ABORT_ACK before ending the room
+  // decode: how long the pages of a room that ended without a clean finish (connection lost, abort not
+  // acknowledged in time) stay out of the pool, because a copy prefill started before it learned of the end
+  // may still land in them (device IPC copies and RDMA puts write decode's memory directly). Safe when it
+  // exceeds the time prefill takes to learn the room is over (at once on the close of the connection; at most
+  // its peer lease, 4 s by default, when it cannot hear decode) plus one chunk's copy (milliseconds at device
+  // bandwidth): 10 s covers the default lease with room for a loaded host. Keep it above --peer-lease.
+  std::chrono::milliseconds late_write_grace{10000};
+  // decode: the clock of room leases, abort deadlines and the late-write grace (empty: Clock::now). Tests
+  // pass a fake one; the connections' heartbeats and leases always run on the real clock.
+  std::function<Clock::time_point()> clock;
   std::chrono::milliseconds connect_timeout{5000};     // decode: TCP connect + handshake
   size_t max_payload_bytes = 64 * 1024;
 };
@@ -53,6 +65,7 @@ struct AgentMetrics {
   uint64_t transferring_rooms = 0;   // prefill: destination known, not complete; decode: completed, not acked
   uint64_t pending_destinations = 0; // prefill
   uint64_t connections = 0;
+  uint64_t quarantined_rooms = 0;    // decode: rooms that ended unclean, their pages held back for late_write_grace
 };
 
 // Called when a room ends well: bytes moved, the time from its first byte on the wire (prefill: first

@@ -12,8 +12,10 @@ import pytest
 from engine_harness import MODELS, Server, free_port, load_stubs
 
 pb, rpc = load_stubs()
+# The late-write grace stays above the peer lease, as in production, but short enough for the tests to wait out.
+LATE_WRITE_GRACE = 3
 PD_FLAGS = ["--deterministic", "--disable-prefix-cache", "--peer-lease", "2", "--heartbeat-interval", "0.5",
-            "--room-lease", "300", "--chunked-prefill-size", "512"]
+            "--room-lease", "300", "--chunked-prefill-size", "512", "--pd-late-write-grace", str(LATE_WRITE_GRACE)]
 _rooms = iter(range(1, 1 << 62))
 
 
@@ -70,9 +72,13 @@ class Pair:
         return out
 
     def expect_all_free(self, *sides):
+        # A failed transfer's decode pages come back after prefill's abort ack, or after the late-write grace.
         for side in sides or ("prefill", "decode"):
             server = getattr(self, side)
             server.wait_idle()
+            deadline = time.time() + LATE_WRITE_GRACE + 10
+            while pools(server) != self.initial[side] and time.time() < deadline:
+                time.sleep(0.05)
             assert pools(server) == self.initial[side], f"{side} did not get every page back"
 
     def stop(self):
@@ -82,6 +88,13 @@ class Pair:
 
 def pools(server):
     return {p.name: p.free for p in server.loads().pools}
+
+
+def quarantined_pages(server):
+    for line in server.metrics().splitlines():
+        if line.startswith("tandem_kv_quarantined_pages{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no tandem_kv_quarantined_pages in /metrics")
 
 
 def code_of(result):
@@ -352,6 +365,10 @@ def test_dropped_bootstrap_connection_fails_both_legs_and_frees_pages():
         join_legs(thread)
         assert code_of(out["decode"]) == grpc.StatusCode.UNAVAILABLE, out["decode"]
         assert code_of(out["prefill"]) == grpc.StatusCode.UNAVAILABLE, out["prefill"]
+        # The request failed at once; prefill may still have been writing its pages, so decode holds them back
+        # for the grace, then gives them back.
+        assert quarantined_pages(pair.decode) > 0
         pair.expect_all_free()
+        assert quarantined_pages(pair.decode) == 0
     finally:
         pair.stop()

@@ -61,6 +61,9 @@ EngineMetrics::EngineMetrics(const std::string& model_name, const std::string& r
                           "decode: requests with pages reserved, state in flight", r).Add(labels_);
   inflight_queue_ = &Make(prometheus::BuildGauge(), "tandem_num_prefill_inflight_queue_reqs",
                           "prefill: prompts done, shipping or awaiting decode's ack", r).Add(labels_);
+  quarantined_pages_ = &Make(prometheus::BuildGauge(), "tandem_kv_quarantined_pages",
+                             "decode: token pages of failed transfers held out of the pool until no late write from "
+                             "prefill can land in them (--pd-late-write-grace)", r).Add(labels_);
   pool_used_ = &Make(prometheus::BuildGauge(), "tandem_cache_pool_used_pages", "pages or slots in use, per state pool", r);
   pool_total_ = &Make(prometheus::BuildGauge(), "tandem_cache_pool_total_pages", "pages or slots, per state pool", r);
 }
@@ -98,6 +101,7 @@ void EngineMetrics::Stages(std::span<const pd_trace::Stage> stages) {
 void EngineMetrics::Refresh(const EngineLoad& load) {
   transfer_queue_->Set(static_cast<double>(load.scheduler.awaiting_state));
   inflight_queue_->Set(static_cast<double>(load.scheduler.handing_over));
+  quarantined_pages_->Set(static_cast<double>(load.scheduler.quarantined_pages));
   if (transfer_stats_) {
     // Mirror the agent's own counters (they only grow).
     const TransferStats stats = transfer_stats_();

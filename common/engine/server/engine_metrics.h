@@ -63,6 +63,7 @@ class EngineMetrics {
   prometheus::Counter* transfer_failures_;
   prometheus::Gauge* transfer_queue_;
   prometheus::Gauge* inflight_queue_;
+  prometheus::Gauge* quarantined_pages_;
   std::function<TransferStats()> transfer_stats_;
   prometheus::Family<prometheus::Gauge>* pool_used_;
   prometheus::Family<prometheus::Gauge>* pool_total_;

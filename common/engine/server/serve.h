@@ -26,6 +26,7 @@ struct ServeOptions {
   double heartbeat_interval_seconds = 1.0;
   double lease_seconds = 4.0;
   double room_lease_seconds = 600.0;
+  double late_write_grace_seconds = 10.0;  // --pd-late-write-grace (decode); transfer::AgentOptions::late_write_grace says why 10
   transfer::PdTransfer pd_transfer = transfer::PdTransfer::kAuto;  // --pd-transfer  // absolute bound per room (queueing included); dead peers go by --peer-lease
   EngineOptions engine;
 };

@@ -437,6 +437,8 @@ class UcxDecodeLink final : public DecodeLink {
       pd_trace::Mark(room, "completion_arrived");
       outcomes_.Wake();
     });
+    // Quarantined pages came free: the scheduler gives them back on its next step, even when idle.
+    agent_->set_on_pages_reusable([this](transfer::RoomId) { outcomes_.Wake(); });
     if (observer) {
       agent_->set_on_room_transferred([observer, staged = staging_.live != nullptr](transfer::RoomId, uint64_t bytes,
                                                                                     std::chrono::nanoseconds latency, bool device_ipc) {
@@ -473,11 +475,17 @@ class UcxDecodeLink final : public DecodeLink {
       outcomes_.Forget(room);
       return absl::StatusOr<Handoff>(failed);
     }
+    // Past here prefill has written everything: a failure ends the room in the agent (cleanly, so its pages
+    // are reusable at once) instead of leaving it live until its lease.
+    auto fail = [&](absl::Status status) {
+      (void)agent_->Abort(room, std::string(status.message()));
+      outcomes_.Forget(room);
+      destinations_.erase(room);
+      return absl::StatusOr<Handoff>(std::move(status));
+    };
     Handoff handoff;
     handoff.first_token = completion->first_token;
-    if (completion->payload.size() != 8) {
-      return absl::StatusOr<Handoff>(absl::DataLossError("prefill's completion carries no engine checksum"));
-    }
+    if (completion->payload.size() != 8) return fail(absl::DataLossError("prefill's completion carries no engine checksum"));
     std::memcpy(&handoff.checksum, completion->payload.data(), 8);
     // The agent checked prefill's checksum over the bytes that landed (WaitCompletion): the live pools
     // themselves, or the host copy that the batch below moves into them (a failed copy is an error, as for any
@@ -491,9 +499,7 @@ class UcxDecodeLink final : public DecodeLink {
       // segments go as one batch of DMA copies, waited for here, on the scheduler thread: the next thing it
       // does is read these pages.
       auto destination = destinations_.find(room);
-      if (destination == destinations_.end()) {
-        return absl::StatusOr<Handoff>(absl::InternalError("staged room completed without its destination"));
-      }
+      if (destination == destinations_.end()) return fail(absl::InternalError("staged room completed without its destination"));
       absl::Status copied;
       for (const auto& segment : destination->second.segments()) {
         if (copied = staging_.ToLive(segment); !copied.ok()) break;
@@ -502,7 +508,7 @@ class UcxDecodeLink final : public DecodeLink {
       if (fence.ok()) copied = (*fence)();
       if (!fence.ok()) copied = fence.status();
       destinations_.erase(destination);
-      if (!copied.ok()) return absl::StatusOr<Handoff>(copied);
+      if (!copied.ok()) return fail(copied);
       pd_trace::Mark(room, "staged");
     }
     return absl::StatusOr<Handoff>(handoff);
@@ -520,6 +526,9 @@ class UcxDecodeLink final : public DecodeLink {
     outcomes_.Forget(room);
     destinations_.erase(room);
   }
+  // Over every path: device IPC copies land in the live pools, and so do RDMA puts into host pools; a staged
+  // room's late put only reaches the host copy, but that copy is the next room's landing place too.
+  bool PagesReusable(uint64_t room) override { return agent_->PagesReusable(room); }
 
  private:
   std::shared_ptr<transfer::KvTransport> transport_;

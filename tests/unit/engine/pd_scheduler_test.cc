@@ -1,9 +1,12 @@
 // A prefill scheduler and a decode scheduler on separate pools, joined by an in-process link that
 // copies segments (the fake of common/transfer for this layer): same tokens as a mixed scheduler,
-// aborts reach the other side, a corrupted byte is caught, and every page comes back on both sides.
+// aborts reach the other side, a corrupted byte is caught, a lost room's pages stay out of the pool while
+// the link says prefill may still write them, and every page comes back on both sides.
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <random>
+#include <set>
 
 #include <gtest/gtest.h>
 
@@ -39,6 +42,8 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
     std::optional<Handoff> handoff;
     std::optional<absl::Status> ack;
     std::optional<absl::Status> aborted_by_decode, aborted_by_prefill;
+    std::optional<absl::Status> lost;  // decode's view: the connection to prefill dropped mid-transfer
+    bool writes_may_land = false;      // PagesReusable answers no (the agent's late-write grace is running)
     int ships = 0;
     const StateManifest* source = nullptr;
   };
@@ -114,6 +119,7 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
   }
   std::optional<absl::StatusOr<Handoff>> Poll(uint64_t room) override {
     Room& r = rooms[room];
+    if (r.lost) return absl::StatusOr<Handoff>(*r.lost);
     if (r.aborted_by_prefill) return absl::StatusOr<Handoff>(*r.aborted_by_prefill);
     if (!r.handoff) return std::nullopt;
     if (link_checksums) {
@@ -130,6 +136,7 @@ class LocalLinks final : public PrefillLink, public DecodeLink {
     return absl::StatusOr<Handoff>(*r.handoff);
   }
   void Acknowledge(uint64_t room, const absl::Status& status) override { rooms[room].ack = status; }
+  bool PagesReusable(uint64_t room) override { return !rooms[room].writes_may_land; }
 
   bool aborting_from_decode_ = false;
 
@@ -152,6 +159,7 @@ class DecodeSide final : public DecodeLink {
     links_->Abort(room, reason);
     links_->aborting_from_decode_ = false;
   }
+  bool PagesReusable(uint64_t room) override { return links_->PagesReusable(room); }
 
  private:
   LocalLinks* links_;
@@ -226,6 +234,20 @@ class PdSchedulerTest : public ::testing::Test {
       EXPECT_TRUE(pools->CheckAccounting().ok());
     }
   }
+
+  // The token pages decode reserved for `room`, as the (pool, offset) of their segments.
+  std::set<std::pair<cache::PoolKind, int64_t>> TokenPagesOf(uint64_t room) {
+    std::set<std::pair<cache::PoolKind, int64_t>> out;
+    const auto& destination = links_->rooms[room].destination;
+    if (!destination) return out;
+    for (const auto& s : destination->segments()) {
+      if (s.pool == cache::PoolKind::kC4Kv || s.pool == cache::PoolKind::kC4Indexer || s.pool == cache::PoolKind::kC128Kv) {
+        out.insert({s.pool, s.offset});
+      }
+    }
+    return out;
+  }
+  int64_t FreeTokenPages() const { return decode_pools_->token_pages().free(); }
 
   std::vector<int32_t> Prompt(int64_t n, uint32_t seed) {
     std::mt19937 rng(seed);
@@ -322,6 +344,70 @@ TEST_F(PdSchedulerTest, AbortOnEitherLegReachesTheOther) {
   EXPECT_NE(seen_["prefill:a"].status.message().find("client went away"), std::string::npos);
   EXPECT_EQ(seen_["decode:b"].status.code(), absl::StatusCode::kAborted);
   EXPECT_NE(seen_["decode:b"].status.message().find("prefill shutting down"), std::string::npos);
+  ExpectAllPagesBack();
+}
+
+TEST_F(PdSchedulerTest, ALostRoomFailsAtOnceAndItsPagesWaitUntilTheLinkSaysNoWriteCanLand) {
+  const int64_t all = FreeTokenPages();
+  ASSERT_TRUE(decode_->Add(Request("lost", EngineRole::kDecode, 61, Prompt(600, 21), 5)).ok());
+  ASSERT_TRUE(decode_->Step().ok());
+  const auto lost_pages = TokenPagesOf(61);
+  ASSERT_FALSE(lost_pages.empty());
+  const int64_t held = all - FreeTokenPages();
+  ASSERT_GT(held, 0);
+  // The connection to prefill drops with a copy of its in flight: the request fails now, its pages stay out.
+  links_->rooms[61].lost = absl::UnavailableError("room 61: connection to prefill lost");
+  links_->rooms[61].writes_may_land = true;
+  ASSERT_TRUE(decode_->Step().ok());
+  ASSERT_TRUE(seen_["decode:lost"].finished);
+  EXPECT_EQ(seen_["decode:lost"].status.code(), absl::StatusCode::kUnavailable) << seen_["decode:lost"].status;
+  EXPECT_EQ(decode_->Stats().quarantined_pages, held);
+  EXPECT_EQ(FreeTokenPages(), all - held);
+  // A new reservation meanwhile gets other pages; its clean end gives them back at once.
+  ASSERT_TRUE(decode_->Add(Request("small", EngineRole::kDecode, 62, Prompt(100, 22), 5)).ok());
+  ASSERT_TRUE(decode_->Step().ok());
+  const auto small_pages = TokenPagesOf(62);
+  ASSERT_FALSE(small_pages.empty());
+  for (const auto& page : small_pages) EXPECT_FALSE(lost_pages.contains(page)) << "a quarantined page was handed out";
+  EXPECT_TRUE(decode_->Abort("small", absl::CancelledError("client went away")));
+  EXPECT_EQ(FreeTokenPages(), all - held);
+  EXPECT_EQ(decode_->Stats().quarantined_pages, held);
+  // A request that needs every page waits for them (it is not failed as too big for the engine).
+  const int64_t page = decode_pools_->page_size();
+  ASSERT_TRUE(decode_->Add(Request("big", EngineRole::kDecode, 63, Prompt(all * page - 5, 23), 5)).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(decode_->Step().ok());
+  EXPECT_FALSE(seen_["decode:big"].finished) << seen_["decode:big"].status;
+  EXPECT_FALSE(links_->rooms[63].destination.has_value());
+  EXPECT_TRUE(decode_->waiting_on_peer());  // the engine polls instead of spinning
+  // The grace is over: the pages come back on the next step, before admission, which hands them out again.
+  links_->rooms[61].writes_may_land = false;
+  ASSERT_TRUE(decode_->Step().ok());
+  EXPECT_EQ(decode_->Stats().quarantined_pages, 0);
+  ASSERT_TRUE(links_->rooms[63].destination.has_value());
+  const auto big_pages = TokenPagesOf(63);
+  EXPECT_TRUE(std::all_of(lost_pages.begin(), lost_pages.end(), [&](const auto& p) { return big_pages.contains(p); }));
+  EXPECT_TRUE(decode_->Abort("big", absl::CancelledError("client went away")));
+  ExpectAllPagesBack();
+}
+
+TEST_F(PdSchedulerTest, AnAbortedTransferKeepsItsPagesUntilThePeerStopped) {
+  const int64_t all = FreeTokenPages();
+  ASSERT_TRUE(decode_->Add(Request("a", EngineRole::kDecode, 71, Prompt(300, 31), 5)).ok());
+  ASSERT_TRUE(decode_->Step().ok());
+  // Prefill has not acknowledged the abort yet: the link still says its writes may land.
+  links_->rooms[71].writes_may_land = true;
+  EXPECT_TRUE(decode_->Abort("a", absl::CancelledError("client went away")));
+  ASSERT_TRUE(seen_["decode:a"].finished);
+  EXPECT_EQ(seen_["decode:a"].status.code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(links_->rooms[71].aborted_by_decode.has_value());
+  EXPECT_GT(decode_->Stats().quarantined_pages, 0);
+  EXPECT_LT(FreeTokenPages(), all);
+  EXPECT_TRUE(decode_->idle());
+  ASSERT_TRUE(decode_->Step().ok());  // still writable: nothing comes back
+  EXPECT_LT(FreeTokenPages(), all);
+  links_->rooms[71].writes_may_land = false;
+  ASSERT_TRUE(decode_->Step().ok());  // an idle engine's step still gives them back
+  EXPECT_EQ(decode_->Stats().quarantined_pages, 0);
   ExpectAllPagesBack();
 }
 

@@ -1,5 +1,5 @@
-// The engine servers' --pd-transfer flag: the three modes parse into ServeOptions (auto by default) and
-// anything else is a CLI error naming the allowed values.
+// The engine servers' PD flags: --pd-transfer's three modes parse into ServeOptions (auto by default) and
+// anything else is a CLI error naming the allowed values; --pd-late-write-grace takes seconds (10 by default).
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -41,6 +41,18 @@ TEST(ServeFlags, PdTransferRefusesOtherValues) {
   const std::string error = Parse({"--pd-transfer", "nccl"}, options);
   EXPECT_NE(error.find("nccl"), std::string::npos) << error;
   EXPECT_NE(error.find("ipc"), std::string::npos) << error;
+}
+
+TEST(ServeFlags, LateWriteGraceDefaultsAboveThePeerLeaseAndRefusesNegatives) {
+  ServeOptions defaults;
+  EXPECT_EQ(Parse({}, defaults), "");
+  EXPECT_EQ(defaults.late_write_grace_seconds, 10.0);
+  EXPECT_GT(defaults.late_write_grace_seconds, defaults.lease_seconds);
+  ServeOptions options;
+  EXPECT_EQ(Parse({"--pd-late-write-grace", "2.5"}, options), "");
+  EXPECT_EQ(options.late_write_grace_seconds, 2.5);
+  ServeOptions negative;
+  EXPECT_NE(Parse({"--pd-late-write-grace", "-1"}, negative), "");
 }
 
 }  // namespace
