@@ -354,15 +354,42 @@ __global__ void __launch_bounds__(kTopKThreads) IndexerTopKKernel(const float* s
       if ((u & mask) == prefix) atomicAdd(&histogram[(u >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (tid == 0) {
-      uint32_t above = 0;
-      int b = 255;
-      for (; b > 0; --b) {
-        if (above + histogram[b] >= need) break;
-        above += histogram[b];
+    if (warp == 0) {
+      // The digit: the largest b with S(b) = sum of histogram[b..255] >= need (S(0) = all entries left, >=
+      // need). Lane l holds bins 8l..8l+7; `above` = the bins of the lanes above it.
+      uint32_t bins[8], mine = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        bins[i] = histogram[8 * lane + i];
+        mine += bins[i];
       }
-      digit_s = static_cast<uint32_t>(b);
-      need_s = need - above;
+      uint32_t suffix = mine;  // inclusive suffix sum over lanes lane..31
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const uint32_t other = __shfl_down_sync(kFullMask, suffix, d);
+        if (lane + d < 32) suffix += other;
+      }
+      const uint32_t above_lane = suffix - mine;
+      int found = -1;
+      uint32_t above_found = 0, s_b = above_lane;
+#pragma unroll
+      for (int i = 7; i >= 0; --i) {
+        const uint32_t above_b = s_b;  // sum of the bins above 8 lane + i
+        s_b += bins[i];
+        if (found < 0 && s_b >= need) {
+          found = 8 * lane + i;
+          above_found = above_b;
+        }
+      }
+      const unsigned lanes = __ballot_sync(kFullMask, found >= 0);
+      const int top_lane = 31 - __clz(lanes);  // the highest bins that reach `need`
+      if (lane == top_lane) {
+        digit_s = static_cast<uint32_t>(found);
+        need_s = need - above_found;
+      } else if (lanes == 0 && lane == 0) {  // cannot happen (S(0) >= need); as the serial scan would: b = 0
+        digit_s = 0;
+        need_s = need - (suffix - bins[0]);
+      }
     }
     __syncthreads();
     prefix |= digit_s << shift;
