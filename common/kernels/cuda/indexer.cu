@@ -2,8 +2,6 @@
 // near-ties may order differently): on tensor cores for the V4 shapes (64 heads x 128 dims; q as an f16
 // pair, ~22 bits), else in f32 on the SIMT cores; then an exact top-k per token by a 4-pass radix select
 // on the scores' bits and a bitonic sort of the chosen (score, -index) keys.
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -18,9 +16,12 @@ namespace {
 
 using internal::Fp8ToFloat;
 using internal::kFullMask;
+using internal::Fp8PairToF16;
 using internal::LoadMatrixX4;
+using internal::MmaF16;
 using internal::Load4;
 using internal::SharedAddress;
+using internal::SplitF16x2;
 
 // ---- Scores: one block per (token, 64 keys) ----
 constexpr int kScoreThreads = 256;
@@ -133,29 +134,6 @@ constexpr size_t kRawBytes = size_t{kTile} * kRawStride;
 constexpr size_t kKeyBytes = size_t{kTile} * kKeyHalves * 2;
 constexpr size_t kSharedBytes = kRawBytes + kKeyBytes + kTile * 4 + size_t{kWarps} * kTile * 4;
 }  // namespace tcx
-
-__device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as an f16 pair hi + lo (x - hi is exact in f32); element 0 in the low half.
-__device__ __forceinline__ void SplitF16x2(float x, float y, uint32_t& hi, uint32_t& lo) {
-  const __half2 h = __floats2half2_rn(x, y);
-  const float2 back = __half22float2(h);
-  const __half2 l = __floats2half2_rn(x - back.x, y - back.y);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
-}
-
-// Two e4m3 codes (low byte first) as an f16 pair: exact (every e4m3 value is an f16).
-__device__ __forceinline__ uint32_t Fp8PairToF16(uint32_t codes) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes & 0xffffu), __NV_E4M3);
-  return static_cast<uint32_t>(h.x) | static_cast<uint32_t>(h.y) << 16;
-}
 
 __global__ void __launch_bounds__(tcx::kThreads) IndexerScoreMmaKernel(IndexerArgs a, float* scores, int tiles_per_block) {
   using tcx::kDim, tcx::kHeads, tcx::kKeyBytes, tcx::kKeyHalves, tcx::kRawBytes, tcx::kRawStride, tcx::kThreads, tcx::kTile,
