@@ -215,6 +215,13 @@ absl::Status DecodeAgent::Register(RoomId room, const std::string& host, uint16_
       ++counters_.rooms_refused;
       return absl::AlreadyExistsError(absl::StrCat("room ", room, " is already live on this decode worker"));
     }
+    // An id whose earlier room is still quarantined: a late ack for the old room would lift the new one's
+    // quarantine (and the reverse), so the id waits until the old one's grace is over.
+    if (const auto q = quarantined_.find(room); q != quarantined_.end() && Now() < q->second.until) {
+      ++counters_.rooms_refused;
+      return absl::AlreadyExistsError(
+          absl::StrCat("room ", room, " ended uncleanly moments ago and its pages are still held; use a new room id"));
+    }
     if (rooms_.size() >= options_.max_rooms) {
       ++counters_.rooms_refused;
       return absl::ResourceExhaustedError(absl::StrCat("room table full (", options_.max_rooms, " live rooms)"));

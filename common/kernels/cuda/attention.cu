@@ -506,8 +506,8 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
   const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
 
   // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate, thread sub
-  // the 16-byte chunks sub + 4 j (cp.async when aligned, else loads and a plain store that the next
-  // barrier publishes), thread 0 of the candidate its 8 scale bytes.
+  // the 16-byte chunks sub + 4 j (cp.async of 16 or 8 bytes as the entry is aligned, else loads and a plain
+  // store that the next barrier publishes), thread 0 of the candidate its 8 scale bytes.
   const auto ref_of = [&](int i) {
     return i < n_window ? p.window[window_begin + i]
                         : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
@@ -525,6 +525,14 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
       if ((reinterpret_cast<uintptr_t>(ref.data) & 15u) == 0) {
 #pragma unroll
         for (int j = 0; j < kChunksPerThread; ++j) CopyAsync16(SharedAddress(dst + 16 * (sub + 4 * j)), ref.data + 16 * (sub + 4 * j));
+      } else if ((reinterpret_cast<uintptr_t>(ref.data) & 7u) == 0) {
+        // 8-byte aligned (interleaved 584-byte entries: a sequence state's window, a chunk's fresh entries).
+#pragma unroll
+        for (int j = 0; j < kChunksPerThread; ++j) {
+          const int offset = 16 * (sub + 4 * j);
+          CopyAsync8(SharedAddress(dst + offset), ref.data + offset);
+          CopyAsync8(SharedAddress(dst + offset + 8), ref.data + offset + 8);
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < kChunksPerThread; ++j) {

@@ -46,7 +46,15 @@ absl::Status GraphCache::Run(const std::vector<int64_t>& signature, cudaStream_t
 
 absl::Status GraphCache::Capture(Entry& entry, cudaStream_t stream, const std::function<absl::Status()>& enqueue) {
   // Thread-local mode: other threads of the process (pool copies, transfers) may keep calling CUDA.
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  if (const cudaError_t began = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal); began != cudaSuccess) {
+    (void)cudaGetLastError();
+    entry.uncapturable = true;
+    ++stats_.capture_failures;
+    ++stats_.eager;
+    spdlog::warn("CUDA graph capture of a forward step could not begin ({}): that step shape runs without a graph",
+                 cudaGetErrorString(began));
+    return enqueue();
+  }
   const absl::Status launched = enqueue();
   cudaGraph_t graph = nullptr;
   const cudaError_t ended = cudaStreamEndCapture(stream, &graph);  // always, so the stream leaves capture mode

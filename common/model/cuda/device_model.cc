@@ -138,8 +138,8 @@ class TableBuffer {
   absl::Status Reserve(size_t bytes, cudaStream_t stream) {
     if (bytes <= capacity_) return absl::OkStatus();
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    const size_t want = AlignUp(std::max(bytes, capacity_ * 2), size_t{1} << 16);  // before Free() zeroes capacity_
     Free();
-    const size_t want = AlignUp(std::max(bytes, capacity_ * 2), size_t{1} << 16);
     TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&device_, want));
     TANDEM_CUDA_RETURN_IF_ERROR(cudaMallocHost(&host_, want));
     capacity_ = want;

@@ -184,6 +184,9 @@ TEST_F(LateWriteTest, ConnectionLostMidCopyFailsAtOnceAndHoldsThePagesForTheGrac
   clock_.Advance(kGrace - 1ms);
   EXPECT_FALSE(decode_->PagesReusable(1));
   EXPECT_EQ(decode_->metrics().quarantined_rooms, 1u);
+  // The id stays taken while quarantined: a new room under it would share the old one's quarantine entry.
+  const absl::Status reused = decode_->Register(1, "127.0.0.1", prefill_->port(), Dest(), decode_done_.Callback());
+  EXPECT_EQ(reused.code(), absl::StatusCode::kAlreadyExists) << reused;
   clock_.Advance(1ms);
   EXPECT_TRUE(decode_->PagesReusable(1));
   EXPECT_EQ(decode_->metrics().quarantined_rooms, 0u);
