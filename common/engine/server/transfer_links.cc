@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/engine/pd_trace.h"
+#include "common/engine/server/room_outcomes.h"
 #include "common/transfer/checksum.h"
 #include "common/transfer/decode_agent.h"
 #include "common/transfer/handshake.h"
@@ -192,37 +193,6 @@ std::string EncodeChecksum(uint64_t value) {
   std::memcpy(out.data(), &value, 8);
   return out;
 }
-
-// Room outcomes reported by the agents' RoomDone callbacks, read by the scheduler's polls.
-class Outcomes {
- public:
-  explicit Outcomes(std::function<void()> wake) : wake_(std::move(wake)) {}
-  transfer::RoomDone Callback() {
-    return [this](transfer::RoomId room, const absl::Status& status) {
-      {
-        std::lock_guard lock(mutex_);
-        done_[room] = status;
-      }
-      wake_();
-    };
-  }
-  std::optional<absl::Status> Find(uint64_t room) {
-    std::lock_guard lock(mutex_);
-    auto it = done_.find(room);
-    if (it == done_.end()) return std::nullopt;
-    return it->second;
-  }
-  void Forget(uint64_t room) {
-    std::lock_guard lock(mutex_);
-    done_.erase(room);
-  }
-  void Wake() { wake_(); }
-
- private:
-  std::function<void()> wake_;
-  std::mutex mutex_;
-  std::map<uint64_t, absl::Status> done_;
-};
 
 // The prefill side. Ship only queues work and returns: on the scheduler thread it enqueues the chunk's
 // staging copies (device pools: live -> host copy) and a fence, and hands the chunk's runs to this link's
@@ -413,7 +383,7 @@ class UcxPrefillLink final : public PrefillLink {
   std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
   Staging staging_;
-  Outcomes outcomes_;
+  RoomOutcomes outcomes_;
   std::unique_ptr<transfer::PrefillAgent> agent_;
   std::map<uint64_t, const StateManifest*> sources_;  // scheduler thread only
   uint64_t corrupt_room_ = 0;                         // shipping thread only
@@ -534,7 +504,7 @@ class UcxDecodeLink final : public DecodeLink {
   std::shared_ptr<transfer::KvTransport> transport_;
   RegisteredPools pools_;
   Staging staging_;
-  Outcomes outcomes_;
+  RoomOutcomes outcomes_;
   std::unique_ptr<transfer::DecodeAgent> agent_;
   std::map<uint64_t, StateManifest> destinations_;  // staged rooms: where their bytes go in the live pools
 };
