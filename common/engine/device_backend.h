@@ -33,11 +33,14 @@ enum class CudaDense { kBf16x2, kBf16, kF32 };
 absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name);
 // --cuda-graphs: "on" (decode steps replay CUDA graphs of their launches) or "off".
 absl::StatusOr<bool> ParseCudaGraphs(std::string_view name);
+// --cuda-attention: "f32" (f32-exact products; false) or "bf16" (q and the softmax probabilities rounded to
+// bf16, f32 sums, all 64 heads from one read of each cache entry; true).
+absl::StatusOr<bool> ParseCudaAttention(std::string_view name);
 
 // Uploads `weights` to CUDA device `device` and prepares its pool memory. graphs: decode steps replay CUDA
-// graphs (model::cuda::DeviceModelOptions::graphs).
+// graphs (model::cuda::DeviceModelOptions::graphs); attention_bf16: DeviceModelOptions::attention_bf16.
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              CudaDense dense, bool graphs = false);
+                                              CudaDense dense, bool graphs = false, bool attention_bf16 = false);
 
 // The PD staging of a --device cuda engine (staging.h): its host copy of the pools page-locked, so the copies
 // to and from it are DMA and asynchronous. PinHostMemory page-locks `bytes` at `base` (memory the transport

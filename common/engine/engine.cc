@@ -26,6 +26,12 @@ absl::StatusOr<bool> ParseCudaGraphs(std::string_view name) {
   if (name == "off") return false;
   return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs ", std::string(name), ": expected on or off"));
 }
+
+absl::StatusOr<bool> ParseCudaAttention(std::string_view name) {
+  if (name == "f32") return false;
+  if (name == "bf16") return true;
+  return absl::InvalidArgumentError(absl::StrCat("--cuda-attention ", std::string(name), ": expected f32 or bf16"));
+}
 namespace {
 
 int64_t PhysicalMemoryBytes() {
@@ -67,7 +73,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   int64_t device_memory = 0, device_weights = 0;
   if (options.device == "cuda") {
     TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device,
-                                                                   options.cuda_dense, options.cuda_graphs));
+                                                                   options.cuda_dense, options.cuda_graphs,
+                                                                   options.cuda_attention_bf16));
     spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}", options.cuda_device, backend.device_name,
                  static_cast<double>(backend.weight_bytes) / (1 << 30),
                  options.cuda_graphs ? "; decode steps replay CUDA graphs" : "");

@@ -440,6 +440,17 @@ void SetSplitWorkspace(Args& a, void* workspace, size_t bytes) {
   (void)a, (void)workspace, (void)bytes;
 }
 
+// SparseAttentionArgs::math where the API has it (bf16: AttentionMath::kBf16).
+template <typename Args>
+constexpr bool HasAttentionMath() {
+  return requires(Args a) { a.math; };
+}
+template <typename Args>
+void SetAttentionMath(Args& a, bool bf16) {
+  if constexpr (HasAttentionMath<Args>()) a.math = bf16 ? decltype(a.math)::kBf16 : decltype(a.math)::kF32;
+  (void)a, (void)bf16;
+}
+
 // SparseAttention. Decode: every token is its own request at position context-1 and reads its 128-entry
 // window ring (one SWA page, ring order) and 512 random entries of its context/4 compressed ones (pages of
 // 64, shuffled over the pool). Prefill: one request's 8192 tokens, token p reading the window
@@ -534,19 +545,29 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
     a.o = set.o.get();
     return a;
   };
-  const size_t workspace_bytes = SplitWorkspaceBytes(args(sets[0]));
-  auto workspace = Alloc<uint8_t>(workspace_bytes);
-  std::fprintf(stderr, "  sparse_attention T=%lld ctx=%lld: split-KV workspace %zu bytes\n", static_cast<long long>(T),
-               static_cast<long long>(context), workspace_bytes);
-  const Timing timing = bench.Time([&](int i) {
-    SparseAttentionArgs a = args(sets[static_cast<size_t>(i % copies)]);
-    SetSplitWorkspace(a, workspace_bytes > 0 ? workspace.get() : nullptr, workspace_bytes);
-    return SparseAttention(a, s);
-  });
-  Check(cudaDeviceSynchronize(), "sparse attention");
-  CheckFinite(sets[0].o.get(), sets[0].o.size(), "sparse_attention");
   const double entries = prefill ? static_cast<double>(window_entries + compressed_entries) : candidates;
-  Add(rows, "sparse_attention", T, context, timing, entries * E + 8.0 * qn, candidates * kHeads * kHeadDim * 4.0);
+  // Both maths of the API (f32-exact, and bf16 q and probabilities where the API has them), same inputs.
+  const auto run = [&](const char* name, bool bf16) {
+    const auto with_math = [&](const Set& set) {
+      SparseAttentionArgs a = args(set);
+      SetAttentionMath(a, bf16);
+      return a;
+    };
+    const size_t workspace_bytes = SplitWorkspaceBytes(with_math(sets[0]));
+    auto workspace = Alloc<uint8_t>(workspace_bytes);
+    std::fprintf(stderr, "  %s T=%lld ctx=%lld: split-KV workspace %zu bytes\n", name, static_cast<long long>(T),
+                 static_cast<long long>(context), workspace_bytes);
+    const Timing timing = bench.Time([&](int i) {
+      SparseAttentionArgs a = with_math(sets[static_cast<size_t>(i % copies)]);
+      SetSplitWorkspace(a, workspace_bytes > 0 ? workspace.get() : nullptr, workspace_bytes);
+      return SparseAttention(a, s);
+    });
+    Check(cudaDeviceSynchronize(), name);
+    CheckFinite(sets[0].o.get(), sets[0].o.size(), name);
+    Add(rows, name, T, context, timing, entries * E + 8.0 * qn, candidates * kHeads * kHeadDim * 4.0);
+  };
+  run("sparse_attention", false);
+  if (HasAttentionMath<SparseAttentionArgs>()) run("sparse_attention_bf16", true);
 }
 
 // 65536 indexer keys quantized on the host (128 e4m3 codes + f32 scale each, from N(0, 1) values), repeated

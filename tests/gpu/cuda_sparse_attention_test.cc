@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/core/dtype.h"
 #include "common/kernels/cuda/cuda_attention.h"
 #include "common/kernels/kernels.h"
 #include "tests/gpu/attention_test_util.h"
@@ -211,6 +212,7 @@ struct AttentionCase {
   bool split = false;       // pass the workspace SparseAttentionWorkspaceBytes asks for (poisoned)
   size_t pool_offset = 0;   // 1: every entry misaligned (the kernels' byte-wise fallback)
   KvFormat format = {};     // 448 + 64 runs on the tensor cores; any other the scalar kernel
+  cuda::AttentionMath math = cuda::AttentionMath::kF32;  // kBf16: 64 heads a block when heads % 64 == 0
 };
 
 void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
@@ -291,6 +293,7 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
   args.q = device_q.get();
   args.sink = device_sink.get();
   args.scale = scale;
+  args.math = c.math;
   args.window = device_window.get();
   args.window_begin = device_window_begin.get();
   args.window_count = device_window_count.get();
@@ -314,7 +317,12 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
   TANDEM_ASSERT_OK(Sync());
   const auto gpu = ToHost(device_o);
 
-  // attention.cc: f32 dots, double softmax with the sink in the denominator only.
+  // attention.cc: f32 dots, double softmax with the sink in the denominator only. bf16 math rounds q to bf16
+  // first (the reference takes the rounded q; what remains is the bf16 probabilities and the order of sums).
+  const bool bf16 = c.math == cuda::AttentionMath::kBf16 && format.nope_dim == 448 && format.rope_dim == 64;
+  if (bf16) {
+    for (float& v : q) v = RoundBf16(v);
+  }
   std::vector<float> cpu(q.size());
   for (int64_t t = 0; t < tokens; ++t) {
     const auto& cand = candidates[t];
@@ -345,6 +353,12 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c) {
         }
       }
     }
+  }
+  if (bf16) {
+    // Each probability rounded to bf16 (2^-9 relative) before PV, the denominator summed in f32: ~1e-3.
+    EXPECT_TRUE(AllClose(gpu, cpu, 2e-3, 1e-2));
+    EXPECT_LT(RelativeL2(gpu, cpu), 4e-3);
+    return;
   }
   // f32 dots in another order and an f32 online softmax against double sums: ~1e-6 relative.
   EXPECT_TRUE(AllClose(gpu, cpu, 2e-5, 2e-4));
@@ -416,6 +430,37 @@ TEST_F(CudaTest, SparseAttentionMisaligned) {
   split.name = "misaligned split";
   split.split = true;
   CheckAttention(rng_, split);
+}
+
+// bf16 math (AttentionMath::kBf16): the 64-head kernel for 64 and 128 heads (one and two groups), the 16-head
+// kernel's bf16 form for 20 and 4 heads; window-only, all compressed, selected rows with -1 between, splits
+// (empty ones too), a heavy sink and misaligned entries. q comes in unrounded: the kernel rounds it.
+TEST_F(CudaTest, SparseAttentionBf16Math) {
+  const auto bf16 = [](AttentionCase c, bool split = false) {
+    c.math = cuda::AttentionMath::kBf16;
+    c.split = split;
+    return c;
+  };
+  CheckAttention(rng_, bf16({"bf16 flash window", 64, {1, 37, 128, 128, 0, 64}}));
+  CheckAttention(rng_, bf16({"bf16 flash C4", 64, {128, 128, 50, 0, 128}, Compressed::kSelected, {512, 100, 511, 0, 0}, 512}));
+  CheckAttention(rng_, bf16({"bf16 flash C4 scattered", 64, {128, 3}, Compressed::kSelected, {300, 17}, 512, true}));
+  CheckAttention(rng_, bf16({"bf16 flash C128", 64, {128, 20, 128, 0, 128}, Compressed::kAll, {0, 5, 300, 0, 33}}));
+  CheckAttention(rng_, bf16({"bf16 split flash C4", 64, {128}, Compressed::kSelected, {512}, 512}, true));
+  CheckAttention(rng_, bf16({"bf16 split few candidates", 64, {3, 0, 1}}, true));
+  CheckAttention(rng_, bf16({"bf16 split C128", 64, {128, 0, 7, 128}, Compressed::kAll, {900, 0, 1, 33}}, true));
+  CheckAttention(rng_, bf16({"bf16 128 heads", 128, {128, 9}, Compressed::kSelected, {512, 40}, 512, true}));
+  CheckAttention(rng_, bf16({"bf16 128 heads split", 128, {128, 9}, Compressed::kSelected, {512, 40}, 512, true}, true));
+  CheckAttention(rng_, bf16({"bf16 20 heads", 20, {128, 7, 33}, Compressed::kSelected, {16, 3, 0}, 16, true}));
+  CheckAttention(rng_, bf16({"bf16 20 heads split", 20, {128, 7, 33}, Compressed::kSelected, {16, 3, 0}, 16, true}, true));
+  CheckAttention(rng_, bf16({"bf16 tiny C4", 4, {1, 16, 128}, Compressed::kSelected, {16, 3, 0}, 16, true}));
+  CheckAttention(rng_, bf16({"bf16 heavy sink", 64, {128, 3, 60}, Compressed::kAll, {64, 0, 200}, 0, false, 3.0f, 4.0f, 3.0f}));
+  CheckAttention(rng_, bf16({"bf16 heavy sink split", 64, {128, 3}, Compressed::kAll, {64, 0}, 0, false, 3.0f, 4.0f, 3.0f}, true));
+  AttentionCase misaligned = bf16({"bf16 misaligned", 64, {128, 40}, Compressed::kSelected, {512, 9}, 512, true});
+  misaligned.pool_offset = 1;
+  CheckAttention(rng_, misaligned);
+  misaligned.name = "bf16 misaligned split";
+  misaligned.split = true;
+  CheckAttention(rng_, misaligned);
 }
 
 }  // namespace

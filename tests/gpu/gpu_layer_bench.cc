@@ -1,6 +1,7 @@
 // The whole-layer GPU benchmark on the flash-layer checkpoint (one DSV4 layer with exact V4-Flash shapes):
 // decode steps at batch 1/16/64/256 over contexts of 4k and 32k tokens (batches up to 64 also as CUDA graph
-// replays, kind decode-graphs), and an 8k-token prefill, timed wall-clock around DeviceModel::ForwardLayers
+// replays, kind decode-graphs; all eagerly with --cuda-attention bf16 too, kind decode-attn-bf16), and an
+// 8k-token prefill (bf16x2, bf16, bf16 with bf16 attention), timed wall-clock around DeviceModel::ForwardLayers
 // (what a serving step costs, host table building included). The same run measures the device-to-device copy bandwidth, and each decode row reports the
 // bytes a step must at least read (weights it touches + the KV it attends + the indexer keys it scores)
 // as a fraction of that ceiling.
@@ -333,13 +334,36 @@ int main(int argc, char** argv) {
         csv << "decode-graphs," << batch << "," << context << "," << batch << "," << graph_ms << ","
             << batch / (graph_ms * 1e-3) << "," << bytes << "," << graph_fraction << "," << copy_bw / 1e9 << "\n";
       }
+      // The same steps with --cuda-attention bf16 (eager; the attention's share shows in its profile).
+      {
+        gpu.SetAttentionBf16(true);
+        for (int i = 0; i < kWarmup; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+        const auto b0 = Clock::now();
+        for (int i = 0; i < kSteps; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+        const double bf16_ms = std::chrono::duration<double, std::milli>(Clock::now() - b0).count() / kSteps;
+        gpu.SetProfiling(true);
+        for (int i = 0; i < kProfiled; ++i) BENCH_CHECK(gpu.ForwardLayers(chunk_list));
+        gpu.SetProfiling(false);
+        gpu.SetAttentionBf16(false);
+        for (const auto& [op, total] : gpu.TakeProfile()) {
+          if (op.find("sparse attention") == std::string::npos) continue;
+          profile << batch << "," << context << ",\"" << op << " (bf16 math)\"," << total / kProfiled << "\n";
+          std::printf("    %-48s %8.3f ms\n", (op + " (bf16 math)").c_str(), total / kProfiled);
+        }
+        std::printf("decode  B=%4ld ctx=%6ld: %8.3f ms/step  %9.0f tok/s  with bf16 attention (%.2fx)\n",
+                    static_cast<long>(batch), static_cast<long>(context), bf16_ms, batch / (bf16_ms * 1e-3), ms / bf16_ms);
+        csv << "decode-attn-bf16," << batch << "," << context << "," << batch << "," << bf16_ms << ","
+            << batch / (bf16_ms * 1e-3) << "," << bytes << "," << bytes / (bf16_ms * 1e-3) / copy_bw << ","
+            << copy_bw / 1e9 << "\n";
+      }
     }
   }
-  // Prefill in the default format (bf16x2: two bf16 GEMMs per dense layer at this size) and in plain bf16
-  // (one; an opt-in mode), each in a model of its own.
+  // Prefill in the default format (bf16x2: two bf16 GEMMs per dense layer at this size), in plain bf16
+  // (one; an opt-in mode, in a model of its own), and in plain bf16 with bf16 attention math.
   std::unique_ptr<model::cuda::DeviceModel> plain;
-  for (const bool split : {true, false}) {
-    if (!split) {
+  for (const char* kind : {"prefill", "prefill-bf16", "prefill-bf16-attn-bf16"}) {
+    const bool split = std::string(kind) == "prefill";
+    if (!split && !plain) {
       model::cuda::DeviceModelOptions options;
       options.dense = model::cuda::DenseFormat::kBf16;
       auto made = model::cuda::DeviceModel::Create(weights, options);
@@ -347,7 +371,7 @@ int main(int argc, char** argv) {
       plain = std::move(*made);
     }
     auto& gpu = split ? **created : *plain;
-    const char* kind = split ? "prefill" : "prefill-bf16";
+    gpu.SetAttentionBf16(std::string(kind) == "prefill-bf16-attn-bf16");
     const int64_t tokens = 8192;
     auto state = model::cuda::DeviceSequenceState::Create(c, tokens, false);
     BENCH_CHECK(state.status());

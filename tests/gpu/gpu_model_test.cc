@@ -117,10 +117,11 @@ class GpuModelTest : public ::testing::Test {
   }
   const ModelConfig& config() { return Tiny()->config; }
 
-  std::unique_ptr<DeviceModel> Gpu(DenseFormat dense, int64_t prefill_expert_pairs = 2048) {
+  std::unique_ptr<DeviceModel> Gpu(DenseFormat dense, int64_t prefill_expert_pairs = 2048, bool attention_bf16 = false) {
     cuda::DeviceModelOptions options;
     options.dense = dense;
     options.prefill_expert_pairs = prefill_expert_pairs;
+    options.attention_bf16 = attention_bf16;
     auto model = DeviceModel::Create(Tiny(), options);
     if (!model.ok()) throw std::runtime_error(model.status().ToString());
     return std::move(*model);
@@ -171,6 +172,26 @@ TEST_F(GpuModelTest, WholeModelMatchesTheCpu) {
     std::printf("[ parity   ] %s: argmax agreement %.4f over all %.0f positions\n", name, agreeing / rows, rows);
     EXPECT_GE(agreeing / rows, bound) << name;
   }
+}
+
+// --cuda-attention bf16 (q and the probabilities rounded to bf16) with the default dense format: the issue's
+// bounds still hold. Prefill (one forward) and decode (token by token after a prompt) both.
+TEST_F(GpuModelTest, Bf16AttentionMatchesTheCpu) {
+  auto gpu = Gpu(DenseFormat::kBf16x2, 2048, /*attention_bf16=*/true);
+  double agreeing = 0, rows = 0;
+  for (const int64_t n : {7, 130, 300, 600}) {
+    const auto ids = Prompt(n, static_cast<uint32_t>(n) + 2000);
+    const auto cpu = CpuLogits(ids);
+    for (const bool decode : {false, true}) {
+      const Diff d = Compare(GpuLogits(*gpu, ids, {decode ? 1 : n}), cpu, config().vocab_size);
+      std::printf("[ bf16 attn] %s T=%ld: rel-L2 %.3e, argmax agreement %.4f\n", decode ? "decode " : "prefill",
+                  static_cast<long>(n), d.rel_l2, d.argmax_agreement);
+      EXPECT_LE(d.rel_l2, 2e-2) << (decode ? "decode" : "prefill") << " T=" << n;
+      agreeing += d.argmax_agreement * d.rows;
+      rows += d.rows;
+    }
+  }
+  EXPECT_GE(agreeing / rows, 0.99);
 }
 
 // The prefill path of the routed experts (bf16 cuBLASLt per expert, x split hi + lo) forced on at every size.

@@ -18,8 +18,10 @@ def read(path):
 
 
 def main(out):
-    ours = {(int(r["batch"]), int(r["context"])): float(r["ms"]) for r in read(os.path.join(out, "gpu-layer.csv"))
-            if r["kind"] == "decode"}
+    layer = read(os.path.join(out, "gpu-layer.csv"))
+    ours = {(int(r["batch"]), int(r["context"])): float(r["ms"]) for r in layer if r["kind"] == "decode"}
+    # --cuda-attention bf16 steps (runs from before it have none)
+    bf16 = {(int(r["batch"]), int(r["context"])): float(r["ms"]) for r in layer if r["kind"] == "decode-attn-bf16"}
     torch_path = os.path.join(out, "torch-layer.csv")
     torch = {}
     if os.path.exists(torch_path):
@@ -29,9 +31,13 @@ def main(out):
     labels = [f"B={b}\nctx={c // 1024}k" for b, c in points]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     x = range(len(points))
-    ax.bar([i - 0.2 for i in x], [ours[p] for p in points], 0.4, label="tandem CUDA")
+    width = 0.27 if bf16 else 0.4
+    ax.bar([i - width / 2 - (width / 2 if bf16 else 0) for i in x], [ours[p] for p in points], width, label="tandem CUDA")
+    if bf16:
+        ax.bar(list(x), [bf16.get(p, 0) for p in points], width, label="tandem CUDA, --cuda-attention bf16")
     if torch:
-        ax.bar([i + 0.2 for i in x], [torch.get(p, 0) for p in points], 0.4, label="PyTorch eager")
+        ax.bar([i + width / 2 + (width / 2 if bf16 else 0) for i in x], [torch.get(p, 0) for p in points], width,
+               label="PyTorch eager")
         for i, p in enumerate(points):
             if p in torch:
                 ax.annotate(f"{torch[p] / ours[p]:.1f}x", (i, max(ours[p], torch[p])), ha="center", va="bottom")
@@ -47,7 +53,7 @@ def main(out):
     profile_path = os.path.join(out, "gpu-layer-profile.csv")
     if not os.path.exists(profile_path):
         return
-    rows = [r for r in read(profile_path) if not r["batch"].startswith("prefill")]
+    rows = [r for r in read(profile_path) if not r["batch"].startswith("prefill") and "(bf16 math)" not in r["op"]]
     ops = sorted({r["op"] for r in rows})
     keys = sorted({(int(r["batch"]), int(r["context"])) for r in rows}, key=lambda p: (p[1], p[0]))
     table = {(int(r["batch"]), int(r["context"]), r["op"]): float(r["ms_per_step"]) for r in rows}

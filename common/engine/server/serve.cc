@@ -94,6 +94,14 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
      }, "decode steps on the GPU replay CUDA graphs of their launches: on or off")
       ->default_str("on")
       ->check(CLI::IsMember({"on", "off"}));
+  app.add_option("--cuda-attention", [&e](const std::vector<std::string>& v) {
+       auto bf16 = ParseCudaAttention(v.front());
+       if (bf16.ok()) e.cuda_attention_bf16 = *bf16;
+       return bf16.ok();
+     }, "sparse attention on the GPU: f32 (f32-exact products; default) or bf16 (q and the softmax probabilities "
+        "rounded to bf16 as in the reference model, one read of each cache entry for all 64 heads: faster)")
+      ->default_str("f32")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_flag("--test-staged-pools", e.test_staged_pools,
                "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
                "with --device cuda");

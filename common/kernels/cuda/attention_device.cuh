@@ -182,6 +182,12 @@ __device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Two floats as one bf16 pair (round to nearest even), element 0 in the low half.
+__device__ __forceinline__ uint32_t PackBf16x2(float x, float y) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
 // Two floats as bf16 pairs hi + lo with x ~ hi + lo to ~2^-17 relative (x - hi is exact in f32): two
 // bf16 products then carry an f32 operand to nearly f32 accuracy. Element 0 in the low half.
 __device__ __forceinline__ void SplitBf16x2(float x, float y, uint32_t& hi, uint32_t& lo) {

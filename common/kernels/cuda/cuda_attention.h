@@ -83,6 +83,16 @@ size_t IndexerWorkspaceBytes(int64_t tokens, int64_t max_visible);
 absl::Status IndexerTopK(const IndexerArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
 
 // ---- Sparse MQA over window + compressed entries with the sink ----
+// How the DSV4 entry's products run on the tensor cores (other formats always run f32):
+enum class AttentionMath {
+  // f32-exact: q and the softmax probabilities enter the MMAs as three and two bf16 pieces (~1e-6 relative
+  // to an f32 reference; five MMA passes).
+  kF32,
+  // q and the probabilities rounded to bf16 once (the reference model's q is bf16; FlashMLA feeds bf16 P),
+  // f32 scores, softmax and accumulation: ~2^-9 relative per weight, two MMA passes, and 64 heads a block.
+  kBf16,
+};
+
 struct SparseAttentionArgs {
   KvFormat format;
   int64_t tokens = 0;
@@ -90,6 +100,7 @@ struct SparseAttentionArgs {
   const float* q = nullptr;     // [tokens, heads, format.dim()]
   const float* sink = nullptr;  // [heads]: joins the softmax denominator only
   float scale = 1.0f;           // 1 / sqrt(head_dim)
+  AttentionMath math = AttentionMath::kF32;
   // Window candidates of token t: window[window_begin[t] .. + window_count[t]).
   const KvRef* window = nullptr;
   const int64_t* window_begin = nullptr;
@@ -112,7 +123,7 @@ struct SparseAttentionArgs {
 // denominator; no candidates gives 0.
 absl::Status SparseAttention(const SparseAttentionArgs& args, cudaStream_t stream = nullptr);
 // Workspace for the split that SparseAttention would choose for these args on the current device
-// (0: no split pays). Reads only format, tokens, heads, compressed, selected and topk; the pointers may
+// (0: no split pays). Reads only format, tokens, heads, math, compressed, selected and topk; the pointers may
 // still be null. Grows with tokens x heads until the batch fills the device: at most ~9 MB on an H200.
 size_t SparseAttentionWorkspaceBytes(const SparseAttentionArgs& args);
 

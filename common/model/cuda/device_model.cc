@@ -922,10 +922,12 @@ struct DeviceModel::Impl {
     const int32_t* d_ids = tables.at<const int32_t>(t_ids);
     // Split-KV scratch when the batch leaves SMs idle (small decode batches): the most any layer's split
     // needs (it depends on the token count and the layer's kind only), taken before any launch.
+    const kc::AttentionMath attention_math = options.attention_bf16 ? kc::AttentionMath::kBf16 : kc::AttentionMath::kF32;
     size_t attention_workspace_bytes = 0;
     for (const Layer& L : run_layers) {
       kc::SparseAttentionArgs probe;
       probe.format = format;
+      probe.math = attention_math;
       probe.tokens = T;
       probe.heads = H;
       if (L.spec.compress_ratio > 0) probe.compressed = d_compressed;
@@ -1033,6 +1035,7 @@ struct DeviceModel::Impl {
         at.q = s.q;
         at.sink = L.sink;
         at.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+        at.math = attention_math;
         at.window = d_window;
         at.window_begin = tables.at<const int64_t>(t_window_begin);
         at.window_count = tables.at<const int32_t>(t_window_count);
@@ -1163,7 +1166,7 @@ struct DeviceModel::Impl {
       graph_signature.clear();
       auto& sig = graph_signature;
       sig.insert(sig.end(), {int64_t{head_too}, int64_t{draft}, int64_t{first}, T, rows_out,
-                             static_cast<int64_t>(chunks.size())});
+                             static_cast<int64_t>(chunks.size()), int64_t{attention_math == kc::AttentionMath::kBf16}});
       for (const auto& chunk : chunks) sig.push_back(chunk.count);
       for (const LayerTables& lt : layer_tables) {
         sig.insert(sig.end(), {lt.window_runs, lt.ring_runs, lt.ring_count, lt.compressed_runs, lt.key_runs,
@@ -1298,6 +1301,7 @@ absl::Status DeviceModel::ForwardLayers(std::span<const SequenceChunk> batch) {
 
 void DeviceModel::SetProfiling(bool on) { impl_->options.profile = on; }
 void DeviceModel::SetGraphs(bool on) { impl_->options.graphs = on; }
+void DeviceModel::SetAttentionBf16(bool on) { impl_->options.attention_bf16 = on; }
 GraphStats DeviceModel::graph_stats() const { return impl_->graphs.stats(); }
 std::map<std::string, double> DeviceModel::TakeProfile() { return std::exchange(impl_->profile_ms, {}); }
 

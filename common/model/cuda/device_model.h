@@ -31,6 +31,9 @@ enum class DenseFormat {
 
 struct DeviceModelOptions {
   DenseFormat dense = DenseFormat::kBf16x2;
+  // Sparse attention with q and the probabilities rounded to bf16 (kernels::cuda::AttentionMath::kBf16: the
+  // 64-head kernel, ~2^-9 relative per weight); false: f32-exact products (AttentionMath::kF32).
+  bool attention_bf16 = false;
   int device = 0;
   // From this many (token, expert) pairs in one forward, the routed experts run as per-expert bf16
   // cuBLASLt GEMMs (weights dequantized on the fly) instead of the GEMV kernel over the packed weights.
@@ -90,6 +93,8 @@ class DeviceModel {
   // Turns the CUDA graphs of decode steps on or off (DeviceModelOptions::graphs); graphs already captured
   // are kept for when they are on again.
   void SetGraphs(bool on);
+  // Switches DeviceModelOptions::attention_bf16 (part of a graph's signature: each math has its graphs).
+  void SetAttentionBf16(bool on);
   // Counts of the steps since creation: captured, replayed, run eagerly (device_graphs.h).
   GraphStats graph_stats() const;
   // Milliseconds per op group summed over the forwards since the last call (profile mode only).

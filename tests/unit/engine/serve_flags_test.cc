@@ -1,5 +1,6 @@
 // The engine servers' PD flags: --pd-transfer's three modes parse into ServeOptions (auto by default) and
-// anything else is a CLI error naming the allowed values; --pd-late-write-grace takes seconds (10 by default).
+// anything else is a CLI error naming the allowed values; --pd-late-write-grace takes seconds (10 by default);
+// the GPU's precision and graph flags parse into the engine options.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -53,6 +54,24 @@ TEST(ServeFlags, LateWriteGraceDefaultsAboveThePeerLeaseAndRefusesNegatives) {
   EXPECT_EQ(options.late_write_grace_seconds, 2.5);
   ServeOptions negative;
   EXPECT_NE(Parse({"--pd-late-write-grace", "-1"}, negative), "");
+}
+
+TEST(ServeFlags, CudaAttentionDefaultsToF32AndParsesBf16) {
+  ServeOptions defaults;
+  EXPECT_EQ(Parse({}, defaults), "");
+  EXPECT_FALSE(defaults.engine.cuda_attention_bf16);
+  EXPECT_TRUE(defaults.engine.cuda_graphs);
+  ServeOptions bf16;
+  EXPECT_EQ(Parse({"--cuda-attention", "bf16", "--cuda-graphs", "off"}, bf16), "");
+  EXPECT_TRUE(bf16.engine.cuda_attention_bf16);
+  EXPECT_FALSE(bf16.engine.cuda_graphs);
+  ServeOptions f32;
+  EXPECT_EQ(Parse({"--cuda-attention", "f32"}, f32), "");
+  EXPECT_FALSE(f32.engine.cuda_attention_bf16);
+  ServeOptions bad;
+  const std::string error = Parse({"--cuda-attention", "fp8"}, bad);
+  EXPECT_NE(error.find("fp8"), std::string::npos) << error;
+  EXPECT_FALSE(bad.engine.cuda_attention_bf16);
 }
 
 }  // namespace
