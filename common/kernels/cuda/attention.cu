@@ -462,11 +462,11 @@ absl::StatusOr<int64_t> PlannedSplits(const SparseAttentionArgs& a, const Attent
   const int64_t units = a.tokens * HeadGroups(a.heads, launch);
   if (a.tokens * a.heads > 0x7fffffff || units >= 0x7fffffff / kMaxSplits) return 1;
   TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(launch.kernel, launch.shared, "SparseAttention"));
-  int device = 0, sms = 0, per_sm = 0;
+  int device = 0, sms = 0;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  TANDEM_CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, launch.kernel, launch.threads, launch.shared));
+  TANDEM_ASSIGN_OR_RETURN(const int per_sm, internal::BlocksPerSm(reinterpret_cast<const void*>(launch.kernel),
+                                                                  launch.threads, launch.shared));
   const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);
   return std::clamp<int64_t>(slots / units, 1, kMaxSplits);
 }

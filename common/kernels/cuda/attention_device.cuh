@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/kernels/cuda/check.h"
+#include "common/kernels/cuda/device_info.h"
 
 namespace tandem::kernels::cuda::internal {
 
@@ -237,24 +238,11 @@ __device__ __forceinline__ uint32_t Fp8PairToF16(uint32_t codes) {
   return static_cast<uint32_t>(h.x) | static_cast<uint32_t>(h.y) << 16;
 }
 
-// Lets `kernel` use up to the device's opt-in maximum of dynamic shared memory (always the same value, so
-// concurrent callers never race each other into a smaller limit) and checks that `bytes` fits.
+// Lets `kernel` use up to the device's opt-in maximum of dynamic shared memory and checks that `bytes` fits
+// (device_info.h: set and measured once per device and kernel).
 template <typename Kernel>
 absl::Status AllowSharedMemory(Kernel kernel, size_t bytes, const char* name) {
-  if (bytes <= 48 * 1024) return absl::OkStatus();
-  int device = 0, optin = 0;
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cudaFuncAttributes attributes{};
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
-  const size_t limit = static_cast<size_t>(optin) - attributes.sharedSizeBytes;
-  if (bytes > limit) {
-    return absl::InvalidArgumentError(absl::StrCat(name, ": needs ", bytes, " bytes of shared memory, the device allows ",
-                                                   limit));
-  }
-  TANDEM_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
-  return absl::OkStatus();
+  return AllowSharedMemoryFor(reinterpret_cast<const void*>(kernel), bytes, name);
 }
 
 }  // namespace tandem::kernels::cuda::internal

@@ -60,6 +60,7 @@ absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* 
 // within ~1e-5 of the f32 sums); the rest, every FP8 expert and small batches through the f32 kernels. Off: everything through the f32 kernels (process-wide; for A/B comparisons in
 // tests and benchmarks).
 void SetGroupedLinearTensorCores(bool on);
+bool GroupedLinearTensorCores();  // the switch above (part of a decode step's CUDA graph signature)
 // The expert FFN's first half in one pass over x: h[r, :] = SwiGlu(x_r . dequant(W1_e)^T, x_r . dequant(W3_e)^T,
 // limit) (SwiGlu below), bit-identical to GroupedQuantizedLinear into a and b followed by SwiGlu. w1 and w3:
 // same format and shape; h [offsets[E], out] f32.

@@ -999,6 +999,7 @@ absl::Status MoeGroup(const int32_t* chosen, int64_t tokens, int64_t k, int64_t 
 }
 
 void SetGroupedLinearTensorCores(bool on) { g_grouped_mma.store(on, std::memory_order_relaxed); }
+bool GroupedLinearTensorCores() { return g_grouped_mma.load(std::memory_order_relaxed); }
 
 absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* x, const int32_t* gather,
                                     const int64_t* offsets, int64_t max_rows_per_expert, float* y, cudaStream_t stream) {
