@@ -547,13 +547,14 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
   };
   const double entries = prefill ? static_cast<double>(window_entries + compressed_entries) : candidates;
   // Both maths of the API (f32-exact, and bf16 q and probabilities where the API has them), same inputs.
-  const auto run = [&](const char* name, bool bf16) {
+  // unsplit: no workspace even where a split would be planned (what the split's partial traffic costs).
+  const auto run = [&](const char* name, bool bf16, bool unsplit = false) {
     const auto with_math = [&](const Set& set) {
       SparseAttentionArgs a = args(set);
       SetAttentionMath(a, bf16);
       return a;
     };
-    const size_t workspace_bytes = SplitWorkspaceBytes(with_math(sets[0]));
+    const size_t workspace_bytes = unsplit ? 0 : SplitWorkspaceBytes(with_math(sets[0]));
     auto workspace = Alloc<uint8_t>(workspace_bytes);
     std::fprintf(stderr, "  %s T=%lld ctx=%lld: split-KV workspace %zu bytes\n", name, static_cast<long long>(T),
                  static_cast<long long>(context), workspace_bytes);
@@ -567,7 +568,12 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
     Add(rows, name, T, context, timing, entries * E + 8.0 * qn, candidates * kHeads * kHeadDim * 4.0);
   };
   run("sparse_attention", false);
-  if (HasAttentionMath<SparseAttentionArgs>()) run("sparse_attention_bf16", true);
+  if (HasAttentionMath<SparseAttentionArgs>()) {
+    run("sparse_attention_bf16", true);
+    SparseAttentionArgs probe = args(sets[0]);
+    SetAttentionMath(probe, true);
+    if (!prefill && SplitWorkspaceBytes(probe) > 0) run("sparse_attention_bf16_unsplit", true, true);
+  }
 }
 
 // 65536 indexer keys quantized on the host (128 e4m3 codes + f32 scale each, from N(0, 1) values), repeated
