@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -569,10 +570,16 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
   };
   run("sparse_attention", false);
   if (HasAttentionMath<SparseAttentionArgs>()) {
+    // bf16 on the 64-head kernel and on the 16-head one, both forced at every token count.
+    const int64_t saved = WideAttentionMinTokens();
+    SetWideAttentionMinTokens(0);
     run("sparse_attention_bf16", true);
     SparseAttentionArgs probe = args(sets[0]);
     SetAttentionMath(probe, true);
     if (!prefill && SplitWorkspaceBytes(probe) > 0) run("sparse_attention_bf16_unsplit", true, true);
+    SetWideAttentionMinTokens(std::numeric_limits<int64_t>::max());
+    run("sparse_attention_bf16_16heads", true);
+    SetWideAttentionMinTokens(saved);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "common/kernels/cuda/attention_device.cuh"
@@ -437,12 +438,18 @@ absl::Status CheckSparseAttention(const SparseAttentionArgs& a) {
   return absl::OkStatus();
 }
 
+std::atomic<int64_t> g_wide_min_tokens{8};
+
 // The kernel that serves these args: the DSV4 entry on the tensor cores (64 heads a block for bf16 math
-// when the heads come in 64s, else 16), any other format on the scalar f32 kernel.
+// when the heads come in 64s and the batch has enough tokens, else 16), any other format on the scalar f32
+// kernel.
 AttentionLaunch ChooseAttentionKernel(const SparseAttentionArgs& a) {
   const int64_t selected_slots = a.compressed && a.selected ? a.topk : 0;
   if (a.format.nope_dim == 448 && a.format.rope_dim == 64) {
-    if (a.math == AttentionMath::kBf16 && a.heads % 64 == 0) return internal::WideAttentionLaunch(selected_slots);
+    if (a.math == AttentionMath::kBf16 && a.heads % 64 == 0 &&
+        a.tokens >= g_wide_min_tokens.load(std::memory_order_relaxed)) {
+      return internal::WideAttentionLaunch(selected_slots);
+    }
     return internal::MmaAttentionLaunch(a.math == AttentionMath::kF32, selected_slots);
   }
   return {SparseAttentionKernel, "launch of SparseAttentionKernel", kThreads, kGroupHeads, AttentionSharedBytes(selected_slots)};
@@ -472,6 +479,9 @@ absl::StatusOr<int64_t> PlannedSplits(const SparseAttentionArgs& a, const Attent
 }
 
 }  // namespace
+
+void SetWideAttentionMinTokens(int64_t tokens) { g_wide_min_tokens.store(tokens, std::memory_order_relaxed); }
+int64_t WideAttentionMinTokens() { return g_wide_min_tokens.load(std::memory_order_relaxed); }
 
 size_t SparseAttentionWorkspaceBytes(const SparseAttentionArgs& a) {
   if (a.tokens <= 0 || !CheckAttentionShape(a).ok()) return 0;

@@ -122,6 +122,12 @@ struct SparseAttentionArgs {
 // o[t,h] = sum_k softmax_k(s) * v_k with s_k = (q[t,h] . v_k) * scale and exp(sink[h]) added to the
 // denominator; no candidates gives 0.
 absl::Status SparseAttention(const SparseAttentionArgs& args, cudaStream_t stream = nullptr);
+// bf16 math with heads in 64s runs the 64-head kernel from this many tokens on (default 8), the 16-head one
+// below: a decode batch of a few tokens has too few candidate tiles to spread 64-head blocks over the SMs.
+// 0: always the 64-head kernel; INT64_MAX: never (process-wide; for A/B comparisons in tests and benchmarks;
+// part of a decode step's CUDA graph signature).
+void SetWideAttentionMinTokens(int64_t tokens);
+int64_t WideAttentionMinTokens();
 // Workspace for the split that SparseAttention would choose for these args on the current device
 // (0: no split pays). Reads only format, tokens, heads, math, compressed, selected and topk; the pointers may
 // still be null. Grows with tokens x heads until the batch fills the device: at most ~9 MB on an H200.
