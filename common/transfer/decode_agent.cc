@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 #include "common/transfer/checksum.h"
@@ -26,6 +28,8 @@ absl::StatusOr<std::unique_ptr<DecodeAgent>> DecodeAgent::Create(KvTransport* tr
     return absl::InvalidArgumentError("decode device IPC needs a device checksum");
   }
   if (device_ipc.local && device_ipc.mode != PdTransfer::kStaged) local.capabilities |= kCapabilityDeviceIpc;
+  local.capabilities |= kCapabilityPeerLease;  // ask for prefill's lease; ours stays off the HELLO (handshake.h)
+  local.lease_ms = 0;
   std::unique_ptr<DecodeAgent> agent(new DecodeAgent(transport, std::move(local), options, std::move(device_ipc)));
   DecodeAgent* self = agent.get();
   ControlLoop::Handlers handlers;
@@ -154,6 +158,11 @@ bool DecodeAgent::PagesReusable(RoomId room) const {
   return it == quarantined_.end() || Now() >= it->second.until;
 }
 
+std::chrono::milliseconds DecodeAgent::LateWriteHold(std::chrono::milliseconds grace, uint32_t prefill_lease_ms) {
+  if (prefill_lease_ms == 0) return grace;
+  return std::max(grace, std::chrono::milliseconds(prefill_lease_ms) + kLateWriteCopyMargin);
+}
+
 absl::StatusOr<ConnectionId> DecodeAgent::GetConnection(const std::string& host, uint16_t port) {
   const std::string address = absl::StrCat(host, ":", port);
   std::lock_guard connect_lock(connect_mutex_);
@@ -195,10 +204,21 @@ absl::StatusOr<ConnectionId> DecodeAgent::GetConnection(const std::string& host,
   }
   absl::StatusOr<bool> device_ipc = NegotiateDeviceIpc(*fd, address, *prefill, deadline);
   if (!device_ipc.ok()) return close_with(device_ipc.status());
+  const std::chrono::milliseconds hold = LateWriteHold(options_.late_write_grace, prefill->lease_ms);
+  auto seconds = [](std::chrono::milliseconds d) { return std::chrono::duration<double>(d).count(); };
+  if (prefill->lease_ms == 0) {
+    spdlog::info("PD transfer with prefill {}: it does not advertise its peer lease (older build): pages of a "
+                 "transfer that ends unclean are held for --pd-late-write-grace, {} s", address, seconds(hold));
+  } else if (hold > options_.late_write_grace) {
+    spdlog::warn("PD transfer with prefill {}: --pd-late-write-grace {} s is below its peer lease {} s + {} s for a "
+                 "copy in flight; holding the pages of a transfer that ends unclean {} s",
+                 address, seconds(options_.late_write_grace), seconds(std::chrono::milliseconds(prefill->lease_ms)),
+                 seconds(kLateWriteCopyMargin), seconds(hold));
+  }
   // Adopt under mutex_ so on_closed for this connection cannot run before it is in the tables.
   std::lock_guard lock(mutex_);
   const ConnectionId id = loop_->Adopt(*fd);
-  connections_[id] = Connection{address, std::move(*prefill), *device_ipc};
+  connections_[id] = Connection{address, std::move(*prefill), *device_ipc, hold};
   by_address_[address] = id;
   return id;
 }
@@ -244,6 +264,7 @@ absl::Status DecodeAgent::Register(RoomId room, const std::string& host, uint16_
     r.on_done = std::move(on_done);
     r.connection = connection;
     r.device_ipc = connections_.at(connection).device_ipc;
+    r.late_write_hold = connections_.at(connection).late_write_hold;
     r.destination = std::move(destination);
     r.registered = Now();
     r.deadline = r.registered + options_.room_lease;
@@ -360,7 +381,7 @@ void DecodeAgent::EndLocked(RoomId room, absl::Status status, Deferred& deferred
   if (it == rooms_.end()) return;
   RoomDone done = std::move(it->second.on_done);
   // The request fails now (RoomDone below); only its pages wait.
-  if (peer_may_write) quarantined_[room] = Quarantine{it->second.connection, Now() + options_.late_write_grace};
+  if (peer_may_write) quarantined_[room] = Quarantine{it->second.connection, Now() + it->second.late_write_hold};
   rooms_.erase(it);
   recent_.Remember(room, status);
   if (status.ok()) {

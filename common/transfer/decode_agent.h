@@ -4,7 +4,7 @@
 // Calls in order, per room:  Register (connects on first use, sends the destination segments) ->
 // WaitCompletion (first token, payload; the checksum is verified here) -> Ack. RoomDone says when the room
 // ended: after Ack, or once an abort is acknowledged, the peer died, or the lease ran out. PagesReusable says
-// when its pages may go to another request: at once after a clean end, late_write_grace after an unclean one.
+// when its pages may go to another request: at once after a clean end, LateWriteHold after an unclean one.
 #pragma once
 
 #include <condition_variable>
@@ -53,10 +53,14 @@ class DecodeAgent {
   absl::Status Abort(RoomId room, std::string_view reason);
   // Whether no write of prefill's can land in the pages of `room` any more, so they may go to another request:
   // false while the room is live, and after an end without a clean finish (the connection dropped, or the
-  // abort went unacknowledged) until late_write_grace has passed or prefill acknowledged after all. True for
+  // abort went unacknowledged) until LateWriteHold has passed or prefill acknowledged after all. True for
   // a room that ended cleanly (ack, acknowledged abort, prefill's own abort or refusal, a completion that
   // arrived) and for rooms this agent does not know.
   bool PagesReusable(RoomId room) const;
+  // How long an unclean room's pages stay out of the pool, for a prefill that advertised `prefill_lease_ms`
+  // (0: unknown, an older prefill): `grace`, or the prefill's lease + kLateWriteCopyMargin when that is longer,
+  // since prefill keeps writing until its lease on decode runs out.
+  static std::chrono::milliseconds LateWriteHold(std::chrono::milliseconds grace, uint32_t prefill_lease_ms);
 
   AgentMetrics metrics() const;
   void set_on_room_transferred(RoomTransferred callback);
@@ -77,6 +81,7 @@ class DecodeAgent {
     RoomDone on_done;
     ConnectionId connection = 0;
     bool device_ipc = false;  // its connection writes over device IPC: verify over the device pools
+    std::chrono::milliseconds late_write_hold{0};  // its connection's LateWriteHold
     std::vector<Segment> destination;
     Clock::time_point registered;
     Clock::time_point deadline;
@@ -89,11 +94,12 @@ class DecodeAgent {
     std::string address;  // host:port
     Handshake prefill;
     bool device_ipc = false;
+    std::chrono::milliseconds late_write_hold{0};
   };
   // A room that ended while prefill may still have been writing its pages.
   struct Quarantine {
     ConnectionId connection = 0;
-    Clock::time_point until;  // when no write started before the end can still land
+    Clock::time_point until;  // when no write started before the end can still land (end + late_write_hold)
   };
   using Deferred = std::vector<std::function<void()>>;
 

@@ -11,6 +11,7 @@ std::string CapabilityNames(uint64_t bits) {
   if (bits & kCapabilityAbortAck) names.push_back("abort_ack");
   if (bits & kCapabilityChunkedShip) names.push_back("chunked_ship");
   if (bits & kCapabilityDeviceIpc) names.push_back("device_ipc");
+  if (bits & kCapabilityPeerLease) names.push_back("peer_lease");
   return names.empty() ? "none" : absl::StrJoin(names, ",");
 }
 

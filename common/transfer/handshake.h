@@ -17,6 +17,10 @@ inline constexpr uint64_t kCapabilityAbortAck = 1ull << 1;     // ABORT is answe
 inline constexpr uint64_t kCapabilityChunkedShip = 1ull << 2;  // many puts per room before COMPLETE
 // Optional: decode offers its device pools over CUDA IPC; prefill answers with it to ask for them (device_ipc.h).
 inline constexpr uint64_t kCapabilityDeviceIpc = 1ull << 3;
+// Optional: decode offers it in HELLO to say it reads Handshake::lease_ms; prefill then answers with the bit and
+// its peer lease, which sets how long decode quarantines an unclean room's pages (DecodeAgent::LateWriteHold).
+// The HELLO itself carries no lease: an older prefill would refuse the trailing field.
+inline constexpr uint64_t kCapabilityPeerLease = 1ull << 4;
 inline constexpr uint64_t kRequiredCapabilities = kCapabilityChecksum | kCapabilityAbortAck | kCapabilityChunkedShip;
 
 // A handshake with this build's version and capabilities, for the caller to fill descriptor and layout hash.

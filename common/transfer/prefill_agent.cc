@@ -1,5 +1,7 @@
 #include "common/transfer/prefill_agent.h"
 
+#include <algorithm>
+
 #include "common/transfer/handshake.h"
 
 #include <spdlog/spdlog.h>
@@ -421,6 +423,7 @@ void PrefillAgent::OnHello(ConnectionId id, std::string_view payload) {
   // Device IPC: decide before connecting; --pd-transfer ipc refuses a decode that cannot take it.
   absl::StatusOr<bool> want_device = WantDeviceRegions(device_ipc_.mode, device_ipc_.open != nullptr, remote->capabilities);
   if (!want_device.ok()) return refuse(want_device.status());
+  const bool wants_lease = (remote->capabilities & kCapabilityPeerLease) != 0;
   absl::StatusOr<PeerId> transport_peer = transport_->Connect(remote->transport_address, remote->regions);
   if (!transport_peer.ok()) {
     return refuse(absl::UnavailableError(absl::StrCat("cannot reach decode's transport: ", transport_peer.status().message())));
@@ -441,6 +444,11 @@ void PrefillAgent::OnHello(ConnectionId id, std::string_view payload) {
   }
   Handshake reply = local_;
   if (*want_device) reply.capabilities |= kCapabilityDeviceIpc;
+  // Only a decode that asked can read the trailing field; it holds unclean rooms' pages at least this long.
+  if (wants_lease) {
+    reply.capabilities |= kCapabilityPeerLease;
+    reply.lease_ms = static_cast<uint32_t>(std::clamp<int64_t>(options_.control.lease.count(), 1, UINT32_MAX));
+  }
   (void)loop_->Send(id, FrameType::kHelloAccept, Encode(reply));
 }
 

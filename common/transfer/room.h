@@ -31,6 +31,10 @@ struct Completion {
   bool device_ipc = false;  // decode: the state landed in the device pools over IPC (not in the transport's memory)
 };
 
+// What decode adds to a prefill's advertised peer lease for the copy prefill may have started just before the
+// lease ran out: one chunk is milliseconds at device bandwidth; a second leaves room for a loaded host.
+inline constexpr std::chrono::milliseconds kLateWriteCopyMargin{1000};
+
 struct AgentOptions {
   ControlOptions control;                       // heartbeat interval and connection lease
   size_t max_rooms = 4096;                      // live rooms; more are refused with RESOURCE_EXHAUSTED
@@ -43,7 +47,8 @@ struct AgentOptions {
   // may still land in them (device IPC copies and RDMA puts write decode's memory directly). Safe when it
   // exceeds the time prefill takes to learn the room is over (at once on the close of the connection; at most
   // its peer lease, 4 s by default, when it cannot hear decode) plus one chunk's copy (milliseconds at device
-  // bandwidth): 10 s covers the default lease with room for a loaded host. Keep it above --peer-lease.
+  // bandwidth): 10 s covers the default lease with room for a loaded host. A prefill that advertises its lease
+  // in the handshake is held at least that lease + kLateWriteCopyMargin (DecodeAgent::LateWriteHold).
   std::chrono::milliseconds late_write_grace{10000};
   // decode: the clock of room leases, abort deadlines and the late-write grace (empty: Clock::now). Tests
   // pass a fake one; the connections' heartbeats and leases always run on the real clock.
@@ -65,7 +70,7 @@ struct AgentMetrics {
   uint64_t transferring_rooms = 0;   // prefill: destination known, not complete; decode: completed, not acked
   uint64_t pending_destinations = 0; // prefill
   uint64_t connections = 0;
-  uint64_t quarantined_rooms = 0;    // decode: rooms that ended unclean, their pages held back for late_write_grace
+  uint64_t quarantined_rooms = 0;    // decode: rooms that ended unclean, their pages held back (DecodeAgent::LateWriteHold)
 };
 
 // Called when a room ends well: bytes moved, the time from its first byte on the wire (prefill: first

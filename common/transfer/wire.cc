@@ -45,6 +45,7 @@ class Reader {
     }
     return true;
   }
+  bool AtEnd() const { return data_.empty(); }
   absl::Status Finish() {
     if (status_.ok() && !data_.empty()) Fail(absl::StrCat(data_.size(), " trailing bytes after the last field"));
     return status_;
@@ -147,6 +148,7 @@ std::string Encode(const Handshake& m) {
     w.U64(r.size);
     w.Bytes(r.key);
   }
+  if (m.lease_ms != 0) w.U32(m.lease_ms);  // left off when unknown: the payload an older peer parses
   return std::move(w.out);
 }
 
@@ -173,6 +175,7 @@ absl::StatusOr<Handshake> DecodeHandshake(std::string_view payload) {
       r.Bytes("region.key", &region.key, kMaxStringBytes);
     }
   }
+  if (!r.AtEnd()) r.U32("lease_ms", &m.lease_ms);  // an older peer ends before it: 0, unknown
   TANDEM_RETURN_IF_ERROR(r.Finish());
   return m;
 }

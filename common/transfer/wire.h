@@ -62,6 +62,10 @@ struct Handshake {
   std::string transport_kind;
   std::string transport_address;
   std::vector<RemoteRegion> regions;
+  // The sender's peer lease (ControlOptions::lease): how long it keeps writing to a peer it cannot hear.
+  // A trailing field, encoded only when non-zero; 0 = unknown (an older peer, or a HELLO: see
+  // kCapabilityPeerLease in handshake.h for why decode never sends it).
+  uint32_t lease_ms = 0;
 };
 
 struct StatusMessage {

@@ -124,7 +124,8 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
   app.add_option("--pd-late-write-grace", o.late_write_grace_seconds,
                  "PD decode: seconds the pages of a transfer that ended unclean (prefill's connection lost, abort not "
                  "acknowledged) stay out of the pool, since a copy prefill had in flight may still land in them; the "
-                 "request itself fails at once. Keep it above --peer-lease")
+                 "request itself fails at once. They are held at least the prefill's own --peer-lease + 1 s, which it "
+                 "advertises in the handshake (an older prefill does not: then this grace alone)")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--test-forced-output-ids", s.forced_output_ids,
                  "TEST ONLY, never in production: comma-separated token ids every request outputs in order "
@@ -191,11 +192,6 @@ int RunServer(ServeOptions o, const char* binary) {
     transfer.agent.control.lease = std::chrono::milliseconds(static_cast<int64_t>(o.lease_seconds * 1000));
     transfer.agent.room_lease = std::chrono::milliseconds(static_cast<int64_t>(o.room_lease_seconds * 1000));
     transfer.agent.late_write_grace = std::chrono::milliseconds(static_cast<int64_t>(o.late_write_grace_seconds * 1000));
-    if (o.role == v1::ROLE_DECODE && o.late_write_grace_seconds <= o.lease_seconds) {
-      spdlog::warn("{}: --pd-late-write-grace {} s is not above --peer-lease {} s: a prefill that cannot hear this engine "
-                   "may still write a failed transfer's pages after they are reused",
-                   binary, o.late_write_grace_seconds, o.lease_seconds);
-    }
     // Both legs are dispatched at once; a destination may beat its Generate leg by a loaded moment.
     transfer.agent.unknown_room_grace = std::chrono::milliseconds(10000);
     const EngineRole role = o.engine.role;

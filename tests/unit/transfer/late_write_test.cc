@@ -2,6 +2,7 @@
 // loopback agents with a fake device peer whose copy the test holds in flight, and a fake clock for the grace:
 // the room fails at once, its pages are not reusable before late_write_grace (nor before prefill's late
 // acknowledgement) and are after it; clean ends (ack, acknowledged abort, prefill's own abort) free at once.
+// A prefill that advertises a peer lease longer than the grace is held until its lease + kLateWriteCopyMargin.
 #include <gtest/gtest.h>
 
 #include <condition_variable>
@@ -235,6 +236,60 @@ TEST_F(LateWriteTest, CleanEndsFreeThePagesAtOnce) {
   ASSERT_EQ(decode_done_.Wait(5)->code(), absl::StatusCode::kAborted);
   EXPECT_TRUE(decode_->PagesReusable(5));
   EXPECT_EQ(decode_->metrics().quarantined_rooms, 0u);
+}
+
+TEST(LateWriteHold, IsTheGraceOrThePrefillsLeasePlusTheMarginWhicheverIsLonger) {
+  EXPECT_EQ(DecodeAgent::LateWriteHold(10s, 0), 10s) << "an older prefill advertises no lease: the grace alone";
+  EXPECT_EQ(DecodeAgent::LateWriteHold(10s, 4000), 10s);
+  EXPECT_EQ(DecodeAgent::LateWriteHold(5s, 4000), 5s);
+  EXPECT_EQ(DecodeAgent::LateWriteHold(5s, 8000), 8s + kLateWriteCopyMargin);
+  EXPECT_EQ(DecodeAgent::LateWriteHold(0s, 400), 400ms + kLateWriteCopyMargin);
+}
+
+TEST_F(LateWriteTest, APrefillLeaseLongerThanTheGraceHoldsThePagesUntilTheLeasePlusTheMargin) {
+  // Such a prefill may keep writing for its whole lease after it last heard decode, past decode's grace.
+  AgentOptions prefill = testing::FastOptions();
+  prefill.control.lease = kGrace + 3s;
+  Start(prefill);
+  ShipHeld(6);
+  ASSERT_TRUE(decode_->Abort(6, "client went away").ok());
+  clock_.Advance(testing::FastOptions().abort_ack_timeout + 1ms);  // the tick gives up on the ack
+  auto ended = decode_done_.Wait(6);
+  ASSERT_TRUE(ended.has_value());
+  EXPECT_EQ(ended->code(), absl::StatusCode::kAborted) << *ended;
+  ASSERT_TRUE(CopyInFlight());
+  clock_.Advance(kGrace);
+  EXPECT_FALSE(decode_->PagesReusable(6)) << "released at the grace, while the prefill's lease still runs";
+  EXPECT_EQ(decode_->metrics().quarantined_rooms, 1u);
+  clock_.Advance(prefill.control.lease + kLateWriteCopyMargin - kGrace - 1ms);
+  EXPECT_FALSE(decode_->PagesReusable(6));
+  EXPECT_EQ(decode_->metrics().quarantined_rooms, 1u);
+  clock_.Advance(1ms);
+  EXPECT_TRUE(decode_->PagesReusable(6));
+  EXPECT_EQ(decode_->metrics().quarantined_rooms, 0u);
+  EXPECT_TRUE(WaitReusableCallback(6));
+}
+
+TEST_F(LateWriteTest, APrefillLeaseShorterThanTheGraceLeavesTheGraceInCharge) {
+  AgentOptions prefill = testing::FastOptions();
+  ASSERT_LT(prefill.control.lease + kLateWriteCopyMargin, kGrace);
+  Start(prefill);
+  ShipHeld(7);
+  ASSERT_TRUE(decode_->Abort(7, "client went away").ok());
+  clock_.Advance(testing::FastOptions().abort_ack_timeout + 1ms);
+  auto ended = decode_done_.Wait(7);
+  ASSERT_TRUE(ended.has_value());
+  EXPECT_EQ(ended->code(), absl::StatusCode::kAborted) << *ended;
+  ASSERT_TRUE(CopyInFlight());
+  clock_.Advance(prefill.control.lease + kLateWriteCopyMargin);
+  EXPECT_FALSE(decode_->PagesReusable(7)) << "the configured grace is the floor";
+  clock_.Advance(kGrace - prefill.control.lease - kLateWriteCopyMargin - 1ms);
+  EXPECT_FALSE(decode_->PagesReusable(7));
+  EXPECT_EQ(decode_->metrics().quarantined_rooms, 1u);
+  clock_.Advance(1ms);
+  EXPECT_TRUE(decode_->PagesReusable(7));
+  EXPECT_EQ(decode_->metrics().quarantined_rooms, 0u);
+  EXPECT_TRUE(WaitReusableCallback(7));
 }
 
 }  // namespace

@@ -33,11 +33,45 @@ TEST(Wire, HandshakeRoundTrips) {
   ASSERT_EQ(decoded->regions.size(), 2u);
   EXPECT_EQ(decoded->regions[0].key, "key-bytes");
   EXPECT_EQ(decoded->regions[1].size, 4096u);
+  EXPECT_EQ(decoded->lease_ms, 0u);
+  Handshake leased = FullHandshake();
+  leased.lease_ms = 4000;
+  auto with_lease = DecodeHandshake(Encode(leased));
+  ASSERT_TRUE(with_lease.ok()) << with_lease.status();
+  EXPECT_EQ(with_lease->lease_ms, 4000u);
+  EXPECT_EQ(with_lease->regions.size(), 2u);
+}
+
+// The peer lease is a trailing field: a payload that ends before it (an older peer's) is unknown, 0, and an
+// unknown lease is left off, so an older peer's decoder (which refuses trailing bytes) reads the payload.
+TEST(Wire, AHandshakeWithoutTheLeaseIsAnOlderPeers) {
+  Handshake leased = FullHandshake();
+  leased.lease_ms = 4000;
+  const std::string old_bytes = Encode(FullHandshake());
+  const std::string new_bytes = Encode(leased);
+  ASSERT_EQ(new_bytes.size(), old_bytes.size() + 4);
+  EXPECT_EQ(new_bytes.substr(0, old_bytes.size()), old_bytes) << "the lease must be the last field";
+  auto old_peer = DecodeHandshake(old_bytes);
+  ASSERT_TRUE(old_peer.ok()) << old_peer.status();
+  EXPECT_EQ(old_peer->lease_ms, 0u);
+  EXPECT_EQ(old_peer->layout_hash, "layout-abcd");
+  // Part of a lease, or more after it, is still malformed.
+  for (size_t extra = 1; extra < 4; ++extra) {
+    auto partial = DecodeHandshake(std::string_view(new_bytes).substr(0, old_bytes.size() + extra));
+    ASSERT_FALSE(partial.ok()) << extra;
+    EXPECT_NE(partial.status().message().find("truncated at field 'lease_ms'"), std::string::npos) << partial.status();
+  }
+  auto longer = DecodeHandshake(new_bytes + "x");
+  ASSERT_FALSE(longer.ok());
+  EXPECT_NE(longer.status().message().find("1 trailing bytes"), std::string::npos) << longer.status();
 }
 
 TEST(Wire, EveryTruncationIsRefusedNamingTheField) {
-  const std::string bytes = Encode(FullHandshake());
+  Handshake leased = FullHandshake();
+  leased.lease_ms = 4000;
+  const std::string bytes = Encode(leased);
   for (size_t n = 0; n < bytes.size(); ++n) {
+    if (n == bytes.size() - 4) continue;  // ends where an older peer's does: AHandshakeWithoutTheLeaseIsAnOlderPeers
     auto decoded = DecodeHandshake(std::string_view(bytes).substr(0, n));
     ASSERT_FALSE(decoded.ok()) << "prefix of " << n << " bytes was accepted";
     EXPECT_EQ(decoded.status().code(), absl::StatusCode::kInvalidArgument);
@@ -48,7 +82,9 @@ TEST(Wire, EveryTruncationIsRefusedNamingTheField) {
 
 TEST(Wire, RandomMutationsNeverCrash) {
   std::mt19937 rng(5);
-  const std::string hello = Encode(FullHandshake());
+  Handshake leased = FullHandshake();
+  leased.lease_ms = 4000;
+  const std::string hello = Encode(leased);
   const std::string destination = Encode(DestinationMessage{7, {{0, 0, 100}, {1, 64, 32}}});
   const std::string complete = Encode(CompleteMessage{7, 3, 99, "payload"});
   for (int i = 0; i < 20000; ++i) {
@@ -236,6 +272,37 @@ TEST_F(ForgedFrames, AreRefusedWithSpecificErrors) {
   auto decode = DecodeAgent::Create(&decode_transport, testing::TestHandshake(), testing::FastOptions());
   ASSERT_TRUE(decode.ok());
   EXPECT_TRUE((*decode)->Connect("127.0.0.1", prefill_->port()).ok());
+}
+
+// Prefill answers with its peer lease only a decode that asked (kCapabilityPeerLease); an older decode's
+// HELLO gets the HELLO_ACCEPT it always did, without the trailing field it would refuse.
+TEST_F(ForgedFrames, PrefillAdvertisesItsLeaseOnlyToADecodeThatAsks) {
+  LoopbackTransport decode_transport;
+  auto dst = testing::RegisterBuffer(decode_transport, "c4_kv", 4096, 0);
+  auto accept_for = [&](uint64_t extra_capabilities) -> absl::StatusOr<std::pair<std::string, Handshake>> {
+    Handshake hello = FullHandshake();
+    hello.capabilities |= extra_capabilities;
+    hello.transport_address = *decode_transport.LocalAddress();
+    hello.regions = decode_transport.DescribeRegions();
+    TANDEM_ASSIGN_OR_RETURN(int fd, ConnectTcp("127.0.0.1", prefill_->port(), Clock::now() + 2s));
+    absl::Status sent = WriteAll(fd, EncodeFrame(FrameType::kHello, Encode(hello)), Clock::now() + 2s);
+    auto frame = ReadFrame(fd, Clock::now() + 5s, 1 << 20);
+    ::close(fd);
+    TANDEM_RETURN_IF_ERROR(sent);
+    if (!frame.ok()) return frame.status();
+    if (frame->first.type != FrameType::kHelloAccept) return absl::InternalError(FrameTypeName(frame->first.type));
+    TANDEM_ASSIGN_OR_RETURN(Handshake accept, DecodeHandshake(frame->second));
+    return std::make_pair(frame->second, accept);
+  };
+  auto old_decode = accept_for(0);
+  ASSERT_TRUE(old_decode.ok()) << old_decode.status();
+  EXPECT_EQ(old_decode->second.lease_ms, 0u);
+  EXPECT_EQ(old_decode->second.capabilities & kCapabilityPeerLease, 0u);
+  EXPECT_EQ(old_decode->first, Encode(old_decode->second)) << "no trailing field for a decode that did not ask";
+  auto new_decode = accept_for(kCapabilityPeerLease);
+  ASSERT_TRUE(new_decode.ok()) << new_decode.status();
+  EXPECT_EQ(new_decode->second.lease_ms, static_cast<uint32_t>(testing::FastOptions().control.lease.count()));
+  EXPECT_NE(new_decode->second.capabilities & kCapabilityPeerLease, 0u);
 }
 
 // --- checksum and coalescing ----------------------------------------------------------------------------
