@@ -22,6 +22,11 @@ namespace {
 
 using internal::AttentionLaunch;
 using internal::AttentionParams;
+using internal::BlockCandidates;
+using internal::BlockCoordinates;
+using internal::CoordinatesOf;
+using internal::StartBlock;
+using internal::WritePartialState;
 using internal::Bf16BitsToFloat;
 using internal::kMaxSplits;
 using internal::kMaxTopK;
@@ -143,56 +148,17 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
   __shared__ int warp_counts[kWarps];
 
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const int64_t t = blockIdx.x / (p.groups * p.splits);
-  const int split = static_cast<int>(blockIdx.x / p.groups % p.splits);
-  const int64_t h0 = static_cast<int64_t>(blockIdx.x % p.groups) * kGroupHeads;
-  const int hn = static_cast<int>(min(static_cast<int64_t>(kGroupHeads), p.heads - h0));
+  const BlockCoordinates b = CoordinatesOf(p, kGroupHeads);
+  const int64_t t = b.t, h0 = b.h0;
+  const int hn = b.hn;
 
   const float4* q4 = reinterpret_cast<const float4*>(p.q + (t * p.heads + h0) * kDim);
   for (int i = tid; i < kGroupHeads * kDim / 4; i += kThreads) {
     reinterpret_cast<float4*>(q_s)[i] = i / (kDim / 4) < hn ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  if (tid < kGroupHeads) {
-    if (p.splits == 1) {
-      m_s[tid] = tid < hn ? p.sink[h0 + tid] : 0.0f;
-      l_s[tid] = 1.0f;  // exp(sink - max) with the running max at the sink
-    } else {
-      m_s[tid] = -INFINITY;  // the combine adds the sink once
-      l_s[tid] = 0.0f;
-    }
-  }
-  const int n_window = p.window ? max(p.window_count[t], 0) : 0;
-  const int64_t window_begin = n_window > 0 ? p.window_begin[t] : 0;
-  int n_compressed = 0;
-  int64_t compressed_begin = 0;
-  if (p.compressed) {
-    compressed_begin = p.compressed_begin[t];
-    if (!p.selected) {
-      n_compressed = max(p.compressed_count[t], 0);
-    } else {
-      // Compact the row's entries >= 0 in order (block-wide ballot scan).
-      const int32_t* row = p.selected + t * p.topk;
-      for (int base = 0; base < p.topk; base += kThreads) {
-        const int n = base + tid;
-        const int32_t v = n < p.topk ? row[n] : -1;
-        const bool keep = v >= 0;
-        const unsigned ballot = __ballot_sync(kFullMask, keep);
-        if (lane == 0) warp_counts[warp] = __popc(ballot);
-        __syncthreads();
-        int offset = n_compressed, total = 0;
-        for (int w = 0; w < kWarps; ++w) {
-          if (w < warp) offset += warp_counts[w];
-          total += warp_counts[w];
-        }
-        if (keep) sel_s[offset + __popc(ballot & ((1u << lane) - 1u))] = v;
-        n_compressed += total;
-        __syncthreads();
-      }
-    }
-  }
-  __syncthreads();
-
-  const int total = n_window + n_compressed;
+  const BlockCandidates cand = StartBlock<kThreads>(p, b, kGroupHeads, kTile, m_s, l_s, sel_s, warp_counts);
+  const int total = cand.n_window + cand.n_compressed;
+  const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
   const int quad = warp >> 1;  // QK and PV: heads 4 * quad .. + 3
   float acc[4][8];
 #pragma unroll
@@ -201,9 +167,6 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
     for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
   }
   const int chunk_groups = (p.chunks + 7) / 8;
-  const int64_t tiles = (total + kTile - 1) / kTile;
-  const int tile_begin = static_cast<int>(split * tiles / p.splits) * kTile;
-  const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
   for (int tile0 = tile_begin; tile0 < tile_end; tile0 += kTile) {
     const int valid = min(kTile, total - tile0);
 
@@ -218,8 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
       float tile_scale = 1.0f;
       if (c < valid) {
         const int i = tile0 + c;
-        const KvRef ref = i < n_window ? p.window[window_begin + i]
-                                       : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
+        const KvRef ref = cand.Ref(p, sel_s, i);
         raw = Load8(ref.data + 8 * k);
         if (nope) tile_scale = Ue8m0ToFloat(ref.scales[k / 8]);
       }
@@ -327,17 +289,12 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
 
   const int column = lane + 32 * (warp & 1);
   if (p.splits > 1) {
-    if (tid < hn) {
-      const int64_t row = PartialRow(p, t, split, h0 + tid);
-      p.partial_ml[row * 2] = m_s[tid];
-      p.partial_ml[row * 2 + 1] = l_s[tid];
-    }
-    if (tile_begin >= tile_end) return;  // no tiles: (-inf, 0) tells the combine to skip the accumulator
+    if (!WritePartialState(p, b, cand, m_s, l_s)) return;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int h = 4 * quad + j;
       if (h >= hn) continue;
-      float* out = p.partial_acc + PartialRow(p, t, split, h0 + h) * kDim;
+      float* out = p.partial_acc + PartialRow(p, t, b.split, h0 + h) * kDim;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         *reinterpret_cast<float2*>(out + 2 * (column + 64 * i)) = make_float2(acc[j][2 * i], acc[j][2 * i + 1]);

@@ -45,6 +45,7 @@ constexpr size_t kScoreBytes = size_t{kWarps} * kGroupHeads * kScoreStride * 4;
 constexpr size_t kProbBytes = size_t{2} * kGroupHeads * kProbStride * 2;
 constexpr size_t kQLowBytes = size_t{kWarps} * (kSlice / 16) * 4 * 32 * 4;  // q's third bf16 piece, per thread
 static_assert(kNope % 64 == 0 && kNope + kRope == kDim, "the DSV4 entry");
+static_assert(8 * kDataChunks == kEntryDataBytes, "IssueEntryCopy's raw row");
 static_assert(kGroupHeads == 16, "the heads are one m16 tile");
 static_assert(kTile == 32, "the softmax maps one candidate to one lane; PV takes two k16 steps");
 static_assert(kWarps * kSlice == kDim && kSlice == 128, "QK: 8 k16 steps a warp; PV: 16 n8 tiles a warp");
@@ -81,79 +82,23 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
 
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
-  const int64_t t = blockIdx.x / (p.groups * p.splits);
-  const int split = static_cast<int>(blockIdx.x / p.groups % p.splits);
-  const int64_t h0 = static_cast<int64_t>(blockIdx.x % p.groups) * kGroupHeads;
-  const int hn = static_cast<int>(min(static_cast<int64_t>(kGroupHeads), p.heads - h0));
+  const BlockCoordinates b = CoordinatesOf(p, kGroupHeads);
+  const int64_t t = b.t, h0 = b.h0;
+  const int hn = b.hn;
+  const BlockCandidates cand = StartBlock<kThreads>(p, b, kGroupHeads, kTile, m_s, l_s, sel_s, warp_counts);
+  const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
 
-  if (tid < kGroupHeads) {
-    if (p.splits == 1) {
-      m_s[tid] = tid < hn ? p.sink[h0 + tid] : 0.0f;
-      l_s[tid] = 1.0f;  // exp(sink - max) with the running max at the sink
-    } else {
-      m_s[tid] = -INFINITY;  // the combine adds the sink once
-      l_s[tid] = 0.0f;
-    }
-  }
-  const int n_window = p.window ? max(p.window_count[t], 0) : 0;
-  const int64_t window_begin = n_window > 0 ? p.window_begin[t] : 0;
-  int n_compressed = 0;
-  int64_t compressed_begin = 0;
-  if (p.compressed) {
-    compressed_begin = p.compressed_begin[t];
-    n_compressed = p.selected ? CompactSelection<kThreads>(p.selected + t * p.topk, p.topk, sel_s, warp_counts)
-                              : max(p.compressed_count[t], 0);
-  }
-  __syncthreads();
-  const int total = n_window + n_compressed;
-  const int64_t tiles = (total + kTile - 1) / kTile;
-  const int tile_begin = static_cast<int>(split * tiles / p.splits) * kTile;
-  const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
-
-  // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate, thread sub
-  // the 16-byte chunks sub + 4 j (cp.async of 16 or 8 bytes as the entry is aligned, else loads and a plain
-  // store that the next barrier publishes), thread 0 of the candidate its 8 scale bytes.
-  const auto ref_of = [&](int i) {
-    return i < n_window ? p.window[window_begin + i]
-                        : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
-  };
   // The candidate of this thread in the tile at tile0, fetched a phase before its copy is issued (the
   // KvRef load's latency then hides behind the dequantization instead of stalling the issue).
   const auto ref_for = [&](int tile0) {
     const int c = tid >> 2;
-    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? ref_of(tile0 + c) : KvRef{};
+    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? cand.Ref(p, sel_s, tile0 + c) : KvRef{};
   };
+  // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate (a plain-store
+  // fallback is published by the next barrier).
   const auto issue = [&](int valid, const KvRef& ref) {
     const int c = tid >> 2, sub = tid & 3;
-    if (c < valid) {
-      uint8_t* dst = raw_s + c * kRawStride;
-      if ((reinterpret_cast<uintptr_t>(ref.data) & 15u) == 0) {
-#pragma unroll
-        for (int j = 0; j < kChunksPerThread; ++j) CopyAsync16(SharedAddress(dst + 16 * (sub + 4 * j)), ref.data + 16 * (sub + 4 * j));
-      } else if ((reinterpret_cast<uintptr_t>(ref.data) & 7u) == 0) {
-        // 8-byte aligned (interleaved 584-byte entries: a sequence state's window, a chunk's fresh entries).
-#pragma unroll
-        for (int j = 0; j < kChunksPerThread; ++j) {
-          const int offset = 16 * (sub + 4 * j);
-          CopyAsync8(SharedAddress(dst + offset), ref.data + offset);
-          CopyAsync8(SharedAddress(dst + offset + 8), ref.data + offset + 8);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kChunksPerThread; ++j) {
-          const uint8_t* from = ref.data + 16 * (sub + 4 * j);
-          const uint2 lo = Load8(from), hi = Load8(from + 8);
-          *reinterpret_cast<uint4*>(dst + 16 * (sub + 4 * j)) = make_uint4(lo.x, lo.y, hi.x, hi.y);
-        }
-      }
-      if (sub == 0) {
-        if ((reinterpret_cast<uintptr_t>(ref.scales) & 7u) == 0) {
-          CopyAsync8(SharedAddress(dst + 8 * kDataChunks), ref.scales);
-        } else {
-          *reinterpret_cast<uint2*>(dst + 8 * kDataChunks) = Load8(ref.scales);
-        }
-      }
-    }
+    if (c < valid) IssueEntryCopy<4>(raw_s + c * kRawStride, ref, sub);
     CopyAsyncCommit();
   };
   if (tile_begin < tile_end) issue(min(kTile, tile_end - tile_begin), ref_for(tile_begin));
@@ -296,29 +241,12 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
 #pragma unroll
     for (int j = 0; j < kGroupHeads / kWarps; ++j) {
       const int h = (kGroupHeads / kWarps) * warp + j;
-      float score = -INFINITY;
-      if (lane < valid) {
-        float sum = part_s[h * kScoreStride + lane];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) sum = __fadd_rn(sum, part_s[(w * kGroupHeads + h) * kScoreStride + lane]);
-        score = __fmul_rn(sum, p.scale);
-      }
-      const float m_old = m_s[h];
-      const float m_new = fmaxf(m_old, WarpMax(score));
-      const float prob = lane < valid ? expf(score - m_new) : 0.0f;
-      const float denominator = WarpSum(prob);
+      const float prob = SoftmaxTileStep<kWarps>(part_s, kGroupHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
       const __nv_bfloat16 hi = __float2bfloat16_rn(prob);
       prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(hi);
       if constexpr (kExact) {
         const __nv_bfloat16 lo = __float2bfloat16_rn(prob - __bfloat162float(hi));
         prob_s[(kGroupHeads + h) * kProbStride + lane] = __bfloat16_as_ushort(lo);
-      }
-      __syncwarp();  // every lane's m_s[h] read is ordered before lane 0 overwrites it (shuffles do not order memory)
-      if (lane == 0) {
-        const float correction = expf(m_old - m_new);
-        m_s[h] = m_new;
-        l_s[h] = fmaf(l_s[h], correction, denominator);
-        corr_s[h] = correction;
       }
     }
     __syncthreads();
@@ -361,13 +289,8 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
   // Rows g and g + 8 of the accumulator, columns 8 n + 2 tq (+1) of this warp's slice.
   const int column = warp * kSlice + 2 * tq;
   if (p.splits > 1) {
-    if (tid < hn) {
-      const int64_t row = PartialRow(p, t, split, h0 + tid);
-      p.partial_ml[row * 2] = m_s[tid];
-      p.partial_ml[row * 2 + 1] = l_s[tid];
-    }
-    if (tile_begin >= tile_end) return;  // no tiles: (-inf, 0) tells the combine to skip the accumulator
-    float* out0 = p.partial_acc + PartialRow(p, t, split, h0 + g) * kDim + column;
+    if (!WritePartialState(p, b, cand, m_s, l_s)) return;
+    float* out0 = p.partial_acc + PartialRow(p, t, b.split, h0 + g) * kDim + column;
     float* out1 = out0 + 8 * kDim;
 #pragma unroll
     for (int n = 0; n < kSlice / 8; ++n) {

@@ -48,6 +48,7 @@ constexpr size_t kProbBytes = size_t{kHeads} * kProbStride * 2;
 static_assert(kNope + kRope == kDim && kNope % 64 == 0, "the DSV4 entry");
 static_assert(kTile == 32, "the softmax maps one candidate to one lane; PV takes two k16 steps");
 static_assert(kCopiers == 8 && kCopySteps == 5, "the copy: 8 threads per candidate, chunks sub + 8 j");
+static_assert(kScaleOffset == kEntryDataBytes && kDataChunks == kEntryChunks, "IssueEntryCopy's raw row");
 static_assert(kSlices * 2 == kWarps && kWarpHeads * 2 == kHeads, "a warp per (half of the heads, slice of the dims)");
 static_assert(kHeads % kWarps == 0, "the softmax gives each warp kHeads / kWarps heads");
 static_assert(kStages >= 2, "the ring overlaps the copy of later tiles with this one's math");
@@ -74,82 +75,32 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
   const int half = warp & 1, slice = warp >> 1;
-  const int64_t t = blockIdx.x / (p.groups * p.splits);
-  const int split = static_cast<int>(blockIdx.x / p.groups % p.splits);
-  const int64_t h0 = static_cast<int64_t>(blockIdx.x % p.groups) * kHeads;
-  const int hn = static_cast<int>(min(static_cast<int64_t>(kHeads), p.heads - h0));
+  const BlockCoordinates b = CoordinatesOf(p, kHeads);
+  const int64_t t = b.t, h0 = b.h0;
+  const int hn = b.hn;
 
-  if (tid < kHeads) {
-    if (p.splits == 1) {
-      m_s[tid] = tid < hn ? p.sink[h0 + tid] : 0.0f;
-      l_s[tid] = 1.0f;  // exp(sink - max) with the running max at the sink
-    } else {
-      m_s[tid] = -INFINITY;  // the combine adds the sink once
-      l_s[tid] = 0.0f;
-    }
-  }
-  // q of the block's heads as bf16 rows (heads past hn zero); the barrier after the selection publishes it.
+  // q of the block's heads as bf16 rows (heads past hn zero); StartBlock's barrier publishes it.
   for (int i = tid; i < kHeads * kDim / 4; i += kThreads) {
     const int h = i / (kDim / 4), d = 4 * (i % (kDim / 4));
     const float4 v = h < hn ? *reinterpret_cast<const float4*>(p.q + (t * p.heads + h0 + h) * kDim + d)
                             : make_float4(0.f, 0.f, 0.f, 0.f);
     *reinterpret_cast<uint2*>(q_s + h * kRowHalves + d) = make_uint2(PackBf16x2(v.x, v.y), PackBf16x2(v.z, v.w));
   }
-  const int n_window = p.window ? max(p.window_count[t], 0) : 0;
-  const int64_t window_begin = n_window > 0 ? p.window_begin[t] : 0;
-  int n_compressed = 0;
-  int64_t compressed_begin = 0;
-  if (p.compressed) {
-    compressed_begin = p.compressed_begin[t];
-    n_compressed = p.selected ? CompactSelection<kThreads>(p.selected + t * p.topk, p.topk, sel_s, warp_counts)
-                              : max(p.compressed_count[t], 0);
-  }
-  __syncthreads();
-  const int total = n_window + n_compressed;
-  const int64_t tiles = (total + kTile - 1) / kTile;
-  const int tile_begin = static_cast<int>(split * tiles / p.splits) * kTile;
-  const int tile_end = static_cast<int>(min(static_cast<int64_t>(total), (split + 1) * tiles / p.splits * kTile));
+  const BlockCandidates cand = StartBlock<kThreads>(p, b, kHeads, kTile, m_s, l_s, sel_s, warp_counts);
+  const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
 
-  const auto ref_of = [&](int i) {
-    return i < n_window ? p.window[window_begin + i]
-                        : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
-  };
   // This thread's candidate in the tile at tile0 (none past the block's range).
   const auto ref_for = [&](int tile0) {
     const int c = tid / kCopiers;
-    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? ref_of(tile0 + c) : KvRef{};
+    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? cand.Ref(p, sel_s, tile0 + c) : KvRef{};
   };
   // Starts the copy of the tile at tile0 into ring slot `stage` and commits it as one group (an empty group
-  // past the range, so that every iteration waits on the same count). Thread sub of candidate c copies the
-  // 16-byte chunks sub + 8 j (cp.async of 16 or 8 bytes as the entry is aligned, else loads and a plain
-  // store that the barriers before its dequantization publish), sub 0 the 8 scale bytes.
+  // past the range, so that every iteration waits on the same count): 8 threads per candidate (a plain-store
+  // fallback is published by the barriers before its dequantization).
   const auto issue = [&](int tile0, int stage, const KvRef& ref) {
     const int c = tid / kCopiers, sub = tid % kCopiers;
     if (tile0 < tile_end && c < min(kTile, tile_end - tile0)) {
-      uint8_t* dst = raw_s + (stage * kTile + c) * kRawStride;
-      const uintptr_t address = reinterpret_cast<uintptr_t>(ref.data);
-#pragma unroll
-      for (int j = 0; j < kCopySteps; ++j) {
-        const int k = sub + kCopiers * j;
-        if (k < kDataChunks) {
-          if ((address & 15u) == 0) {
-            CopyAsync16(SharedAddress(dst + 16 * k), ref.data + 16 * k);
-          } else if ((address & 7u) == 0) {
-            CopyAsync8(SharedAddress(dst + 16 * k), ref.data + 16 * k);
-            CopyAsync8(SharedAddress(dst + 16 * k + 8), ref.data + 16 * k + 8);
-          } else {
-            const uint2 lo = Load8(ref.data + 16 * k), hi = Load8(ref.data + 16 * k + 8);
-            *reinterpret_cast<uint4*>(dst + 16 * k) = make_uint4(lo.x, lo.y, hi.x, hi.y);
-          }
-        }
-      }
-      if (sub == 0) {
-        if ((reinterpret_cast<uintptr_t>(ref.scales) & 7u) == 0) {
-          CopyAsync8(SharedAddress(dst + kScaleOffset), ref.scales);
-        } else {
-          *reinterpret_cast<uint2*>(dst + kScaleOffset) = Load8(ref.scales);
-        }
-      }
+      IssueEntryCopy<kCopiers>(raw_s + (stage * kTile + c) * kRawStride, ref, sub);
     }
     CopyAsyncCommit();
   };
@@ -266,25 +217,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
 #pragma unroll
     for (int j = 0; j < kHeads / kWarps; ++j) {
       const int h = (kHeads / kWarps) * warp + j;
-      float score = -INFINITY;
-      if (lane < valid) {
-        float sum = part_s[h * kScoreStride + lane];
-#pragma unroll
-        for (int s = 1; s < kSlices; ++s) sum = __fadd_rn(sum, part_s[(s * kHeads + h) * kScoreStride + lane]);
-        score = __fmul_rn(sum, p.scale);
-      }
-      const float m_old = m_s[h];
-      const float m_new = fmaxf(m_old, WarpMax(score));
-      const float prob = lane < valid ? expf(score - m_new) : 0.0f;
-      const float denominator = WarpSum(prob);
+      const float prob = SoftmaxTileStep<kSlices>(part_s, kHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
       prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(__float2bfloat16_rn(prob));
-      __syncwarp();  // every lane's m_s[h] read is ordered before lane 0 overwrites it
-      if (lane == 0) {
-        const float correction = expf(m_old - m_new);
-        m_s[h] = m_new;
-        l_s[h] = fmaf(l_s[h], correction, denominator);
-        corr_s[h] = correction;
-      }
     }
     __syncthreads();
 
@@ -329,16 +263,11 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
   // Rows g and g + 8 of each m16 tile, columns 8 n + 2 tq (+1) of this warp's slice.
   const int column = slice * kSlice + 2 * tq;
   if (p.splits > 1) {
-    if (tid < hn) {
-      const int64_t row = PartialRow(p, t, split, h0 + tid);
-      p.partial_ml[row * 2] = m_s[tid];
-      p.partial_ml[row * 2 + 1] = l_s[tid];
-    }
-    if (tile_begin >= tile_end) return;  // no tiles: (-inf, 0) tells the combine to skip the accumulator
+    if (!WritePartialState(p, b, cand, m_s, l_s)) return;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       const int r0 = kWarpHeads * half + 16 * mt + g;
-      float* out0 = p.partial_acc + PartialRow(p, t, split, h0 + r0) * kDim + column;
+      float* out0 = p.partial_acc + PartialRow(p, t, b.split, h0 + r0) * kDim + column;
       float* out1 = out0 + 8 * kDim;
 #pragma unroll
       for (int n = 0; n < kSlice / 8; ++n) {

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/kernels/cuda/attention_device.cuh"
 #include "common/kernels/cuda/cuda_attention.h"
 
 namespace tandem::kernels::cuda::internal {
@@ -70,6 +71,160 @@ __device__ int CompactSelection(const int32_t* row, int topk, int32_t* out, int*
   }
   return count;
 }
+// Block (t, split, head group) of a launch over tokens x groups x splits, heads_per_block heads a group.
+struct BlockCoordinates {
+  int64_t t = 0;
+  int split = 0;
+  int64_t h0 = 0;  // the group's first head
+  int hn = 0;      // its heads that exist (the last group may be partial)
+};
+__device__ __forceinline__ BlockCoordinates CoordinatesOf(const AttentionParams& p, int heads_per_block) {
+  BlockCoordinates b;
+  b.t = blockIdx.x / (p.groups * p.splits);
+  b.split = static_cast<int>(blockIdx.x / p.groups % p.splits);
+  b.h0 = static_cast<int64_t>(blockIdx.x % p.groups) * heads_per_block;
+  b.hn = static_cast<int>(min(static_cast<int64_t>(heads_per_block), p.heads - b.h0));
+  return b;
+}
+
+// Token t's candidates (window first, then compressed: a row's entries >= 0 in order, compacted into
+// sel_s, or the first compressed_count) and this block's share of them: tiles [tile_begin, tile_end) of
+// `tile` candidates, cut by split.
+struct BlockCandidates {
+  int n_window = 0;
+  int64_t window_begin = 0;
+  int n_compressed = 0;
+  int64_t compressed_begin = 0;
+  int tile_begin = 0;
+  int tile_end = 0;
+  // Candidate i (0 <= i < n_window + n_compressed).
+  __device__ __forceinline__ KvRef Ref(const AttentionParams& p, const int32_t* sel_s, int i) const {
+    return i < n_window ? p.window[window_begin + i]
+                        : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
+  }
+};
+
+// The start every sparse-attention block shares: seeds the running max and denominator of its heads in
+// m_s / l_s (the sink and 1 unsplit; -inf and 0 when split, the combine adding the sink once), finds its
+// candidates and ends with a barrier (sel_s, m_s and l_s are then visible to the whole block).
+template <int kBlockThreads>
+__device__ BlockCandidates StartBlock(const AttentionParams& p, const BlockCoordinates& b, int heads_per_block, int tile,
+                                      float* m_s, float* l_s, int32_t* sel_s, int* warp_counts) {
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int h = tid; h < heads_per_block; h += kBlockThreads) {
+    if (p.splits == 1) {
+      m_s[h] = h < b.hn ? p.sink[b.h0 + h] : 0.0f;
+      l_s[h] = 1.0f;  // exp(sink - max) with the running max at the sink
+    } else {
+      m_s[h] = -INFINITY;
+      l_s[h] = 0.0f;
+    }
+  }
+  BlockCandidates c;
+  c.n_window = p.window ? max(p.window_count[b.t], 0) : 0;
+  c.window_begin = c.n_window > 0 ? p.window_begin[b.t] : 0;
+  if (p.compressed) {
+    c.compressed_begin = p.compressed_begin[b.t];
+    c.n_compressed = p.selected ? CompactSelection<kBlockThreads>(p.selected + b.t * p.topk, p.topk, sel_s, warp_counts)
+                                : max(p.compressed_count[b.t], 0);
+  }
+  __syncthreads();
+  const int total = c.n_window + c.n_compressed;
+  const int64_t tiles = (total + tile - 1) / tile;
+  c.tile_begin = static_cast<int>(b.split * tiles / p.splits) * tile;
+  c.tile_end = static_cast<int>(min(static_cast<int64_t>(total), (b.split + 1) * tiles / p.splits * tile));
+  return c;
+}
+
+// A split block's (max, denominator) per head for the combine; returns whether it saw any tile (a block
+// without one leaves its accumulator rows unwritten: (-inf, 0) tells the combine to skip them).
+__device__ __forceinline__ bool WritePartialState(const AttentionParams& p, const BlockCoordinates& b,
+                                                  const BlockCandidates& c, const float* m_s, const float* l_s) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < b.hn) {
+    const int64_t row = PartialRow(p, b.t, b.split, b.h0 + tid);
+    p.partial_ml[row * 2] = m_s[tid];
+    p.partial_ml[row * 2 + 1] = l_s[tid];
+  }
+  return c.tile_begin < c.tile_end;
+}
+
+// The DSV4 entry on the tensor-core kernels: 448 e4m3 codes + 64 bf16 rope dims (576 data bytes, 36
+// chunks of 16), then 8 scale bytes (7 ue8m0 tile scales and a pad byte).
+constexpr int kEntryDataBytes = 576;
+constexpr int kEntryChunks = kEntryDataBytes / 16;
+
+// Starts copying one entry into a raw shared row (the data, then the scale bytes at kEntryDataBytes; 16-byte
+// aligned): thread `sub` of the entry's kCopiers takes the 16-byte chunks sub + kCopiers j. cp.async of 16 or
+// 8 bytes as the entry is aligned (8: interleaved 584-byte entries, a sequence state's window or a chunk's
+// fresh entries), else loads and a plain store that a later barrier publishes; sub 0 copies the scales.
+template <int kCopiers>
+__device__ __forceinline__ void IssueEntryCopy(uint8_t* dst, const KvRef& ref, int sub) {
+  constexpr int kSteps = (kEntryChunks + kCopiers - 1) / kCopiers;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(ref.data);
+  if ((address & 15u) == 0) {
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+      const int k = sub + kCopiers * j;
+      if (k < kEntryChunks) CopyAsync16(SharedAddress(dst + 16 * k), ref.data + 16 * k);
+    }
+  } else if ((address & 7u) == 0) {
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+      const int k = sub + kCopiers * j;
+      if (k < kEntryChunks) {
+        CopyAsync8(SharedAddress(dst + 16 * k), ref.data + 16 * k);
+        CopyAsync8(SharedAddress(dst + 16 * k + 8), ref.data + 16 * k + 8);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+      const int k = sub + kCopiers * j;
+      if (k < kEntryChunks) {
+        const uint2 lo = Load8(ref.data + 16 * k), hi = Load8(ref.data + 16 * k + 8);
+        *reinterpret_cast<uint4*>(dst + 16 * k) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      }
+    }
+  }
+  if (sub == 0) {
+    if ((reinterpret_cast<uintptr_t>(ref.scales) & 7u) == 0) {
+      CopyAsync8(SharedAddress(dst + kEntryDataBytes), ref.scales);
+    } else {
+      *reinterpret_cast<uint2*>(dst + kEntryDataBytes) = Load8(ref.scales);
+    }
+  }
+}
+
+// One head's online-softmax step over a tile, a lane per candidate (the whole warp calls it): the score sums
+// kParts partial rows part_s[(w * heads + h) * stride + lane] in order and is scaled; returns the lane's
+// probability exp(score - new max) (0 past valid). Lane 0 then moves the head's running max, denominator
+// (plus the tile's unrounded probabilities) and the accumulator's correction in m_s / l_s / corr_s.
+template <int kParts>
+__device__ __forceinline__ float SoftmaxTileStep(const float* part_s, int heads, int stride, int h, int valid,
+                                                 float scale, float* m_s, float* l_s, float* corr_s) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  float score = -INFINITY;
+  if (lane < valid) {
+    float sum = part_s[h * stride + lane];
+#pragma unroll
+    for (int w = 1; w < kParts; ++w) sum = __fadd_rn(sum, part_s[(w * heads + h) * stride + lane]);
+    score = __fmul_rn(sum, scale);
+  }
+  const float m_old = m_s[h];
+  const float m_new = fmaxf(m_old, WarpMax(score));
+  const float prob = lane < valid ? expf(score - m_new) : 0.0f;
+  const float denominator = WarpSum(prob);
+  __syncwarp();  // every lane's m_s[h] read is ordered before lane 0 overwrites it (shuffles do not order memory)
+  if (lane == 0) {
+    const float correction = expf(m_old - m_new);
+    m_s[h] = m_new;
+    l_s[h] = fmaf(l_s[h], correction, denominator);
+    corr_s[h] = correction;
+  }
+  return prob;
+}
+
 // A kernel that serves SparseAttentionArgs: its block size, the heads one block serves and its dynamic
 // shared memory for a row of `selected_slots` (topk when the layer selects, else 0).
 struct AttentionLaunch {
