@@ -1,7 +1,8 @@
 // Per-device facts the launchers ask for on every call, queried once and kept (internal to this folder):
 // a kernel's shared-memory opt-in and limit, and its resident blocks per SM for a block shape. The runtime
 // computes these afresh on each query (microseconds of host time per launch); the answers never change
-// for a (device, kernel, shape) within a process. Thread-safe.
+// for a (device, kernel, shape) within a process. Thread-safe. Not valid across cudaDeviceReset (it drops the
+// shared-memory opt-in while the cache still says set): nothing in this project resets a device.
 #pragma once
 
 #include <cstddef>
