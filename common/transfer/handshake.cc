@@ -1,5 +1,8 @@
 #include "common/transfer/handshake.h"
 
+#include <algorithm>
+
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_join.h"
 
 namespace tandem::transfer {
@@ -15,10 +18,20 @@ std::string CapabilityNames(uint64_t bits) {
   return names.empty() ? "none" : absl::StrJoin(names, ",");
 }
 
+// A peer's string as it goes into an error (logged, and sent back in REFUSE): control bytes escaped and at
+// most kShownBytes of it, so a hostile or broken peer cannot fill the log with megabytes of its bytes.
+constexpr size_t kShownBytes = 64;
+std::string Shown(std::string_view s) {
+  std::string out = absl::CHexEscape(absl::string_view(s.data(), std::min(s.size(), kShownBytes)));
+  if (s.size() > kShownBytes) absl::StrAppend(&out, "... (", s.size(), " bytes)");
+  return out;
+}
+uint32_t Shown(uint32_t v) { return v; }
+
 template <typename T>
 absl::Status Differs(std::string_view field, const T& prefill, const T& decode) {
-  return absl::FailedPreconditionError(
-      absl::StrCat("incompatible peer: ", std::string(field), ": prefill ", prefill, ", decode ", decode));
+  return absl::FailedPreconditionError(absl::StrCat("incompatible peer: ", std::string(field), ": prefill ",
+                                                    Shown(prefill), ", decode ", Shown(decode)));
 }
 
 }  // namespace

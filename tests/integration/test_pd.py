@@ -362,12 +362,18 @@ def test_dropped_bootstrap_connection_fails_both_legs_and_frees_pages():
                 "tandem_num_decode_transfer_queue_reqs{model_name=\"tiny\",role=\"decode\"} 1" not in pair.decode.metrics():
             time.sleep(0.01)
         proxy.drop()
+        # The request fails at once; prefill may still have been writing its pages, so decode holds them back
+        # for the grace, then gives them back. Watched from the drop on: the hold is only LATE_WRITE_GRACE long,
+        # and on a loaded machine the prefill leg may take longer than that to finish.
+        held = False
+        deadline = time.time() + LATE_WRITE_GRACE
+        while not held and time.time() < deadline:
+            held = quarantined_pages(pair.decode) > 0
+            time.sleep(0.01)
         join_legs(thread)
         assert code_of(out["decode"]) == grpc.StatusCode.UNAVAILABLE, out["decode"]
         assert code_of(out["prefill"]) == grpc.StatusCode.UNAVAILABLE, out["prefill"]
-        # The request failed at once; prefill may still have been writing its pages, so decode holds them back
-        # for the grace, then gives them back.
-        assert quarantined_pages(pair.decode) > 0
+        assert held, "decode never held the failed transfer's pages back"
         pair.expect_all_free()
         assert quarantined_pages(pair.decode) == 0
     finally:

@@ -165,6 +165,20 @@ TEST(Handshake, EveryMismatchIsNamed) {
   }
 }
 
+// A peer's strings reach the error (and the log) escaped and cut to 64 bytes, however long they are.
+TEST(Handshake, APeersLongOrBinaryStringsAreShownCut) {
+  Handshake decode = FullHandshake();
+  decode.descriptor.model_config_hash = std::string(1 << 20, 'x');
+  absl::Status status = CheckCompatible(FullHandshake(), decode);
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_LT(status.message().size(), 300u) << status.message().substr(0, 400);
+  EXPECT_NE(status.message().find(std::string(64, 'x') + "... (1048576 bytes)"), std::string::npos) << status;
+  decode = FullHandshake();
+  decode.descriptor.dtype = std::string("bf\n16\x01", 6);
+  status = CheckCompatible(FullHandshake(), decode);
+  EXPECT_NE(status.message().find("decode bf\\n16\\x01"), std::string::npos) << status;
+}
+
 // A prefill agent refuses an incompatible decode agent at Connect, with the difference in the message.
 TEST(Handshake, AgentsRefuseIncompatiblePeers) {
   LoopbackTransport prefill_transport, decode_transport;
