@@ -75,9 +75,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device,
                                                                    options.cuda_dense, options.cuda_graphs,
                                                                    options.cuda_attention_bf16));
-    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}", options.cuda_device, backend.device_name,
+    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}{}", options.cuda_device, backend.device_name,
                  static_cast<double>(backend.weight_bytes) / (1 << 30),
-                 options.cuda_graphs ? "; decode steps replay CUDA graphs" : "");
+                 options.cuda_graphs ? "; decode steps replay CUDA graphs" : "",
+                 options.cuda_attention_bf16 ? "; sparse attention in bf16 (--cuda-attention bf16)" : "");
     if (options.deterministic) {
       spdlog::warn("--deterministic on CUDA: cuBLASLt picks kernels per batch shape, so batch invariance is not guaranteed");
     }
