@@ -292,7 +292,8 @@ int main(int argc, char** argv) {
       // step, then its capture).
       const bool graphs = batch <= 64;
       std::vector<std::unique_ptr<model::cuda::DeviceSequenceState>> states;
-      const int64_t spare = (graphs ? 2 : 1) * (kWarmup + kSteps) + kProfiled + 1;
+      // Room for every step below: eager + profiled, graphs, and the bf16-attention steps + their profile.
+      const int64_t spare = (graphs ? 3 : 2) * (kWarmup + kSteps) + 2 * kProfiled + 1;
       for (int64_t b = 0; b < batch; ++b) states.push_back(FilledState(c, patterns, context, spare));
       std::vector<int32_t> tokens(static_cast<size_t>(batch));
       for (auto& t : tokens) t = static_cast<int32_t>(rng() % c.vocab_size);
