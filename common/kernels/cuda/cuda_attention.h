@@ -89,7 +89,8 @@ enum class AttentionMath {
   // to an f32 reference; five MMA passes).
   kF32,
   // q and the probabilities rounded to bf16 once (the reference model's q is bf16; FlashMLA feeds bf16 P),
-  // f32 scores, softmax and accumulation: ~2^-9 relative per weight, two MMA passes, and 64 heads a block.
+  // f32 scores, softmax and accumulation: up to 2^-8 relative per weight (2^-9 typical), two MMA passes, and 64
+  // heads a block from 8 tokens (SetWideAttentionMinTokens).
   kBf16,
 };
 

@@ -31,8 +31,8 @@ enum class DenseFormat {
 
 struct DeviceModelOptions {
   DenseFormat dense = DenseFormat::kBf16x2;
-  // Sparse attention with q and the probabilities rounded to bf16 (kernels::cuda::AttentionMath::kBf16: the
-  // 64-head kernel, ~2^-9 relative per weight); false: f32-exact products (AttentionMath::kF32).
+  // Sparse attention with q and the probabilities rounded to bf16 (kernels::cuda::AttentionMath::kBf16: up to
+  // 2^-8 relative per weight, the 64-head kernel from 8 tokens); false: f32-exact products (AttentionMath::kF32).
   bool attention_bf16 = false;
   int device = 0;
   // From this many (token, expert) pairs in one forward, the routed experts run as per-expert bf16
