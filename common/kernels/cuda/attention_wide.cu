@@ -79,13 +79,6 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
   const int64_t t = b.t, h0 = b.h0;
   const int hn = b.hn;
 
-  // q of the block's heads as bf16 rows (heads past hn zero); StartBlock's barrier publishes it.
-  for (int i = tid; i < kHeads * kDim / 4; i += kThreads) {
-    const int h = i / (kDim / 4), d = 4 * (i % (kDim / 4));
-    const float4 v = h < hn ? *reinterpret_cast<const float4*>(p.q + (t * p.heads + h0 + h) * kDim + d)
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
-    *reinterpret_cast<uint2*>(q_s + h * kRowHalves + d) = make_uint2(PackBf16x2(v.x, v.y), PackBf16x2(v.z, v.w));
-  }
   const BlockCandidates cand = StartBlock<kThreads>(p, b, kHeads, kTile, m_s, l_s, sel_s, warp_counts);
   const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
 
@@ -111,6 +104,15 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
     issue(tile0, s, ref_for(tile0));
   }
   KvRef pending = ref_for(tile_begin + (kStages - 1) * kTile);
+
+  // q of the block's heads as bf16 rows (heads past hn zero), loaded while the first tiles' copies fly; the
+  // barrier at the top of the first tile publishes it (a block without tiles skips it: never read).
+  for (int i = tile_begin < tile_end ? tid : kHeads * kDim / 4; i < kHeads * kDim / 4; i += kThreads) {
+    const int h = i / (kDim / 4), d = 4 * (i % (kDim / 4));
+    const float4 v = h < hn ? *reinterpret_cast<const float4*>(p.q + (t * p.heads + h0 + h) * kDim + d)
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+    *reinterpret_cast<uint2*>(q_s + h * kRowHalves + d) = make_uint2(PackBf16x2(v.x, v.y), PackBf16x2(v.z, v.w));
+  }
 
   // ldmatrix lane addresses (as attention_mma.cu, at this warp's slice). QK (K as B): candidate
   // 8 (lane / 16) + lane % 8, dims + 8 at lane bit 3. PV (V as B, transposed): candidate lane % 8 + 8
