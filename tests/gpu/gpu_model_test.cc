@@ -8,15 +8,19 @@
 #include <cstdlib>
 #include <filesystem>
 #include <iterator>
+#include <limits>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 
+#include "common/kernels/cuda/cuda_attention.h"
 #include "common/kernels/cuda/cuda_ops.h"
 #include "common/kernels/kernels.h"
+#include "common/model/config.h"
 #include "common/model/cuda/device_model.h"
 #include "common/model/cuda/device_state.h"
 #include "common/model/forward.h"
@@ -44,6 +48,32 @@ std::shared_ptr<const ModelWeights> Tiny() { return testing::TinyCheckpointWeigh
 
 // The same checkpoint with its MTP layer.
 std::shared_ptr<const ModelWeights> TinyWithMtp() { return testing::TinyCheckpointWeights(); }
+
+// The tiny model with V4-Flash's 64 attention heads (seed 1, generated once into the temp directory): the
+// model the 64-head attention kernel serves (the tiny model's 4 heads take the 16-head kernel).
+std::shared_ptr<const ModelWeights> Tiny64Heads() {
+  static const std::shared_ptr<const ModelWeights> weights = [] {
+    const std::string dir = (std::filesystem::temp_directory_path() / "tandem-gpu-test-tiny-64-heads").string();
+    if (!std::filesystem::exists(dir + "/config.json")) {
+      auto config = model::PresetConfig("tiny");
+      if (!config.ok()) throw std::runtime_error(config.status().ToString());
+      config->num_attention_heads = 64;
+      auto parsed = model::ParseConfig(model::ConfigToJson(*config));
+      if (!parsed.ok()) throw std::runtime_error(parsed.status().ToString());
+      model::GenerateOptions options;
+      options.quiet = true;
+      const absl::Status status = model::GenerateCheckpoint(*parsed, dir, options);
+      if (!status.ok()) throw std::runtime_error(status.ToString());
+    }
+    model::LoadOptions load;
+    load.show_progress = false;
+    load.load_mtp = false;
+    auto loaded = model::LoadModelWeights(dir, load);
+    if (!loaded.ok()) throw std::runtime_error(loaded.status().ToString());
+    return std::shared_ptr<const ModelWeights>(std::move(*loaded));
+  }();
+  return weights;
+}
 
 uint32_t Seed() {
   static const uint32_t seed = [] {
@@ -192,6 +222,47 @@ TEST_F(GpuModelTest, Bf16AttentionMatchesTheCpu) {
     }
   }
   EXPECT_GE(agreeing / rows, 0.99);
+}
+
+// The same on the 64-head tiny model, through the 64-head kernel at every batch (forced, decode's single
+// tokens included) and then through the 16-head kernel: the whole forward's paged window rings, compressed
+// pages and selections on the kernel V4-Flash runs.
+TEST_F(GpuModelTest, Bf16AttentionOn64HeadsMatchesTheCpu) {
+  const auto weights = Tiny64Heads();
+  const ModelConfig& c = weights->config;
+  ASSERT_EQ(c.num_attention_heads, 64);
+  const int64_t saved = kernels::cuda::WideAttentionMinTokens();
+  for (const int64_t min_tokens : {int64_t{0}, std::numeric_limits<int64_t>::max()}) {
+    const char* kernel = min_tokens == 0 ? "64-head kernel" : "16-head kernel";
+    kernels::cuda::SetWideAttentionMinTokens(min_tokens);
+    cuda::DeviceModelOptions options;
+    options.attention_bf16 = true;
+    auto gpu = DeviceModel::Create(weights, options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    double agreeing = 0, rows = 0;
+    for (const int64_t n : {7, 130, 300}) {
+      const auto ids = Prompt(n, static_cast<uint32_t>(n) + 3000);
+      Dsv4Model cpu_model(weights);
+      HostSequenceState cpu_state(c, 0, static_cast<int>(c.num_hidden_layers), false);
+      const auto cpu = Feed([&](SequenceChunk& chunk, ForwardResult* r) {
+        return cpu_model.Forward({&chunk, 1}, nullptr, nullptr, r, nullptr);
+      }, cpu_state, ids, {n});
+      for (const bool decode : {false, true}) {
+        auto state = DeviceSequenceState::Create(c, 4096, false);
+        ASSERT_TRUE(state.ok()) << state.status();
+        const auto got = Feed([&](SequenceChunk& chunk, ForwardResult* r) { return (*gpu)->Forward({&chunk, 1}, r); },
+                              **state, ids, {decode ? 1 : n});
+        const Diff d = Compare(got, cpu, c.vocab_size);
+        std::printf("[ 64 heads ] %s, %s T=%ld: rel-L2 %.3e, argmax agreement %.4f\n", kernel,
+                    decode ? "decode " : "prefill", static_cast<long>(n), d.rel_l2, d.argmax_agreement);
+        EXPECT_LE(d.rel_l2, 2e-2) << kernel << (decode ? " decode" : " prefill") << " T=" << n;
+        agreeing += d.argmax_agreement * d.rows;
+        rows += d.rows;
+      }
+    }
+    EXPECT_GE(agreeing / rows, 0.99) << kernel;
+  }
+  kernels::cuda::SetWideAttentionMinTokens(saved);
 }
 
 // The prefill path of the routed experts (bf16 cuBLASLt per expert, x split hi + lo) forced on at every size.
