@@ -6,9 +6,10 @@
 // crosses L2 -> SM once and is dequantized once. Warp w owns heads [32 (w & 1), + 32) (two m16 tiles) and
 // dims [128 (w >> 1), + 128): QK sums that slice of the dims for its 32 heads x the tile's 32 candidates
 // (the four slices' partial scores meet in shared memory), PV produces that slice of the output for its
-// heads. q (bf16) sits in shared memory for the whole walk (registers hold the 32 x 128 accumulator); the raw entries stream
-// through a ring of kStages tiles by cp.async (two tiles in flight while one computes), each tile is
-// dequantized once into bf16 [candidate][dim] rows (exact: e4m3 times a power of two, and the bf16 rope).
+// heads. q (bf16) sits in shared memory for the whole walk (registers hold the 32 x 128 accumulator); the
+// raw entries stream through a ring of kStages tiles by cp.async (two tiles in flight while one computes),
+// each tile dequantized once into bf16 [candidate][dim] rows (exact: e4m3 times a power of two, and the
+// bf16 rope).
 // q and the probabilities are rounded to bf16 once (one MMA pass each); scores, the online softmax and
 // the output accumulate in f32. The accumulator is rescaled in place when a tile raises a head's max.
 #include <cuda_runtime.h>
