@@ -328,7 +328,8 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float
     for (float& v : q) v = RoundBf16(v);
   }
   std::vector<float> cpu(q.size());
-  // bf16 math: per element, what rounding every probability by up to 2^-8 can move it, sum_k w_k |v_kd|.
+  // bf16 math: per element, what rounding every probability by up to 2^-8 can move it when the denominator
+  // sums the rounded ones: sum_k w_k |v_kd| (the numerator) + |o_d| sum_k w_k (the denominator).
   std::vector<double> spread(q.size(), 0.0);
   for (int64_t t = 0; t < tokens; ++t) {
     const auto& cand = candidates[t];
@@ -342,7 +343,8 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float
         scores[k] = dot * scale;
         best = std::max(best, scores[k]);
       }
-      double den = std::exp(static_cast<double>(sink[h]) - best);
+      const double sink_term = std::exp(static_cast<double>(sink[h]) - best);
+      double den = sink_term;
       std::vector<double> acc(static_cast<size_t>(dim), 0.0), magnitude(static_cast<size_t>(dim), 0.0);
       for (size_t k = 0; k < cand.size(); ++k) {
         const double e = std::exp(static_cast<double>(scores[k]) - best);
@@ -354,7 +356,7 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float
       }
       for (int64_t d = 0; d < dim; ++d) {
         cpu[(t * heads + h) * dim + d] = static_cast<float>(acc[d] / den);
-        spread[(t * heads + h) * dim + d] = magnitude[d] / den;
+        spread[(t * heads + h) * dim + d] = magnitude[d] / den + std::fabs(acc[d] / den) * (den - sink_term) / den;
       }
     }
     if (cand.empty()) {  // no candidates: exactly 0
@@ -367,9 +369,10 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float
     }
   }
   if (bf16) {
-    // Each probability rounded to bf16 (up to 2^-8 relative) before PV while the denominator sums the unrounded
-    // ones in f32: |o_d - ref_d| <= 2^-8 sum_k w_k |v_kd| (+ f32 rounding; 25% margin for the f32 scores). A
-    // cancelling sum near 0 may use all of it, so no plain atol / rtol: the bound follows each element's terms.
+    // Each probability rounded to bf16 (up to 2^-8 relative) before PV, and the denominator sums the rounded
+    // ones: |o_d - ref_d| <= 2^-8 (sum_k w_k |v_kd| + |o_d| sum_k w_k) (+ f32 rounding; 25% margin for the f32
+    // scores). A cancelling sum near 0 may use all of it, so no plain atol / rtol: the bound follows each
+    // element's terms.
     int64_t outside = 0, first = -1;
     for (size_t i = 0; i < cpu.size(); ++i) {
       const double limit = 2e-5 + 2e-4 * std::fabs(cpu[i]) + 1.25 * std::ldexp(spread[i], -8);

@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
 #pragma unroll
     for (int j = 0; j < kGroupHeads / kWarps; ++j) {
       const int h = (kGroupHeads / kWarps) * warp + j;
-      const float prob = SoftmaxTileStep<kWarps>(part_s, kGroupHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
+      const float prob = SoftmaxTileStep<kWarps, !kExact>(part_s, kGroupHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
       const __nv_bfloat16 hi = __float2bfloat16_rn(prob);
       prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(hi);
       if constexpr (kExact) {

@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
 #pragma unroll
     for (int j = 0; j < kHeads / kWarps; ++j) {
       const int h = (kHeads / kWarps) * warp + j;
-      const float prob = SoftmaxTileStep<kSlices>(part_s, kHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
+      const float prob = SoftmaxTileStep<kSlices, true>(part_s, kHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
       prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(__float2bfloat16_rn(prob));
     }
     __syncthreads();

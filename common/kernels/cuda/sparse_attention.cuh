@@ -199,8 +199,11 @@ __device__ __forceinline__ void IssueEntryCopy(uint8_t* dst, const KvRef& ref, i
 // One head's online-softmax step over a tile, a lane per candidate (the whole warp calls it): the score sums
 // kParts partial rows part_s[(w * heads + h) * stride + lane] in order and is scaled; returns the lane's
 // probability exp(score - new max) (0 past valid). Lane 0 then moves the head's running max, denominator
-// (plus the tile's unrounded probabilities) and the accumulator's correction in m_s / l_s / corr_s.
-template <int kParts>
+// (plus the tile's probabilities) and the accumulator's correction in m_s / l_s / corr_s. kRoundBf16: the
+// probability is rounded to bf16 before it is summed and returned, so the denominator adds exactly the
+// weights PV multiplies (else a head's output carries their rounding as one coherent scale error, up to
+// 2^-8 when a few candidates hold the mass).
+template <int kParts, bool kRoundBf16>
 __device__ __forceinline__ float SoftmaxTileStep(const float* part_s, int heads, int stride, int h, int valid,
                                                  float scale, float* m_s, float* l_s, float* corr_s) {
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -213,7 +216,8 @@ __device__ __forceinline__ float SoftmaxTileStep(const float* part_s, int heads,
   }
   const float m_old = m_s[h];
   const float m_new = fmaxf(m_old, WarpMax(score));
-  const float prob = lane < valid ? expf(score - m_new) : 0.0f;
+  float prob = lane < valid ? expf(score - m_new) : 0.0f;
+  if constexpr (kRoundBf16) prob = __bfloat162float(__float2bfloat16_rn(prob));
   const float denominator = WarpSum(prob);
   __syncwarp();  // every lane's m_s[h] read is ordered before lane 0 overwrites it (shuffles do not order memory)
   if (lane == 0) {
