@@ -238,15 +238,20 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
     __syncthreads();
 
     // 3. Online softmax: a warp per 4 heads, a lane per candidate; P goes out as bf16 hi and lo.
+    {
+      constexpr int kMine = kGroupHeads / kWarps;
+      float prob[kMine];
+      SoftmaxTileStep<kWarps, kMine, !kExact>(part_s, kGroupHeads, kScoreStride, kMine * warp, valid, p.scale, m_s, l_s,
+                                              corr_s, prob);
 #pragma unroll
-    for (int j = 0; j < kGroupHeads / kWarps; ++j) {
-      const int h = (kGroupHeads / kWarps) * warp + j;
-      const float prob = SoftmaxTileStep<kWarps, !kExact>(part_s, kGroupHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
-      const __nv_bfloat16 hi = __float2bfloat16_rn(prob);
-      prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(hi);
-      if constexpr (kExact) {
-        const __nv_bfloat16 lo = __float2bfloat16_rn(prob - __bfloat162float(hi));
-        prob_s[(kGroupHeads + h) * kProbStride + lane] = __bfloat16_as_ushort(lo);
+      for (int j = 0; j < kMine; ++j) {
+        const int h = kMine * warp + j;
+        const __nv_bfloat16 hi = __float2bfloat16_rn(prob[j]);
+        prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(hi);
+        if constexpr (kExact) {
+          const __nv_bfloat16 lo = __float2bfloat16_rn(prob[j] - __bfloat162float(hi));
+          prob_s[(kGroupHeads + h) * kProbStride + lane] = __bfloat16_as_ushort(lo);
+        }
       }
     }
     __syncthreads();

@@ -217,11 +217,15 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
 
     // 3. Online softmax: a warp per 8 heads, a lane per candidate; the four slices' partials summed in a
     // fixed order; P goes out as bf16.
+    {
+      constexpr int kMine = kHeads / kWarps;
+      float prob[kMine];
+      SoftmaxTileStep<kSlices, kMine, true>(part_s, kHeads, kScoreStride, kMine * warp, valid, p.scale, m_s, l_s, corr_s,
+                                            prob);
 #pragma unroll
-    for (int j = 0; j < kHeads / kWarps; ++j) {
-      const int h = (kHeads / kWarps) * warp + j;
-      const float prob = SoftmaxTileStep<kSlices, true>(part_s, kHeads, kScoreStride, h, valid, p.scale, m_s, l_s, corr_s);
-      prob_s[h * kProbStride + lane] = __bfloat16_as_ushort(__float2bfloat16_rn(prob));
+      for (int j = 0; j < kMine; ++j) {
+        prob_s[(kMine * warp + j) * kProbStride + lane] = __bfloat16_as_ushort(__float2bfloat16_rn(prob[j]));
+      }
     }
     __syncthreads();
 

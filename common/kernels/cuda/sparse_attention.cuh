@@ -196,37 +196,58 @@ __device__ __forceinline__ void IssueEntryCopy(uint8_t* dst, const KvRef& ref, i
   }
 }
 
-// One head's online-softmax step over a tile, a lane per candidate (the whole warp calls it): the score sums
-// kParts partial rows part_s[(w * heads + h) * stride + lane] in order and is scaled; returns the lane's
-// probability exp(score - new max) (0 past valid). Lane 0 then moves the head's running max, denominator
-// (plus the tile's probabilities) and the accumulator's correction in m_s / l_s / corr_s. kRoundBf16: the
-// probability is rounded to bf16 before it is summed and returned, so the denominator adds exactly the
-// weights PV multiplies (else a head's output carries their rounding as one coherent scale error, up to
-// 2^-8 when a few candidates hold the mass).
-template <int kParts, bool kRoundBf16>
-__device__ __forceinline__ float SoftmaxTileStep(const float* part_s, int heads, int stride, int h, int valid,
-                                                 float scale, float* m_s, float* l_s, float* corr_s) {
+// The online-softmax step over a tile for kHeads consecutive heads h0.. of a warp, a lane per candidate (the
+// whole warp calls it): head j's score sums kParts partial rows part_s[(w * heads + h0 + j) * stride + lane]
+// in order and is scaled; prob[j] <- exp(score - new max) (0 past valid). The heads' reductions run
+// interleaved (one dependent shuffle chain for all of them, not one per head). Lane 0 then moves each head's
+// running max, denominator (plus the tile's probabilities) and the accumulator's correction in m_s / l_s /
+// corr_s. kRoundBf16: each probability is rounded to bf16 before it is summed and returned, so the
+// denominator adds exactly the weights PV multiplies (else a head's output carries their rounding as one
+// coherent scale error, up to 2^-8 when a few candidates hold the mass).
+template <int kParts, int kHeads, bool kRoundBf16>
+__device__ __forceinline__ void SoftmaxTileStep(const float* part_s, int heads, int stride, int h0, int valid,
+                                                float scale, float* m_s, float* l_s, float* corr_s,
+                                                float (&prob)[kHeads]) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  float score = -INFINITY;
-  if (lane < valid) {
-    float sum = part_s[h * stride + lane];
+  float score[kHeads], top[kHeads], sum[kHeads];
 #pragma unroll
-    for (int w = 1; w < kParts; ++w) sum = __fadd_rn(sum, part_s[(w * heads + h) * stride + lane]);
-    score = __fmul_rn(sum, scale);
+  for (int j = 0; j < kHeads; ++j) {
+    score[j] = -INFINITY;
+    if (lane < valid) {
+      float s = part_s[(h0 + j) * stride + lane];
+#pragma unroll
+      for (int w = 1; w < kParts; ++w) s = __fadd_rn(s, part_s[(w * heads + h0 + j) * stride + lane]);
+      score[j] = __fmul_rn(s, scale);
+    }
+    top[j] = score[j];
   }
-  const float m_old = m_s[h];
-  const float m_new = fmaxf(m_old, WarpMax(score));
-  float prob = lane < valid ? expf(score - m_new) : 0.0f;
-  if constexpr (kRoundBf16) prob = __bfloat162float(__float2bfloat16_rn(prob));
-  const float denominator = WarpSum(prob);
-  __syncwarp();  // every lane's m_s[h] read is ordered before lane 0 overwrites it (shuffles do not order memory)
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) top[j] = fmaxf(top[j], __shfl_xor_sync(kFullMask, top[j], offset));
+  }
+#pragma unroll
+  for (int j = 0; j < kHeads; ++j) {
+    top[j] = fmaxf(m_s[h0 + j], top[j]);  // the new running max
+    prob[j] = lane < valid ? expf(score[j] - top[j]) : 0.0f;
+    if constexpr (kRoundBf16) prob[j] = __bfloat162float(__float2bfloat16_rn(prob[j]));
+    sum[j] = prob[j];
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) sum[j] += __shfl_xor_sync(kFullMask, sum[j], offset);
+  }
+  __syncwarp();  // every lane's m_s read is ordered before lane 0 overwrites it (shuffles do not order memory)
   if (lane == 0) {
-    const float correction = expf(m_old - m_new);
-    m_s[h] = m_new;
-    l_s[h] = fmaf(l_s[h], correction, denominator);
-    corr_s[h] = correction;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const float correction = expf(m_s[h0 + j] - top[j]);
+      m_s[h0 + j] = top[j];
+      l_s[h0 + j] = fmaf(l_s[h0 + j], correction, sum[j]);
+      corr_s[h0 + j] = correction;
+    }
   }
-  return prob;
 }
 
 // A kernel that serves SparseAttentionArgs: its block size, the heads one block serves and its dynamic
