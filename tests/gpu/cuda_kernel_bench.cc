@@ -441,17 +441,6 @@ void SetSplitWorkspace(Args& a, void* workspace, size_t bytes) {
   (void)a, (void)workspace, (void)bytes;
 }
 
-// SparseAttentionArgs::math where the API has it (bf16: AttentionMath::kBf16).
-template <typename Args>
-constexpr bool HasAttentionMath() {
-  return requires(Args a) { a.math; };
-}
-template <typename Args>
-void SetAttentionMath(Args& a, bool bf16) {
-  if constexpr (HasAttentionMath<Args>()) a.math = bf16 ? decltype(a.math)::kBf16 : decltype(a.math)::kF32;
-  (void)a, (void)bf16;
-}
-
 // SparseAttention. Decode: every token is its own request at position context-1 and reads its 128-entry
 // window ring (one SWA page, ring order) and 512 random entries of its context/4 compressed ones (pages of
 // 64, shuffled over the pool). Prefill: one request's 8192 tokens, token p reading the window
@@ -552,7 +541,7 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
   const auto run = [&](const char* name, bool bf16, bool unsplit = false) {
     const auto with_math = [&](const Set& set) {
       SparseAttentionArgs a = args(set);
-      SetAttentionMath(a, bf16);
+      a.math = bf16 ? AttentionMath::kBf16 : AttentionMath::kF32;
       return a;
     };
     const size_t workspace_bytes = unsplit ? 0 : SplitWorkspaceBytes(with_math(sets[0]));
@@ -569,13 +558,13 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
     Add(rows, name, T, context, timing, entries * E + 8.0 * qn, candidates * kHeads * kHeadDim * 4.0);
   };
   run("sparse_attention", false);
-  if (HasAttentionMath<SparseAttentionArgs>()) {
+  {
     // bf16 on the 64-head kernel and on the 16-head one, both forced at every token count.
     const int64_t saved = WideAttentionMinTokens();
     SetWideAttentionMinTokens(0);
     run("sparse_attention_bf16", true);
     SparseAttentionArgs probe = args(sets[0]);
-    SetAttentionMath(probe, true);
+    probe.math = AttentionMath::kBf16;
     if (!prefill && SplitWorkspaceBytes(probe) > 0) run("sparse_attention_bf16_unsplit", true, true);
     SetWideAttentionMinTokens(std::numeric_limits<int64_t>::max());
     run("sparse_attention_bf16_16heads", true);

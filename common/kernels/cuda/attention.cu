@@ -148,15 +148,15 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
   __shared__ int warp_counts[kWarps];
 
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const BlockCoordinates b = CoordinatesOf(p, kGroupHeads);
-  const int64_t t = b.t, h0 = b.h0;
-  const int hn = b.hn;
+  const BlockCoordinates block = CoordinatesOf(p, kGroupHeads);
+  const int64_t t = block.t, h0 = block.h0;
+  const int hn = block.hn;
 
   const float4* q4 = reinterpret_cast<const float4*>(p.q + (t * p.heads + h0) * kDim);
   for (int i = tid; i < kGroupHeads * kDim / 4; i += kThreads) {
     reinterpret_cast<float4*>(q_s)[i] = i / (kDim / 4) < hn ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  const BlockCandidates cand = StartBlock<kThreads>(p, b, kGroupHeads, kTile, m_s, l_s, sel_s, warp_counts);
+  const BlockCandidates cand = StartBlock<kThreads>(p, block, kGroupHeads, kTile, m_s, l_s, sel_s, warp_counts);
   const int total = cand.n_window + cand.n_compressed;
   const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
   const int quad = warp >> 1;  // QK and PV: heads 4 * quad .. + 3
@@ -289,12 +289,12 @@ __global__ void __launch_bounds__(kThreads, 2) SparseAttentionKernel(AttentionPa
 
   const int column = lane + 32 * (warp & 1);
   if (p.splits > 1) {
-    if (!WritePartialState(p, b, cand, m_s, l_s)) return;
+    if (!WritePartialState(p, block, cand, m_s, l_s)) return;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int h = 4 * quad + j;
       if (h >= hn) continue;
-      float* out = p.partial_acc + PartialRow(p, t, b.split, h0 + h) * kDim;
+      float* out = p.partial_acc + PartialRow(p, t, block.split, h0 + h) * kDim;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         *reinterpret_cast<float2*>(out + 2 * (column + 64 * i)) = make_float2(acc[j][2 * i], acc[j][2 * i + 1]);

@@ -82,17 +82,17 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
 
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
-  const BlockCoordinates b = CoordinatesOf(p, kGroupHeads);
-  const int64_t t = b.t, h0 = b.h0;
-  const int hn = b.hn;
-  const BlockCandidates cand = StartBlock<kThreads>(p, b, kGroupHeads, kTile, m_s, l_s, sel_s, warp_counts);
+  const BlockCoordinates block = CoordinatesOf(p, kGroupHeads);
+  const int64_t t = block.t, h0 = block.h0;
+  const int hn = block.hn;
+  const BlockCandidates cand = StartBlock<kThreads>(p, block, kGroupHeads, kTile, m_s, l_s, sel_s, warp_counts);
   const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
 
   // The candidate of this thread in the tile at tile0, fetched a phase before its copy is issued (the
   // KvRef load's latency then hides behind the dequantization instead of stalling the issue).
   const auto ref_for = [&](int tile0) {
     const int c = tid >> 2;
-    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? cand.Ref(p, sel_s, tile0 + c) : KvRef{};
+    return cand.RefInTile(p, sel_s, tile0, kTile, c);
   };
   // Starts the copy of candidates [tile0, tile0 + valid) into raw_s: 4 threads per candidate (a plain-store
   // fallback is published by the next barrier).
@@ -294,8 +294,8 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
   // Rows g and g + 8 of the accumulator, columns 8 n + 2 tq (+1) of this warp's slice.
   const int column = warp * kSlice + 2 * tq;
   if (p.splits > 1) {
-    if (!WritePartialState(p, b, cand, m_s, l_s)) return;
-    float* out0 = p.partial_acc + PartialRow(p, t, b.split, h0 + g) * kDim + column;
+    if (!WritePartialState(p, block, cand, m_s, l_s)) return;
+    float* out0 = p.partial_acc + PartialRow(p, t, block.split, h0 + g) * kDim + column;
     float* out1 = out0 + 8 * kDim;
 #pragma unroll
     for (int n = 0; n < kSlice / 8; ++n) {

@@ -76,17 +76,17 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
   const int half = warp & 1, slice = warp >> 1;
-  const BlockCoordinates b = CoordinatesOf(p, kHeads);
-  const int64_t t = b.t, h0 = b.h0;
-  const int hn = b.hn;
+  const BlockCoordinates block = CoordinatesOf(p, kHeads);
+  const int64_t t = block.t, h0 = block.h0;
+  const int hn = block.hn;
 
-  const BlockCandidates cand = StartBlock<kThreads>(p, b, kHeads, kTile, m_s, l_s, sel_s, warp_counts);
+  const BlockCandidates cand = StartBlock<kThreads>(p, block, kHeads, kTile, m_s, l_s, sel_s, warp_counts);
   const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
 
   // This thread's candidate in the tile at tile0 (none past the block's range).
   const auto ref_for = [&](int tile0) {
     const int c = tid / kCopiers;
-    return tile0 < tile_end && c < min(kTile, tile_end - tile0) ? cand.Ref(p, sel_s, tile0 + c) : KvRef{};
+    return cand.RefInTile(p, sel_s, tile0, kTile, c);
   };
   // Starts the copy of the tile at tile0 into ring slot `stage` and commits it as one group (an empty group
   // past the range, so that every iteration waits on the same count): 8 threads per candidate (a plain-store
@@ -270,11 +270,11 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
   // Rows g and g + 8 of each m16 tile, columns 8 n + 2 tq (+1) of this warp's slice.
   const int column = slice * kSlice + 2 * tq;
   if (p.splits > 1) {
-    if (!WritePartialState(p, b, cand, m_s, l_s)) return;
+    if (!WritePartialState(p, block, cand, m_s, l_s)) return;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       const int r0 = kWarpHeads * half + 16 * mt + g;
-      float* out0 = p.partial_acc + PartialRow(p, t, b.split, h0 + r0) * kDim + column;
+      float* out0 = p.partial_acc + PartialRow(p, t, block.split, h0 + r0) * kDim + column;
       float* out1 = out0 + 8 * kDim;
 #pragma unroll
       for (int n = 0; n < kSlice / 8; ++n) {

@@ -102,6 +102,11 @@ struct BlockCandidates {
     return i < n_window ? p.window[window_begin + i]
                         : p.compressed[compressed_begin + (p.selected ? sel_s[i - n_window] : i - n_window)];
   }
+  // Candidate c of the tile of `tile` candidates at tile0, or an empty KvRef past this block's range.
+  __device__ __forceinline__ KvRef RefInTile(const AttentionParams& p, const int32_t* sel_s, int tile0, int tile,
+                                             int c) const {
+    return tile0 < tile_end && c < min(tile, tile_end - tile0) ? Ref(p, sel_s, tile0 + c) : KvRef{};
+  }
 };
 
 // The start every sparse-attention block shares: seeds the running max and denominator of its heads in
