@@ -546,8 +546,8 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
     };
     const size_t workspace_bytes = unsplit ? 0 : SplitWorkspaceBytes(with_math(sets[0]));
     auto workspace = Alloc<uint8_t>(workspace_bytes);
-    std::fprintf(stderr, "  %s T=%lld ctx=%lld: split-KV workspace %zu bytes\n", name, static_cast<long long>(T),
-                 static_cast<long long>(context), workspace_bytes);
+    std::fprintf(stderr, "  %s T=%lld ctx=%lld: split-KV workspace %zu bytes, %s\n", name, static_cast<long long>(T),
+                 static_cast<long long>(context), workspace_bytes, SparseAttentionKernelName(with_math(sets[0])));
     const Timing timing = bench.Time([&](int i) {
       SparseAttentionArgs a = with_math(sets[static_cast<size_t>(i % copies)]);
       SetSplitWorkspace(a, workspace_bytes > 0 ? workspace.get() : nullptr, workspace_bytes);
@@ -559,13 +559,18 @@ void RunSparseAttention(Bench& bench, int64_t T, int64_t context, std::vector<Ro
   };
   run("sparse_attention", false);
   {
-    // bf16 on the 64-head kernel and on the 16-head one, both forced at every token count.
+    // bf16 on the 64-head kernels (the warpgroup-MMA one where the device runs it, then the mma.sync one) and
+    // on the 16-head one, all forced at every token count.
     const int64_t saved = WideAttentionMinTokens();
+    const bool saved_wgmma = WgmmaAttention();
     SetWideAttentionMinTokens(0);
     run("sparse_attention_bf16", true);
     SparseAttentionArgs probe = args(sets[0]);
     probe.math = AttentionMath::kBf16;
     if (!prefill && SplitWorkspaceBytes(probe) > 0) run("sparse_attention_bf16_unsplit", true, true);
+    SetWgmmaAttention(false);
+    run("sparse_attention_bf16_mma", true);
+    SetWgmmaAttention(saved_wgmma);
     SetWideAttentionMinTokens(std::numeric_limits<int64_t>::max());
     run("sparse_attention_bf16_16heads", true);
     SetWideAttentionMinTokens(saved);

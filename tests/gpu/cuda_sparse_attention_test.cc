@@ -218,7 +218,8 @@ struct AttentionCase {
 
 // Runs case c on fresh inputs drawn from rng and checks it against the reference; the output goes to *out
 // when given (the same rng state gives the same inputs: two kernels can be compared on them).
-void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float>* out = nullptr) {
+void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float>* out = nullptr,
+                    std::string* kernel = nullptr) {
   SCOPED_TRACE(c.name);
   const KvFormat format = c.format;
   const int64_t tokens = static_cast<int64_t>(c.window.size()), heads = c.heads, dim = format.dim();
@@ -316,6 +317,7 @@ void CheckAttention(std::mt19937& rng, const AttentionCase& c, std::vector<float
     args.workspace = workspace.get();
     args.workspace_bytes = workspace.size();
   }
+  if (kernel) *kernel = cuda::SparseAttentionKernelName(args);
   TANDEM_ASSERT_OK(cuda::SparseAttention(args));
   TANDEM_ASSERT_OK(Sync());
   const auto gpu = ToHost(device_o);
@@ -458,45 +460,80 @@ TEST_F(CudaTest, SparseAttentionMisaligned) {
   CheckAttention(rng_, split);
 }
 
-// bf16 math (AttentionMath::kBf16), every case on the 64-head kernel (forced on at any token count) and on
-// the 16-head kernel's bf16 form (forced): 64 and 128 heads (one and two groups; 20 and 4 heads always take
-// the 16-head kernel), window-only, all compressed, selected rows with -1 between, splits (empty ones too), a
-// heavy sink, topk 4096 and misaligned entries. q comes in unrounded: the kernel rounds it.
+// bf16 math (AttentionMath::kBf16), every case on the 64-head kernels (forced on at any token count): the
+// warpgroup-MMA one (Hopper; the mma.sync one past its shared memory, at topk 4096) and the mma.sync one, and on
+// the 16-head kernel's bf16 form (forced): 64 and 128 heads (one and two groups; 20 and 4 heads always take the
+// 16-head kernel), window-only, all compressed, selected rows with -1 between, splits (empty ones too), a heavy
+// sink, topk 4096 and misaligned entries. q comes in unrounded: the kernel rounds it.
 class WideAttention {
  public:
-  explicit WideAttention(int64_t min_tokens) { cuda::SetWideAttentionMinTokens(min_tokens); }
-  ~WideAttention() { cuda::SetWideAttentionMinTokens(saved_); }
+  explicit WideAttention(int64_t min_tokens, bool wgmma = true) {
+    cuda::SetWideAttentionMinTokens(min_tokens);
+    cuda::SetWgmmaAttention(wgmma);
+  }
+  ~WideAttention() {
+    cuda::SetWideAttentionMinTokens(saved_);
+    cuda::SetWgmmaAttention(saved_wgmma_);
+  }
 
  private:
   int64_t saved_ = cuda::WideAttentionMinTokens();
+  bool saved_wgmma_ = cuda::WgmmaAttention();
 };
 
+bool DeviceIsSm90() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
+}
+
 TEST_F(CudaTest, SparseAttentionBf16Math) {
-  // Each case on the same inputs through both kernels: each against the reference, and unsplit the two
-  // against each other. Then their scores and bf16 probabilities are the same bits (the same k-order, partial
-  // sums and tiles); only PV's accumulation differs (in place vs a fresh tile accumulator; the tensor cores may truncate
-  // each add): ~1e-6 relative.
+  // Each case on the same inputs through the three kernels: each against the reference (its per-element
+  // bound), and unsplit the two mma.sync ones against each other. Those two have the same score bits and bf16
+  // probabilities (the same k-order, partial sums and tiles); only PV's accumulation differs (in place vs a
+  // fresh tile accumulator; the tensor cores may truncate each add): ~1e-6 relative. The warpgroup kernel sums
+  // each score in its own order over all 512 dims, so a few probabilities round to the other bf16 neighbour:
+  // it is held to the reference's bound and, against the mma.sync kernel, to a relative L2 of 2e-3.
   // (Split, the kernels plan different splits, whose running maxima round other probabilities.)
+  const bool hopper = DeviceIsSm90();
   const auto check = [&](AttentionCase c, bool split = false) {
     c.math = cuda::AttentionMath::kBf16;
     c.split = split;
-    std::vector<float> wide_out, narrow_out;
-    std::mt19937 inputs = rng_;
+    std::vector<float> wgmma_out, wide_out, narrow_out;
+    std::string wgmma_kernel, wide_kernel, narrow_kernel;
+    std::mt19937 wide_inputs = rng_, narrow_inputs = rng_;
     {
-      SCOPED_TRACE("64-head kernel");
-      WideAttention wide(0);
-      CheckAttention(rng_, c, &wide_out);
+      SCOPED_TRACE("64-head warpgroup kernel");
+      WideAttention wgmma(0, true);
+      CheckAttention(rng_, c, &wgmma_out, &wgmma_kernel);
+    }
+    {
+      SCOPED_TRACE("64-head mma.sync kernel");
+      WideAttention wide(0, false);
+      CheckAttention(wide_inputs, c, &wide_out, &wide_kernel);
     }
     {
       SCOPED_TRACE("16-head kernel");
       WideAttention narrow(std::numeric_limits<int64_t>::max());
-      CheckAttention(inputs, c, &narrow_out);
+      CheckAttention(narrow_inputs, c, &narrow_out, &narrow_kernel);
     }
-    if (split) return;
     SCOPED_TRACE(c.name);
+    // The warpgroup kernel serves 64-head groups on Hopper up to its shared-memory ceiling.
+    if (hopper && c.heads % 64 == 0 && c.topk <= 512) {
+      EXPECT_NE(wgmma_kernel.find("Wgmma"), std::string::npos) << wgmma_kernel;
+    }
+    if (c.heads % 64 == 0) {
+      EXPECT_NE(wide_kernel.find("Wide"), std::string::npos) << wide_kernel;
+    }
+    EXPECT_NE(narrow_kernel.find("Mma"), std::string::npos) << narrow_kernel;
+    if (split) return;
     ASSERT_EQ(wide_out.size(), narrow_out.size());
     EXPECT_TRUE(AllClose(wide_out, narrow_out, 1e-5, 1e-4)) << "64-head vs 16-head kernel";
     EXPECT_LT(RelativeL2(wide_out, narrow_out), 2e-5) << "64-head vs 16-head kernel";
+    ASSERT_EQ(wgmma_out.size(), wide_out.size());
+    EXPECT_LT(RelativeL2(wgmma_out, wide_out), 2e-3) << "warpgroup vs mma.sync 64-head kernel";
   };
   check({"bf16 flash window", 64, {1, 37, 128, 128, 0, 64}});
   check({"bf16 flash C4", 64, {128, 128, 50, 0, 128}, Compressed::kSelected, {512, 100, 511, 0, 0}, 512});

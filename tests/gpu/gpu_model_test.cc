@@ -224,17 +224,25 @@ TEST_F(GpuModelTest, Bf16AttentionMatchesTheCpu) {
   EXPECT_GE(agreeing / rows, 0.99);
 }
 
-// The same on the 64-head tiny model, through the 64-head kernel at every batch (forced, decode's single
-// tokens included) and then through the 16-head kernel: the whole forward's paged window rings, compressed
-// pages and selections on the kernel V4-Flash runs.
+// The same on the 64-head tiny model, through the 64-head kernels at every batch (forced, decode's single
+// tokens included: the warpgroup-MMA one, then the mma.sync one) and then through the 16-head kernel: the
+// whole forward's paged window rings, compressed pages and selections on the kernels V4-Flash runs.
 TEST_F(GpuModelTest, Bf16AttentionOn64HeadsMatchesTheCpu) {
   const auto weights = Tiny64Heads();
   const ModelConfig& c = weights->config;
   ASSERT_EQ(c.num_attention_heads, 64);
   const int64_t saved = kernels::cuda::WideAttentionMinTokens();
-  for (const int64_t min_tokens : {int64_t{0}, std::numeric_limits<int64_t>::max()}) {
-    const char* kernel = min_tokens == 0 ? "64-head kernel" : "16-head kernel";
-    kernels::cuda::SetWideAttentionMinTokens(min_tokens);
+  const bool saved_wgmma = kernels::cuda::WgmmaAttention();
+  struct Variant {
+    const char* kernel;
+    int64_t min_tokens;
+    bool wgmma;
+  };
+  for (const Variant& v : {Variant{"64-head warpgroup kernel", 0, true}, Variant{"64-head mma.sync kernel", 0, false},
+                           Variant{"16-head kernel", std::numeric_limits<int64_t>::max(), true}}) {
+    const char* kernel = v.kernel;
+    kernels::cuda::SetWideAttentionMinTokens(v.min_tokens);
+    kernels::cuda::SetWgmmaAttention(v.wgmma);
     cuda::DeviceModelOptions options;
     options.attention_bf16 = true;
     auto gpu = DeviceModel::Create(weights, options);
@@ -263,6 +271,7 @@ TEST_F(GpuModelTest, Bf16AttentionOn64HeadsMatchesTheCpu) {
     EXPECT_GE(agreeing / rows, 0.99) << kernel;
   }
   kernels::cuda::SetWideAttentionMinTokens(saved);
+  kernels::cuda::SetWgmmaAttention(saved_wgmma);
 }
 
 // The prefill path of the routed experts (bf16 cuBLASLt per expert, x split hi + lo) forced on at every size.

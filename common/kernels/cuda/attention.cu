@@ -396,6 +396,22 @@ absl::Status CheckSparseAttention(const SparseAttentionArgs& a) {
 }
 
 std::atomic<int64_t> g_wide_min_tokens{8};
+std::atomic<bool> g_wgmma_attention{true};
+
+// The warpgroup-MMA form of the 64-head kernel when this device runs it (compute capability 9.0: its sm_90a
+// code) and its shared memory fits (selections up to ~3.9k slots); else the mma.sync one.
+AttentionLaunch WideLaunch(int64_t selected_slots) {
+  if (g_wgmma_attention.load(std::memory_order_relaxed)) {
+    const absl::StatusOr<internal::DeviceLimits> limits = internal::CurrentDeviceLimits();
+    const AttentionLaunch wgmma = internal::WgmmaAttentionLaunch(selected_slots);
+    constexpr size_t kStaticShared = 1024;  // the kernel's own __shared__ words, with room to spare
+    if (limits.ok() && limits->compute_capability == 90 && wgmma.shared + kStaticShared <= limits->shared_optin) {
+      return wgmma;
+    }
+    if (!limits.ok()) (void)cudaGetLastError();  // a failed query must not read as a later launch's failure
+  }
+  return internal::WideAttentionLaunch(selected_slots);
+}
 
 // The kernel that serves these args: the DSV4 entry on the tensor cores (64 heads a block for bf16 math
 // when the heads come in 64s and the batch has enough tokens, else 16), any other format on the scalar f32
@@ -405,7 +421,7 @@ AttentionLaunch ChooseAttentionKernel(const SparseAttentionArgs& a) {
   if (a.format.nope_dim == 448 && a.format.rope_dim == 64) {
     if (a.math == AttentionMath::kBf16 && a.heads % 64 == 0 &&
         a.tokens >= g_wide_min_tokens.load(std::memory_order_relaxed)) {
-      return internal::WideAttentionLaunch(selected_slots);
+      return WideLaunch(selected_slots);
     }
     return internal::MmaAttentionLaunch(a.math == AttentionMath::kF32, selected_slots);
   }
@@ -439,6 +455,10 @@ absl::StatusOr<int64_t> PlannedSplits(const SparseAttentionArgs& a, const Attent
 
 void SetWideAttentionMinTokens(int64_t tokens) { g_wide_min_tokens.store(tokens, std::memory_order_relaxed); }
 int64_t WideAttentionMinTokens() { return g_wide_min_tokens.load(std::memory_order_relaxed); }
+void SetWgmmaAttention(bool on) { g_wgmma_attention.store(on, std::memory_order_relaxed); }
+bool WgmmaAttention() { return g_wgmma_attention.load(std::memory_order_relaxed); }
+
+const char* SparseAttentionKernelName(const SparseAttentionArgs& a) { return ChooseAttentionKernel(a).name; }
 
 size_t SparseAttentionWorkspaceBytes(const SparseAttentionArgs& a) {
   if (a.tokens <= 0 || !CheckAttentionShape(a).ok()) return 0;

@@ -129,6 +129,14 @@ absl::Status SparseAttention(const SparseAttentionArgs& args, cudaStream_t strea
 // part of a decode step's CUDA graph signature).
 void SetWideAttentionMinTokens(int64_t tokens);
 int64_t WideAttentionMinTokens();
+// The 64-head kernel on Hopper's warpgroup MMA (default on; it runs on compute capability 9.0 when its shared
+// memory fits the selection, else the mma.sync form runs). Off: always the mma.sync form (process-wide; for
+// A/B comparisons in tests and benchmarks; part of a decode step's CUDA graph signature).
+void SetWgmmaAttention(bool on);
+bool WgmmaAttention();
+// The kernel SparseAttention runs for these args on the current device ("launch of <kernel>"; reads what
+// SparseAttentionWorkspaceBytes reads): for tests that must know which path they measured.
+const char* SparseAttentionKernelName(const SparseAttentionArgs& args);
 // Workspace for the split that SparseAttention would choose for these args on the current device
 // (0: no split pays). Reads only format, tokens, heads, math, compressed, selected and topk; the pointers may
 // still be null. Grows with tokens x heads until the batch fills the device: at most ~9 MB on an H200.

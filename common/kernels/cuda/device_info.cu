@@ -65,4 +65,23 @@ absl::StatusOr<int> BlocksPerSm(const void* kernel, int threads, size_t shared) 
   return per_sm;
 }
 
+absl::StatusOr<DeviceLimits> CurrentDeviceLimits() {
+  int device = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  static std::map<int, DeviceLimits> known;  // guarded by Mutex()
+  {
+    std::lock_guard<std::mutex> lock(Mutex());
+    auto found = known.find(device);
+    if (found != known.end()) return found->second;
+  }
+  int major = 0, minor = 0, optin = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const DeviceLimits limits{10 * major + minor, static_cast<size_t>(optin)};
+  std::lock_guard<std::mutex> lock(Mutex());
+  known[device] = limits;
+  return limits;
+}
+
 }  // namespace tandem::kernels::cuda::internal

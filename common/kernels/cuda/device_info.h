@@ -20,4 +20,12 @@ absl::Status AllowSharedMemoryFor(const void* kernel, size_t bytes, const char* 
 // threads, shared).
 absl::StatusOr<int> BlocksPerSm(const void* kernel, int threads, size_t shared);
 
+// The current device's compute capability (major * 10 + minor) and opt-in shared memory per block, remembered
+// per device.
+struct DeviceLimits {
+  int compute_capability = 0;
+  size_t shared_optin = 0;
+};
+absl::StatusOr<DeviceLimits> CurrentDeviceLimits();
+
 }  // namespace tandem::kernels::cuda::internal

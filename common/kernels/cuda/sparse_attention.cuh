@@ -271,5 +271,8 @@ AttentionLaunch MmaAttentionLaunch(bool exact, int64_t selected_slots);
 // The DSV4 entry with bf16 q and probabilities, 64 heads a block: each entry is read and dequantized once
 // per 64 heads instead of once per 16 (attention_wide.cu). heads must be a multiple of 64.
 AttentionLaunch WideAttentionLaunch(int64_t selected_slots);
+// The same math on Hopper's warpgroup MMA, 64 heads a block (attention_wgmma.cu): sm_90a only, heads a
+// multiple of 64; its shared memory grows with selected_slots (the 64-head kernel's fallback past the limit).
+AttentionLaunch WgmmaAttentionLaunch(int64_t selected_slots);
 
 }  // namespace tandem::kernels::cuda::internal

@@ -1167,7 +1167,8 @@ struct DeviceModel::Impl {
       auto& sig = graph_signature;
       sig.insert(sig.end(), {int64_t{head_too}, int64_t{draft}, int64_t{first}, T, rows_out,
                              static_cast<int64_t>(chunks.size()), int64_t{attention_math == kc::AttentionMath::kBf16},
-                             int64_t{kc::GroupedLinearTensorCores()}, kc::WideAttentionMinTokens()});
+                             int64_t{kc::GroupedLinearTensorCores()}, kc::WideAttentionMinTokens(),
+                             int64_t{kc::WgmmaAttention()}});
       for (const auto& chunk : chunks) sig.push_back(chunk.count);
       for (const LayerTables& lt : layer_tables) {
         sig.insert(sig.end(), {lt.window_runs, lt.ring_runs, lt.ring_count, lt.compressed_runs, lt.key_runs,
