@@ -68,12 +68,13 @@ __device__ __forceinline__ uint32_t CoreOffset(uint32_t row, uint32_t col, uint3
   return (col / 8) * column_bytes + (row / 8) * kCore + (row % 8) * 16 + (col % 8) * 2;
 }
 
-// Four e4m3 codes (one word, low byte first) times the scale 2^(e - 127) as two bf16 pairs (codes 0, 1 and
-// 2, 3), for scale bytes e <= 134, with bit moves and one bf16 multiply a pair instead of four conversions: a
-// code's exponent and mantissa bits placed under the bf16 exponent's low four bits read as the code's value
-// times 2^-120 (its subnormals become bf16 subnormals, which bf16 arithmetic keeps), and one product by
-// 2^(e - 7) (bf16 exponent field e + 120) puts the scale and the 2^120 back, rounded once as DequantFp8Pair's
-// f32 product is: the same bits. NaN codes (never written: the quantizer saturates) read as +-480.
+// Four e4m3 codes (one word, low byte first) times a power of two as two bf16 pairs (codes 0, 1 and 2, 3),
+// with bit moves and one bf16 multiply a pair instead of four conversions: a code's exponent and mantissa bits
+// placed under the bf16 exponent's low four bits read as the code's value times 2^-120 (its subnormals become
+// bf16 subnormals, which bf16 arithmetic keeps), and the product by scale_bf16x2 = 2^(e - 7) (bf16 exponent
+// field e + 120, for scale bytes e <= 134) puts the scale 2^(e - 127) and the 2^120 back, rounded once as
+// DequantFp8Pair's f32 product is: the same bits. NaN codes (never written: the quantizer saturates) read as
+// +-480.
 __device__ __forceinline__ uint2 DequantFp8Quad(uint32_t codes, uint32_t scale_bf16x2) {
   const uint32_t w = __byte_perm(codes, 0u, 0x3120);  // bytes 0, 2, 1, 3: each pair's codes 16 bits apart
   const uint32_t lo = ((w << 4) & 0x07F007F0u) | ((w << 8) & 0x80008000u);
@@ -84,21 +85,25 @@ __device__ __forceinline__ uint2 DequantFp8Quad(uint32_t codes, uint32_t scale_b
   return make_uint2(a, b);
 }
 
-// 16 codes of one scale tile as 16 bf16 (two 16-byte rows), exact.
+// 16 codes of one scale tile (scale byte e) as 16 bf16 (two 16-byte rows), the same bits as DequantFp8Pair.
+// Scales over 2^7 (never from the quantizer) take a second exact product: first 2^120 (the code's value),
+// then 2^(e - 127) (or NaN for e = 255, as Ue8m0ToFloat), overflowing to infinity where f32 does.
 __device__ __forceinline__ void DequantChunk(const uint4& raw, uint32_t e, uint4* first, uint4* second) {
-  if (e <= 134u) {
-    const uint32_t half = (e + 120u) << 7;
-    const uint32_t s = half | (half << 16);
-    const uint2 x = DequantFp8Quad(raw.x, s), y = DequantFp8Quad(raw.y, s);
-    const uint2 z = DequantFp8Quad(raw.z, s), w = DequantFp8Quad(raw.w, s);
-    *first = make_uint4(x.x, x.y, y.x, y.y);
-    *second = make_uint4(z.x, z.y, w.x, w.y);
-  } else {  // scales over 2^7 and NaN: the conversions
-    const float scale = Ue8m0ToFloat(e);
-    *first = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale), DequantFp8Pair(raw.y, scale),
-                        DequantFp8Pair(raw.y >> 16, scale));
-    *second = make_uint4(DequantFp8Pair(raw.z, scale), DequantFp8Pair(raw.z >> 16, scale), DequantFp8Pair(raw.w, scale),
-                         DequantFp8Pair(raw.w >> 16, scale));
+  const auto pair = [](uint32_t field) { return (field << 7) | (field << 23); };
+  const uint32_t s = pair(e <= 134u ? e + 120u : 247u);
+  const uint2 x = DequantFp8Quad(raw.x, s), y = DequantFp8Quad(raw.y, s);
+  const uint2 z = DequantFp8Quad(raw.z, s), w = DequantFp8Quad(raw.w, s);
+  *first = make_uint4(x.x, x.y, y.x, y.y);
+  *second = make_uint4(z.x, z.y, w.x, w.y);
+  if (e > 134u) {
+    const uint32_t t = e == 255u ? 0x7FC07FC0u : pair(e);
+    const auto scale = [t](uint32_t v) {
+      uint32_t d;
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(t), "r"(0x80008000u));
+      return d;
+    };
+    *first = make_uint4(scale(first->x), scale(first->y), scale(first->z), scale(first->w));
+    *second = make_uint4(scale(second->x), scale(second->y), scale(second->z), scale(second->w));
   }
 }
 
@@ -137,16 +142,33 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
   issue(tile_begin, 0, ref_for(tile_begin));
   KvRef pending = ref_for(tile_begin + kTile);
 
-  // q as bf16 core matrices (heads past hn zero): item i is head i % 64, dims 8 (i / 64) .. + 7.
-  for (int i = tile_begin < tile_end ? tid : kHeads * kDim / 8; i < kHeads * kDim / 8; i += kThreads) {
-    const int h = i % kHeads, d = 8 * (i / kHeads);
-    uint4 packed = make_uint4(0u, 0u, 0u, 0u);
-    if (h < hn) {
-      const float4* src = reinterpret_cast<const float4*>(p.q + (t * p.heads + h0 + h) * kDim + d);
-      const float4 a = src[0], b = src[1];
-      packed = make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y), PackBf16x2(b.z, b.w));
+  // q as bf16 core matrices (heads past hn zero): thread tid takes head tid % 64 and dims 8 (tid / 64 + 4 k)
+  // .. + 7, k < 16. The loads go out in batches of 8 (16 in flight a thread) before any conversion: one at a
+  // time, each waited for, they took a quarter of the kernel at batch 64 (ncu).
+  if (tile_begin < tile_end) {
+    constexpr int kItems = kHeads * kDim / 8 / kThreads, kBatch = 8, kStride = kThreads / kHeads;
+    const int h = tid % kHeads;
+    const float* row = p.q + (t * p.heads + h0 + h) * kDim;
+#pragma unroll
+    for (int k0 = 0; k0 < kItems; k0 += kBatch) {
+      float4 v[kBatch][2];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int d = 8 * (tid / kHeads + kStride * (k0 + k));
+        v[k][0] = v[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (h < hn) {
+          v[k][0] = __ldg(reinterpret_cast<const float4*>(row + d));
+          v[k][1] = __ldg(reinterpret_cast<const float4*>(row + d) + 1);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int d = 8 * (tid / kHeads + kStride * (k0 + k));
+        const float4 a = v[k][0], b = v[k][1];
+        *reinterpret_cast<uint4*>(q_s + CoreOffset(h, d, kQColumnBytes)) =
+            make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y), PackBf16x2(b.z, b.w));
+      }
     }
-    *reinterpret_cast<uint4*>(q_s + CoreOffset(h, d, kQColumnBytes)) = packed;
   }
   if (tile_begin < tile_end) FenceProxyAsync();  // the first tile's barriers publish q to the wgmmas
 
