@@ -99,7 +99,9 @@ static_assert(kGroupHeads / 4 * 2 == kWarps, "QK and PV: a warp per (quad of hea
 static_assert(kPairs == 64 * 4, "PV: each thread owns 4 pair columns of 64");
 
 // o[t, h] from the splits' partial states, the sink joining the denominator once. One block of 128
-// threads per (t, h), 4 dims a thread.
+// threads per (t, h), 4 dims a thread. The splits' rows are read kCombineBatch at a time, every load of a
+// batch in flight together (their addresses do not depend on the states); the sums still run in split order.
+constexpr int kCombineBatch = 4;
 __global__ void __launch_bounds__(128) SparseAttentionCombineKernel(AttentionParams p) {
   const int64_t t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const float sink = p.sink[h];
@@ -108,17 +110,30 @@ __global__ void __launch_bounds__(128) SparseAttentionCombineKernel(AttentionPar
   // top = -inf only when the sink is -inf and no split saw a candidate: the output is 0, as unsplit.
   float denominator = top == -INFINITY ? 1.0f : expf(sink - top);
   float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s = 0; s < p.splits; ++s) {
-    const int64_t row = PartialRow(p, t, s, h);
-    const float m = p.partial_ml[row * 2], l = p.partial_ml[row * 2 + 1];
-    if (m == -INFINITY && l == 0.0f) continue;  // an empty split: its accumulator was never written
-    const float weight = expf(m - top);
-    denominator = fmaf(l, weight, denominator);
-    const float4 a = reinterpret_cast<const float4*>(p.partial_acc + row * kDim)[threadIdx.x];
-    sum.x = fmaf(a.x, weight, sum.x);
-    sum.y = fmaf(a.y, weight, sum.y);
-    sum.z = fmaf(a.z, weight, sum.z);
-    sum.w = fmaf(a.w, weight, sum.w);
+  for (int s0 = 0; s0 < p.splits; s0 += kCombineBatch) {
+    float m[kCombineBatch], l[kCombineBatch];
+    float4 a[kCombineBatch];
+#pragma unroll
+    for (int i = 0; i < kCombineBatch; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.0f;
+      if (s0 + i < p.splits) {
+        const int64_t row = PartialRow(p, t, s0 + i, h);
+        m[i] = p.partial_ml[row * 2];
+        l[i] = p.partial_ml[row * 2 + 1];
+        a[i] = reinterpret_cast<const float4*>(p.partial_acc + row * kDim)[threadIdx.x];  // unused when empty
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kCombineBatch; ++i) {
+      if (m[i] == -INFINITY && l[i] == 0.0f) continue;  // an empty split (or past the last): never written
+      const float weight = expf(m[i] - top);
+      denominator = fmaf(l[i], weight, denominator);
+      sum.x = fmaf(a[i].x, weight, sum.x);
+      sum.y = fmaf(a[i].y, weight, sum.y);
+      sum.z = fmaf(a[i].z, weight, sum.z);
+      sum.w = fmaf(a[i].w, weight, sum.w);
+    }
   }
   reinterpret_cast<float4*>(p.o + (t * p.heads + h) * kDim)[threadIdx.x] =
       make_float4(__fdiv_rn(sum.x, denominator), __fdiv_rn(sum.y, denominator), __fdiv_rn(sum.z, denominator),

@@ -54,10 +54,14 @@ constexpr size_t kKvBytes = size_t{kDim / 8} * kKvColumnBytes;
 constexpr size_t kPBytes = size_t{kTile / 8} * kPColumnBytes;
 constexpr size_t kRawBytes = size_t{kStages} * kTile * kRawStride;
 constexpr size_t kTradeBytes = size_t{2} * 2 * kHeads * 4;  // [max | sum][warpgroup][head]
+// The epilogue's output rows in shared memory: 8 floats of padding put a half-warp's 8-byte stores (8 rows x 4
+// column pairs) on distinct banks.
+constexpr int kStageStride = kDim + 8;
 static_assert(kNope + kRope == kDim && kNope % 64 == 0, "the DSV4 entry");
 static_assert(kCopiers == 4 && kChunkSteps * kCopiers == kEntryChunks, "the copy: 4 threads per candidate, 9 chunks each");
 static_assert(kThreads == 2 * kGroupThreads && kTile == 8 * kThreads / 32, "a warp dequantizes 8 candidates");
 static_assert(kRawStride % 16 == 0 && kQBytes % 16 == 0 && kRawBytes % 16 == 0, "16-byte aligned shared regions");
+static_assert(size_t{kHeads} * kStageStride * 4 <= kKvBytes + kPBytes + kRawBytes, "the output rows fit the tiles' space");
 
 size_t SharedBytes(int64_t selected_slots) {
   return kQBytes + kKvBytes + kPBytes + kRawBytes + kTradeBytes + 2 * kHeads * 4 + static_cast<size_t>(selected_slots) * 4;
@@ -127,6 +131,35 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
   const int64_t t = block.t, h0 = block.h0;
   const int hn = block.hn;
 
+  // q as bf16 core matrices (heads past hn zero): thread tid takes head tid % 64 and dims 8 (tid / 64 + 4 k)
+  // .. + 7, k < 16, in two batches of 8 loads (16 in flight a thread) converted after they all land: one at a
+  // time, each waited for, they took a quarter of the kernel at batch 64 (ncu). The first batch flies while
+  // the block finds its candidates.
+  constexpr int kQItems = kHeads * kDim / 8 / kThreads, kQBatch = kQItems / 2, kQStride = kThreads / kHeads;
+  const int q_head = tid % kHeads;
+  const float* q_row = p.q + (t * p.heads + h0 + q_head) * kDim;
+  const auto q_dim = [&](int k) { return 8 * (tid / kHeads + kQStride * k); };
+  const auto load_q = [&](int k0, float4 (&v)[kQBatch][2]) {
+#pragma unroll
+    for (int k = 0; k < kQBatch; ++k) {
+      v[k][0] = v[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (q_head < hn) {
+        v[k][0] = __ldg(reinterpret_cast<const float4*>(q_row + q_dim(k0 + k)));
+        v[k][1] = __ldg(reinterpret_cast<const float4*>(q_row + q_dim(k0 + k)) + 1);
+      }
+    }
+  };
+  const auto store_q = [&](int k0, const float4 (&v)[kQBatch][2]) {
+#pragma unroll
+    for (int k = 0; k < kQBatch; ++k) {
+      const float4 a = v[k][0], b = v[k][1];
+      *reinterpret_cast<uint4*>(q_s + CoreOffset(q_head, q_dim(k0 + k), kQColumnBytes)) =
+          make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y), PackBf16x2(b.z, b.w));
+    }
+  };
+  float4 q_batch[kQBatch][2];
+  load_q(0, q_batch);
+
   const BlockCandidates cand = StartBlock<kThreads>(p, block, kHeads, kTile, m_s, l_s, sel_s, warp_counts);
   const int tile_begin = cand.tile_begin, tile_end = cand.tile_end;
 
@@ -141,35 +174,10 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
   };
   issue(tile_begin, 0, ref_for(tile_begin));
   KvRef pending = ref_for(tile_begin + kTile);
+  store_q(0, q_batch);
+  load_q(kQBatch, q_batch);
+  store_q(kQBatch, q_batch);
 
-  // q as bf16 core matrices (heads past hn zero): thread tid takes head tid % 64 and dims 8 (tid / 64 + 4 k)
-  // .. + 7, k < 16. The loads go out in batches of 8 (16 in flight a thread) before any conversion: one at a
-  // time, each waited for, they took a quarter of the kernel at batch 64 (ncu).
-  if (tile_begin < tile_end) {
-    constexpr int kItems = kHeads * kDim / 8 / kThreads, kBatch = 8, kStride = kThreads / kHeads;
-    const int h = tid % kHeads;
-    const float* row = p.q + (t * p.heads + h0 + h) * kDim;
-#pragma unroll
-    for (int k0 = 0; k0 < kItems; k0 += kBatch) {
-      float4 v[kBatch][2];
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int d = 8 * (tid / kHeads + kStride * (k0 + k));
-        v[k][0] = v[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (h < hn) {
-          v[k][0] = __ldg(reinterpret_cast<const float4*>(row + d));
-          v[k][1] = __ldg(reinterpret_cast<const float4*>(row + d) + 1);
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int d = 8 * (tid / kHeads + kStride * (k0 + k));
-        const float4 a = v[k][0], b = v[k][1];
-        *reinterpret_cast<uint4*>(q_s + CoreOffset(h, d, kQColumnBytes)) =
-            make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y), PackBf16x2(b.z, b.w));
-      }
-    }
-  }
   if (tile_begin < tile_end) FenceProxyAsync();  // the first tile's barriers publish q to the wgmmas
 
   // The running max and denominator of rows r0 and r1 (the same in both warpgroups, every tile).
@@ -304,36 +312,36 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
   }
   CopyAsyncWaitAll();  // no copy outlives the block (the empty group past the range included)
 
-  const int column = group * kOutDims + 2 * tq;
-  if (p.splits > 1) {
-    if (group == 0 && tq == 0) {  // the running state back where WritePartialState reads it
-      m_s[r0] = m_run[0];
-      m_s[r1] = m_run[1];
-      l_s[r0] = l_run[0];
-      l_s[r1] = l_run[1];
-    }
-    __syncthreads();
-    if (!WritePartialState(p, block, cand, m_s, l_s)) return;
-    float* out0 = p.partial_acc + PartialRow(p, t, block.split, h0 + r0) * kDim + column;
-    float* out1 = out0 + 8 * kDim;
-#pragma unroll
-    for (int j = 0; j < kOutDims / 8; ++j) {
-      if (r0 < hn) *reinterpret_cast<float2*>(out0 + 8 * j) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      if (r1 < hn) *reinterpret_cast<float2*>(out1 + 8 * j) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-    }
-    return;
+  // The output rows (unsplit: divided by the denominator; split: the raw accumulator) go through shared
+  // memory (the tiles' space, free now), then out as whole 16-byte vectors: a thread's own fragments would
+  // take 64 scattered 8-byte stores, which ncu saw queue up at the end (lg throttle).
+  const bool split = p.splits > 1;
+  if (split && group == 0 && tq == 0) {  // the running state back where WritePartialState reads it
+    m_s[r0] = m_run[0];
+    m_s[r1] = m_run[1];
+    l_s[r0] = l_run[0];
+    l_s[r1] = l_run[1];
   }
-  float* out0 = p.o + (t * p.heads + h0 + r0) * kDim + column;
-  float* out1 = out0 + 8 * kDim;
+  __syncthreads();  // both groups' wgmmas are done with kv_s and p_s; m_s, l_s are written
+  if (split && !WritePartialState(p, block, cand, m_s, l_s)) return;  // (the same answer for the whole block)
+  float* stage_s = reinterpret_cast<float*>(kv_s);
+  const int column = group * kOutDims + 2 * tq;
 #pragma unroll
   for (int j = 0; j < kOutDims / 8; ++j) {
-    if (r0 < hn) {
-      *reinterpret_cast<float2*>(out0 + 8 * j) = make_float2(__fdiv_rn(acc[4 * j], l_run[0]), __fdiv_rn(acc[4 * j + 1], l_run[0]));
+    float2 v0 = make_float2(acc[4 * j], acc[4 * j + 1]), v1 = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    if (!split) {
+      v0 = make_float2(__fdiv_rn(v0.x, l_run[0]), __fdiv_rn(v0.y, l_run[0]));
+      v1 = make_float2(__fdiv_rn(v1.x, l_run[1]), __fdiv_rn(v1.y, l_run[1]));
     }
-    if (r1 < hn) {
-      *reinterpret_cast<float2*>(out1 + 8 * j) =
-          make_float2(__fdiv_rn(acc[4 * j + 2], l_run[1]), __fdiv_rn(acc[4 * j + 3], l_run[1]));
-    }
+    *reinterpret_cast<float2*>(stage_s + r0 * kStageStride + column + 8 * j) = v0;
+    *reinterpret_cast<float2*>(stage_s + r1 * kStageStride + column + 8 * j) = v1;
+  }
+  __syncthreads();
+  for (int i = tid; i < kHeads * kDim / 4; i += kThreads) {
+    const int row = i / (kDim / 4), c4 = i % (kDim / 4);
+    if (row >= hn) continue;
+    float* dst = split ? p.partial_acc + PartialRow(p, t, block.split, h0 + row) * kDim : p.o + (t * p.heads + h0 + row) * kDim;
+    reinterpret_cast<float4*>(dst)[c4] = *reinterpret_cast<const float4*>(stage_s + row * kStageStride + 4 * c4);
   }
 }
 
