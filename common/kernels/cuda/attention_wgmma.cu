@@ -316,7 +316,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
   // memory (the tiles' space, free now), then out as whole 16-byte vectors: a thread's own fragments would
   // take 64 scattered 8-byte stores, which ncu saw queue up at the end (lg throttle).
   const bool split = p.splits > 1;
-  if (split && group == 0 && tq == 0) {  // the running state back where WritePartialState reads it
+  // The running state back where WritePartialState reads it (a block without tiles left it unchanged there:
+  // writing it anyway would race its first reads, with no barrier in between; racecheck saw that).
+  if (split && tile_begin < tile_end && group == 0 && tq == 0) {
     m_s[r0] = m_run[0];
     m_s[r1] = m_run[1];
     l_s[r0] = l_run[0];
