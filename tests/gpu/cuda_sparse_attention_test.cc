@@ -542,6 +542,9 @@ TEST_F(CudaTest, SparseAttentionBf16Math) {
   check({"bf16 split flash C4", 64, {128}, Compressed::kSelected, {512}, 512}, true);
   check({"bf16 split few candidates", 64, {3, 0, 1}}, true);
   check({"bf16 split C128", 64, {128, 0, 7, 128}, Compressed::kAll, {900, 0, 1, 33}}, true);
+  // A token long enough that every split block walks several tiles (a split's second tile rescales from its
+  // (-inf, 0) start; the ring's second stage in split mode).
+  check({"bf16 split long", 64, {128}, Compressed::kAll, {4000}}, true);
   check({"bf16 128 heads", 128, {128, 9}, Compressed::kSelected, {512, 40}, 512, true});
   check({"bf16 128 heads split", 128, {128, 9}, Compressed::kSelected, {512, 40}, 512, true}, true);
   check({"bf16 20 heads", 20, {128, 7, 33}, Compressed::kSelected, {16, 3, 0}, 16, true});

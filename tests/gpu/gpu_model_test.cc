@@ -231,8 +231,15 @@ TEST_F(GpuModelTest, Bf16AttentionOn64HeadsMatchesTheCpu) {
   const auto weights = Tiny64Heads();
   const ModelConfig& c = weights->config;
   ASSERT_EQ(c.num_attention_heads, 64);
-  const int64_t saved = kernels::cuda::WideAttentionMinTokens();
-  const bool saved_wgmma = kernels::cuda::WgmmaAttention();
+  // The process-wide kernel switches come back however the test ends.
+  struct Restore {
+    int64_t min_tokens = kernels::cuda::WideAttentionMinTokens();
+    bool wgmma = kernels::cuda::WgmmaAttention();
+    ~Restore() {
+      kernels::cuda::SetWideAttentionMinTokens(min_tokens);
+      kernels::cuda::SetWgmmaAttention(wgmma);
+    }
+  } restore;
   struct Variant {
     const char* kernel;
     int64_t min_tokens;
@@ -270,8 +277,6 @@ TEST_F(GpuModelTest, Bf16AttentionOn64HeadsMatchesTheCpu) {
     }
     EXPECT_GE(agreeing / rows, 0.99) << kernel;
   }
-  kernels::cuda::SetWideAttentionMinTokens(saved);
-  kernels::cuda::SetWgmmaAttention(saved_wgmma);
 }
 
 // The prefill path of the routed experts (bf16 cuBLASLt per expert, x split hi + lo) forced on at every size.

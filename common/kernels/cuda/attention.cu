@@ -413,9 +413,11 @@ absl::Status CheckSparseAttention(const SparseAttentionArgs& a) {
 std::atomic<int64_t> g_wide_min_tokens{8};
 std::atomic<bool> g_wgmma_attention{true};
 
-// The warpgroup-MMA form of the 64-head kernel when this device runs it (compute capability 9.0: its sm_90a
-// code) and its shared memory fits (selections up to ~3.9k slots); else the mma.sync one.
+// The warpgroup-MMA form of the 64-head kernel when this build has its sm_90a code (TANDEM_CUDA_SM90A: a build
+// for plain sm_90 compiles it to traps), the device runs that code (compute capability 9.0) and its shared
+// memory fits (selections up to ~3.7k slots on an H100/H200); else the mma.sync one.
 AttentionLaunch WideLaunch(int64_t selected_slots) {
+#if defined(TANDEM_CUDA_SM90A)
   if (g_wgmma_attention.load(std::memory_order_relaxed)) {
     const absl::StatusOr<internal::DeviceLimits> limits = internal::CurrentDeviceLimits();
     const AttentionLaunch wgmma = internal::WgmmaAttentionLaunch(selected_slots);
@@ -425,6 +427,7 @@ AttentionLaunch WideLaunch(int64_t selected_slots) {
     }
     if (!limits.ok()) (void)cudaGetLastError();  // a failed query must not read as a later launch's failure
   }
+#endif
   return internal::WideAttentionLaunch(selected_slots);
 }
 

@@ -77,8 +77,8 @@ __device__ __forceinline__ uint32_t CoreOffset(uint32_t row, uint32_t col, uint3
 // placed under the bf16 exponent's low four bits read as the code's value times 2^-120 (its subnormals become
 // bf16 subnormals, which bf16 arithmetic keeps), and the product by scale_bf16x2 = 2^(e - 7) (bf16 exponent
 // field e + 120, for scale bytes e <= 134) puts the scale 2^(e - 127) and the 2^120 back, rounded once as
-// DequantFp8Pair's f32 product is: the same bits. NaN codes (never written: the quantizer saturates) read as
-// +-480.
+// DequantFp8Pair's f32 product is: the same bits. NaN codes would read as +-480: DequantChunk sends them to the
+// conversions.
 __device__ __forceinline__ uint2 DequantFp8Quad(uint32_t codes, uint32_t scale_bf16x2) {
   const uint32_t w = __byte_perm(codes, 0u, 0x3120);  // bytes 0, 2, 1, 3: each pair's codes 16 bits apart
   const uint32_t lo = ((w << 4) & 0x07F007F0u) | ((w << 8) & 0x80008000u);
@@ -91,8 +91,19 @@ __device__ __forceinline__ uint2 DequantFp8Quad(uint32_t codes, uint32_t scale_b
 
 // 16 codes of one scale tile (scale byte e) as 16 bf16 (two 16-byte rows), the same bits as DequantFp8Pair.
 // Scales over 2^7 (never from the quantizer) take a second exact product: first 2^120 (the code's value),
-// then 2^(e - 127) (or NaN for e = 255, as Ue8m0ToFloat), overflowing to infinity where f32 does.
+// then 2^(e - 127) (or NaN for e = 255, as Ue8m0ToFloat), overflowing to infinity where f32 does. A chunk with a
+// NaN code (the quantizer writes 0x7f / 0xff for a NaN value) takes the conversions, which keep it NaN as the
+// CPU and the other kernels do (the bit moves would read it as +-480).
 __device__ __forceinline__ void DequantChunk(const uint4& raw, uint32_t e, uint4* first, uint4* second) {
+  const auto nan_codes = [](uint32_t w) { return ((w & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u; };
+  if (nan_codes(raw.x) | nan_codes(raw.y) | nan_codes(raw.z) | nan_codes(raw.w)) {
+    const float scale = Ue8m0ToFloat(e);
+    *first = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale), DequantFp8Pair(raw.y, scale),
+                        DequantFp8Pair(raw.y >> 16, scale));
+    *second = make_uint4(DequantFp8Pair(raw.z, scale), DequantFp8Pair(raw.z >> 16, scale), DequantFp8Pair(raw.w, scale),
+                         DequantFp8Pair(raw.w >> 16, scale));
+    return;
+  }
   const auto pair = [](uint32_t field) { return (field << 7) | (field << 23); };
   const uint32_t s = pair(e <= 134u ? e + 120u : 247u);
   const uint2 x = DequantFp8Quad(raw.x, s), y = DequantFp8Quad(raw.y, s);
