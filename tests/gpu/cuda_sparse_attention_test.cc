@@ -561,5 +561,64 @@ TEST_F(CudaTest, SparseAttentionBf16Math) {
   check(misaligned, true);
 }
 
+// A NaN in the cache (the quantizer writes the code 0x7f for a NaN value) reaches every output of the token
+// that attends it, on every kernel and both maths, as on the CPU; the other token stays finite. The warpgroup
+// kernel's bit-move dequantization alone would read the code as +-480. The outputs start at 0, not the NaN
+// poison, so a kernel that skipped the token fails too.
+TEST_F(CudaTest, SparseAttentionPropagatesANaNEntry) {
+  const KvFormat format{448, 64};
+  const int64_t heads = 64, dim = format.dim(), entries = 128, tokens = 2;
+  auto host = QuantizeEntries(format, Normal(static_cast<size_t>(entries * dim), rng_));
+  host[static_cast<size_t>(5 * format.entry_bytes() + 10)] = 0x7f;  // a code of entry 5, seen by token 0 only
+  KvPool pool = KvPool::Create(format, entries);
+  pool.Upload(host);
+  std::vector<cuda::KvRef> refs;
+  for (int64_t i = 0; i < entries; ++i) refs.push_back(pool.Ref(i));
+  const std::vector<int64_t> begin = {0, entries / 2};
+  const std::vector<int32_t> count = {static_cast<int32_t>(entries / 2), static_cast<int32_t>(entries / 2)};
+  auto device_refs = ToDevice(refs);
+  auto device_begin = ToDevice(begin);
+  auto device_count = ToDevice(count);
+  auto device_q = ToDevice(Normal(static_cast<size_t>(tokens * heads * dim), rng_));
+  auto device_sink = ToDevice(Normal(static_cast<size_t>(heads), rng_));
+  struct Variant {
+    const char* name;
+    cuda::AttentionMath math;
+    int64_t min_tokens;
+    bool wgmma;
+  };
+  const int64_t never = std::numeric_limits<int64_t>::max();
+  for (const Variant& v : {Variant{"f32", cuda::AttentionMath::kF32, never, true},
+                           Variant{"bf16 16-head", cuda::AttentionMath::kBf16, never, true},
+                           Variant{"bf16 64-head mma.sync", cuda::AttentionMath::kBf16, 0, false},
+                           Variant{"bf16 64-head warpgroup", cuda::AttentionMath::kBf16, 0, true}}) {
+    SCOPED_TRACE(v.name);
+    WideAttention kernel(v.min_tokens, v.wgmma);
+    auto device_o = ToDevice(std::vector<float>(static_cast<size_t>(tokens * heads * dim), 0.0f));
+    cuda::SparseAttentionArgs args;
+    args.format = format;
+    args.tokens = tokens;
+    args.heads = heads;
+    args.q = device_q.get();
+    args.sink = device_sink.get();
+    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim)));
+    args.math = v.math;
+    args.window = device_refs.get();
+    args.window_begin = device_begin.get();
+    args.window_count = device_count.get();
+    args.o = device_o.get();
+    TANDEM_ASSERT_OK(cuda::SparseAttention(args));
+    TANDEM_ASSERT_OK(Sync());
+    const auto out = ToHost(device_o);
+    int64_t finite_in_token0 = 0, nonfinite_in_token1 = 0;
+    for (int64_t i = 0; i < heads * dim; ++i) {
+      finite_in_token0 += std::isfinite(out[static_cast<size_t>(i)]) ? 1 : 0;
+      nonfinite_in_token1 += std::isfinite(out[static_cast<size_t>(heads * dim + i)]) ? 0 : 1;
+    }
+    EXPECT_EQ(finite_in_token0, 0) << "token 0 attends the NaN entry";
+    EXPECT_EQ(nonfinite_in_token1, 0) << "token 1 does not";
+  }
+}
+
 }  // namespace
 }  // namespace tandem::kernels
