@@ -17,7 +17,9 @@
 // - warpgroup w accumulates output dims [256 w, 256 w + 256) of all 64 heads: 4 wgmma m64n256k16 over the
 //   tile's 64 candidates, P from shared memory, V (the same bf16 tile) read N-major.
 // q and the probabilities are rounded to bf16 once; scores, the online softmax and the output stay f32, as
-// in the other bf16 kernels.
+// in the other bf16 kernels. Every warp takes every phase: a producer warpgroup that dequantized into a second
+// tile while the other two computed measured no faster (one warp a scheduler could not hide its loads;
+// bench/results/cuda-kernels/NOTES.md).
 #include <cuda_runtime.h>
 
 #include <cstdint>
