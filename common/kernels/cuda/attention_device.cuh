@@ -232,6 +232,22 @@ __device__ __forceinline__ uint32_t DequantFp8Pair(uint32_t codes, float scale) 
   return *reinterpret_cast<const uint32_t*>(&b);
 }
 
+// 16 e4m3 codes (one 16-byte load) times a ue8m0 scale as 16 bf16: codes 0..7 in lo, 8..15 in hi, each pair
+// as DequantFp8Pair.
+__device__ __forceinline__ void DequantFp8Chunk(const uint4& codes, float scale, uint4* lo, uint4* hi) {
+  *lo = make_uint4(DequantFp8Pair(codes.x, scale), DequantFp8Pair(codes.x >> 16, scale), DequantFp8Pair(codes.y, scale),
+                   DequantFp8Pair(codes.y >> 16, scale));
+  *hi = make_uint4(DequantFp8Pair(codes.z, scale), DequantFp8Pair(codes.z >> 16, scale), DequantFp8Pair(codes.w, scale),
+                   DequantFp8Pair(codes.w >> 16, scale));
+}
+
+// a * b per bf16 half (fma with -0 so that +0 * s stays +0).
+__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
 // Two e4m3 codes (low byte first) as an f16 pair: exact (every e4m3 value is an f16).
 __device__ __forceinline__ uint32_t Fp8PairToF16(uint32_t codes) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes & 0xffffu), __NV_E4M3);

@@ -169,10 +169,7 @@ __global__ void __launch_bounds__(tc::kThreads, 2) SparseAttentionMmaKernel(Atte
           const int w = sub + 4 * j;
           const uint4 raw = *reinterpret_cast<const uint4*>(src + 16 * w);
           const float scale = Ue8m0ToFloat(src[8 * kDataChunks + j]);
-          *reinterpret_cast<uint4*>(row + 16 * w) = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale),
-                                                              DequantFp8Pair(raw.y, scale), DequantFp8Pair(raw.y >> 16, scale));
-          *reinterpret_cast<uint4*>(row + 16 * w + 8) = make_uint4(DequantFp8Pair(raw.z, scale), DequantFp8Pair(raw.z >> 16, scale),
-                                                                  DequantFp8Pair(raw.w, scale), DequantFp8Pair(raw.w >> 16, scale));
+          DequantFp8Chunk(raw, scale, reinterpret_cast<uint4*>(row + 16 * w), reinterpret_cast<uint4*>(row + 16 * w + 8));
         }
 #pragma unroll
         for (int j = kNopeSteps; j < kChunksPerThread; ++j) {

@@ -85,10 +85,7 @@ __device__ __forceinline__ uint2 DequantFp8Quad(uint32_t codes, uint32_t scale_b
   const uint32_t w = __byte_perm(codes, 0u, 0x3120);  // bytes 0, 2, 1, 3: each pair's codes 16 bits apart
   const uint32_t lo = ((w << 4) & 0x07F007F0u) | ((w << 8) & 0x80008000u);
   const uint32_t hi = ((w >> 4) & 0x07F007F0u) | (w & 0x80008000u);
-  uint32_t a, b;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(a) : "r"(lo), "r"(scale_bf16x2), "r"(0x80008000u));
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(b) : "r"(hi), "r"(scale_bf16x2), "r"(0x80008000u));
-  return make_uint2(a, b);
+  return make_uint2(MulBf16x2(lo, scale_bf16x2), MulBf16x2(hi, scale_bf16x2));
 }
 
 // 16 codes of one scale tile (scale byte e) as 16 bf16 (two 16-byte rows), the same bits as DequantFp8Pair.
@@ -99,11 +96,7 @@ __device__ __forceinline__ uint2 DequantFp8Quad(uint32_t codes, uint32_t scale_b
 __device__ __forceinline__ void DequantChunk(const uint4& raw, uint32_t e, uint4* first, uint4* second) {
   const auto nan_codes = [](uint32_t w) { return ((w & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u; };
   if (nan_codes(raw.x) | nan_codes(raw.y) | nan_codes(raw.z) | nan_codes(raw.w)) {
-    const float scale = Ue8m0ToFloat(e);
-    *first = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale), DequantFp8Pair(raw.y, scale),
-                        DequantFp8Pair(raw.y >> 16, scale));
-    *second = make_uint4(DequantFp8Pair(raw.z, scale), DequantFp8Pair(raw.z >> 16, scale), DequantFp8Pair(raw.w, scale),
-                         DequantFp8Pair(raw.w >> 16, scale));
+    DequantFp8Chunk(raw, Ue8m0ToFloat(e), first, second);
     return;
   }
   const auto pair = [](uint32_t field) { return (field << 7) | (field << 23); };
@@ -114,13 +107,8 @@ __device__ __forceinline__ void DequantChunk(const uint4& raw, uint32_t e, uint4
   *second = make_uint4(z.x, z.y, w.x, w.y);
   if (e > 134u) {
     const uint32_t t = e == 255u ? 0x7FC07FC0u : pair(e);
-    const auto scale = [t](uint32_t v) {
-      uint32_t d;
-      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(t), "r"(0x80008000u));
-      return d;
-    };
-    *first = make_uint4(scale(first->x), scale(first->y), scale(first->z), scale(first->w));
-    *second = make_uint4(scale(second->x), scale(second->y), scale(second->z), scale(second->w));
+    *first = make_uint4(MulBf16x2(first->x, t), MulBf16x2(first->y, t), MulBf16x2(first->z, t), MulBf16x2(first->w, t));
+    *second = make_uint4(MulBf16x2(second->x, t), MulBf16x2(second->y, t), MulBf16x2(second->z, t), MulBf16x2(second->w, t));
   }
 }
 

@@ -161,11 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWideKernel(Attenti
           uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
           if (live) {
             const uint4 raw = *reinterpret_cast<const uint4*>(src + 16 * k);
-            const float scale = Ue8m0ToFloat(src[kScaleOffset + k / 4]);
-            lo = make_uint4(DequantFp8Pair(raw.x, scale), DequantFp8Pair(raw.x >> 16, scale),
-                            DequantFp8Pair(raw.y, scale), DequantFp8Pair(raw.y >> 16, scale));
-            hi = make_uint4(DequantFp8Pair(raw.z, scale), DequantFp8Pair(raw.z >> 16, scale),
-                            DequantFp8Pair(raw.w, scale), DequantFp8Pair(raw.w >> 16, scale));
+            DequantFp8Chunk(raw, Ue8m0ToFloat(src[kScaleOffset + k / 4]), &lo, &hi);
           }
           *reinterpret_cast<uint4*>(row + 16 * k) = lo;
           *reinterpret_cast<uint4*>(row + 16 * k + 8) = hi;

@@ -31,11 +31,10 @@ absl::Status AllowSharedMemoryFor(const void* kernel, size_t bytes, const char* 
     if (found != limits.end()) limit = found->second;
   }
   if (limit == 0) {
-    int optin = 0;
-    TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TANDEM_ASSIGN_OR_RETURN(const DeviceLimits device_limits, CurrentDeviceLimits());
     cudaFuncAttributes attributes{};
     TANDEM_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
-    limit = static_cast<size_t>(optin) - attributes.sharedSizeBytes;
+    limit = device_limits.shared_optin - attributes.sharedSizeBytes;
     TANDEM_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
     std::lock_guard<std::mutex> lock(Mutex());

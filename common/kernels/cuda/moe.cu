@@ -478,13 +478,6 @@ constexpr int kMmaStep = 128;
 constexpr int64_t kMmaMinRowsBound = 24;
 std::atomic<bool> g_grouped_mma{true};
 
-// a * b per bf16 half (fma with -0 so that +0 * s stays +0).
-__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
-  return d;
-}
-
 // 2^(bits - 127) in both bf16 halves (bits 0: the subnormal 2^-127; 255: NaN), as Ue8m0.
 __device__ __forceinline__ uint32_t Ue8m0Bf16x2(uint32_t bits) {
   const uint32_t v = bits == 0 ? 0x0040u : bits == 255 ? 0x7FC0u : bits << 7;
@@ -585,7 +578,7 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
           for (int i = 0; i < kMmaTiles; ++i) {
             // mma j = 2q + jj reads code quad j: word q, half jj.
             const uint2 b = E2m1Bf16Quad<jj>(Word(w[i], q));
-            internal::MmaBf16(c[i], a, MulBf16x2(b.x, scale[i]), MulBf16x2(b.y, scale[i]));
+            internal::MmaBf16(c[i], a, internal::MulBf16x2(b.x, scale[i]), internal::MulBf16x2(b.y, scale[i]));
           }
         };
         half(std::integral_constant<int, 0>{});
