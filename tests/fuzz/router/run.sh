@@ -7,6 +7,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
+source "$here/../lib.sh"
 runs="${1:-20000}"
 target=request_fuzz
 build="${FUZZ_BUILD:-$root/build-fuzz-router}"
@@ -34,18 +35,7 @@ libs=($(pkg-config --libs spdlog fmt libpcre2-8 protobuf absl_flat_hash_map absl
 # source or a header of theirs changes.
 sources=("$root"/common/text/*.cc "$root/services/router/api.cc" "$build/gen/tandem/v1/engine.pb.cc")
 newest_header="$(ls -t "$root"/common/text/*.h "$root"/services/router/api.h "$build/gen/tandem/v1/engine.pb.h" | head -1)"
-objects=()
-pids=()
-for source in "${sources[@]}"; do
-  object="$build/obj/$(basename "${source%.cc}").o"
-  objects+=("$object")
-  if [ ! -f "$object" ] || [ "$source" -nt "$object" ] || [ "$newest_header" -nt "$object" ]; then
-    "$cxx" "${flags[@]}" -fsanitize=fuzzer-no-link,address -c "$source" -o "$object" &
-    pids+=($!)
-    if [ ${#pids[@]} -ge "${FUZZ_JOBS:-2}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-  fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+compile_objects address "$newest_header" "${sources[@]}"
 
 binary="$build/$target"
 if [ ! -f "$binary" ] || [ "$here/$target.cc" -nt "$binary" ] || [ "$root/tests/fuzz/text/fuzz_common.h" -nt "$binary" ] ||

@@ -7,6 +7,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
+source "$here/../lib.sh"
 runs="${1:-20000}"
 shift || true
 targets=("$@")
@@ -29,18 +30,7 @@ libs=($(pkg-config --libs spdlog fmt libpcre2-8 absl_flat_hash_map absl_flat_has
 # The library sources, compiled once for every target (rebuilt when a source or header changes).
 sources=("$root"/common/text/*.cc)
 newest_header="$(ls -t "$root"/common/text/*.h | head -1)"
-objects=()
-pids=()
-for source in "${sources[@]}"; do
-  object="$build/obj/$(basename "${source%.cc}").o"
-  objects+=("$object")
-  if [ ! -f "$object" ] || [ "$source" -nt "$object" ] || [ "$newest_header" -nt "$object" ]; then
-    "$cxx" "${flags[@]}" -fsanitize=fuzzer-no-link,address -c "$source" -o "$object" &
-    pids+=($!)
-    if [ ${#pids[@]} -ge "${FUZZ_JOBS:-2}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-  fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+compile_objects address "$newest_header" "${sources[@]}"
 
 status=0
 for target in "${targets[@]}"; do

@@ -7,6 +7,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
+source "$here/../lib.sh"
 runs="${1:-20000}"
 target=wire_fuzz
 build="${FUZZ_BUILD:-$root/build-fuzz-transfer}"
@@ -30,18 +31,7 @@ libs=($(pkg-config --libs absl_status absl_statusor absl_strings))
 # theirs changes (or the sanitizers do).
 sources=("$root"/common/transfer/{wire,handshake,device_ipc,transport}.cc)
 newest_header="$(ls -t "$root"/common/transfer/{wire,handshake,device_ipc,transport}.h "$root/common/core/status.h" "$probe.result" | head -1)"
-objects=()
-pids=()
-for source in "${sources[@]}"; do
-  object="$build/obj/$(basename "${source%.cc}").o"
-  objects+=("$object")
-  if [ ! -f "$object" ] || [ "$source" -nt "$object" ] || [ "$newest_header" -nt "$object" ]; then
-    "$cxx" "${flags[@]}" -fsanitize=fuzzer-no-link,"$sanitize" -c "$source" -o "$object" &
-    pids+=($!)
-    if [ ${#pids[@]} -ge "${FUZZ_JOBS:-2}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-  fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+compile_objects "$sanitize" "$newest_header" "${sources[@]}"
 
 stale() {  # stale BINARY SOURCE: the binary is missing or older than its source or an object
   [ ! -f "$1" ] || [ "$2" -nt "$1" ] || [ -n "$(find "$build/obj" -newer "$1" -name '*.o' | head -1)" ]
