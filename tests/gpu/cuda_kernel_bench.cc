@@ -19,6 +19,7 @@
 
 #include "common/kernels/cuda/cuda_attention.h"
 #include "common/kernels/cuda/cuda_moe.h"
+#include "common/kernels/cuda/cuda_moe_prefill.h"
 #include "common/kernels/cuda/cuda_ops.h"
 #include "common/kernels/cuda/device_buffer.h"
 
@@ -862,7 +863,8 @@ Routing RandomRouting(std::mt19937_64& rng, int64_t T) {
 // Shared expert (FP8 block, one expert of T rows): the same counting with its 8 MB weight.
 // Rotation: each copy has its own routing (different experts for the small T) and its own activations;
 // the shared expert's weights have their own 20 copies.
-// Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=layer,attention,indexer,compressor,moe,head
+// Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=layer,attention,indexer,compressor,moe,
+// prefill_experts,head
 // and TANDEM_KERNEL_BENCH_TOKENS=1,64,... (both unset: everything).
 bool InList(const char* env, const std::string& item) {
   const char* list = std::getenv(env);
@@ -1043,6 +1045,84 @@ void RunMoe(Bench& bench, std::vector<Row>& rows) {
   }
 }
 
+// The prefill's routed experts (GroupedExpertGemm, what the forward runs from prefill_expert_pairs rows on):
+// 8192 tokens x 6 = 49152 rows over 256 experts (uniform routing, ~192 rows an expert), w1/w3 stacked (out
+// 4096, in 4096) and w2 (out 4096, in 2048). Four paths in the same process: the fused warpgroup-MMA kernel
+// and the lanes (per-expert bf16 dequantization + cuBLASLt), each with x in one bf16 pass and as a hi + lo
+// pair (split_x, the bf16x2 forward's). Run is not graph-captured (the fused path uploads its row tiles per
+// call), so these rows are plain launches between events, median of 5 after 3 warm-ups, no L2 flush (1.1 GB of
+// weights pass per call). FLOPs = 2 x rows x out x in (the math; split does twice the MMAs); bytes = the
+// touched experts' codes + scales + x (f32) in + y (f32) out. After timing, every fused output must match the
+// lanes' (relative L2 under 1e-4, same operands and f32 accumulation, other summation order).
+void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
+  using Format = QuantizedWeight::Format;
+  const int64_t T = kPrefill, P = T * kTopExperts;
+  const ExpertWeights w1 = MakeExperts(Format::kMxfp4, kExperts, kMoeInter, kHidden, 51);
+  const ExpertWeights w3 = MakeExperts(Format::kMxfp4, kExperts, kMoeInter, kHidden, 52);
+  const ExpertWeights w2 = MakeExperts(Format::kMxfp4, kExperts, kHidden, kMoeInter, 53);
+  auto host_pointers = [](const ExpertWeights& w, bool codes) {
+    std::vector<const uint8_t*> pointers(static_cast<size_t>(kExperts));
+    Check(cudaMemcpy(pointers.data(), codes ? w.code_pointers.get() : w.scale_pointers.get(),
+                     pointers.size() * sizeof(const uint8_t*), cudaMemcpyDeviceToHost),
+          "expert pointers");
+    return pointers;
+  };
+  const auto c1 = host_pointers(w1, true), s1 = host_pointers(w1, false), c3 = host_pointers(w3, true),
+             s3 = host_pointers(w3, false), c2 = host_pointers(w2, true), s2 = host_pointers(w2, false);
+  const HostExpertWeights stacked[2] = {HostExpertWeights::Of(w1.view, c1.data(), s1.data()),
+                                        HostExpertWeights::Of(w3.view, c3.data(), s3.data())};
+  const HostExpertWeights down[1] = {HostExpertWeights::Of(w2.view, c2.data(), s2.data())};
+  std::mt19937_64 rng(900);
+  const Routing routing = RandomRouting(rng, T);
+  auto x = RandomFloats(static_cast<size_t>(P * kHidden), 901);
+  auto h = RandomFloats(static_cast<size_t>(P * kMoeInter), 902);
+  auto y13 = Alloc<float>(static_cast<size_t>(P * 2 * kMoeInter));
+  auto y2 = Alloc<float>(static_cast<size_t>(P * kHidden));
+  const double touched = static_cast<double>(routing.touched);
+  struct Path {
+    const char* name;
+    bool fused, split;
+  };
+  const Path paths[] = {{"fused", true, false}, {"lanes", false, false}, {"fused_split", true, true}, {"lanes_split", false, true}};
+  std::vector<float> fused_y13[2], fused_y2[2];  // [split]
+  for (const Path& path : paths) {
+    GroupedExpertGemm::Options options;
+    options.max_weight_elements = 2 * kMoeInter * kHidden;
+    options.split_x = path.split;
+    options.fused_mxfp4 = path.fused;
+    auto grouped_or = GroupedExpertGemm::Create(options);
+    Check(grouped_or.status(), "GroupedExpertGemm::Create");
+    GroupedExpertGemm& grouped = **grouped_or;
+    const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
+    if (path.fused && !grouped.last_run_fused()) Fail("prefill experts: the fused kernel did not serve (not Hopper?)");
+    Add(rows, std::string("prefill_w13_mxfp4_") + path.name, T, 0, Timing{w13_us, false},
+        2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter), 4.0 * P * kMoeInter * kHidden);
+    const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
+    Add(rows, std::string("prefill_w2_mxfp4_") + path.name, T, 0, Timing{w2_us, false},
+        touched * w2.expert_bytes + 4.0 * P * (kMoeInter + kHidden), 2.0 * P * kHidden * kMoeInter);
+    Check(cudaDeviceSynchronize(), "prefill experts");
+    const std::vector<float> got13 = ToHost(y13), got2 = ToHost(y2);
+    if (path.fused) {
+      fused_y13[path.split] = got13;
+      fused_y2[path.split] = got2;
+      continue;
+    }
+    auto relative_l2 = [](const std::vector<float>& a, const std::vector<float>& b) {
+      double num = 0.0, den = 0.0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        const double d = static_cast<double>(a[i]) - b[i];
+        num += d * d;
+        den += static_cast<double>(b[i]) * b[i];
+      }
+      return std::sqrt(num / std::max(den, 1e-300));
+    };
+    const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
+    std::fprintf(stderr, "  prefill experts%s: fused vs lanes relative L2 w13 %.2e, w2 %.2e\n", path.split ? " (split)" : "",
+                 e13, e2);
+    if (!(e13 < 1e-4) || !(e2 < 1e-4)) Fail("prefill experts: the fused kernel's output differs from the lanes'");
+  }
+}
+
 // ---- Output head at decode: hc_head, greedy and sampled picks over the 129280 vocabulary ----
 constexpr int64_t kVocab = 129280, kFavourites = 16;
 int64_t FavouriteColumn(int64_t j) { return 1000 + 7919 * j; }
@@ -1192,6 +1272,7 @@ int main(int argc, char** argv) {
     RunCompressor(bench, T, true, rows);
   }
   if (WantGroup("moe")) RunMoe(bench, rows);
+  if (WantGroup("prefill_experts") && WantTokens(kPrefill)) RunPrefillExperts(bench, rows);
   for (const int64_t T : kDecode) {
     if (WantGroup("head") && WantTokens(T)) RunHead(bench, T, rows);
   }

@@ -15,9 +15,11 @@ namespace {
 using Format = QuantizedWeight::Format;
 using testing::AllClose;
 using testing::CudaTest;
+using testing::DeviceIsSm90;
 using testing::Must;
 using testing::Normal;
 using testing::Poisoned;
+using testing::RelativeL2;
 using testing::Sync;
 using testing::ToDevice;
 using testing::ToHost;
@@ -142,20 +144,24 @@ TEST_F(CudaTest, Mxfp4DequantizeIsExact) {
   EXPECT_FALSE(cuda::DequantizeMxfp4(nullptr, nullptr, 4, 48, nullptr).ok()) << "in not a multiple of 32";
 }
 
-// Experts of 37, 0, 300 and 1 rows (unaligned block starts, an empty expert, a single row), on two lanes.
+// Experts of 37, 0, 300 and 1 rows (unaligned block starts, an empty expert, a single row; for the fused kernel
+// row tiles of 37, 128, 128, 44 and 1, so warpgroups with and without rows), on two lanes or fused.
 TEST_F(CudaTest, GroupedExpertGemmMatchesCpu) {
   struct Case {
     Format format;
     int64_t out, in;
+    bool fused;
   };
-  // MXFP4 w1-like; FP8 with partial 128-blocks on both sides.
-  for (const Case c : {Case{Format::kMxfp4, 256, 512}, Case{Format::kFp8Block, 320, 640}}) {
+  // MXFP4 w1-like (fused on Hopper, and on the lanes); FP8 with partial 128-blocks on both sides (the lanes).
+  for (const Case c : {Case{Format::kMxfp4, 256, 512, true}, Case{Format::kMxfp4, 256, 512, false},
+                       Case{Format::kFp8Block, 320, 640, true}}) {
     SCOPED_TRACE(::testing::Message() << (c.format == Format::kMxfp4 ? "mxfp4" : "fp8") << " out " << c.out << " in "
-                                      << c.in);
+                                      << c.in << (c.fused ? " fused allowed" : " lanes"));
     const std::vector<int64_t> offsets = Offsets({37, 0, 300, 1});
     const Experts w(c.format, 4, c.out, c.in, rng_);
     const auto x = Normal(static_cast<size_t>(offsets.back() * c.in), rng_);
-    auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = c.out * c.in, .lanes = 2}));
+    auto grouped = Must(
+        cuda::GroupedExpertGemm::Create({.max_weight_elements = c.out * c.in, .lanes = 2, .fused_mxfp4 = c.fused}));
     auto dx = ToDevice(x);
     auto dy = Poisoned<float>(static_cast<size_t>(offsets.back() * c.out));
     cuda::GroupedWeights weights;  // Run reads its format and shape; the pointers come from the host arrays
@@ -168,13 +174,16 @@ TEST_F(CudaTest, GroupedExpertGemmMatchesCpu) {
       TANDEM_ASSERT_OK(grouped->Run(weights, w.code_pointers.data(), w.scale_pointers.data(), dx.get(), offsets, dy.get()));
     }
     TANDEM_ASSERT_OK(Sync());
+    // On Hopper the fused kernel must be what served MXFP4 when allowed (a silent fallback fails here).
+    EXPECT_EQ(grouped->last_run_fused(), c.fused && c.format == Format::kMxfp4 && DeviceIsSm90());
     ExpectMatchesCpu({&w}, x, offsets, ToHost(dy));
   }
 }
 
 // w1 and w3 stacked into one GEMM: y [R, 2I] = [x.w1^T | x.w3^T]; SwiGluStacked on it equals SwiGlu on the halves.
+// I = 192: the fused kernel's first 256-column tile holds columns of both weights, its second is partial.
 TEST_F(CudaTest, GroupedExpertGemmStacksWeights) {
-  const int64_t inter = 128, in = 256, experts = 3;
+  const int64_t inter = 192, in = 256, experts = 3;
   const std::vector<int64_t> offsets = Offsets({1, 300, 37});
   const Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
   const auto x = Normal(static_cast<size_t>(offsets.back() * in), rng_);
@@ -185,6 +194,7 @@ TEST_F(CudaTest, GroupedExpertGemmStacksWeights) {
   const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
   TANDEM_ASSERT_OK(grouped->Run(stacked, dx.get(), offsets, dy.get()));
   TANDEM_ASSERT_OK(Sync());
+  EXPECT_EQ(grouped->last_run_fused(), DeviceIsSm90());
   const auto y = ToHost(dy);
   ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
 
@@ -204,6 +214,90 @@ TEST_F(CudaTest, GroupedExpertGemmStacksWeights) {
   TANDEM_ASSERT_OK(cuda::SwiGluStacked(dy.get(), rows, inter, limit, dh_stacked.get()));
   TANDEM_ASSERT_OK(Sync());
   EXPECT_TRUE(AllClose(ToHost(dh_stacked), ToHost(dh), 0.0, 1e-6));
+}
+
+// split_x (x as bf16 hi + lo) on both paths: every output within 3e-5 of the f32-x result (relative to
+// sum |x w|), and its error well under the one-bf16 run's (which misses lo's product: ~2^-9 relative per term).
+TEST_F(CudaTest, GroupedExpertGemmSplitXMatchesF32) {
+  const int64_t out = 256, in = 512;
+  const std::vector<int64_t> offsets = Offsets({130, 64, 0, 65, 3});
+  const int64_t rows = offsets.back(), experts = 5;
+  const Experts w(Format::kMxfp4, experts, out, in, rng_);
+  const auto x = Normal(static_cast<size_t>(rows * in), rng_);
+  auto dx = ToDevice(x);
+  std::vector<float> exact(static_cast<size_t>(rows * out)), magnitude(exact.size());
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t row0 = offsets[e], n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    QuantizedLinear(x.data() + row0 * in, n, w.View(static_cast<size_t>(e)), exact.data() + row0 * out);
+    std::vector<float> weight(static_cast<size_t>(out * in));
+    DequantizeRows(w.View(static_cast<size_t>(e)), 0, out, weight.data());
+    for (int64_t r = row0; r < row0 + n; ++r) {
+      for (int64_t o = 0; o < out; ++o) {
+        double m = 0.0;
+        for (int64_t k = 0; k < in; ++k) m += std::fabs(static_cast<double>(x[r * in + k]) * weight[o * in + k]);
+        magnitude[r * out + o] = static_cast<float>(m);
+      }
+    }
+  }
+  const cuda::HostExpertWeights one[] = {w.Host()};
+  for (const bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused allowed" : "lanes");
+    double error[2] = {0.0, 0.0};  // squared, [split, one bf16]
+    for (const bool split : {true, false}) {
+      auto grouped = Must(cuda::GroupedExpertGemm::Create(
+          {.max_weight_elements = out * in, .lanes = 2, .split_x = split, .fused_mxfp4 = fused}));
+      auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
+      TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), offsets, dy.get()));
+      TANDEM_ASSERT_OK(Sync());
+      EXPECT_EQ(grouped->last_run_fused(), fused && DeviceIsSm90());
+      const auto y = ToHost(dy);
+      int64_t bad = 0;
+      for (size_t i = 0; i < y.size(); ++i) {
+        const double diff = static_cast<double>(y[i]) - exact[i];
+        error[split ? 0 : 1] += diff * diff;
+        if (split && !(std::fabs(diff) <= 3e-5 * magnitude[i]) && bad++ < 5) {
+          ADD_FAILURE() << "y[" << i / out << "][" << i % out << "] split " << y[i] << " f32 " << exact[i] << " (sum |xw| "
+                        << magnitude[i] << ")";
+        }
+      }
+      EXPECT_EQ(bad, 0);
+    }
+    EXPECT_LT(error[0], error[1] / 256) << "the lo part's product is missing";
+  }
+}
+
+// A group scale of 255 (NaN) makes its weight row's outputs NaN for every row, as on the CPU; a scale of 0
+// (2^-127) is a value like any other. Fused on Hopper.
+TEST_F(CudaTest, GroupedExpertGemmScaleEdges) {
+  const int64_t out = 256, in = 128;
+  Experts w(Format::kMxfp4, 1, out, in, rng_);
+  w.scales[0][5 * (in / 32) + 1] = 255;
+  w.scales[0][6 * (in / 32) + 2] = 0;
+  w.device_scales[0] = ToDevice(w.scales[0]);
+  w.scale_pointers[0] = w.device_scales[0].get();
+  const std::vector<int64_t> offsets = {0, 3};
+  const auto x = Normal(static_cast<size_t>(3 * in), rng_);
+  auto dx = ToDevice(x);
+  auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = out * in, .lanes = 1}));
+  auto dy = Poisoned<float>(static_cast<size_t>(3 * out));
+  const cuda::HostExpertWeights one[] = {w.Host()};
+  TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), offsets, dy.get()));
+  TANDEM_ASSERT_OK(Sync());
+  EXPECT_EQ(grouped->last_run_fused(), DeviceIsSm90());
+  std::vector<float> y = ToHost(dy);
+  for (int64_t r = 0; r < 3; ++r) {
+    EXPECT_TRUE(std::isnan(y[r * out + 5])) << "row " << r;
+    y[r * out + 5] = 0.0f;  // the rest against the CPU, which agrees on NaN there
+  }
+  std::vector<float> cpu(y.size());
+  QuantizedLinear(x.data(), 3, w.View(0), cpu.data());
+  for (int64_t r = 0; r < 3; ++r) {
+    EXPECT_TRUE(std::isnan(cpu[r * out + 5]));
+    cpu[r * out + 5] = 0.0f;
+  }
+  // bf16 x against the CPU's f32 x: ~2^-9 relative per term, so a relative L2 of a few 1e-3.
+  EXPECT_LT(RelativeL2(y, cpu), 1e-2);
 }
 
 // Shapes off the fast path: in % 8 != 0 (padded bf16 row blocks) and out = 42 (y blocks not 16-byte aligned,

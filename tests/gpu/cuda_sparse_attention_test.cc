@@ -22,6 +22,7 @@ namespace {
 
 using testing::AllClose;
 using testing::CudaTest;
+using testing::DeviceIsSm90;
 using testing::DequantizeEntries;
 using testing::KvPool;
 using testing::Normal;
@@ -480,14 +481,6 @@ class WideAttention {
   int64_t saved_ = cuda::WideAttentionMinTokens();
   bool saved_wgmma_ = cuda::WgmmaAttention();
 };
-
-bool DeviceIsSm90() {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
-}
 
 TEST_F(CudaTest, SparseAttentionBf16Math) {
   // Each case on the same inputs through the three kernels: each against the reference (its per-element

@@ -65,6 +65,15 @@ std::vector<T> ToHost(const cuda::DeviceArray<T>& array) {
   return host;
 }
 
+// Compute capability 9.0 (H100/H200): where the sm_90a warpgroup-MMA kernels must be the ones that serve.
+inline bool DeviceIsSm90() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
+}
+
 inline absl::Status Sync() {
   const cudaError_t err = cudaDeviceSynchronize();
   if (err != cudaSuccess) return absl::InternalError(std::string("cudaDeviceSynchronize: ") + cudaGetErrorString(err));

@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kTile / 16; ++ks) {
-      WgmmaM64N256K16NMajorB(acc, WgmmaAdvance(pv_a, ks * 2 * kPColumnBytes), WgmmaAdvance(pv_b, ks * 2 * kCore), 1);
+      WgmmaM64N256K16<true>(acc, WgmmaAdvance(pv_a, ks * 2 * kPColumnBytes), WgmmaAdvance(pv_b, ks * 2 * kCore), 1);
     }
     WgmmaCommit();
     WgmmaWait<0>();

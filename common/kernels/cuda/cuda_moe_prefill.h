@@ -56,6 +56,12 @@ class GroupedExpertGemm {
     // x as a bf16 hi + lo pair (Gemm::LinearSplit's ~16-bit precision): a second GEMM per expert
     // accumulates lo's product.
     bool split_x = false;
+    // MXFP4 weights on an sm_90a build and a compute capability 9.0 device: one warpgroup-MMA kernel for all
+    // experts, each weight dequantized in shared memory (moe_wgmma.h) instead of bf16 scratch + cuBLASLt.
+    // Also needs in % 128 == 0, an even sum of outs, at most two stacked weights, x 16-byte aligned, y 8-byte
+    // aligned and a stream not capturing (its row tiles are uploaded per Run); otherwise, or when false, the
+    // lanes serve.
+    bool fused_mxfp4 = true;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();
@@ -79,6 +85,8 @@ class GroupedExpertGemm {
     const HostExpertWeights one = HostExpertWeights::Of(weights, host_codes, host_scales);
     return Run(std::span<const HostExpertWeights>(&one, 1), x, host_offsets, y, stream);
   }
+  // Whether the last Run with rows went through the fused MXFP4 kernel (tests and benchmarks check the path).
+  bool last_run_fused() const { return last_run_fused_; }
 
  private:
   struct Lane {
@@ -93,6 +101,12 @@ class GroupedExpertGemm {
   // The per-expert dequantizations and GEMMs on the lanes (after the fork).
   absl::Status Enqueue(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets, int64_t total_out,
                        float* y);
+  // Whether the fused MXFP4 kernel serves this Run (Options::fused_mxfp4).
+  absl::StatusOr<bool> FusedServes(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets,
+                                   int64_t total_out, const float* x, const float* y, cudaStream_t stream) const;
+  // The row tiles to the device and the one launch, in `stream` (x already in x_bf16_ / x_lo_).
+  absl::Status RunFused(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets, int64_t total_out,
+                        float* y, cudaStream_t stream);
 
   Options options_;
   std::vector<Lane> lanes_;
@@ -103,6 +117,12 @@ class GroupedExpertGemm {
   int64_t x_lo_elements_ = 0;
   std::vector<int64_t> x_starts_;  // per expert: first element of its row block in x_bf16_
   std::vector<int> lane_of_;       // per expert: its lane (-1: no rows)
+  // The fused kernel's row tiles (internal::ExpertTile, 40 bytes each): pinned host staging and its device copy.
+  void* tiles_host_ = nullptr;
+  void* tiles_device_ = nullptr;
+  int64_t tiles_capacity_ = 0;
+  cudaEvent_t tiles_copied_ = nullptr;  // the last upload out of tiles_host_ (rewritten only after it)
+  bool last_run_fused_ = false;
 };
 
 }  // namespace tandem::kernels::cuda

@@ -192,6 +192,7 @@ __device__ void NextChunk(const float* logits, int64_t vocab, bool bounded, uint
       const int want = s.want;
       const unsigned reached = __ballot_sync(0xffffffffu, inclusive >= want);
       const int owner = __ffs(reached) - 1;  // reached is never empty: the caller guarantees n ids
+      __syncwarp();  // every lane has read s.want before the owner rewrites it
       if (lane == owner) {
         int before = inclusive - total;
         int bin = 0;

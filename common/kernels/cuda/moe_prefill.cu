@@ -7,6 +7,7 @@
 
 #include "common/kernels/cuda/check.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
+#include "common/kernels/cuda/moe_wgmma.h"
 
 namespace tandem::kernels::cuda {
 namespace {
@@ -165,6 +166,7 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->tiles_copied_, cudaEventDisableTiming));
   grouped->lanes_.resize(static_cast<size_t>(options.lanes));
   for (Lane& lane : grouped->lanes_) {
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking));
@@ -185,6 +187,12 @@ GroupedExpertGemm::~GroupedExpertGemm() {
     if (lane.done) cudaEventDestroy(lane.done);
     if (lane.stream) cudaStreamDestroy(lane.stream);
   }
+  if (tiles_copied_) {
+    cudaEventSynchronize(tiles_copied_);
+    cudaEventDestroy(tiles_copied_);
+  }
+  if (tiles_host_) cudaFreeHost(tiles_host_);
+  if (tiles_device_) cudaFree(tiles_device_);
   if (x_bf16_) cudaFree(x_bf16_);
   if (x_lo_) cudaFree(x_lo_);
   if (fork_) cudaEventDestroy(fork_);
@@ -245,6 +253,17 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     if (!contiguous && offsets[e + 1] > offsets[e]) cursor = (cursor + (offsets[e + 1] - offsets[e]) * in + 7) / 8 * 8;
   }
   const int64_t x_needed = contiguous ? rows_total * in : cursor;
+  TANDEM_ASSIGN_OR_RETURN(const bool fused, FusedServes(stacked, offsets, total_out, x, y, stream));
+  last_run_fused_ = fused;
+  if (fused) {
+    if (x_needed > x_bf16_elements_ || (options_.split_x && x_needed > x_lo_elements_)) {
+      TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, x_needed));
+      if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, x_needed));
+    }
+    TANDEM_RETURN_IF_ERROR(
+        internal::ToBf16Permuted(x, rows_total * in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
+    return RunFused(stacked, offsets, total_out, y, stream);
+  }
 
   // Experts to lanes, greedily to the least loaded (a dequantization costs about as much as ~128 rows of GEMM).
   lane_of_.assign(static_cast<size_t>(experts), -1);
@@ -298,6 +317,81 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     status.Update(CudaStatus(cudaStreamWaitEvent(stream, lane.done, 0), "cudaStreamWaitEvent", __FILE__, __LINE__));
   }
   return status;
+}
+
+absl::StatusOr<bool> GroupedExpertGemm::FusedServes(std::span<const HostExpertWeights> stacked,
+                                                    std::span<const int64_t> offsets, int64_t total_out, const float* x,
+                                                    const float* y, cudaStream_t stream) const {
+  if (!options_.fused_mxfp4 || stacked.size() > 2 || stacked[0].in % (2 * internal::kExpertTileDepth) != 0 ||
+      total_out % 2 != 0 || !Aligned16(x) || (reinterpret_cast<uintptr_t>(y) & 7) != 0) {
+    return false;
+  }
+  for (const HostExpertWeights& w : stacked) {
+    if (w.format != QuantizedWeight::Format::kMxfp4) return false;
+  }
+  for (int64_t e = 0; e < stacked[0].experts; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    for (const HostExpertWeights& w : stacked) {
+      if (!Aligned16(w.codes[e]) || (reinterpret_cast<uintptr_t>(w.scales[e]) & 3) != 0) return false;
+    }
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+  return internal::GroupedMxfp4GemmWgmmaAvailable();
+}
+
+absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets,
+                                         int64_t total_out, float* y, cudaStream_t stream) {
+  using internal::ExpertTile;
+  const int64_t experts = stacked[0].experts;
+  int64_t count = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    count += (offsets[e + 1] - offsets[e] + internal::kExpertTileRows - 1) / internal::kExpertTileRows;
+  }
+  // The previous upload must be out of the staging before it is rewritten (or freed).
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(tiles_copied_));
+  if (count > tiles_capacity_) {
+    if (tiles_host_) TANDEM_CUDA_RETURN_IF_ERROR(cudaFreeHost(tiles_host_));
+    tiles_host_ = nullptr;
+    ExpertTile* device = static_cast<ExpertTile*>(tiles_device_);
+    const absl::Status grown = Grow(&device, &tiles_capacity_, count);
+    tiles_device_ = device;  // null after a failed Grow, which also left the capacity at 0
+    TANDEM_RETURN_IF_ERROR(grown);
+    const cudaError_t pinned = cudaMallocHost(&tiles_host_, static_cast<size_t>(count) * sizeof(ExpertTile));
+    if (pinned != cudaSuccess) {
+      tiles_host_ = nullptr;
+      tiles_capacity_ = 0;
+      TANDEM_CUDA_RETURN_IF_ERROR(pinned);
+    }
+  }
+  ExpertTile* tiles = static_cast<ExpertTile*>(tiles_host_);
+  int64_t t = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += internal::kExpertTileRows) {
+      ExpertTile& tile = tiles[t++];
+      for (size_t p = 0; p < 2; ++p) {
+        const HostExpertWeights& w = stacked[std::min(p, stacked.size() - 1)];
+        tile.codes[p] = w.codes[e];
+        tile.scales[p] = w.scales[e];
+      }
+      tile.row0 = r;
+      tile.rows = static_cast<int32_t>(std::min<int64_t>(internal::kExpertTileRows, offsets[e + 1] - r));
+    }
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tiles_device_, tiles_host_, static_cast<size_t>(count) * sizeof(ExpertTile),
+                                              cudaMemcpyHostToDevice, stream));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(tiles_copied_, stream));
+  internal::GroupedMxfp4GemmArgs args;
+  args.tiles = static_cast<const ExpertTile*>(tiles_device_);
+  args.tile_count = count;
+  args.x = x_bf16_;
+  args.x_lo = options_.split_x ? x_lo_ : nullptr;
+  args.y = y;
+  args.in = stacked[0].in;
+  args.total_out = total_out;
+  args.out0 = stacked[0].out;
+  return internal::GroupedMxfp4GemmWgmma(args, stream);
 }
 
 absl::Status GroupedExpertGemm::Enqueue(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets,

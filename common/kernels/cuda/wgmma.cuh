@@ -84,9 +84,10 @@ __device__ __forceinline__ void WgmmaM64N32K16(float (&d)[16], uint64_t a, uint6
 #endif
 }
 
-// d (64 x 256, f32) = a (64 x 16 bf16, K-major) * b (16 x 256 bf16, MN-major: 16 rows of K, 256 along N)
-// + (accumulate ? d : 0).
-__device__ __forceinline__ void WgmmaM64N256K16NMajorB(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
+// d (64 x 256, f32) = a (64 x 16 bf16, K-major) * b (16 x 256 bf16) + (accumulate ? d : 0); b is MN-major (16
+// rows of K, 256 along N) with kNMajorB, else K-major (256 rows of N, 16 along K).
+template <bool kNMajorB>
+__device__ __forceinline__ void WgmmaM64N256K16(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -99,7 +100,7 @@ __device__ __forceinline__ void WgmmaM64N256K16NMajorB(float (&d)[128], uint64_t
       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -116,7 +117,7 @@ __device__ __forceinline__ void WgmmaM64N256K16NMajorB(float (&d)[128], uint64_t
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a), "l"(b), "r"(accumulate));
+      : "l"(a), "l"(b), "r"(accumulate), "n"(kNMajorB ? 1 : 0));
 #else
   __trap();
 #endif

@@ -1,0 +1,376 @@
+// Prefill grouped expert GEMM from MXFP4 weights on warpgroup MMA (moe_wgmma.h).
+//
+// A block of two warpgroups computes a 128-row x 256-column tile of y for one expert, in K steps of 64:
+// - x (bf16 from ToBf16Permuted, and its lo part when split) arrives by cp.async two steps ahead into a
+//   3-stage ring;
+// - each thread owns one weight row of the tile: it loads that row's 32 code bytes two steps ahead into
+//   registers (its scales come by cp.async with the x copies) and dequantizes them into a bf16 tile (2 stages);
+// - warpgroup w multiplies rows [64 w, 64 w + 64) by all 256 columns: 4 wgmma m64n256k16 a step (8 when
+//   split), both operands K-major in shared memory, f32 accumulators in registers (128 a thread). Step k's
+//   wgmmas run while step k + 1 is dequantized.
+// Rows past the tile's count are computed from a repeated row and never stored; a warpgroup whose 64 rows
+// are all past the count skips its MMAs.
+//
+// Dequantization, exactly as DequantizeMxfp4: an e2m1 code's 3 magnitude bits go under the bf16 exponent
+// (bits 6-8) and its sign to bit 15, which reads as the code's value times 2^-126 (subnormals included);
+// one bf16 multiply by 2^(s - 1) (or, for s > 128, by 2^126 and then 2^(s - 127)) gives the exact product
+// (two significant bits: no rounding). s = 255 makes every value of the group NaN, as on the CPU.
+// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA"): the
+// instruction stream of the dequantization, not the tensor cores, sets the pace.
+#include "common/kernels/cuda/moe_wgmma.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/kernels/cuda/attention_device.cuh"
+#include "common/kernels/cuda/wgmma.cuh"
+
+namespace tandem::kernels::cuda::internal {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRows = kExpertTileRows, kColumns = kExpertTileColumns, kDepth = kExpertTileDepth;
+constexpr int kXStages = 3;       // x tiles in the ring: the copy of step k + 2 flies during step k
+constexpr int kWeightStages = 2;  // bf16 weight tiles: step k + 1 is written while step k is multiplied
+constexpr int kScaleSlots = 2;    // the weight rows' scales of two steps a slot (one 4-byte cp.async a row)
+constexpr uint32_t kCore = 128;   // a core matrix: 8 rows x 16 bytes
+constexpr uint32_t kRowGroupBytes = kDepth / 8 * kCore;  // 8 rows x 64 values: 1 KB
+constexpr uint32_t kXTileBytes = kRows * kDepth * 2;     // 16 KB
+constexpr uint32_t kWeightTileBytes = kColumns * kDepth * 2;  // 32 KB
+static_assert(kThreads == kColumns, "one weight row a thread");
+
+constexpr uint32_t kScaleSlotBytes = kColumns * 4;
+size_t SharedBytes(bool split) {
+  return size_t{kXStages} * (split ? 2 : 1) * kXTileBytes + size_t{kWeightStages} * kWeightTileBytes +
+         size_t{kScaleSlots} * kScaleSlotBytes;
+}
+
+// Byte offset of (row, 8-value chunk c) in a [rows][64] tile of core matrices: row group r / 8 holds the 8
+// chunks of its rows one core matrix after another (K-major: leading 128 bytes, stride 1 KB).
+__device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
+  return static_cast<uint32_t>(row >> 3) * kRowGroupBytes + static_cast<uint32_t>(chunk) * kCore +
+         static_cast<uint32_t>(row & 7) * 16;
+}
+
+// 2^(s - 127) as a bf16 pair for s > 128 (255: NaN, as Ue8m0ToFloat).
+__device__ __forceinline__ uint32_t ScalePair(uint32_t s) {
+  const uint32_t bits = s == 255 ? 0x7fc0u : s << 7;
+  return bits | bits << 16;
+}
+
+// 8 e2m1 codes (value i in nibble i) -> 4 bf16 pairs, word j holding values j (low half) and j + 4 (high
+// half), each the code's value times 2^-126: nibbles j and j + 4 sit 16 bits apart, so two shifts and two
+// masks place both (the magnitude under bits 6-8 / 22-24, the sign at 15 / 31). x is laid out in the same
+// order (ToBf16Permuted), so the dot products are the same.
+__device__ __forceinline__ void ShiftMxfp4Word(uint32_t w, uint32_t (&out)[4]) {
+  constexpr uint32_t kMagnitude = 0x01c001c0u, kSign = 0x80008000u;
+  out[0] = ((w << 6) & kMagnitude) | ((w << 12) & kSign);
+  out[1] = ((w << 2) & kMagnitude) | ((w << 8) & kSign);
+  out[2] = ((w >> 2) & kMagnitude) | ((w << 4) & kSign);
+  out[3] = ((w >> 6) & kMagnitude) | (w & kSign);
+}
+
+// One 8-value chunk times 2^(s - 127). kFast (s <= 128): 2^(s - 1) is a bf16 and one multiply does it; else
+// 2^126 first and then the scale (s = 255 gives NaN, as Ue8m0ToFloat).
+template <bool kFast>
+__device__ __forceinline__ uint4 DequantMxfp4Word(uint32_t codes, uint32_t s) {
+  uint32_t v[4];
+  ShiftMxfp4Word(codes, v);
+  if constexpr (kFast) {
+    const uint32_t bits = (s + 126) << 7, factor = bits | bits << 16;  // 2^(s - 1)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = MulBf16x2(v[j], factor);
+  } else {
+    constexpr uint32_t kTwoTo126 = 0x7e807e80u;
+    const uint32_t scale = ScalePair(s);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = MulBf16x2(MulBf16x2(v[j], kTwoTo126), scale);
+  }
+  return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+// One weight row's codes for one K step: 64 values.
+struct RowCodes {
+  uint4 low, high;
+};
+
+__device__ __forceinline__ void LoadRowCodes(const uint8_t* codes, bool valid, int step, RowCodes& r) {
+  if (!valid) {
+    r = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    return;
+  }
+  // Read once per block: no L1 allocation.
+  const uint8_t* c = codes + step * (kDepth / 2);
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r.low.x), "=r"(r.low.y), "=r"(r.low.z), "=r"(r.low.w)
+               : "l"(c));
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r.high.x), "=r"(r.high.y), "=r"(r.high.z), "=r"(r.high.w)
+               : "l"(c + 16));
+}
+
+template <bool kFast>
+__device__ __forceinline__ void DequantRowAs(const RowCodes& r, uint32_t scales, uint8_t* tile, int row) {
+  const uint32_t words[8] = {r.low.x, r.low.y, r.low.z, r.low.w, r.high.x, r.high.y, r.high.z, r.high.w};
+  const uint32_t scale[2] = {scales & 0xffu, scales >> 8};
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    *reinterpret_cast<uint4*>(tile + TileOffset(row, c)) = DequantMxfp4Word<kFast>(words[c], scale[c / 4]);
+  }
+}
+
+// `scales`: the step's two ue8m0 bytes. One branch a step (warp-uniform in practice: a checkpoint's scales
+// are all <= 128).
+__device__ __forceinline__ void DequantRow(const RowCodes& r, uint32_t scales, uint8_t* tile, int row) {
+  if ((scales & 0xffu) <= 128 && (scales >> 8) <= 128) {
+    DequantRowAs<true>(r, scales, tile, row);
+  } else {
+    DequantRowAs<false>(r, scales, tile, row);
+  }
+}
+
+// One block's tile. kSplit: x_lo is not null (the lo part's MMAs follow hi's). Run<kMma> is the whole pipeline;
+// a warpgroup without rows runs it without MMAs (it still copies and dequantizes its share): a branch around
+// the wgmmas inside one loop would make ptxas wait for each wgmma before the next.
+template <bool kSplit>
+struct BlockTile {
+  const GroupedMxfp4GemmArgs& a;
+  ExpertTile tile;
+  int tid, group, rows, rows_loaded, steps;
+  int64_t n0;
+  uint32_t x_stage_bytes, x_base, weight_base, scale_base;
+  uint8_t* weight_s;
+  const uint32_t* scale_s;  // [kScaleSlots][kColumns]: steps 2m, 2m + 1 of each row in slot m % kScaleSlots
+  const uint8_t* scale_source;  // this thread's scale row (a valid row when its own is past the outs)
+  bool valid;  // this thread's weight row exists
+  const uint8_t* code_row;
+  const uint8_t* scale_row;
+  // This thread's x chunks (kCopies at most; `copies` of them in this tile): step 0's source and their place
+  // in a stage. Chunk c = tid + 256 i names row (c % 8) + 8 (c / 64) and 8-value chunk (c / 8) % 8, so each 8
+  // lanes fill one chunk column of 8 rows (distinct banks) and a warp reads 64 contiguous bytes a row.
+  static constexpr int kCopies = kRows * 8 / kThreads;
+  int copies;
+  const __nv_bfloat16* x_source[kCopies];
+  uint32_t x_offset[kCopies];
+
+  __device__ BlockTile(const GroupedMxfp4GemmArgs& args, uint8_t* shared) : a(args), tile(args.tiles[blockIdx.y]) {
+    tid = static_cast<int>(threadIdx.x);
+    group = tid / 128;
+    rows = tile.rows;
+    rows_loaded = rows > 64 ? kRows : 64;
+    steps = static_cast<int>(a.in / kDepth);
+    n0 = static_cast<int64_t>(blockIdx.x) * kColumns;
+    x_stage_bytes = (kSplit ? 2u : 1u) * kXTileBytes;
+    weight_s = shared + kXStages * x_stage_bytes;
+    scale_s = reinterpret_cast<const uint32_t*>(weight_s + kWeightStages * kWeightTileBytes);
+    x_base = SharedAddress(shared);
+    weight_base = SharedAddress(weight_s);
+    scale_base = SharedAddress(scale_s);
+    const int64_t n = n0 + tid;
+    valid = n < a.total_out;
+    const int part = n >= a.out0 ? 1 : 0;
+    const int64_t local = n - (part ? a.out0 : 0);
+    code_row = valid ? (part ? tile.codes[1] : tile.codes[0]) + local * (a.in / 2) : nullptr;
+    scale_row = valid ? (part ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32) : nullptr;
+    scale_source = valid ? scale_row : tile.scales[0];
+    copies = rows_loaded * 8 / kThreads;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const int c = tid + kThreads * i, row = (c & 7) + 8 * (c >> 6), chunk = (c >> 3) & 7;
+      x_source[i] = a.x + (tile.row0 + (row < rows ? row : rows - 1)) * a.in + chunk * 8;
+      x_offset[i] = TileOffset(row, chunk);
+    }
+  }
+
+  // x for step `step` into its ring stage (lo at the same offsets from x_lo), in one copy group with the
+  // scales of steps step + 1 and step + 2 after an odd step (of steps 0 and 1 with step 0): a step's scales
+  // land one group before its x, as its weights are dequantized one step before its MMAs.
+  __device__ __forceinline__ void CopyX(int step) const {
+    if (step == 0 || step % 2 == 1) {
+      const int pair = (step + 1) / 2;
+      if (2 * pair < steps) {
+        CopyAsync4(scale_base + static_cast<uint32_t>(pair % kScaleSlots) * kScaleSlotBytes + 4 * tid,
+                   scale_source + 4 * pair);
+      }
+    }
+    const uint32_t stage = x_base + static_cast<uint32_t>(step % kXStages) * x_stage_bytes;
+    const int64_t column = static_cast<int64_t>(step) * kDepth;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      if (i < copies) {
+        CopyAsync16(stage + x_offset[i], x_source[i] + column);
+        if constexpr (kSplit) CopyAsync16(stage + kXTileBytes + x_offset[i], a.x_lo + (x_source[i] - a.x) + column);
+      }
+    }
+    CopyAsyncCommit();
+  }
+
+  // Step `step`'s two scale bytes of this thread's row.
+  __device__ __forceinline__ uint32_t Scales(int step) const {
+    const uint32_t pair = scale_s[((step / 2) % kScaleSlots) * kColumns + tid];
+    return step % 2 ? pair >> 16 : pair & 0xffffu;
+  }
+
+  template <bool kMma>
+  __device__ __forceinline__ void Run() const {
+    CopyX(0);
+    CopyX(1);  // steps >= 2: in is a multiple of 128
+    // Two register sets of codes, loaded two steps before their dequantization (one step is ~1 us, about
+    // a load's latency under this traffic).
+    RowCodes even, odd;
+    LoadRowCodes(code_row, valid, 0, even);
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step 0's x and scales
+    __syncthreads();
+    DequantRow(even, Scales(0), weight_s, tid);
+    LoadRowCodes(code_row, valid, 1, odd);
+    if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
+    FenceProxyAsync();
+    __syncthreads();
+
+    float acc[kMma ? 128 : 1];
+#pragma unroll
+    for (float& v : acc) v = 0.0f;
+    WgmmaTouch(acc);
+    const uint32_t group_rows = static_cast<uint32_t>(group) * 8 * kRowGroupBytes;  // 64 rows
+    // Step k dequantizes step k + 1 from the set loaded at step k - 1 and refills it with step k + 3.
+    auto step = [&](int k, RowCodes& codes) {
+      if constexpr (kMma) {
+        const uint32_t x_stage = x_base + static_cast<uint32_t>(k % kXStages) * x_stage_bytes + group_rows;
+        const uint32_t weights = weight_base + static_cast<uint32_t>(k % kWeightStages) * kWeightTileBytes;
+        const uint64_t hi = WgmmaDescriptor(x_stage, kCore, kRowGroupBytes);
+        const uint64_t lo = WgmmaDescriptor(x_stage + kXTileBytes, kCore, kRowGroupBytes);
+        const uint64_t w = WgmmaDescriptor(weights, kCore, kRowGroupBytes);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kDepth / 16; ++kk) {
+          WgmmaM64N256K16<false>(acc, WgmmaAdvance(hi, kk * 2 * kCore), WgmmaAdvance(w, kk * 2 * kCore), 1);
+          if constexpr (kSplit) {
+            WgmmaM64N256K16<false>(acc, WgmmaAdvance(lo, kk * 2 * kCore), WgmmaAdvance(w, kk * 2 * kCore), 1);
+          }
+        }
+        WgmmaCommit();
+      }
+      // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes.
+      if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
+      if (k + 1 < steps) {
+        DequantRow(codes, Scales(k + 1), weight_s + static_cast<uint32_t>((k + 1) % kWeightStages) * kWeightTileBytes,
+                   tid);
+        if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
+      }
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x
+      FenceProxyAsync();
+      if constexpr (kMma) {
+        WgmmaWait<0>();
+        WgmmaTouch(acc);
+      }
+      __syncthreads();  // step k + 1's operands are visible; step k's stages are free
+    };
+    for (int k = 0; k < steps; k += 2) {
+      step(k, odd);
+      if (k + 1 < steps) step(k + 1, even);
+    }
+    CopyAsyncWaitAll();
+    if constexpr (kMma) Store(acc);
+  }
+
+  // Fragments: warp q of the warpgroup holds rows 16 q + lane / 4 and + 8, columns 8 j + 2 (lane % 4) and + 1.
+  __device__ __forceinline__ void Store(const float (&acc)[128]) const {
+    const int lane = tid % 32, warp = (tid % 128) / 32;
+    const int r0 = group * 64 + warp * 16 + lane / 4, r1 = r0 + 8;
+#pragma unroll
+    for (int j = 0; j < kColumns / 8; ++j) {
+      const int64_t column = n0 + 8 * j + 2 * (lane % 4);
+      if (column >= a.total_out) continue;
+      if (r0 < rows) {
+        *reinterpret_cast<float2*>(a.y + (tile.row0 + r0) * a.total_out + column) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      }
+      if (r1 < rows) {
+        *reinterpret_cast<float2*>(a.y + (tile.row0 + r1) * a.total_out + column) =
+            make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+      }
+    }
+  }
+};
+
+template <bool kSplit>
+__global__ void __launch_bounds__(kThreads, 1) GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a) {
+  extern __shared__ __align__(1024) uint8_t shared[];
+  const BlockTile<kSplit> block(a, shared);
+  if (block.group * 64 < block.rows) {  // warpgroup-uniform
+    block.template Run<true>();
+  } else {
+    block.template Run<false>();
+  }
+}
+
+// Each 8 values of x as bf16 pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7), the order ShiftMxfp4Word gives the
+// weights; lo = bf16(x - hi) in the same order (exact difference, as FloatToBf16Split).
+__global__ void ToBf16PermutedKernel(const float* x, int64_t chunks, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks; i += stride) {
+    const float4 a = reinterpret_cast<const float4*>(x)[2 * i], b = reinterpret_cast<const float4*>(x)[2 * i + 1];
+    const float first[4] = {a.x, a.y, a.z, a.w}, second[4] = {b.x, b.y, b.z, b.w};
+    uint32_t h[4], l[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(first[j], second[j]);
+      h[j] = *reinterpret_cast<const uint32_t*>(&pair);
+      const __nv_bfloat162 rest =
+          __floats2bfloat162_rn(first[j] - __low2float(pair), second[j] - __high2float(pair));
+      l[j] = *reinterpret_cast<const uint32_t*>(&rest);
+    }
+    reinterpret_cast<uint4*>(hi)[i] = make_uint4(h[0], h[1], h[2], h[3]);
+    if (lo) reinterpret_cast<uint4*>(lo)[i] = make_uint4(l[0], l[1], l[2], l[3]);
+  }
+}
+
+}  // namespace
+
+absl::Status ToBf16Permuted(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
+  if (count < 0 || count % 8 != 0 || !x || !hi || misaligned(x) || misaligned(hi) || (lo && misaligned(lo))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ToBf16Permuted: count ", count, " must be a multiple of 8, pointers 16-byte aligned"));
+  }
+  const int64_t chunks = count / 8;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((chunks + 255) / 256, 132 * 16));
+  ToBf16PermutedKernel<<<grid, 256, 0, stream>>>(x, chunks, hi, lo);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("ToBf16PermutedKernel");
+  return absl::OkStatus();
+}
+
+bool GroupedMxfp4GemmWgmmaAvailable() {
+#if defined(TANDEM_CUDA_SM90A)
+  const absl::StatusOr<DeviceLimits> limits = CurrentDeviceLimits();
+  if (!limits.ok()) {
+    (void)cudaGetLastError();  // a failed query must not read as a later launch's failure
+    return false;
+  }
+  return limits->compute_capability == 90 && SharedBytes(true) <= limits->shared_optin;
+#else
+  return false;
+#endif
+}
+
+absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t stream) {
+  if (a.tile_count == 0) return absl::OkStatus();
+  if (!a.tiles || !a.x || !a.y) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: null pointer");
+  if (a.in <= 0 || a.in % (2 * kDepth) != 0 || a.total_out <= 0 || a.total_out % 2 != 0 || a.out0 <= 0 ||
+      a.out0 > a.total_out) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: in ", a.in, " (a multiple of ", 2 * kDepth,
+                                                   "), total_out ", a.total_out, " (even), out0 ", a.out0));
+  }
+  if (a.tile_count > 65535) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: over 65535 row tiles");
+  const bool split = a.x_lo != nullptr;
+  const size_t shared = SharedBytes(split);
+  const auto kernel = split ? GroupedMxfp4GemmKernel<true> : GroupedMxfp4GemmKernel<false>;
+  TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
+  const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
+  kernel<<<grid, kThreads, shared, stream>>>(a);
+  TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace tandem::kernels::cuda::internal

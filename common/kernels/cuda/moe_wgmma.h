@@ -1,0 +1,56 @@
+// The prefill grouped expert GEMM from MXFP4 weights on Hopper's warpgroup MMA (internal to this folder;
+// GroupedExpertGemm::Run in moe_prefill.cu decides when it serves and builds its tile table).
+//
+// y[r, n] = sum_k x[r, k] * dequant(W_p[e])[n - start_p, k] for the rows r of expert e, with the stacked
+// weights' output columns side by side (part 0: n < out0, part 1: the rest). Each weight is dequantized once a
+// block into shared memory (exact bf16, as DequantizeMxfp4) and never reaches global memory, where the cuBLASLt
+// path writes and re-reads every expert's bf16 copy.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/core/status.h"
+
+namespace tandem::kernels::cuda::internal {
+
+constexpr int kExpertTileRows = 128;     // rows a block multiplies (two warpgroups of 64)
+constexpr int kExpertTileColumns = 256;  // output columns a block computes
+constexpr int kExpertTileDepth = 64;     // the K step: `in` must be a multiple of twice it (scales come in pairs of steps)
+
+// Up to kExpertTileRows grouped rows of one expert, with that expert's weights (device pointers, one per part).
+struct ExpertTile {
+  const uint8_t* codes[2];   // [out_p, in / 2] e2m1 pairs, low nibble first; 16-byte aligned
+  const uint8_t* scales[2];  // [out_p, in / 32] ue8m0; 4-byte aligned
+  int64_t row0;              // first row in x and y
+  int32_t rows;              // 1..kExpertTileRows
+  int32_t unused = 0;
+};
+
+// x f32 [count] -> bf16 hi (and lo = bf16(x - hi) when lo is not null) in the kernel's K order: within each 8
+// values v0..v7, the pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7) (the order its weight dequantization
+// produces). count % 8 == 0; all pointers 16-byte aligned.
+absl::Status ToBf16Permuted(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream);
+
+struct GroupedMxfp4GemmArgs {
+  const ExpertTile* tiles = nullptr;  // device [tile_count]
+  int64_t tile_count = 0;
+  const __nv_bfloat16* x = nullptr;     // [R, in] from ToBf16Permuted, 16-byte aligned rows
+  const __nv_bfloat16* x_lo = nullptr;  // its lo part (same layout), or null (one bf16 pass)
+  float* y = nullptr;                   // [R, total_out], 8-byte aligned, total_out even
+  int64_t in = 0;
+  int64_t total_out = 0;
+  int64_t out0 = 0;  // columns of part 0 (total_out when there is one part)
+};
+
+// Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
+// memory within the opt-in limit).
+bool GroupedMxfp4GemmWgmmaAvailable();
+
+// One launch over all tiles (grid: column tiles x tiles).
+absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_t stream);
+
+}  // namespace tandem::kernels::cuda::internal
