@@ -1094,7 +1094,11 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
     const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
-    if (path.fused && !grouped.last_run_fused()) Fail("prefill experts: the fused kernel did not serve (not Hopper?)");
+    if (path.fused && !grouped.last_run_fused()) {
+      std::fprintf(stderr, "  prefill experts: no fused kernel here (it needs an sm_90a build on compute capability 9.0): "
+                           "only the lanes rows\n");
+      continue;
+    }
     Add(rows, std::string("prefill_w13_mxfp4_") + path.name, T, 0, Timing{w13_us, false},
         2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter), 4.0 * P * kMoeInter * kHidden);
     const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
@@ -1107,6 +1111,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       fused_y2[path.split] = got2;
       continue;
     }
+    if (fused_y13[path.split].empty()) continue;  // no fused run to compare with
     auto relative_l2 = [](const std::vector<float>& a, const std::vector<float>& b) {
       double num = 0.0, den = 0.0;
       for (size_t i = 0; i < a.size(); ++i) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -285,8 +286,12 @@ int main(int argc, char** argv) {
   profile << "batch,context,op,ms_per_step\n";
   std::mt19937 rng(3);
 
+  // TANDEM_LAYER_BENCH_PREFILL_ONLY=1: only the prefill rows (a short run for the prefill kernels).
+  const char* prefill_only_env = std::getenv("TANDEM_LAYER_BENCH_PREFILL_ONLY");
+  const bool prefill_only = prefill_only_env && std::string(prefill_only_env) == "1";
   for (const int64_t context : {int64_t{4096}, int64_t{32768}}) {
     for (const int64_t batch : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}}) {
+      if (prefill_only) break;
       constexpr int kWarmup = 2, kSteps = 10, kProfiled = 3;
       // Batches up to 64 also time the steps as CUDA graph replays (warm-up: the signature's eager first
       // step, then its capture).
@@ -360,18 +365,25 @@ int main(int argc, char** argv) {
     }
   }
   // Prefill in the default format (bf16x2: two bf16 GEMMs per dense layer at this size), in plain bf16
-  // (one; an opt-in mode, in a model of its own), and in plain bf16 with bf16 attention math.
-  std::unique_ptr<model::cuda::DeviceModel> plain;
-  for (const char* kind : {"prefill", "prefill-bf16", "prefill-bf16-attn-bf16"}) {
-    const bool split = std::string(kind) == "prefill";
-    if (!split && !plain) {
+  // (one; an opt-in mode, in a model of its own), and in plain bf16 with bf16 attention math; the first two
+  // also with the routed experts on the per-expert cuBLASLt lanes instead of the fused MXFP4 kernel (the
+  // baseline of that kernel, same run; models of their own).
+  std::unique_ptr<model::cuda::DeviceModel> plain, lanes, plain_lanes;
+  for (const char* kind :
+       {"prefill", "prefill-bf16", "prefill-bf16-attn-bf16", "prefill-expert-lanes", "prefill-bf16-expert-lanes"}) {
+    const std::string name = kind;
+    const bool split = name == "prefill" || name == "prefill-expert-lanes";
+    const bool fused = name.find("expert-lanes") == std::string::npos;
+    std::unique_ptr<model::cuda::DeviceModel>* own = fused ? (split ? nullptr : &plain) : (split ? &lanes : &plain_lanes);
+    if (own && !*own) {
       model::cuda::DeviceModelOptions options;
-      options.dense = model::cuda::DenseFormat::kBf16;
+      options.dense = split ? model::cuda::DenseFormat::kBf16x2 : model::cuda::DenseFormat::kBf16;
+      options.fused_prefill_experts = fused;
       auto made = model::cuda::DeviceModel::Create(weights, options);
       BENCH_CHECK(made.status());
-      plain = std::move(*made);
+      *own = std::move(*made);
     }
-    auto& gpu = split ? **created : *plain;
+    auto& gpu = own ? **own : **created;
     gpu.SetAttentionBf16(std::string(kind) == "prefill-bf16-attn-bf16");
     const int64_t tokens = 8192;
     auto state = model::cuda::DeviceSequenceState::Create(c, tokens, false);

@@ -429,6 +429,7 @@ struct DeviceModel::Impl {
     kc::GroupedExpertGemm::Options expert_options;
     expert_options.max_weight_elements = 2 * c.moe_intermediate_size * c.hidden_size;  // w1 and w3 stacked
     expert_options.split_x = options.dense != DenseFormat::kBf16;  // f32 runs get the closest of the two
+    expert_options.fused_mxfp4 = options.fused_prefill_experts;
     TANDEM_ASSIGN_OR_RETURN(expert_gemm, kc::GroupedExpertGemm::Create(expert_options));
     for (const auto& layer : w.layers) {
       TANDEM_ASSIGN_OR_RETURN(Layer l, UploadLayer(layer));
@@ -1118,7 +1119,7 @@ struct DeviceModel::Impl {
         TANDEM_RETURN_IF_ERROR(Mark("moe: gate, routing, grouping"));
         const float limit = static_cast<float>(c.swiglu_limit);
         if (T * k >= options.prefill_expert_pairs) {
-          // Many rows per expert: dequantize each expert to bf16 and run its rows through cuBLASLt.
+          // Many rows per expert: grouped GEMMs (the fused MXFP4 kernel on Hopper, else cuBLASLt per expert).
           std::vector<int64_t> offsets(static_cast<size_t>(E + 1));
           TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(offsets.data(), s.group_offsets, offsets.size() * sizeof(int64_t),
                                                       cudaMemcpyDeviceToHost, stream));

@@ -35,9 +35,12 @@ struct DeviceModelOptions {
   // 2^-8 relative per weight, the 64-head kernel from 8 tokens); false: f32-exact products (AttentionMath::kF32).
   bool attention_bf16 = false;
   int device = 0;
-  // From this many (token, expert) pairs in one forward, the routed experts run as per-expert bf16
-  // cuBLASLt GEMMs (weights dequantized on the fly) instead of the GEMV kernel over the packed weights.
+  // From this many (token, expert) pairs in one forward, the routed experts run as grouped GEMMs
+  // (kernels::cuda::GroupedExpertGemm) instead of the GEMV kernel over the packed weights: on Hopper one
+  // warpgroup-MMA kernel dequantizing MXFP4 in shared memory (fused_prefill_experts), else per-expert bf16
+  // copies through cuBLASLt.
   int64_t prefill_expert_pairs = 2048;
+  bool fused_prefill_experts = true;
   // Time every group of launches with CUDA events (and the host's table building) for TakeProfile.
   bool profile = false;
   // Decode-sized steps (at most graph_max_tokens tokens, no trace, not profiled, below prefill_expert_pairs)
