@@ -1,5 +1,7 @@
-// Prefill path of the routed experts on tensor cores: each expert's MXFP4 / block-FP8 weight is dequantized
-// (exactly) to bf16 scratch and its grouped row block runs as one cuBLASLt bf16 GEMM with f32 accumulation.
+// Prefill path of the routed experts on tensor cores: on Hopper, MXFP4 experts in one warpgroup-MMA kernel
+// that dequantizes in shared memory (moe_wgmma.h); otherwise each expert's MXFP4 / block-FP8 weight is
+// dequantized (exactly) to bf16 scratch and its grouped row block runs as one cuBLASLt bf16 GEMM. Both
+// accumulate in f32.
 #pragma once
 
 #include <cstddef>
@@ -42,10 +44,11 @@ struct HostExpertWeights {
   }
 };
 
-// Grouped expert linear for prefill. Experts with rows are dealt round-robin to `lanes` streams, each with
-// its own cuBLASLt handle and bf16 weight scratch, so one expert's dequantization overlaps other experts'
-// GEMMs (within a lane: dequantize, then GEMM, stream-ordered). GEMM plans are heuristic-only (no timing):
-// one per distinct row count, cached. Not thread-safe; use one instance per stream.
+// Grouped expert linear for prefill. MXFP4 weights on Hopper take one fused warpgroup-MMA launch for all
+// experts (Options::fused_mxfp4). Otherwise experts with rows are dealt to `lanes` streams, each with its own
+// cuBLASLt handle and bf16 weight scratch, so one expert's dequantization overlaps other experts' GEMMs
+// (within a lane: dequantize, then GEMM, stream-ordered). GEMM plans are heuristic-only (no timing): one per
+// distinct row count, cached. Not thread-safe; use one instance per stream.
 class GroupedExpertGemm {
  public:
   struct Options {

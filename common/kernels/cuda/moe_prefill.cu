@@ -1,5 +1,6 @@
 // Prefill grouped expert linears: MXFP4 -> bf16 dequantization (exact), the stacked-w1/w3 SwiGLU, and
-// GroupedExpertGemm (per expert: dequantize to bf16 scratch, then one cuBLASLt GEMM of its row block).
+// GroupedExpertGemm (the fused MXFP4 kernel of moe_wgmma.cu on Hopper; else per expert: dequantize to bf16
+// scratch, then one cuBLASLt GEMM of its row block).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
