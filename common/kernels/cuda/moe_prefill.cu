@@ -244,6 +244,16 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
   if (rows_total == 0) return absl::OkStatus();
   if (!x || !y) return absl::InvalidArgumentError("GroupedExpertGemm::Run: null x or y");
 
+  TANDEM_ASSIGN_OR_RETURN(const bool fused, FusedServes(stacked, offsets, total_out, x, y, stream));
+  last_run_fused_ = fused;
+  if (fused) {  // x in the kernel's K order, contiguous (in % 128 == 0); not under capture (FusedServes)
+    TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, rows_total * in));
+    if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, rows_total * in));
+    TANDEM_RETURN_IF_ERROR(
+        internal::ToBf16Permuted(x, rows_total * in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
+    return RunFused(stacked, offsets, total_out, y, stream);
+  }
+
   // Row block starts in the bf16 copy of x: contiguous when rows are 16-byte multiples, else each expert's
   // block starts on a 16-byte boundary (cuBLASLt's fast kernels and TMA want aligned bases).
   const bool contiguous = in % 8 == 0;
@@ -254,17 +264,6 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     if (!contiguous && offsets[e + 1] > offsets[e]) cursor = (cursor + (offsets[e + 1] - offsets[e]) * in + 7) / 8 * 8;
   }
   const int64_t x_needed = contiguous ? rows_total * in : cursor;
-  TANDEM_ASSIGN_OR_RETURN(const bool fused, FusedServes(stacked, offsets, total_out, x, y, stream));
-  last_run_fused_ = fused;
-  if (fused) {
-    if (x_needed > x_bf16_elements_ || (options_.split_x && x_needed > x_lo_elements_)) {
-      TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, x_needed));
-      if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, x_needed));
-    }
-    TANDEM_RETURN_IF_ERROR(
-        internal::ToBf16Permuted(x, rows_total * in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
-    return RunFused(stacked, offsets, total_out, y, stream);
-  }
 
   // Experts to lanes, greedily to the least loaded (a dequantization costs about as much as ~128 rows of GEMM).
   lane_of_.assign(static_cast<size_t>(experts), -1);

@@ -137,7 +137,7 @@ template <bool kSplit>
 struct BlockTile {
   const GroupedMxfp4GemmArgs& a;
   ExpertTile tile;
-  int tid, group, rows, rows_loaded, steps;
+  int tid, group, rows, steps;
   int64_t n0;
   uint32_t x_stage_bytes, x_base, weight_base, scale_base;
   uint8_t* weight_s;
@@ -145,7 +145,6 @@ struct BlockTile {
   const uint8_t* scale_source;  // this thread's scale row (a valid row when its own is past the outs)
   bool valid;  // this thread's weight row exists
   const uint8_t* code_row;
-  const uint8_t* scale_row;
   // This thread's x chunks (kCopies at most; `copies` of them in this tile): step 0's source and their place
   // in a stage. Chunk c = tid + 256 i names row (c % 8) + 8 (c / 64) and 8-value chunk (c / 8) % 8, so each 8
   // lanes fill one chunk column of 8 rows (distinct banks) and a warp reads 64 contiguous bytes a row.
@@ -158,7 +157,6 @@ struct BlockTile {
     tid = static_cast<int>(threadIdx.x);
     group = tid / 128;
     rows = tile.rows;
-    rows_loaded = rows > 64 ? kRows : 64;
     steps = static_cast<int>(a.in / kDepth);
     n0 = static_cast<int64_t>(blockIdx.x) * kColumns;
     x_stage_bytes = (kSplit ? 2u : 1u) * kXTileBytes;
@@ -172,8 +170,8 @@ struct BlockTile {
     const int part = n >= a.out0 ? 1 : 0;
     const int64_t local = n - (part ? a.out0 : 0);
     code_row = valid ? (part ? tile.codes[1] : tile.codes[0]) + local * (a.in / 2) : nullptr;
-    scale_row = valid ? (part ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32) : nullptr;
-    scale_source = valid ? scale_row : tile.scales[0];
+    scale_source = valid ? (part ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32) : tile.scales[0];
+    const int rows_loaded = rows > 64 ? kRows : 64;  // a warpgroup without rows copies none
     copies = rows_loaded * 8 / kThreads;
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
