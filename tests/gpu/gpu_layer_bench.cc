@@ -17,8 +17,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cuda_runtime_api.h>
@@ -368,23 +371,35 @@ int main(int argc, char** argv) {
   // (one; an opt-in mode, in a model of its own), and in plain bf16 with bf16 attention math; the first two
   // also with the routed experts on the per-expert cuBLASLt lanes instead of the fused MXFP4 kernel (the
   // baseline of that kernel, same run; models of their own).
-  std::unique_ptr<model::cuda::DeviceModel> plain, lanes, plain_lanes;
-  for (const char* kind :
-       {"prefill", "prefill-bf16", "prefill-bf16-attn-bf16", "prefill-expert-lanes", "prefill-bf16-expert-lanes"}) {
-    const std::string name = kind;
-    const bool split = name == "prefill" || name == "prefill-expert-lanes";
-    const bool fused = name.find("expert-lanes") == std::string::npos;
-    std::unique_ptr<model::cuda::DeviceModel>* own = fused ? (split ? nullptr : &plain) : (split ? &lanes : &plain_lanes);
-    if (own && !*own) {
-      model::cuda::DeviceModelOptions options;
-      options.dense = split ? model::cuda::DenseFormat::kBf16x2 : model::cuda::DenseFormat::kBf16;
-      options.fused_prefill_experts = fused;
-      auto made = model::cuda::DeviceModel::Create(weights, options);
-      BENCH_CHECK(made.status());
-      *own = std::move(*made);
+  using model::cuda::DenseFormat;
+  struct PrefillCase {
+    const char* kind;
+    DenseFormat dense;
+    bool fused_experts, attention_bf16;
+  };
+  // Models other than the default one (bf16x2, fused experts), by (format, fused experts).
+  std::map<std::pair<DenseFormat, bool>, std::unique_ptr<model::cuda::DeviceModel>> others;
+  for (const PrefillCase& p : {PrefillCase{"prefill", DenseFormat::kBf16x2, true, false},
+                               PrefillCase{"prefill-bf16", DenseFormat::kBf16, true, false},
+                               PrefillCase{"prefill-bf16-attn-bf16", DenseFormat::kBf16, true, true},
+                               PrefillCase{"prefill-expert-lanes", DenseFormat::kBf16x2, false, false},
+                               PrefillCase{"prefill-bf16-expert-lanes", DenseFormat::kBf16, false, false}}) {
+    const char* kind = p.kind;
+    model::cuda::DeviceModel* model = created->get();
+    if (p.dense != DenseFormat::kBf16x2 || !p.fused_experts) {
+      std::unique_ptr<model::cuda::DeviceModel>& other = others[{p.dense, p.fused_experts}];
+      if (!other) {
+        model::cuda::DeviceModelOptions options;
+        options.dense = p.dense;
+        options.fused_prefill_experts = p.fused_experts;
+        auto made = model::cuda::DeviceModel::Create(weights, options);
+        BENCH_CHECK(made.status());
+        other = std::move(*made);
+      }
+      model = other.get();
     }
-    auto& gpu = own ? **own : **created;
-    gpu.SetAttentionBf16(std::string(kind) == "prefill-bf16-attn-bf16");
+    auto& gpu = *model;
+    gpu.SetAttentionBf16(p.attention_bf16);
     const int64_t tokens = 8192;
     auto state = model::cuda::DeviceSequenceState::Create(c, tokens, false);
     BENCH_CHECK(state.status());
