@@ -596,7 +596,9 @@ TEST_F(GpuModelTest, MtpDraftMatchesTheCpu) {
 }
 
 // Two pipeline stages on the GPU (layers [0, L/2) with the embedding, [L/2, L) with the head), the streams
-// handed over through the host, give the whole model's logits: a prompt in two chunks, then decode steps.
+// handed over through the host in f32, give the whole model's logits bit for bit: a prompt in two chunks,
+// then decode steps. The GEMMs are not timed (tune_gemms = false), so all three models run the same cuBLASLt
+// algorithm for each shape; timed picks may differ between models (seen: rel-L2 up to 1.7e-4 in f32).
 TEST_F(GpuModelTest, PipelineStagesMatchTheWholeModel) {
   const auto& c = config();
   const int split = static_cast<int>(c.num_hidden_layers / 2);
@@ -612,11 +614,14 @@ TEST_F(GpuModelTest, PipelineStagesMatchTheWholeModel) {
   };
   cuda::DeviceModelOptions options;
   options.dense = DenseFormat::kF32;
+  options.tune_gemms = false;
   auto first = DeviceModel::Create(load(0, split), options);
   auto second = DeviceModel::Create(load(split, static_cast<int>(c.num_hidden_layers)), options);
+  auto whole_or = DeviceModel::Create(Tiny(), options);
   ASSERT_TRUE(first.ok()) << first.status();
   ASSERT_TRUE(second.ok()) << second.status();
-  auto whole = Gpu(DenseFormat::kF32);
+  ASSERT_TRUE(whole_or.ok()) << whole_or.status();
+  auto& whole = *whole_or;
   auto s_whole = GpuState(), s_first = GpuState(), s_second = GpuState();
   const auto ids = Prompt(305, 21);
   std::vector<float> staged, direct;
@@ -638,7 +643,8 @@ TEST_F(GpuModelTest, PipelineStagesMatchTheWholeModel) {
   EXPECT_EQ(s_first->length(), 305);
   EXPECT_EQ(s_second->length(), 305);
   const std::string name = absl::StrCat("stages [0, ", split, ") + [", split, ", ", c.num_hidden_layers, ") vs whole");
-  ExpectSameUpToNearTies(name.c_str(), staged, direct, staged_trace, whole_trace, c.vocab_size, 1e-4);
+  ExpectSameUpToNearTies(name.c_str(), staged, direct, staged_trace, whole_trace, c.vocab_size, 0.0);
+  EXPECT_TRUE(staged == direct) << name << ": not bit-identical";
 
   // Misuse is refused with the reason; nothing advances.
   const auto more = Prompt(3, 22);

@@ -83,10 +83,13 @@ absl::Status DequantizeFp8Block(const Fp8BlockWeight& weight, __nv_bfloat16* dst
 
 // A cuBLASLt handle, its workspace and one cached plan per GEMM shape (the first call of a shape tunes it:
 // call it once outside graph capture). Not thread-safe: one per stream.
+// tune = false at Create: no shape is ever timed; each takes cuBLASLt's first heuristic candidate for its
+// (shape, alignment), so two Gemm objects (two models, two processes) run the same algorithm and round the
+// same way. Timed picks can differ between objects (a split-K or a different tile: another summation order).
 class Gemm {
  public:
   enum class Output { kF32, kBf16 };
-  static absl::StatusOr<std::unique_ptr<Gemm>> Create(size_t workspace_bytes = size_t{32} << 20);
+  static absl::StatusOr<std::unique_ptr<Gemm>> Create(size_t workspace_bytes = size_t{32} << 20, bool tune = true);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
@@ -135,6 +138,7 @@ class Gemm {
   cublasLtContext* handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  bool tune_ = true;  // Create's tune: false overrides every call's
   // (rows, in, out, output, f32 inputs, pointer alignment in bytes)
   std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t>, std::unique_ptr<Plan>> plans_;
   // (rows, in, out, ldx, x_stride, w_stride, ldy, y_stride, batch, alignment)

@@ -154,8 +154,9 @@ struct Gemm::Plan {
   }
 };
 
-absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(size_t workspace_bytes) {
+absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(size_t workspace_bytes, bool tune) {
   std::unique_ptr<Gemm> gemm(new Gemm());
+  gemm->tune_ = tune;
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&gemm->handle_));
   if (workspace_bytes > 0) TANDEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&gemm->workspace_, workspace_bytes));
   gemm->workspace_bytes_ = workspace_bytes;
@@ -171,6 +172,7 @@ Gemm::~Gemm() {
 absl::StatusOr<const Gemm::Plan*> Gemm::PlanFor(bool f32_inputs, const void* x, int64_t rows, int64_t in,
                                                 const void* weight, int64_t out, void* y, Output output,
                                                 cudaStream_t stream, bool tune) {
+  tune = tune && tune_;
   const uint32_t alignment = CommonAlignment(x, weight, y);
   const auto key = std::make_tuple(rows, in, out, static_cast<int>(output), f32_inputs, alignment);
   if (auto it = plans_.find(key); it != plans_.end() && (it->second->tuned || !tune)) return it->second.get();
@@ -290,7 +292,7 @@ absl::Status Gemm::LinearBatched(const __nv_bfloat16* x, int64_t rows, int64_t i
       TANDEM_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
                                                                      &stride, sizeof(stride)));
     }
-    TANDEM_RETURN_IF_ERROR(Select(plan.get(), alignment, x, weight, y, stream, /*tune=*/true,
+    TANDEM_RETURN_IF_ERROR(Select(plan.get(), alignment, x, weight, y, stream, tune_,
                                   absl::StrCat("batched bf16 ", batch, " x rows ", rows, ", in ", in, ", out ", out)));
     it = batched_plans_.emplace(key, std::move(plan)).first;
   }

@@ -41,6 +41,10 @@ struct DeviceModelOptions {
   // copies through cuBLASLt.
   int64_t prefill_expert_pairs = 2048;
   bool fused_prefill_experts = true;
+  // false: the dense GEMMs take cuBLASLt's first heuristic algorithm for each shape instead of the fastest
+  // of its candidates timed on first use, so two models (two processes, two pipeline stages) given the same
+  // batches compute the same bits; the timed pick may differ between them (another summation order).
+  bool tune_gemms = true;
   // Time every group of launches with CUDA events (and the host's table building) for TakeProfile.
   bool profile = false;
   // Decode-sized steps (at most graph_max_tokens tokens, no trace, not profiled, below prefill_expert_pairs)
