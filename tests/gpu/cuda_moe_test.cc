@@ -189,16 +189,21 @@ TEST_F(CudaTest, MoeGroupIsStableAndConsistent) {
   }
 }
 
-// Random checkpoint-format experts: MXFP4 codes with scales 2^-8 .. 2^2, or finite e4m3 codes with block
-// scales 2^-10 .. 2^2 (values up to ~6 and ~1800: the subnormal codes and the exponent range all occur).
+// Random checkpoint-format experts: MXFP4 codes with scales 2^-8 .. 2^2 (or the ue8m0 range given), or finite
+// e4m3 codes with block scales 2^-10 .. 2^2 (values up to ~6 and ~1800: the subnormal codes and the exponent
+// range all occur).
 struct Expert {
   std::vector<uint8_t> codes, scales;
 };
-Expert RandomExpert(QuantizedWeight::Format format, int64_t out, int64_t in, std::mt19937& rng) {
+struct ScaleRange {
+  int lo = 119, hi = 129;
+};
+Expert RandomExpert(QuantizedWeight::Format format, int64_t out, int64_t in, std::mt19937& rng,
+                    ScaleRange mxfp4_scales = {}) {
   std::uniform_int_distribution<int> byte(0, 255);
   Expert e;
   if (format == QuantizedWeight::Format::kMxfp4) {
-    std::uniform_int_distribution<int> scale(119, 129);
+    std::uniform_int_distribution<int> scale(mxfp4_scales.lo, mxfp4_scales.hi);
     e.codes.resize(static_cast<size_t>(out * in / 2));
     e.scales.resize(static_cast<size_t>(out * in / 32));
     for (auto& c : e.codes) c = static_cast<uint8_t>(byte(rng));
@@ -218,10 +223,11 @@ Expert RandomExpert(QuantizedWeight::Format format, int64_t out, int64_t in, std
 
 void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int64_t in,
                                 const std::vector<int64_t>& counts, bool gather, int64_t max_rows_bound,
-                                std::mt19937& rng) {
+                                std::mt19937& rng, ScaleRange mxfp4_scales = {}) {
   const bool fp4 = format == QuantizedWeight::Format::kMxfp4;
   SCOPED_TRACE(::testing::Message() << (fp4 ? "MXFP4" : "FP8") << " out " << out << " in " << in
-                                    << (gather ? " gathered" : " contiguous") << " bound " << max_rows_bound);
+                                    << (gather ? " gathered" : " contiguous") << " bound " << max_rows_bound
+                                    << " scales " << mxfp4_scales.lo << ".." << mxfp4_scales.hi);
   const int64_t E = static_cast<int64_t>(counts.size());
   std::vector<int64_t> offsets(static_cast<size_t>(E + 1), 0);
   for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
@@ -232,7 +238,7 @@ void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int
   std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(x_rows - 1));
   for (auto& g : gather_rows) g = gather ? pick(rng) : 0;
   std::vector<Expert> experts;
-  for (int64_t e = 0; e < E; ++e) experts.push_back(RandomExpert(format, out, in, rng));
+  for (int64_t e = 0; e < E; ++e) experts.push_back(RandomExpert(format, out, in, rng, mxfp4_scales));
 
   // CPU: per expert, gather its rows and run kernels::QuantizedLinear.
   std::vector<float> cpu(static_cast<size_t>(rows * out)), magnitude(cpu.size());
@@ -329,6 +335,68 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
                                rng_);
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 2, 1}, false, 6,
                                rng_);
+    // The tensor-core unit scales by one multiply while every scale of a warp's step is at most 2^1 and by two
+    // otherwise (the range above mixes both in most steps): scales 2^-127 .. 2^1 only (one multiply everywhere,
+    // subnormal products included), and 2^2 .. 2^5 only (two everywhere).
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 4, 0, 7}, false,
+                               64, rng_, {0, 128});
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.intermediate, kFlash.hidden, {2, 8}, true, 64,
+                               rng_, {120, 128});
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.intermediate, kFlash.hidden, {3, 1}, false, 64,
+                               rng_, {129, 132});
+  }
+}
+
+// A scale byte of 255 is NaN (Ue8m0ToFloat): the outputs of that weight row are NaN in every row of that expert,
+// and only those, on every path (the tensor-core unit takes its two-multiply steps there).
+TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
+  const int64_t out = kFlash.hidden, in = kFlash.intermediate;
+  const std::vector<int64_t> counts = {2, 5, 1};
+  const int64_t bad_expert = 1, bad_row = 777, bad_group = 9;
+  std::vector<int64_t> offsets = {0};
+  for (const int64_t c : counts) offsets.push_back(offsets.back() + c);
+  const int64_t rows = offsets.back();
+  const auto x = Normal(static_cast<size_t>(rows * in), rng_);
+  std::vector<cuda::DeviceArray<uint8_t>> storage;
+  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    Expert ex = RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_, {120, 128});
+    if (static_cast<int64_t>(e) == bad_expert) ex.scales[static_cast<size_t>(bad_row * (in / 32) + bad_group)] = 255;
+    storage.push_back(ToDevice(ex.codes));
+    code_ptrs.push_back(storage.back().get());
+    storage.push_back(ToDevice(ex.scales));
+    scale_ptrs.push_back(storage.back().get());
+  }
+  auto dcode_ptrs = ToDevice(code_ptrs);
+  auto dscale_ptrs = ToDevice(scale_ptrs);
+  auto dx = ToDevice(x);
+  auto doffsets = ToDevice(offsets);
+  cuda::GroupedWeights w;
+  w.format = QuantizedWeight::Format::kMxfp4;
+  w.codes = dcode_ptrs.get();
+  w.scales = dscale_ptrs.get();
+  w.experts = static_cast<int64_t>(counts.size());
+  w.out = out;
+  w.in = in;
+  for (const bool tensor_cores : {true, false}) {
+    SCOPED_TRACE(tensor_cores ? "tensor cores on" : "tensor cores off");
+    const TensorCores scope(tensor_cores);
+    auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
+    TANDEM_ASSERT_OK(cuda::GroupedQuantizedLinear(w, dx.get(), nullptr, doffsets.get(), 64, dy.get()));
+    TANDEM_ASSERT_OK(Sync());
+    const auto y = ToHost(dy);
+    int64_t wrong = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool bad_rows = r >= offsets[bad_expert] && r < offsets[bad_expert + 1];
+      for (int64_t o = 0; o < out; ++o) {
+        const bool want_nan = bad_rows && o == bad_row;
+        if (std::isnan(y[static_cast<size_t>(r * out + o)]) != want_nan && wrong++ < 5) {
+          ADD_FAILURE() << "y[" << r << "][" << o << "] = " << y[static_cast<size_t>(r * out + o)]
+                        << (want_nan ? ": want NaN" : ": want a number");
+        }
+      }
+    }
+    EXPECT_EQ(wrong, 0);
   }
 }
 

@@ -1,5 +1,5 @@
-// Device helpers shared by the attention kernels (internal to this folder): cache-format decoding and
-// encoding bit-compatible with common/core/dtype.cc, block reductions, and the shared-memory opt-in.
+// Device helpers shared by the attention and MoE kernels (internal to this folder): cache-format and weight
+// decoding bit-compatible with common/core/dtype.cc, block reductions, and the shared-memory opt-in.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -246,6 +246,18 @@ __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
   return d;
+}
+
+// 8 e2m1 codes (value i in nibble i) -> 4 bf16 pairs, word j holding values j (low half) and j + 4 (high
+// half), each the code's value times 2^-126: nibbles j and j + 4 sit 16 bits apart, so two shifts and two
+// masks place both (the magnitude under bits 6-8 / 22-24, the sign at 15 / 31). The x operand is laid out in
+// the same order (ToBf16Permuted; the decode tensor-core unit's staging), so the dot products are the same.
+__device__ __forceinline__ void ShiftMxfp4Word(uint32_t w, uint32_t (&out)[4]) {
+  constexpr uint32_t kMagnitude = 0x01c001c0u, kSign = 0x80008000u;
+  out[0] = ((w << 6) & kMagnitude) | ((w << 12) & kSign);
+  out[1] = ((w << 2) & kMagnitude) | ((w << 8) & kSign);
+  out[2] = ((w >> 2) & kMagnitude) | ((w << 4) & kSign);
+  out[3] = ((w >> 6) & kMagnitude) | (w & kSign);
 }
 
 // Two e4m3 codes (low byte first) as an f16 pair: exact (every e4m3 value is an f16).

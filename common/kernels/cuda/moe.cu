@@ -460,14 +460,21 @@ __device__ void GemvUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit,
   }
 }
 
+__host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 // ---- Tensor-core unit: MXFP4 experts with up to 8 rows ----
 // x rows go to mma.sync m16n8k16 (bf16, f32 accumulation) as a hi + lo pair: A rows 0-7 are the hi parts of
 // the expert's rows, rows 8-15 their lo parts, and y = C[r] + C[r + 8]. Weight rows are B (n = 8 outputs per
 // tile). The K order inside a step of 128 is permuted (the sum does not care): lane t of a quad owns the 32
-// inputs [32t, 32t + 32) of the step, one 16-byte code load and one scale, and mma j (0..7) takes its inputs
-// 4j..4j+3 in the fragment slots 2t, 2t+1, 2t+8, 2t+9. The code quads become bf16x2 words without widening
-// (E2m1Bf16Quad) and are scaled by one exact bf16x2 multiply (a power of two; exact for scales >= 2^-120).
-// Each warp owns kMmaTiles tiles (M = 2: two of W1 and the same two of W3), so a unit is 256 weight rows.
+// inputs [32t, 32t + 32) of the step, one 16-byte code load and one scale. Its code word q (inputs 8q..8q+7
+// of the 32, values v0..v7) becomes the bf16 pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7), each value times
+// 2^-126 (ShiftMxfp4Word: two shifts and two masks a pair), and mma 2q + h takes pairs 2h and 2h + 1 as its
+// fragment slots (2t, 2t + 1) and (2t + 8, 2t + 9). x is staged with the same pairs of its inputs, hi and lo
+// interleaved, so one 16-byte shared load is a whole A fragment. One exact bf16x2 multiply by 2^(s - 1)
+// scales a pair; a step where some lane's scale is over 2^1 (s > 128, or 255 for NaN) multiplies by 2^126
+// first and then by 2^(s - 127) (warp-uniform). Each warp owns kMmaTiles tiles (M = 2: two of W1 and the
+// same two of W3), so a unit is 256 weight rows.
 constexpr int kMmaMaxRows = 8;
 constexpr int kMmaTiles = 4;
 constexpr int kMmaUnitRows = kLinearWarps * kMmaTiles * 8;
@@ -484,9 +491,10 @@ __device__ __forceinline__ uint32_t Ue8m0Bf16x2(uint32_t bits) {
   return v | (v << 16);
 }
 
-// x rows [row0, row0 + count) (through gather), inputs [k_begin, k_begin + k_len), as hi / lo bf16 in the
-// order the unit reads them: uint4 index ((step * 2 + plane) * 4 + q) * lanes + lane, lane = 4 * row + t,
-// holding inputs 32t + 8q .. + 7 of the step (lanes = 4 * rows_staged; rows count.. are zero).
+// x rows [row0, row0 + count) (through gather), inputs [k_begin, k_begin + k_len), as the unit's A fragments:
+// uint4 (step * 8 + 2q + h) * lanes + 4 * row + t holds, of the row's inputs 32t + 8q .. + 7 of the step (v0..v7),
+// {hi, lo} of the pair (v_2h, v_2h+4) and then of (v_2h+1, v_2h+5) (lanes = 4 * rows_staged; rows count.. are
+// zero).
 template <int M>
 __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, int rows_staged, int64_t k_begin,
                              int64_t k_len, uint4* smem) {
@@ -495,23 +503,25 @@ __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, in
   for (int64_t item = threadIdx.x; item < rows_staged * groups; item += kLinearThreads) {
     const int r = static_cast<int>(item / groups);
     const int64_t k = (item % groups) * 8;  // within the phase
-    uint4 hi = make_uint4(0u, 0u, 0u, 0u), lo = hi;
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (r < count) {
       const int64_t grouped = row0 + r;
       const float* src = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in + k_begin + k;
       const float4 v0 = __ldg(reinterpret_cast<const float4*>(src));
       const float4 v1 = __ldg(reinterpret_cast<const float4*>(src) + 1);
-      internal::SplitBf16x2(v0.x, v0.y, hi.x, lo.x);
-      internal::SplitBf16x2(v0.z, v0.w, hi.y, lo.y);
-      internal::SplitBf16x2(v1.x, v1.y, hi.z, lo.z);
-      internal::SplitBf16x2(v1.z, v1.w, hi.w, lo.w);
+      v[0] = v0.x, v[1] = v0.y, v[2] = v0.z, v[3] = v0.w, v[4] = v1.x, v[5] = v1.y, v[6] = v1.z, v[7] = v1.w;
     }
     const int64_t step = k / kMmaStep;
     const int within = static_cast<int>(k % kMmaStep);
     const int t = within / 32, q = (within % 32) / 8;
-    const int64_t slot = (step * 2 * 4 + q) * lanes + 4 * r + t;
-    smem[slot] = hi;
-    smem[slot + 4 * lanes] = lo;
+    uint4* dst = smem + (step * 8 + 2 * q) * lanes + 4 * r + t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 f;
+      internal::SplitBf16x2(v[2 * h], v[2 * h + 4], f.x, f.y);
+      internal::SplitBf16x2(v[2 * h + 1], v[2 * h + 5], f.z, f.w);
+      dst[h * lanes] = f;
+    }
   }
 }
 
@@ -521,20 +531,22 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int rows_staged = count <= 4 ? 4 : 8;
   const int lanes = 4 * rows_staged;
+  const int a_lane = lane % lanes;  // rows past the staged ones repeat rows g - 4 (those C rows are not stored)
   const int64_t in = a.in;
   const int64_t fits = a.smem_bytes / (4 * rows_staged) / kMmaStep * kMmaStep;
   const int64_t phase = fits < in ? fits : in;
   const int64_t o_warp = o_unit + warp * (kPerMatrix * 8);
-  // Tile i reads weight row o_warp + 8 * (i % kPerMatrix) + g of matrix i / kPerMatrix (rows past out: none).
-  const uint8_t* code_base[M];
-  const uint8_t* scale_base[M];
+  // Tile i reads weight row o_warp + 8 * (i % kPerMatrix) + g of matrix i / kPerMatrix; a row past out reads
+  // row out - 1 instead (computed, never stored), so no load needs a predicate.
+  const uint8_t* code_row[kMmaTiles];
+  const uint8_t* scale_row[kMmaTiles];
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    code_base[m] = a.m[m].codes[expert] + (o_warp + g) * (in / 2) + 16 * t;
-    scale_base[m] = a.m[m].scales[expert] + (o_warp + g) * (in / 32) + t;
+  for (int i = 0; i < kMmaTiles; ++i) {
+    const int m = i / kPerMatrix;
+    const int64_t row = Min64(o_warp + 8 * (i % kPerMatrix) + g, a.out - 1);
+    code_row[i] = a.m[m].codes[expert] + row * (in / 2) + 16 * t;
+    scale_row[i] = a.m[m].scales[expert] + row * (in / 32) + t;
   }
-  const int64_t tile_codes = 8 * (in / 2), tile_scales = 8 * (in / 32);
-  const int64_t rows_left = a.out - (o_warp + g);  // tile i is valid when 8 * (i % kPerMatrix) < rows_left
   float c[kMmaTiles][4];
 #pragma unroll
   for (int i = 0; i < kMmaTiles; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
@@ -543,10 +555,35 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int i = 0; i < kMmaTiles; ++i) {
-      const int m = i / kPerMatrix, ii = i % kPerMatrix;
-      const bool valid = 8 * ii < rows_left;
-      w_next[i] = valid ? LoadStreaming(code_base[m] + ii * tile_codes + k0 / 2) : make_uint4(0u, 0u, 0u, 0u);
-      s_next[i] = valid ? __ldg(scale_base[m] + ii * tile_scales + k0 / 32) : 127u;
+      w_next[i] = LoadStreaming(code_row[i] + k0 / 2);
+      s_next[i] = __ldg(scale_row[i] + k0 / 32);
+    }
+  };
+  // One step's 8 MMAs a tile; kFast: every scale of the warp is at most 2^1.
+  auto multiply = [&](auto fast_constant, const uint4* frag, const uint4 (&w)[kMmaTiles],
+                      const uint32_t (&factor)[kMmaTiles]) {
+    constexpr bool kFast = decltype(fast_constant)::value;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t v[kMmaTiles][4];
+#pragma unroll
+      for (int i = 0; i < kMmaTiles; ++i) {
+        internal::ShiftMxfp4Word(Word(w[i], q), v[i]);
+        if constexpr (!kFast) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) v[i][j] = internal::MulBf16x2(v[i][j], 0x7e807e80u);  // 2^126
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4 f = frag[(2 * q + h) * lanes + a_lane];
+        const uint32_t fragment[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+        for (int i = 0; i < kMmaTiles; ++i) {
+          internal::MmaBf16(c[i], fragment, internal::MulBf16x2(v[i][2 * h], factor[i]),
+                            internal::MulBf16x2(v[i][2 * h + 1], factor[i]));
+        }
+      }
     }
   };
   load(0);
@@ -555,34 +592,28 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
     __syncthreads();  // the previous phase's (or unit's) readers are done
     StageMmaRows<M>(a, row0, count, rows_staged, p0, len, smem);
     __syncthreads();
+#pragma unroll 2
     for (int64_t k0 = p0; k0 < p0 + len; k0 += kMmaStep) {
       uint4 w[kMmaTiles];
-      uint32_t scale[kMmaTiles];
+      uint32_t factor[kMmaTiles];
+      bool slow = false;
 #pragma unroll
       for (int i = 0; i < kMmaTiles; ++i) {
         w[i] = w_next[i];
-        scale[i] = Ue8m0Bf16x2(s_next[i]);
+        slow |= s_next[i] > 128u;
+      }
+      slow = __any_sync(internal::kFullMask, slow);
+#pragma unroll
+      for (int i = 0; i < kMmaTiles; ++i) {
+        const uint32_t fast = (s_next[i] + 126u) << 7;  // 2^(s - 1)
+        factor[i] = slow ? Ue8m0Bf16x2(s_next[i]) : fast | fast << 16;
       }
       if (k0 + kMmaStep < in) load(k0 + kMmaStep);
-      const uint4* step = smem + (k0 - p0) / kMmaStep * 8 * lanes;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const bool row_staged = g < rows_staged;
-        const uint4 hi = row_staged ? step[q * lanes + lane] : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 lo = row_staged ? step[(4 + q) * lanes + lane] : make_uint4(0u, 0u, 0u, 0u);
-        auto half = [&](auto jj_constant) {
-          constexpr int jj = decltype(jj_constant)::value;
-          // A fragment: rows g (hi) and g + 8 (lo), slots 2t, 2t + 1 then 2t + 8, 2t + 9.
-          const uint32_t a[4] = {jj ? hi.z : hi.x, jj ? lo.z : lo.x, jj ? hi.w : hi.y, jj ? lo.w : lo.y};
-#pragma unroll
-          for (int i = 0; i < kMmaTiles; ++i) {
-            // mma j = 2q + jj reads code quad j: word q, half jj.
-            const uint2 b = E2m1Bf16Quad<jj>(Word(w[i], q));
-            internal::MmaBf16(c[i], a, internal::MulBf16x2(b.x, scale[i]), internal::MulBf16x2(b.y, scale[i]));
-          }
-        };
-        half(std::integral_constant<int, 0>{});
-        half(std::integral_constant<int, 1>{});
+      const uint4* frag = smem + (k0 - p0) / kMmaStep * 8 * lanes;
+      if (slow) {
+        multiply(std::false_type{}, frag, w, factor);
+      } else {
+        multiply(std::true_type{}, frag, w, factor);
       }
     }
   }
@@ -713,8 +744,6 @@ template <int M>
 __device__ __forceinline__ bool GemvExpert(const LinearArgs<M>& a, int64_t count) {
   return a.gemv && count <= kGemvMaxRows;
 }
-__host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Units and weight of one unit for an expert with `count` rows (0 units when it has none). The tensor-core
 // experts run in a launch of their own (kMma: only they have units; otherwise they have none), so that

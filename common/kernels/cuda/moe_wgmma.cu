@@ -59,18 +59,6 @@ __device__ __forceinline__ uint32_t ScalePair(uint32_t s) {
   return bits | bits << 16;
 }
 
-// 8 e2m1 codes (value i in nibble i) -> 4 bf16 pairs, word j holding values j (low half) and j + 4 (high
-// half), each the code's value times 2^-126: nibbles j and j + 4 sit 16 bits apart, so two shifts and two
-// masks place both (the magnitude under bits 6-8 / 22-24, the sign at 15 / 31). x is laid out in the same
-// order (ToBf16Permuted), so the dot products are the same.
-__device__ __forceinline__ void ShiftMxfp4Word(uint32_t w, uint32_t (&out)[4]) {
-  constexpr uint32_t kMagnitude = 0x01c001c0u, kSign = 0x80008000u;
-  out[0] = ((w << 6) & kMagnitude) | ((w << 12) & kSign);
-  out[1] = ((w << 2) & kMagnitude) | ((w << 8) & kSign);
-  out[2] = ((w >> 2) & kMagnitude) | ((w << 4) & kSign);
-  out[3] = ((w >> 6) & kMagnitude) | (w & kSign);
-}
-
 // One 8-value chunk times 2^(s - 127). kFast (s <= 128): 2^(s - 1) is a bf16 and one multiply does it; else
 // 2^126 first and then the scale (s = 255 gives NaN, as Ue8m0ToFloat).
 template <bool kFast>
