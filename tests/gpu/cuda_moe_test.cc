@@ -335,6 +335,11 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
                                rng_);
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 2, 1}, false, 6,
                                rng_);
+    // More units than blocks (40 experts x 8 units of the flash w1 over ~264 blocks): a block runs several
+    // units in a row, of one expert or across two, restaging x (in one or two K phases) for each.
+    std::vector<int64_t> many(40);
+    for (size_t e = 0; e < many.size(); ++e) many[e] = std::vector<int64_t>{1, 2, 4, 3, 1, 6, 2, 8}[e % 8];
+    ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.intermediate, kFlash.hidden, many, true, 64, rng_);
     // The tensor-core unit scales by one multiply while every scale of a warp's step is at most 2^1 and by two
     // otherwise (the range above mixes both in most steps): scales 2^-127 .. 2^1 only (one multiply everywhere,
     // subnormal products included), and 2^2 .. 2^5 only (two everywhere).

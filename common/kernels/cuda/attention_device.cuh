@@ -249,15 +249,18 @@ __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
 }
 
 // 8 e2m1 codes (value i in nibble i) -> 4 bf16 pairs, word j holding values j (low half) and j + 4 (high
-// half), each the code's value times 2^-126: nibbles j and j + 4 sit 16 bits apart, so two shifts and two
-// masks place both (the magnitude under bits 6-8 / 22-24, the sign at 15 / 31). The x operand is laid out in
-// the same order (ToBf16Permuted; the decode tensor-core unit's staging), so the dot products are the same.
+// half), each the code's value times 2^-126: nibbles j and j + 4 sit 16 bits apart, so one mask keeps both and
+// one multiply by 2^a + 2^(a + 6) puts two copies of each, one with the magnitude under bits 6-8 / 22-24 and
+// one with the sign at 15 / 31 (the copies are disjoint: no carries); a last mask keeps those bits. The x
+// operand is laid out in the same order (ToBf16Permuted; the decode tensor-core unit's staging), so the dot
+// products are the same.
 __device__ __forceinline__ void ShiftMxfp4Word(uint32_t w, uint32_t (&out)[4]) {
-  constexpr uint32_t kMagnitude = 0x01c001c0u, kSign = 0x80008000u;
-  out[0] = ((w << 6) & kMagnitude) | ((w << 12) & kSign);
-  out[1] = ((w << 2) & kMagnitude) | ((w << 8) & kSign);
-  out[2] = ((w >> 2) & kMagnitude) | ((w << 4) & kSign);
-  out[3] = ((w >> 6) & kMagnitude) | (w & kSign);
+  constexpr uint32_t kKeep = 0x81c081c0u;  // magnitude bits 6-8 and sign bit 15 of both halves
+  const uint32_t u = w >> 8;               // nibbles 2, 3 and 6, 7 where 0, 1 and 4, 5 were
+  out[0] = ((w & 0x000f000fu) * 0x1040u) & kKeep;
+  out[1] = ((w & 0x00f000f0u) * 0x0104u) & kKeep;
+  out[2] = ((u & 0x000f000fu) * 0x1040u) & kKeep;
+  out[3] = ((u & 0x00f000f0u) * 0x0104u) & kKeep;
 }
 
 // Two e4m3 codes (low byte first) as an f16 pair: exact (every e4m3 value is an f16).
