@@ -301,23 +301,19 @@ __device__ __forceinline__ float4 Piece(const uint4& codes) {
 template <Format F>
 constexpr int kValuesPerLoad = F == Format::kMxfp4 ? 32 : 16;
 
-// Weight codes read once, without L1 allocation and without an L2 prefetch hint: with .L2::256B the tensor-core
-// unit's 64-byte steps along each row read ~1.6x the bytes from DRAM (ncu, flash w1/w3 at 64 tokens: 2.97 GB
-// instead of 1.85 GB).
+// Weight codes are read once: no L1 allocation. kL2Hint adds .L2::256B (L2 fetches the 256 bytes around the
+// address): the GEMV's 128-byte row steps keep it (not measured without); the tensor-core unit's 64-byte steps
+// along each row read ~1.6x the bytes from DRAM with it (ncu, flash w1/w3 at 64 tokens: 2.97 GB instead of
+// 1.85 GB) and go without.
+template <bool kL2Hint>
 __device__ __forceinline__ uint4 LoadOnce(const uint8_t* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-// Weight codes are read once: no L1 allocation, and the next 128 B of the row prefetched into L2.
-__device__ __forceinline__ uint4 LoadStreaming(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  if constexpr (kL2Hint) {
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  } else {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  }
   return v;
 }
 
@@ -326,11 +322,11 @@ template <Format F>
 __device__ __forceinline__ void LoadCodes(const uint8_t* codes, const uint8_t* scales, int64_t in, int64_t o,
                                           int64_t k, uint4* v, float* scale) {
   if constexpr (F == Format::kMxfp4) {
-    *v = LoadStreaming(codes + o * (in / 2) + k / 2);
+    *v = LoadOnce<true>(codes + o * (in / 2) + k / 2);
     *scale = Ue8m0(__ldg(scales + o * (in / 32) + k / 32));
   } else {
     const int64_t block_cols = (in + 127) / 128;
-    *v = LoadStreaming(codes + o * in + k);
+    *v = LoadOnce<true>(codes + o * in + k);
     *scale = Ue8m0(__ldg(scales + (o / 128) * block_cols + k / 128));
   }
 }
@@ -566,7 +562,7 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int i = 0; i < kMmaTiles; ++i) {
-      w_next[i] = LoadOnce(code_row[i] + k0 / 2);
+      w_next[i] = LoadOnce<false>(code_row[i] + k0 / 2);
       s_next[i] = __ldg(scale_row[i] + k0 / 32);
     }
   };
