@@ -340,9 +340,11 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
     std::vector<int64_t> many(40);
     for (size_t e = 0; e < many.size(); ++e) many[e] = std::vector<int64_t>{1, 2, 4, 3, 1, 6, 2, 8}[e % 8];
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.intermediate, kFlash.hidden, many, true, 64, rng_);
-    // The tensor-core unit scales by one multiply while every scale of a warp's step is at most 2^1 and by two
-    // otherwise (the range above mixes both in most steps): scales 2^-127 .. 2^1 only (one multiply everywhere,
-    // subnormal products included), and 2^2 .. 2^5 only (two everywhere).
+    // The tensor-core unit scales by one multiply while every scale of a warp's step (128 of them) is at most
+    // 2^1 and by two otherwise, so the default range 2^-8 .. 2^2 takes the two-multiply steps nearly always.
+    // One multiply everywhere: scales 2^-7 .. 2^1 (every group's share of a sum is checked) and 2^-127 .. 2^1
+    // (the smallest groups run, e.g. the 2^-127 factor, but their terms fall under the tolerance of the row's
+    // sum); two everywhere: 2^2 .. 2^5.
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 4, 0, 7}, false,
                                64, rng_, {0, 128});
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.intermediate, kFlash.hidden, {2, 8}, true, 64,
