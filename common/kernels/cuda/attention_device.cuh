@@ -263,6 +263,14 @@ __device__ __forceinline__ void ShiftMxfp4Word(uint32_t w, uint32_t (&out)[4]) {
   out[3] = ((u & 0x00f000f0u) * 0x0104u) & kKeep;
 }
 
+// The MoE's clamped SwiGLU of one (gate a, up b) pair, as the CPU computes it.
+__device__ __forceinline__ float SwiGluOne(float a, float b, float limit) {
+  // std::min / std::clamp semantics (a NaN input stays NaN), then silu(g) * u as the CPU writes it.
+  const float g = limit < a ? limit : a;
+  const float u = b < -limit ? -limit : (limit < b ? limit : b);
+  return g / (1.0f + expf(-g)) * u;
+}
+
 // Two e4m3 codes (low byte first) as an f16 pair: exact (every e4m3 value is an f16).
 __device__ __forceinline__ uint32_t Fp8PairToF16(uint32_t codes) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes & 0xffffu), __NV_E4M3);

@@ -6,12 +6,15 @@
 
 #include <algorithm>
 
+#include "common/kernels/cuda/attention_device.cuh"
 #include "common/kernels/cuda/check.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
 #include "common/kernels/cuda/moe_wgmma.h"
 
 namespace tandem::kernels::cuda {
 namespace {
+
+using internal::SwiGluOne;
 
 constexpr int kMxfp4Group = 32;  // values per ue8m0 scale
 
@@ -68,13 +71,6 @@ __global__ void DequantizeMxfp4ScalarKernel(const uint8_t* codes, const uint8_t*
     dst[2 * i] = __float2bfloat16_rn(E2m1(byte) * scale);
     dst[2 * i + 1] = __float2bfloat16_rn(E2m1(byte >> 4) * scale);
   }
-}
-
-__device__ __forceinline__ float SwiGluOne(float a, float b, float limit) {
-  // Exactly moe.cu's SwiGlu: std::min / std::clamp semantics (NaN stays NaN), then silu(g) * u.
-  const float g = limit < a ? limit : a;
-  const float u = b < -limit ? -limit : (limit < b ? limit : b);
-  return g / (1.0f + expf(-g)) * u;
 }
 
 __global__ void SwiGluStackedKernel(const float* gate_up, int64_t rows, int64_t inter, float limit, bool vector,
