@@ -213,6 +213,29 @@ absl::Status CheckGroupedWeights(const GroupedWeights& weights, const char* what
   return absl::OkStatus();
 }
 
+// The call checks both entry points share (the weights are checked by then), then the launch with matrix m
+// from w[m] (M = 2: w1 and w3, same shapes).
+template <int M>
+absl::Status RunGrouped(const char* name, const GroupedWeights* const (&w)[M], const float* x, const int32_t* gather,
+                        const int64_t* offsets, int64_t max_rows_per_expert, float limit, float* y, const char* y_name,
+                        cudaStream_t stream) {
+  if (max_rows_per_expert < 0) return absl::InvalidArgumentError(absl::StrCat(name, ": negative max_rows_per_expert"));
+  if (max_rows_per_expert == 0) return absl::OkStatus();
+  if (!x || !offsets || !y) return absl::InvalidArgumentError(absl::StrCat(name, ": null x, offsets or ", y_name));
+  if (!Aligned16(x)) return absl::InvalidArgumentError(absl::StrCat(name, ": x must be 16-byte aligned"));
+  LinearArgs<M> args{};
+  for (int m = 0; m < M; ++m) args.m[m] = {w[m]->codes, w[m]->scales};
+  args.experts = w[0]->experts;
+  args.out = w[0]->out;
+  args.in = w[0]->in;
+  args.x = x;
+  args.gather = gather;
+  args.offsets = offsets;
+  args.y = y;
+  args.limit = limit;
+  return GroupedLinear(args, w[0]->format, max_rows_per_expert, stream);
+}
+
 }  // namespace
 
 void SetGroupedLinearTensorCores(bool on) { g_grouped_mma.store(on, std::memory_order_relaxed); }
@@ -221,20 +244,8 @@ bool GroupedLinearTensorCores() { return g_grouped_mma.load(std::memory_order_re
 absl::Status GroupedQuantizedLinear(const GroupedWeights& weights, const float* x, const int32_t* gather,
                                     const int64_t* offsets, int64_t max_rows_per_expert, float* y, cudaStream_t stream) {
   TANDEM_RETURN_IF_ERROR(CheckGroupedWeights(weights, "GroupedQuantizedLinear"));
-  if (max_rows_per_expert < 0) return absl::InvalidArgumentError("GroupedQuantizedLinear: negative max_rows_per_expert");
-  if (max_rows_per_expert == 0) return absl::OkStatus();
-  if (!x || !offsets || !y) return absl::InvalidArgumentError("GroupedQuantizedLinear: null x, offsets or y");
-  if (!Aligned16(x)) return absl::InvalidArgumentError("GroupedQuantizedLinear: x must be 16-byte aligned");
-  LinearArgs<1> args{};
-  args.m[0] = {weights.codes, weights.scales};
-  args.experts = weights.experts;
-  args.out = weights.out;
-  args.in = weights.in;
-  args.x = x;
-  args.gather = gather;
-  args.offsets = offsets;
-  args.y = y;
-  return GroupedLinear(args, weights.format, max_rows_per_expert, stream);
+  return RunGrouped<1>("GroupedQuantizedLinear", {&weights}, x, gather, offsets, max_rows_per_expert, 0.0f, y, "y",
+                       stream);
 }
 
 absl::Status GroupedSwiGluLinear(const GroupedWeights& w1, const GroupedWeights& w3, const float* x,
@@ -247,22 +258,8 @@ absl::Status GroupedSwiGluLinear(const GroupedWeights& w1, const GroupedWeights&
                                                    w1.experts, " x ", w1.out, " x ", w1.in, " vs ", w3.experts, " x ",
                                                    w3.out, " x ", w3.in, ")"));
   }
-  if (max_rows_per_expert < 0) return absl::InvalidArgumentError("GroupedSwiGluLinear: negative max_rows_per_expert");
-  if (max_rows_per_expert == 0) return absl::OkStatus();
-  if (!x || !offsets || !h) return absl::InvalidArgumentError("GroupedSwiGluLinear: null x, offsets or h");
-  if (!Aligned16(x)) return absl::InvalidArgumentError("GroupedSwiGluLinear: x must be 16-byte aligned");
-  LinearArgs<2> args{};
-  args.m[0] = {w1.codes, w1.scales};
-  args.m[1] = {w3.codes, w3.scales};
-  args.experts = w1.experts;
-  args.out = w1.out;
-  args.in = w1.in;
-  args.x = x;
-  args.gather = gather;
-  args.offsets = offsets;
-  args.y = h;
-  args.limit = limit;
-  return GroupedLinear(args, w1.format, max_rows_per_expert, stream);
+  return RunGrouped<2>("GroupedSwiGluLinear", {&w1, &w3}, x, gather, offsets, max_rows_per_expert, limit, h, "h",
+                       stream);
 }
 
 }  // namespace tandem::kernels::cuda
