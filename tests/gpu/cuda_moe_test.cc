@@ -10,6 +10,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "common/core/dtype.h"
@@ -404,6 +405,57 @@ TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
       }
     }
     EXPECT_EQ(wrong, 0);
+  }
+}
+
+// Bad calls are refused with the parameter named, and nothing is launched: the output keeps its poison.
+TEST_F(CudaTest, GroupedLinearRefusesBadArguments) {
+  const int64_t out = 256, in = 128;
+  std::vector<cuda::DeviceArray<uint8_t>> storage;
+  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
+  for (int e = 0; e < 2; ++e) {
+    const Expert ex = RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_);
+    storage.push_back(ToDevice(ex.codes));
+    code_ptrs.push_back(storage.back().get());
+    storage.push_back(ToDevice(ex.scales));
+    scale_ptrs.push_back(storage.back().get());
+  }
+  auto dcode_ptrs = ToDevice(code_ptrs);
+  auto dscale_ptrs = ToDevice(scale_ptrs);
+  auto dx = ToDevice(Normal(static_cast<size_t>(4 * in), rng_));
+  auto doffsets = ToDevice(std::vector<int64_t>{0, 2, 4});
+  auto dy = Poisoned<float>(static_cast<size_t>(4 * out));
+  cuda::GroupedWeights w;
+  w.format = QuantizedWeight::Format::kMxfp4;
+  w.codes = dcode_ptrs.get();
+  w.scales = dscale_ptrs.get();
+  w.experts = 2;
+  w.out = out;
+  w.in = in;
+  auto refused = [](const absl::Status& status, const char* says) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_NE(status.message().find(says), std::string_view::npos) << status << " (want: " << says << ")";
+  };
+  const float* x = dx.get();
+  const int64_t* offsets = doffsets.get();
+  float* y = dy.get();
+  refused(cuda::GroupedQuantizedLinear(w, nullptr, nullptr, offsets, 8, y), "null x, offsets or y");
+  refused(cuda::GroupedQuantizedLinear(w, x + 1, nullptr, offsets, 8, y), "x must be 16-byte aligned");
+  refused(cuda::GroupedQuantizedLinear(w, x, nullptr, offsets, -1, y), "negative max_rows_per_expert");
+  cuda::GroupedWeights odd_in = w, no_codes = w, other_out = w;
+  odd_in.in = 100;
+  no_codes.codes = nullptr;
+  other_out.out = 128;
+  refused(cuda::GroupedQuantizedLinear(odd_in, x, nullptr, offsets, 8, y), "in a positive multiple of");
+  refused(cuda::GroupedQuantizedLinear(no_codes, x, nullptr, offsets, 8, y), "null weights");
+  refused(cuda::GroupedSwiGluLinear(w, other_out, x, nullptr, offsets, 8, 7.0f, y), "w1 and w3 differ");
+  refused(cuda::GroupedSwiGluLinear(w, w, x, nullptr, offsets, 8, 7.0f, nullptr), "null x, offsets or h");
+  refused(cuda::GroupedSwiGluLinear(w, w, x, nullptr, offsets, -2, 7.0f, y), "GroupedSwiGluLinear: negative");
+  TANDEM_ASSERT_OK(Sync());
+  for (const float v : ToHost(dy)) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    ASSERT_EQ(bits, 0xffffffffu) << "a refused call wrote y";
   }
 }
 
