@@ -222,6 +222,32 @@ Expert RandomExpert(QuantizedWeight::Format format, int64_t out, int64_t in, std
   return e;
 }
 
+// MXFP4 experts on the device as one GroupedWeights (the arrays live as long as this).
+struct DeviceExperts {
+  std::vector<cuda::DeviceArray<uint8_t>> storage;
+  cuda::DeviceArray<const uint8_t*> codes, scales;
+  cuda::GroupedWeights weights;
+};
+DeviceExperts UploadMxfp4(const std::vector<Expert>& experts, int64_t out, int64_t in) {
+  DeviceExperts d;
+  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
+  for (const Expert& ex : experts) {
+    d.storage.push_back(ToDevice(ex.codes));
+    code_ptrs.push_back(d.storage.back().get());
+    d.storage.push_back(ToDevice(ex.scales));
+    scale_ptrs.push_back(d.storage.back().get());
+  }
+  d.codes = ToDevice(code_ptrs);
+  d.scales = ToDevice(scale_ptrs);
+  d.weights.format = QuantizedWeight::Format::kMxfp4;
+  d.weights.codes = d.codes.get();
+  d.weights.scales = d.scales.get();
+  d.weights.experts = static_cast<int64_t>(experts.size());
+  d.weights.out = out;
+  d.weights.in = in;
+  return d;
+}
+
 void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int64_t in,
                                 const std::vector<int64_t>& counts, bool gather, int64_t max_rows_bound,
                                 std::mt19937& rng, ScaleRange mxfp4_scales = {}) {
@@ -365,27 +391,17 @@ TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
   for (const int64_t c : counts) offsets.push_back(offsets.back() + c);
   const int64_t rows = offsets.back();
   const auto x = Normal(static_cast<size_t>(rows * in), rng_);
-  std::vector<cuda::DeviceArray<uint8_t>> storage;
-  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
+  std::vector<Expert> experts;
   for (size_t e = 0; e < counts.size(); ++e) {
-    Expert ex = RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_, {120, 128});
-    if (static_cast<int64_t>(e) == bad_expert) ex.scales[static_cast<size_t>(bad_row * (in / 32) + bad_group)] = 255;
-    storage.push_back(ToDevice(ex.codes));
-    code_ptrs.push_back(storage.back().get());
-    storage.push_back(ToDevice(ex.scales));
-    scale_ptrs.push_back(storage.back().get());
+    experts.push_back(RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_, {120, 128}));
+    if (static_cast<int64_t>(e) == bad_expert) {
+      experts.back().scales[static_cast<size_t>(bad_row * (in / 32) + bad_group)] = 255;
+    }
   }
-  auto dcode_ptrs = ToDevice(code_ptrs);
-  auto dscale_ptrs = ToDevice(scale_ptrs);
+  const DeviceExperts device = UploadMxfp4(experts, out, in);
+  const cuda::GroupedWeights& w = device.weights;
   auto dx = ToDevice(x);
   auto doffsets = ToDevice(offsets);
-  cuda::GroupedWeights w;
-  w.format = QuantizedWeight::Format::kMxfp4;
-  w.codes = dcode_ptrs.get();
-  w.scales = dscale_ptrs.get();
-  w.experts = static_cast<int64_t>(counts.size());
-  w.out = out;
-  w.in = in;
   for (const bool tensor_cores : {true, false}) {
     SCOPED_TRACE(tensor_cores ? "tensor cores on" : "tensor cores off");
     const TensorCores scope(tensor_cores);
@@ -411,27 +427,14 @@ TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
 // Bad calls are refused with the parameter named, and nothing is launched: the output keeps its poison.
 TEST_F(CudaTest, GroupedLinearRefusesBadArguments) {
   const int64_t out = 256, in = 128;
-  std::vector<cuda::DeviceArray<uint8_t>> storage;
-  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
-  for (int e = 0; e < 2; ++e) {
-    const Expert ex = RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_);
-    storage.push_back(ToDevice(ex.codes));
-    code_ptrs.push_back(storage.back().get());
-    storage.push_back(ToDevice(ex.scales));
-    scale_ptrs.push_back(storage.back().get());
-  }
-  auto dcode_ptrs = ToDevice(code_ptrs);
-  auto dscale_ptrs = ToDevice(scale_ptrs);
+  const DeviceExperts device =
+      UploadMxfp4({RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_),
+                   RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_)},
+                  out, in);
+  const cuda::GroupedWeights& w = device.weights;
   auto dx = ToDevice(Normal(static_cast<size_t>(4 * in), rng_));
   auto doffsets = ToDevice(std::vector<int64_t>{0, 2, 4});
   auto dy = Poisoned<float>(static_cast<size_t>(4 * out));
-  cuda::GroupedWeights w;
-  w.format = QuantizedWeight::Format::kMxfp4;
-  w.codes = dcode_ptrs.get();
-  w.scales = dscale_ptrs.get();
-  w.experts = 2;
-  w.out = out;
-  w.in = in;
   auto refused = [](const absl::Status& status, const char* says) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
     EXPECT_NE(status.message().find(says), std::string_view::npos) << status << " (want: " << says << ")";
