@@ -89,7 +89,9 @@ absl::Status DequantizeFp8Block(const Fp8BlockWeight& weight, __nv_bfloat16* dst
 class Gemm {
  public:
   enum class Output { kF32, kBf16 };
-  static absl::StatusOr<std::unique_ptr<Gemm>> Create(size_t workspace_bytes = size_t{32} << 20, bool tune = true);
+  static constexpr size_t kDefaultWorkspaceBytes = size_t{32} << 20;
+  static absl::StatusOr<std::unique_ptr<Gemm>> Create(size_t workspace_bytes = kDefaultWorkspaceBytes,
+                                                      bool tune = true);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;

@@ -425,7 +425,7 @@ struct DeviceModel::Impl {
     const auto& c = config();
     TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
     TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    TANDEM_ASSIGN_OR_RETURN(gemm, kc::Gemm::Create(size_t{32} << 20, options.tune_gemms));
+    TANDEM_ASSIGN_OR_RETURN(gemm, kc::Gemm::Create(kc::Gemm::kDefaultWorkspaceBytes, options.tune_gemms));
     kc::GroupedExpertGemm::Options expert_options;
     expert_options.max_weight_elements = 2 * c.moe_intermediate_size * c.hidden_size;  // w1 and w3 stacked
     expert_options.split_x = options.dense != DenseFormat::kBf16;  // f32 runs get the closest of the two
