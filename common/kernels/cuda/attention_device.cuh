@@ -263,6 +263,19 @@ __device__ __forceinline__ void ShiftMxfp4Word(uint32_t w, uint32_t (&out)[4]) {
   out[3] = ((u & 0x00f000f0u) * 0x0104u) & kKeep;
 }
 
+// Scaling ShiftMxfp4Word's pairs (code value x 2^-126) by a group's ue8m0 scale s, exactly: while s <= 128 one
+// bf16 multiply by Mxfp4PairFactor(s) = 2^(s - 1); above (or 255, NaN), by kBf16x2TwoTo126 and then by
+// Ue8m0Bf16x2(s) = 2^(s - 127), as Ue8m0ToFloat (0: the subnormal 2^-127).
+constexpr uint32_t kBf16x2TwoTo126 = 0x7e807e80u;
+__device__ __forceinline__ uint32_t Mxfp4PairFactor(uint32_t s) {
+  const uint32_t bits = (s + 126u) << 7;
+  return bits | bits << 16;
+}
+__device__ __forceinline__ uint32_t Ue8m0Bf16x2(uint32_t s) {
+  const uint32_t v = s == 0 ? 0x0040u : s == 255 ? 0x7FC0u : s << 7;
+  return v | (v << 16);
+}
+
 // The MoE's clamped SwiGLU of one (gate a, up b) pair, as the CPU computes it.
 __device__ __forceinline__ float SwiGluOne(float a, float b, float limit) {
   // std::min / std::clamp semantics (a NaN input stays NaN), then silu(g) * u as the CPU writes it.

@@ -308,11 +308,6 @@ constexpr int kMmaStep = 128;
 // (H200, flash w1/w3 at 1 token: 77 us on tensor cores vs 48 us in f32).
 constexpr int64_t kMmaMinRowsBound = 24;
 
-// 2^(bits - 127) in both bf16 halves (bits 0: the subnormal 2^-127; 255: NaN), as Ue8m0.
-__device__ __forceinline__ uint32_t Ue8m0Bf16x2(uint32_t bits) {
-  const uint32_t v = bits == 0 ? 0x0040u : bits == 255 ? 0x7FC0u : bits << 7;
-  return v | (v << 16);
-}
 
 // x rows [row0, row0 + count) (through gather), inputs [k_begin, k_begin + k_len), as the unit's A fragments:
 // uint4 (step * 8 + 2q + h) * lanes + 4 * row + t holds, of the row's inputs 32t + 8q .. + 7 of the step (v0..v7),
@@ -394,7 +389,7 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
         internal::ShiftMxfp4Word(Word(w[i], q), v[i]);
         if constexpr (!kFast) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) v[i][j] = internal::MulBf16x2(v[i][j], 0x7e807e80u);  // 2^126
+          for (int j = 0; j < 4; ++j) v[i][j] = internal::MulBf16x2(v[i][j], internal::kBf16x2TwoTo126);
         }
       }
 #pragma unroll
@@ -428,8 +423,7 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
       slow = __any_sync(internal::kFullMask, slow);
 #pragma unroll
       for (int i = 0; i < kMmaTiles; ++i) {
-        const uint32_t fast = (s_next[i] + 126u) << 7;  // 2^(s - 1)
-        factor[i] = slow ? Ue8m0Bf16x2(s_next[i]) : fast | fast << 16;
+        factor[i] = slow ? internal::Ue8m0Bf16x2(s_next[i]) : internal::Mxfp4PairFactor(s_next[i]);
       }
       if (k0 + kMmaStep < in) load(k0 + kMmaStep);
       const uint4* frag = smem + (k0 - p0) / kMmaStep * 8 * lanes;

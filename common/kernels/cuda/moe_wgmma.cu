@@ -53,12 +53,6 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
          static_cast<uint32_t>(row & 7) * 16;
 }
 
-// 2^(s - 127) as a bf16 pair for s > 128 (255: NaN, as Ue8m0ToFloat).
-__device__ __forceinline__ uint32_t ScalePair(uint32_t s) {
-  const uint32_t bits = s == 255 ? 0x7fc0u : s << 7;
-  return bits | bits << 16;
-}
-
 // One 8-value chunk times 2^(s - 127). kFast (s <= 128): 2^(s - 1) is a bf16 and one multiply does it; else
 // 2^126 first and then the scale (s = 255 gives NaN, as Ue8m0ToFloat).
 template <bool kFast>
@@ -66,14 +60,13 @@ __device__ __forceinline__ uint4 DequantMxfp4Word(uint32_t codes, uint32_t s) {
   uint32_t v[4];
   ShiftMxfp4Word(codes, v);
   if constexpr (kFast) {
-    const uint32_t bits = (s + 126) << 7, factor = bits | bits << 16;  // 2^(s - 1)
+    const uint32_t factor = Mxfp4PairFactor(s);
 #pragma unroll
     for (int j = 0; j < 4; ++j) v[j] = MulBf16x2(v[j], factor);
   } else {
-    constexpr uint32_t kTwoTo126 = 0x7e807e80u;
-    const uint32_t scale = ScalePair(s);
+    const uint32_t scale = Ue8m0Bf16x2(s);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = MulBf16x2(MulBf16x2(v[j], kTwoTo126), scale);
+    for (int j = 0; j < 4; ++j) v[j] = MulBf16x2(MulBf16x2(v[j], kBf16x2TwoTo126), scale);
   }
   return make_uint4(v[0], v[1], v[2], v[3]);
 }
