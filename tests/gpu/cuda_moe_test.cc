@@ -353,6 +353,10 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
       ExpectGroupedLinearMatches(format, 100, 192, counts, false, 1, rng_);
       // The flash w1 (7 rows: x staged in two K phases).
       ExpectGroupedLinearMatches(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 9, 4, 1, 7}, true, 64, rng_);
+      // K an odd number of 128s (the tensor-core unit's steps are 256: a last step with a slice past in), in one
+      // phase and as the short last of two phases.
+      ExpectGroupedLinearMatches(format, 100, 384, counts, true, 150, rng_);
+      ExpectGroupedLinearMatches(format, 72, 4224, {7, 0, 3, 8}, false, 64, rng_);
     }
     // Flash w2 at decode (one to three rows per expert, and six: two phases); every expert within the tensor
     // cores' 8 rows (the f32 launch finds no units); a bound below 24 (one token: the f32 GEMV).
@@ -362,7 +366,7 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
                                rng_);
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 2, 1}, false, 6,
                                rng_);
-    // More units than blocks (40 experts x 8 units of the flash w1 over ~264 blocks): a block runs several
+    // More units than blocks (40 experts x 16 units of the flash w1 over ~264 blocks): a block runs several
     // units in a row, of one expert or across two, restaging x (in one or two K phases) for each.
     std::vector<int64_t> many(40);
     for (size_t e = 0; e < many.size(); ++e) many[e] = std::vector<int64_t>{1, 2, 4, 3, 1, 6, 2, 8}[e % 8];
@@ -383,17 +387,16 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
 
 // A scale byte of 255 is NaN (Ue8m0ToFloat): the outputs of that weight row are NaN in every row of that expert,
 // and only those, on every path (the tensor-core unit takes its two-multiply steps there).
-TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
-  const int64_t out = kFlash.hidden, in = kFlash.intermediate;
+void ExpectNanScaleStaysInItsRow(int64_t out, int64_t in, int64_t bad_row, int64_t bad_group, std::mt19937& rng) {
   const std::vector<int64_t> counts = {2, 5, 1};
-  const int64_t bad_expert = 1, bad_row = 777, bad_group = 9;
+  const int64_t bad_expert = 1;
   std::vector<int64_t> offsets = {0};
   for (const int64_t c : counts) offsets.push_back(offsets.back() + c);
   const int64_t rows = offsets.back();
-  const auto x = Normal(static_cast<size_t>(rows * in), rng_);
+  const auto x = Normal(static_cast<size_t>(rows * in), rng);
   std::vector<Expert> experts;
   for (size_t e = 0; e < counts.size(); ++e) {
-    experts.push_back(RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_, {120, 128}));
+    experts.push_back(RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng, {120, 128}));
     if (static_cast<int64_t>(e) == bad_expert) {
       experts.back().scales[static_cast<size_t>(bad_row * (in / 32) + bad_group)] = 255;
     }
@@ -421,6 +424,18 @@ TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
       }
     }
     EXPECT_EQ(wrong, 0);
+  }
+}
+
+// The flash w2 shape, and one of 3 K steps of 128 with the NaN in the last group: the tensor-core unit's last
+// step of 256 has a slice past in, which re-reads that group and must add zeros, not its NaN.
+TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
+  struct Case {
+    int64_t out, in, bad_row, bad_group;
+  };
+  for (const Case& c : {Case{kFlash.hidden, kFlash.intermediate, 777, 9}, Case{200, 384, 150, 11}}) {
+    SCOPED_TRACE(absl::StrCat("out ", c.out, " in ", c.in));
+    ExpectNanScaleStaysInItsRow(c.out, c.in, c.bad_row, c.bad_group, rng_);
   }
 }
 

@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kLinearThreads, 2) GroupedLinearKernel(LinearA
       const int64_t j_end = Min64(e_units, CeilDiv(hi - start, e_weight));
       if constexpr (kMma) {
         for (int64_t j = j_begin; j < j_end; ++j) {
-          MmaUnit<M>(a, e, j * (kMmaUnitRows / M), begin, static_cast<int>(count), reinterpret_cast<uint4*>(linear_smem));
+          MmaUnit<M>(a, e, j * (kMmaUnitRows / M), begin, static_cast<int>(count), reinterpret_cast<uint4*>(linear_smem),
+                     &staged_expert);
         }
       } else if (GemvExpert(a, count)) {
         const int64_t groups = CeilDiv(count, kGroupRows);
@@ -166,7 +167,7 @@ absl::Status LaunchGroupedLinear(const LinearArgs<M>& args, size_t smem, const c
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  if (smem > 48 * 1024) {
+  if (smem > 0) {  // (over 48 KB with the static arrays needs it)
     TANDEM_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }

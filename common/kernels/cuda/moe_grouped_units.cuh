@@ -119,8 +119,8 @@ template <Format F>
 constexpr int kValuesPerLoad = F == Format::kMxfp4 ? 32 : 16;
 
 // Weight codes are read once: no L1 allocation. kL2Hint adds .L2::256B (L2 fetches the 256 bytes around the
-// address): the GEMV's 128-byte row steps keep it (not measured without); the tensor-core unit's 64-byte steps
-// along each row read ~1.6x the bytes from DRAM with it (ncu, flash w1/w3 at 64 tokens: 2.97 GB instead of
+// address): the GEMV's 128-byte row steps keep it (not measured without); the tensor-core unit's loads (then in
+// 64-byte steps along each row) read ~1.6x the bytes from DRAM with it (ncu, flash w1/w3 at 64 tokens: 2.97 GB instead of
 // 1.85 GB) and go without.
 template <bool kL2Hint>
 __device__ __forceinline__ uint4 LoadOnce(const uint8_t* p) {
@@ -297,15 +297,24 @@ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? 
 // fragment slots (2t, 2t + 1) and (2t + 8, 2t + 9). x is staged with the same pairs of its inputs, hi and lo
 // interleaved, so one 16-byte shared load is a whole A fragment. One exact bf16x2 multiply by 2^(s - 1)
 // scales a pair; a step where some lane's scale is over 2^1 (s > 128, or 255 for NaN) multiplies by 2^126
-// first and then by 2^(s - 127) (warp-uniform). Each warp owns kMmaTiles tiles (M = 2: two of W1 and the
-// same two of W3), so a unit is 256 weight rows.
+// first and then by 2^(s - 127) (warp-uniform).
+//
+// Each warp owns kMmaTiles tiles: 2 row tiles (M = 2: one of W1 and the same one of W3) x 2 K slices, so a
+// unit is 128 weight rows and a warp step covers 256 inputs, slice i of the row tile taking the step's
+// inputs [128i, 128i + 128) into its own accumulators (summed at the end). That makes a quad's two 16-byte
+// loads 128 contiguous bytes of its row, requested together. DRAM needs that: loads of 64 bytes a row, rows
+// 2 KB apart, ran at ~65% of the copy rate in a load-only test with no compute at all (H200, 2.74 of 4.20
+// TB/s), 128 contiguous bytes a row at 95% (3.99 TB/s); the 4 row tiles x 1 slice before this were held
+// under the first.
 constexpr int kMmaMaxRows = 8;
 constexpr int kMmaTiles = 4;
-constexpr int kMmaUnitRows = kLinearWarps * kMmaTiles * 8;
+constexpr int kMmaSlices = 2;                             // K slices of 128 a step: tile i is slice i % kMmaSlices
+constexpr int kMmaRowTiles = kMmaTiles / kMmaSlices;      // of row tile i / kMmaSlices
+constexpr int kMmaUnitRows = kLinearWarps * kMmaRowTiles * 8;
 constexpr int kMmaStep = 128;
 // Below this host bound on rows per expert (about 4 tokens x 6 experts) the batch touches so few experts that
-// the tensor-core unit's 256-row units leave most SMs idle: the f32 GEMV's 128-row units spread better
-// (H200, flash w1/w3 at 1 token: 77 us on tensor cores vs 48 us in f32).
+// the tensor-core unit leaves most SMs idle: the f32 GEMV spreads better (H200, flash w1/w3 at 1 token: 77 us
+// on tensor cores vs 48 us in f32, measured with the 256-row units of 4 row tiles a warp).
 constexpr int64_t kMmaMinRowsBound = 24;
 
 
@@ -322,7 +331,7 @@ __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, in
     const int r = static_cast<int>(item / groups);
     const int64_t k = (item % groups) * 8;  // within the phase
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (r < count) {
+    if (r < count && k_begin + k < a.in) {
       const int64_t grouped = row0 + r;
       const float* src = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in + k_begin + k;
       const float4 v0 = __ldg(reinterpret_cast<const float4*>(src));
@@ -344,37 +353,54 @@ __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, in
 }
 
 template <int M>
-__device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, int64_t row0, int count, uint4* smem) {
-  constexpr int kPerMatrix = kMmaTiles / M;  // tiles of each matrix per warp
+__device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, int64_t row0, int count, uint4* smem,
+                        int64_t* staged_expert) {
+  constexpr int kPerMatrix = kMmaRowTiles / M;  // row tiles of each matrix per warp
+  constexpr int64_t kStepInputs = int64_t{kMmaStep} * kMmaSlices;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int rows_staged = count <= 4 ? 4 : 8;
   const int lanes = 4 * rows_staged;
   const int a_lane = lane % lanes;  // rows past the staged ones repeat rows g - 4 (those C rows are not stored)
   const int64_t in = a.in;
-  const int64_t fits = a.smem_bytes / (4 * rows_staged) / kMmaStep * kMmaStep;
-  const int64_t phase = fits < in ? fits : in;
+  const int64_t fits = a.smem_bytes / (4 * rows_staged) / kStepInputs * kStepInputs;
+  // Staged lengths round up to whole steps (inputs past in are zero).
+  const int64_t phase = fits < CeilDiv(in, kStepInputs) * kStepInputs ? fits : in;
   const int64_t o_warp = o_unit + warp * (kPerMatrix * 8);
-  // Tile i reads weight row o_warp + 8 * (i % kPerMatrix) + g of matrix i / kPerMatrix; a row past out reads
-  // row out - 1 instead (computed, never stored), so no load needs a predicate.
+  // Tile i (row tile ri = i / kMmaSlices, slice i % kMmaSlices) reads weight row o_warp + 8 * (ri % kPerMatrix) + g
+  // of matrix ri / kPerMatrix; a row past out reads row out - 1 instead (computed, never stored), so no load
+  // needs a predicate.
   const uint8_t* code_row[kMmaTiles];
   const uint8_t* scale_row[kMmaTiles];
 #pragma unroll
   for (int i = 0; i < kMmaTiles; ++i) {
-    const int m = i / kPerMatrix;
-    const int64_t row = Min64(o_warp + 8 * (i % kPerMatrix) + g, a.out - 1);
-    code_row[i] = a.m[m].codes[expert] + row * (in / 2) + 16 * t;
-    scale_row[i] = a.m[m].scales[expert] + row * (in / 32) + t;
+    const int ri = i / kMmaSlices, ki = i % kMmaSlices;
+    const int m = ri / kPerMatrix;
+    const int64_t row = Min64(o_warp + 8 * (ri % kPerMatrix) + g, a.out - 1);
+    code_row[i] = a.m[m].codes[expert] + row * (in / 2) + 16 * t + 64 * ki;
+    scale_row[i] = a.m[m].scales[expert] + row * (in / 32) + t + 4 * ki;
   }
   float c[kMmaTiles][4];
 #pragma unroll
   for (int i = 0; i < kMmaTiles; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
   uint4 w_next[kMmaTiles];
   uint32_t s_next[kMmaTiles];
-  auto load = [&](int64_t k0) {
+  // A slice past in (the last step when in is an odd number of 128s) re-reads the slice before it: its x is
+  // staged as zeros and its factor is 0, so it adds exact zeros even where that scale is NaN.
+  auto load = [&](auto tail_constant, int64_t k0) {
+    constexpr bool kTail = decltype(tail_constant)::value;
 #pragma unroll
     for (int i = 0; i < kMmaTiles; ++i) {
-      w_next[i] = LoadOnce<false>(code_row[i] + k0 / 2);
-      s_next[i] = __ldg(scale_row[i] + k0 / 32);
+      const int64_t slice = kMmaStep * (i % kMmaSlices);
+      const int64_t k = kTail ? Min64(k0 + slice, in - kMmaStep) - slice : k0;
+      w_next[i] = LoadOnce<false>(code_row[i] + k / 2);
+      s_next[i] = __ldg(scale_row[i] + k / 32);
+    }
+  };
+  auto load_step = [&](int64_t k0) {
+    if (k0 + kStepInputs <= in) {
+      load(std::false_type{}, k0);
+    } else {
+      load(std::true_type{}, k0);
     }
   };
   // One step's 8 MMAs a tile; kFast: every scale of the warp is at most 2^1.
@@ -393,39 +419,49 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
         }
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint4 f = frag[(2 * q + h) * lanes + a_lane];
-        const uint32_t fragment[4] = {f.x, f.y, f.z, f.w};
+      for (int ki = 0; ki < kMmaSlices; ++ki) {
 #pragma unroll
-        for (int i = 0; i < kMmaTiles; ++i) {
-          internal::MmaBf16(c[i], fragment, internal::MulBf16x2(v[i][2 * h], factor[i]),
-                            internal::MulBf16x2(v[i][2 * h + 1], factor[i]));
+        for (int h = 0; h < 2; ++h) {
+          const uint4 f = frag[(ki * 8 + 2 * q + h) * lanes + a_lane];
+          const uint32_t fragment[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+          for (int ri = 0; ri < kMmaRowTiles; ++ri) {
+            const int i = ri * kMmaSlices + ki;
+            internal::MmaBf16(c[i], fragment, internal::MulBf16x2(v[i][2 * h], factor[i]),
+                              internal::MulBf16x2(v[i][2 * h + 1], factor[i]));
+          }
         }
       }
     }
   };
-  load(0);
+  load_step(0);
   for (int64_t p0 = 0; p0 < in; p0 += phase) {
     const int64_t len = phase < in - p0 ? phase : in - p0;
-    __syncthreads();  // the previous phase's (or unit's) readers are done
-    StageMmaRows<M>(a, row0, count, rows_staged, p0, len, smem);
-    __syncthreads();
+    // With one phase, x stays staged for the block's next unit if that is of the same expert (a block's units
+    // are consecutive): at 16 tokens most experts have one row and 16 units.
+    if (phase < in || *staged_expert != expert) {
+      __syncthreads();  // the previous phase's (or unit's) readers are done
+      StageMmaRows<M>(a, row0, count, rows_staged, p0, CeilDiv(len, kStepInputs) * kStepInputs, smem);
+      __syncthreads();
+    }
 #pragma unroll 2
-    for (int64_t k0 = p0; k0 < p0 + len; k0 += kMmaStep) {
+    for (int64_t k0 = p0; k0 < p0 + len; k0 += kStepInputs) {
       uint4 w[kMmaTiles];
       uint32_t factor[kMmaTiles];
-      bool slow = false;
+      const bool tail = k0 + kStepInputs > in;
+      bool slow = false, past[kMmaTiles];
 #pragma unroll
       for (int i = 0; i < kMmaTiles; ++i) {
         w[i] = w_next[i];
-        slow |= s_next[i] > 128u;
+        past[i] = i % kMmaSlices != 0 && tail && k0 + kMmaStep * (i % kMmaSlices) >= in;
+        slow |= !past[i] && s_next[i] > 128u;
       }
       slow = __any_sync(internal::kFullMask, slow);
 #pragma unroll
       for (int i = 0; i < kMmaTiles; ++i) {
-        factor[i] = slow ? internal::Ue8m0Bf16x2(s_next[i]) : internal::Mxfp4PairFactor(s_next[i]);
+        factor[i] = past[i] ? 0u : slow ? internal::Ue8m0Bf16x2(s_next[i]) : internal::Mxfp4PairFactor(s_next[i]);
       }
-      if (k0 + kMmaStep < in) load(k0 + kMmaStep);
+      if (k0 + kStepInputs < in) load_step(k0 + kStepInputs);
       const uint4* frag = smem + (k0 - p0) / kMmaStep * 8 * lanes;
       if (slow) {
         multiply(std::false_type{}, frag, w, factor);
@@ -434,7 +470,14 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
       }
     }
   }
-  // C: c[i][0..1] row g (hi), c[i][2..3] row g + 8 (lo), outputs 2t, 2t + 1 of the tile.
+  *staged_expert = phase < in ? -1 : expert;
+  // C: c[i][0..1] row g (hi), c[i][2..3] row g + 8 (lo), outputs 2t, 2t + 1 of the tile; its slices summed.
+#pragma unroll
+  for (int i = 0; i < kMmaTiles; ++i) {
+    if (i % kMmaSlices == 0) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) c[i - i % kMmaSlices][j] += c[i][j];
+  }
   if (g >= count) return;
   float* dst = a.y + (row0 + g) * a.out;
 #pragma unroll
@@ -443,11 +486,12 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
     for (int u = 0; u < 2; ++u) {
       const int64_t o = o_warp + 8 * i + 2 * t + u;
       if (o >= a.out) continue;
-      const float v = c[i][u] + c[i][2 + u];
+      const float v = c[kMmaSlices * i][u] + c[kMmaSlices * i][2 + u];
       if constexpr (M == 1) {
         dst[o] = v;
       } else {
-        dst[o] = SwiGluOne(v, c[kPerMatrix + i][u] + c[kPerMatrix + i][2 + u], a.limit);
+        const int i3 = kMmaSlices * (kPerMatrix + i);
+        dst[o] = SwiGluOne(v, c[i3][u] + c[i3][2 + u], a.limit);
       }
     }
   }
