@@ -863,8 +863,8 @@ Routing RandomRouting(std::mt19937_64& rng, int64_t T) {
 // Shared expert (FP8 block, one expert of T rows): the same counting with its 8 MB weight.
 // Rotation: each copy has its own routing (different experts for the small T) and its own activations;
 // the shared expert's weights have their own 20 copies.
-// Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=layer,attention,indexer,compressor,moe,
-// prefill_experts,head
+// Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=patterns,layer,attention,indexer,
+// compressor,moe,prefill_experts,head
 // and TANDEM_KERNEL_BENCH_TOKENS=1,64,... (both unset: everything).
 bool InList(const char* env, const std::string& item) {
   const char* list = std::getenv(env);
@@ -1242,6 +1242,19 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "ceilings: copy %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", copy_gbps, gemm_tflops);
 
   std::vector<Row> rows;
+  // What DRAM gives the expert kernels' access patterns: load-only reads of the copy's 2 GiB source (bytes =
+  // the buffer; frac_copy_bw is then the pattern's share of the copy rate). Plain launches, median of 5.
+  if (WantGroup("patterns")) {
+    auto sink = Alloc<uint32_t>(1);
+    for (const StreamPattern pattern : {StreamPattern::kQuad64, StreamPattern::kQuad64x2, StreamPattern::kHalf256,
+                                        StreamPattern::kSequential}) {
+      const double us = bench.TimeOnceUs(
+          [&] { return StreamRead(pattern, reinterpret_cast<const uint8_t*>(a.get()), copy_bytes, sink.get(),
+                                  bench.stream()); }, 5);
+      Add(rows, std::string("stream_") + StreamPatternName(pattern), 0, 0, Timing{us, false},
+          static_cast<double>(copy_bytes), 0.0);
+    }
+  }
   // One-time: dequantize wq_b (32768 x 1024 FP8) to bf16.
   {
     const int64_t out = 32768, in = 1024;

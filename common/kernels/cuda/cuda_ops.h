@@ -155,4 +155,22 @@ absl::Status FillUniform(float* x, int64_t count, uint64_t seed, float lo, float
 // Uniform finite e4m3 codes (never the NaN codes 0x7f / 0xff).
 absl::Status FillFp8Codes(uint8_t* codes, int64_t count, uint64_t seed, cudaStream_t stream = nullptr);
 
+// ---- A benchmark probe: how fast DRAM serves a weight-streaming access pattern ----
+// Reads all of `buffer` (`bytes` a multiple of kStreamUnitBytes: units of 256 rows of 2 KB, one MXFP4 expert
+// row of 4096 inputs each) with 2 blocks of 8 warps a SM, each warp 32 rows of a unit, every lane's next
+// loads issued one step before it folds the current ones. *sink (a word the caller owns) is XORed with the
+// XOR over all 16-byte pieces (words x, y, z, w) of x + 3y + 5z + 7w, the same for every pattern when each
+// piece is read once. The patterns differ only in which 16-byte pieces a warp asks for together:
+//   kQuad64:   a quad of lanes reads 64 contiguous bytes of one row a step, 8 rows an instruction, 32 rows a
+//              step (the decode expert unit's loads with 4 row tiles a warp);
+//   kQuad64x2: the same loads, the quad's two of a step 128 contiguous bytes of its row (2 row tiles x 2 K
+//              slices: the unit's loads since then);
+//   kHalf256:  16 lanes a row, 256 contiguous bytes a row an instruction;
+//   kSequential: each warp reads its 64 KB in address order.
+enum class StreamPattern { kQuad64, kQuad64x2, kHalf256, kSequential };
+constexpr size_t kStreamUnitBytes = size_t{256} * 2048;
+absl::Status StreamRead(StreamPattern pattern, const uint8_t* buffer, size_t bytes, uint32_t* sink,
+                        cudaStream_t stream = nullptr);
+const char* StreamPatternName(StreamPattern pattern);
+
 }  // namespace tandem::kernels::cuda
