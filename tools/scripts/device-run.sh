@@ -5,6 +5,8 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 carry="$root/.devcarry"
+# pack-device.sh's archive: bin/ and lib/ (unpacked once).
+if [ -f "$carry/device.tar.xz" ] && [ ! -d "$carry/bin" ]; then tar xJf "$carry/device.tar.xz" -C "$carry"; fi
 OUT="${OUT:-/tmp/device-out}"
 mkdir -p "$OUT"
 cublas_dir=$(dirname "$(ls /usr/local/cuda/lib64/libcublasLt.so.13 2>/dev/null || find / -name 'libcublasLt.so.13' -not -path '/proc/*' 2>/dev/null | head -1)")

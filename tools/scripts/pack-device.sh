@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs the GPU tests and benchmarks of a CUDA build (core-only is enough: `make core-only`) with the shared
-# libraries they need into .devcarry/ (git-ignored), for the device tool's `carry`. On the GPU machine,
-# tools/scripts/device-run.sh runs them.
+# libraries they need into .devcarry/device.tar.xz (git-ignored), for the device tool's `carry`. On the GPU
+# machine, tools/scripts/device-run.sh unpacks and runs them.
 #   tools/scripts/pack-device.sh [BUILD_DIR] [BINARY...]
 set -euo pipefail
 build="${1:-build-core}"
@@ -22,4 +22,8 @@ for b in "${bins[@]}"; do
     esac
   done
 done
-du -sh "$out"
+# One xz archive (the carry limit is 64 MiB: the four GPU tests and their libraries are ~60 MB plain, ~9 MB
+# packed); device-run.sh unpacks it. pack-stack.sh's archive next to it is kept.
+tar cJf "$out/device.tar.xz" -C "$out" bin lib
+rm -rf "$out/bin" "$out/lib"
+du -sh "$out/device.tar.xz"
