@@ -234,7 +234,7 @@ class DeviceRunner final : public model::ForwardRunner {
 }  // namespace
 
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              CudaDense dense, bool graphs, bool attention_bf16) {
+                                              CudaDense dense, bool graphs, bool attention_bf16, bool gemm_tuning) {
   int count = 0;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count) {
@@ -250,6 +250,7 @@ absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::Model
                                               : model::cuda::DenseFormat::kBf16x2;
   options.graphs = graphs;
   options.attention_bf16 = attention_bf16;
+  options.tune_gemms = gemm_tuning;
   TANDEM_ASSIGN_OR_RETURN(auto model, model::cuda::DeviceModel::Create(std::move(weights), options));
   DeviceBackend backend;
   backend.weight_bytes = static_cast<int64_t>(model->weight_bytes());

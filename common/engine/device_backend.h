@@ -36,11 +36,17 @@ absl::StatusOr<bool> ParseCudaGraphs(std::string_view name);
 // --cuda-attention: "f32" (f32-exact products; false) or "bf16" (q and the softmax probabilities rounded to
 // bf16, f32 sums, all 64 heads from one read of each cache entry; true).
 absl::StatusOr<bool> ParseCudaAttention(std::string_view name);
+// --cuda-gemm-tuning: "on" (each cuBLASLt GEMM shape times its candidate algorithms on first use and keeps the
+// fastest; the default) or "off" (every shape takes cuBLASLt's first heuristic candidate: engines on the same
+// GPU model and library run the same kernels, so their logits are bit-identical; a few percent slower).
+absl::StatusOr<bool> ParseCudaGemmTuning(std::string_view name);
 
 // Uploads `weights` to CUDA device `device` and prepares its pool memory. graphs: decode steps replay CUDA
-// graphs (model::cuda::DeviceModelOptions::graphs); attention_bf16: DeviceModelOptions::attention_bf16.
+// graphs (model::cuda::DeviceModelOptions::graphs); attention_bf16: DeviceModelOptions::attention_bf16;
+// gemm_tuning: DeviceModelOptions::tune_gemms.
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              CudaDense dense, bool graphs = false, bool attention_bf16 = false);
+                                              CudaDense dense, bool graphs = false, bool attention_bf16 = false,
+                                              bool gemm_tuning = true);
 
 // The PD staging of a --device cuda engine (staging.h): its host copy of the pools page-locked, so the copies
 // to and from it are DMA and asynchronous. PinHostMemory page-locks `bytes` at `base` (memory the transport

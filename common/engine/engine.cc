@@ -27,6 +27,12 @@ absl::StatusOr<bool> ParseCudaGraphs(std::string_view name) {
   return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs ", std::string(name), ": expected on or off"));
 }
 
+absl::StatusOr<bool> ParseCudaGemmTuning(std::string_view name) {
+  if (name == "on") return true;
+  if (name == "off") return false;
+  return absl::InvalidArgumentError(absl::StrCat("--cuda-gemm-tuning ", std::string(name), ": expected on or off"));
+}
+
 absl::StatusOr<bool> ParseCudaAttention(std::string_view name) {
   if (name == "f32") return false;
   if (name == "bf16") return true;
@@ -74,11 +80,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (options.device == "cuda") {
     TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device,
                                                                    options.cuda_dense, options.cuda_graphs,
-                                                                   options.cuda_attention_bf16));
-    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}{}", options.cuda_device, backend.device_name,
-                 static_cast<double>(backend.weight_bytes) / (1 << 30),
+                                                                   options.cuda_attention_bf16,
+                                                                   options.cuda_gemm_tuning));
+    spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}{}{}", options.cuda_device,
+                 backend.device_name, static_cast<double>(backend.weight_bytes) / (1 << 30),
                  options.cuda_graphs ? "; decode steps replay CUDA graphs" : "",
-                 options.cuda_attention_bf16 ? "; sparse attention in bf16 (--cuda-attention bf16)" : "");
+                 options.cuda_attention_bf16 ? "; sparse attention in bf16 (--cuda-attention bf16)" : "",
+                 options.cuda_gemm_tuning ? "" : "; GEMMs on cuBLASLt's first candidates (--cuda-gemm-tuning off)");
     if (options.deterministic) {
       spdlog::warn("--deterministic on CUDA: cuBLASLt picks kernels per batch shape, so batch invariance is not guaranteed");
     }

@@ -68,6 +68,7 @@ struct EngineOptions {
   CudaDense cuda_dense = CudaDense::kBf16x2;  // how the device runs the dense layers (device_backend.h)
   bool cuda_graphs = true;  // decode steps replay CUDA graphs (--cuda-graphs on|off)
   bool cuda_attention_bf16 = false;  // --cuda-attention bf16 (device_backend.h); f32 by default
+  bool cuda_gemm_tuning = true;  // --cuda-gemm-tuning on|off (device_backend.h)
   // Test only: on the CPU, keep the PD engine's pools apart from the transport's memory and stage the
   // hand-over through a host copy, as a GPU engine does (so CPU tests cover that path).
   bool test_staged_pools = false;

@@ -102,6 +102,15 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
         "rounded to bf16 as in the reference model, one read of each cache entry for all 64 heads: faster)")
       ->default_str("f32")
       ->check(CLI::IsMember({"f32", "bf16"}));
+  app.add_option("--cuda-gemm-tuning", [&e](const std::vector<std::string>& v) {
+       auto tuning = ParseCudaGemmTuning(v.front());
+       if (tuning.ok()) e.cuda_gemm_tuning = *tuning;
+       return tuning.ok();
+     }, "cuBLASLt GEMMs on the GPU: on (each shape times its candidate algorithms on first use and keeps the fastest; "
+        "default) or off (cuBLASLt's first candidate for every shape: the same kernels, so bit-identical logits, on "
+        "every engine with this GPU model and library)")
+      ->default_str("on")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_flag("--test-staged-pools", e.test_staged_pools,
                "TEST ONLY: PD on the CPU with the pools apart from the transport's memory, staged through a host copy as "
                "with --device cuda");

@@ -74,5 +74,23 @@ TEST(ServeFlags, CudaAttentionDefaultsToF32AndParsesBf16) {
   EXPECT_FALSE(bad.engine.cuda_attention_bf16);
 }
 
+TEST(ServeFlags, CudaGemmTuningDefaultsToOnAndTurnsOff) {
+  ServeOptions defaults;
+  EXPECT_EQ(Parse({}, defaults), "");
+  EXPECT_TRUE(defaults.engine.cuda_gemm_tuning);
+  ServeOptions off;
+  EXPECT_EQ(Parse({"--cuda-gemm-tuning", "off"}, off), "");
+  EXPECT_FALSE(off.engine.cuda_gemm_tuning);
+  ServeOptions on;
+  EXPECT_EQ(Parse({"--cuda-gemm-tuning", "on"}, on), "");
+  EXPECT_TRUE(on.engine.cuda_gemm_tuning);
+  ServeOptions bad;
+  const std::string error = Parse({"--cuda-gemm-tuning", "fastest"}, bad);
+  EXPECT_NE(error.find("fastest"), std::string::npos) << error;
+  EXPECT_TRUE(bad.engine.cuda_gemm_tuning);
+  EXPECT_TRUE(ParseCudaGemmTuning("off").ok());
+  EXPECT_EQ(ParseCudaGemmTuning("yes").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace tandem::engine
