@@ -38,7 +38,8 @@ absl::StatusOr<bool> ParseCudaGraphs(std::string_view name);
 absl::StatusOr<bool> ParseCudaAttention(std::string_view name);
 // --cuda-gemm-tuning: "on" (each cuBLASLt GEMM shape times its candidate algorithms on first use and keeps the
 // fastest; the default) or "off" (every shape takes cuBLASLt's first heuristic candidate: engines on the same
-// GPU model and library run the same kernels, so their logits are bit-identical; a few percent slower).
+// GPU model and library run the same kernels for the same batch shapes, so the same batch gives bit-identical
+// logits on each; speed: not measured).
 absl::StatusOr<bool> ParseCudaGemmTuning(std::string_view name);
 
 // Uploads `weights` to CUDA device `device` and prepares its pool memory. graphs: decode steps replay CUDA

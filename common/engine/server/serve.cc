@@ -107,8 +107,8 @@ void AddServeFlags(CLI::App& app, ServeOptions& o) {
        if (tuning.ok()) e.cuda_gemm_tuning = *tuning;
        return tuning.ok();
      }, "cuBLASLt GEMMs on the GPU: on (each shape times its candidate algorithms on first use and keeps the fastest; "
-        "default) or off (cuBLASLt's first candidate for every shape: the same kernels, so bit-identical logits, on "
-        "every engine with this GPU model and library)")
+        "default) or off (cuBLASLt's first candidate for every shape: every engine with this GPU model and library "
+        "runs the same kernels for the same batch shape, so the same batch gives bit-identical logits)")
       ->default_str("on")
       ->check(CLI::IsMember({"on", "off"}));
   app.add_flag("--test-staged-pools", e.test_staged_pools,
