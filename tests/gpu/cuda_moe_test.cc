@@ -354,7 +354,7 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
       // The flash w1 (7 rows: x staged in two K phases).
       ExpectGroupedLinearMatches(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 9, 4, 1, 7}, true, 64, rng_);
       // K an odd number of 128s (the tensor-core unit's steps are 256: a last step with a slice past in), in one
-      // phase and as the short last of two phases.
+      // phase and as the short last of two (4 rows staged) or three (8 rows) phases.
       ExpectGroupedLinearMatches(format, 100, 384, counts, true, 150, rng_);
       ExpectGroupedLinearMatches(format, 72, 4224, {7, 0, 3, 8}, false, 64, rng_);
     }
@@ -367,7 +367,8 @@ TEST_F(CudaTest, GroupedQuantizedLinearMatchesCpu) {
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.hidden, kFlash.intermediate, {1, 2, 1}, false, 6,
                                rng_);
     // More units than blocks (40 experts x 16 units of the flash w1 over ~264 blocks): a block runs several
-    // units in a row, of one expert or across two, restaging x (in one or two K phases) for each.
+    // units in a row, of one expert or across two, keeping x staged across one expert's units (up to 4 rows:
+    // one K phase) or restaging it for each (5 to 8 rows: two phases).
     std::vector<int64_t> many(40);
     for (size_t e = 0; e < many.size(); ++e) many[e] = std::vector<int64_t>{1, 2, 4, 3, 1, 6, 2, 8}[e % 8];
     ExpectGroupedLinearMatches(QuantizedWeight::Format::kMxfp4, kFlash.intermediate, kFlash.hidden, many, true, 64, rng_);
@@ -428,7 +429,9 @@ void ExpectNanScaleStaysInItsRow(int64_t out, int64_t in, int64_t bad_row, int64
 }
 
 // The flash w2 shape, and one of 3 K steps of 128 with the NaN in the last group: the tensor-core unit's last
-// step of 256 has a slice past in, which re-reads that group and must add zeros, not its NaN.
+// step of 256 has a slice past in, which re-reads that group. The NaN must stay in its row; the past slice's zero
+// factor itself is not seen here (it re-reads the same row's groups; it matters for weights that overflow to Inf,
+// which no test makes).
 TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
   struct Case {
     int64_t out, in, bad_row, bad_group;
@@ -552,6 +555,8 @@ TEST_F(CudaTest, GroupedSwiGluLinearMatchesSeparateCalls) {
       ExpectSwiGluLinearMatchesSeparate(format, 100, 192, {2, 0, 5, 1, 40}, false, rng_);
       // Flash w1/w3 at decode.
       ExpectSwiGluLinearMatchesSeparate(format, kFlash.intermediate, kFlash.hidden, {1, 0, 2, 1, 7}, true, rng_);
+      // K an odd number of 128s: the fused tensor-core unit's last step has a slice past in.
+      ExpectSwiGluLinearMatchesSeparate(format, 100, 384, {2, 0, 5, 1, 8}, true, rng_);
     }
   }
   // No expert has rows: nothing to write, and the call still succeeds.

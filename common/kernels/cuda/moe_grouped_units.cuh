@@ -384,8 +384,9 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
   for (int i = 0; i < kMmaTiles; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
   uint4 w_next[kMmaTiles];
   uint32_t s_next[kMmaTiles];
-  // A slice past in (the last step when in is an odd number of 128s) re-reads the slice before it: its x is
-  // staged as zeros and its factor is 0, so it adds exact zeros even where that scale is NaN.
+  // A slice past in (the last step when in is an odd number of 128s) re-reads the slice before it (the same
+  // groups, counted there): its x is staged as zeros and its factor is 0, so it adds exact zeros, also where a
+  // weight overflows to Inf (a scale of 254 or 255: Inf or NaN times the zero x would be NaN).
   auto load = [&](auto tail_constant, int64_t k0) {
     constexpr bool kTail = decltype(tail_constant)::value;
 #pragma unroll
