@@ -234,7 +234,7 @@ class DeviceRunner final : public model::ForwardRunner {
 }  // namespace
 
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              CudaDense dense, bool graphs, bool attention_bf16, bool gemm_tuning) {
+                                              const CudaBackendOptions& backend_options) {
   int count = 0;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count) {
@@ -245,12 +245,13 @@ absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::Model
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, device));
   model::cuda::DeviceModelOptions options;
   options.device = device;
+  const CudaDense dense = backend_options.dense;
   options.dense = dense == CudaDense::kF32    ? model::cuda::DenseFormat::kF32
                   : dense == CudaDense::kBf16 ? model::cuda::DenseFormat::kBf16
                                               : model::cuda::DenseFormat::kBf16x2;
-  options.graphs = graphs;
-  options.attention_bf16 = attention_bf16;
-  options.tune_gemms = gemm_tuning;
+  options.graphs = backend_options.graphs;
+  options.attention_bf16 = backend_options.attention_bf16;
+  options.tune_gemms = backend_options.gemm_tuning;
   TANDEM_ASSIGN_OR_RETURN(auto model, model::cuda::DeviceModel::Create(std::move(weights), options));
   DeviceBackend backend;
   backend.weight_bytes = static_cast<int64_t>(model->weight_bytes());

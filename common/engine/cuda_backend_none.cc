@@ -3,7 +3,7 @@
 
 namespace tandem::engine {
 
-absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights>, int, CudaDense, bool, bool, bool) {
+absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights>, int, const CudaBackendOptions&) {
   return absl::FailedPreconditionError("--device cuda: this build has no CUDA backend (nvcc was not found when it was configured)");
 }
 

@@ -42,12 +42,17 @@ absl::StatusOr<bool> ParseCudaAttention(std::string_view name);
 // logits on each; speed: not measured).
 absl::StatusOr<bool> ParseCudaGemmTuning(std::string_view name);
 
-// Uploads `weights` to CUDA device `device` and prepares its pool memory. graphs: decode steps replay CUDA
-// graphs (model::cuda::DeviceModelOptions::graphs); attention_bf16: DeviceModelOptions::attention_bf16;
-// gemm_tuning: DeviceModelOptions::tune_gemms.
+// How a CUDA backend runs the forward (the --cuda-* flags; model::cuda::DeviceModelOptions).
+struct CudaBackendOptions {
+  CudaDense dense = CudaDense::kBf16x2;
+  bool graphs = false;          // decode steps replay CUDA graphs (DeviceModelOptions::graphs)
+  bool attention_bf16 = false;  // DeviceModelOptions::attention_bf16
+  bool gemm_tuning = true;      // DeviceModelOptions::tune_gemms
+};
+
+// Uploads `weights` to CUDA device `device` and prepares its pool memory.
 absl::StatusOr<DeviceBackend> MakeCudaBackend(std::shared_ptr<const model::ModelWeights> weights, int device,
-                                              CudaDense dense, bool graphs = false, bool attention_bf16 = false,
-                                              bool gemm_tuning = true);
+                                              const CudaBackendOptions& options = {});
 
 // The PD staging of a --device cuda engine (staging.h): its host copy of the pools page-locked, so the copies
 // to and from it are DMA and asynchronous. PinHostMemory page-locks `bytes` at `base` (memory the transport

@@ -13,6 +13,16 @@
 #include "common/kernels/kernels.h"
 
 namespace tandem::engine {
+namespace {
+
+// An on|off flag's value.
+absl::StatusOr<bool> ParseOnOff(const char* flag, std::string_view name) {
+  if (name == "on") return true;
+  if (name == "off") return false;
+  return absl::InvalidArgumentError(absl::StrCat(flag, " ", std::string(name), ": expected on or off"));
+}
+
+}  // namespace
 
 absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name) {
   if (name == "bf16x2") return CudaDense::kBf16x2;
@@ -21,17 +31,9 @@ absl::StatusOr<CudaDense> ParseCudaDense(std::string_view name) {
   return absl::InvalidArgumentError(absl::StrCat("--cuda-dense ", std::string(name), ": expected bf16x2, bf16 or f32"));
 }
 
-absl::StatusOr<bool> ParseCudaGraphs(std::string_view name) {
-  if (name == "on") return true;
-  if (name == "off") return false;
-  return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs ", std::string(name), ": expected on or off"));
-}
+absl::StatusOr<bool> ParseCudaGraphs(std::string_view name) { return ParseOnOff("--cuda-graphs", name); }
 
-absl::StatusOr<bool> ParseCudaGemmTuning(std::string_view name) {
-  if (name == "on") return true;
-  if (name == "off") return false;
-  return absl::InvalidArgumentError(absl::StrCat("--cuda-gemm-tuning ", std::string(name), ": expected on or off"));
-}
+absl::StatusOr<bool> ParseCudaGemmTuning(std::string_view name) { return ParseOnOff("--cuda-gemm-tuning", name); }
 
 absl::StatusOr<bool> ParseCudaAttention(std::string_view name) {
   if (name == "f32") return false;
@@ -78,10 +80,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   cache::RegionCopy device_copy;
   int64_t device_memory = 0, device_weights = 0;
   if (options.device == "cuda") {
-    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device,
-                                                                   options.cuda_dense, options.cuda_graphs,
-                                                                   options.cuda_attention_bf16,
-                                                                   options.cuda_gemm_tuning));
+    CudaBackendOptions cuda;
+    cuda.dense = options.cuda_dense;
+    cuda.graphs = options.cuda_graphs;
+    cuda.attention_bf16 = options.cuda_attention_bf16;
+    cuda.gemm_tuning = options.cuda_gemm_tuning;
+    TANDEM_ASSIGN_OR_RETURN(DeviceBackend backend, MakeCudaBackend(engine->weights_, options.cuda_device, cuda));
     spdlog::info("forward on CUDA device {} ({}), {:.2f} GiB of weights there{}{}{}", options.cuda_device,
                  backend.device_name, static_cast<double>(backend.weight_bytes) / (1 << 30),
                  options.cuda_graphs ? "; decode steps replay CUDA graphs" : "",

@@ -1246,8 +1246,7 @@ int main(int argc, char** argv) {
   // the buffer; frac_copy_bw is then the pattern's share of the copy rate). Plain launches, median of 5.
   if (WantGroup("patterns")) {
     auto sink = Alloc<uint32_t>(1);
-    for (const StreamPattern pattern : {StreamPattern::kQuad64, StreamPattern::kQuad64x2, StreamPattern::kHalf256,
-                                        StreamPattern::kSequential}) {
+    for (const StreamPattern pattern : kStreamPatterns) {
       const double us = bench.TimeOnceUs(
           [&] { return StreamRead(pattern, reinterpret_cast<const uint8_t*>(a.get()), copy_bytes, sink.get(),
                                   bench.stream()); }, 5);

@@ -222,13 +222,14 @@ Expert RandomExpert(QuantizedWeight::Format format, int64_t out, int64_t in, std
   return e;
 }
 
-// MXFP4 experts on the device as one GroupedWeights (the arrays live as long as this).
+// Experts on the device as one GroupedWeights (the arrays live as long as this).
 struct DeviceExperts {
   std::vector<cuda::DeviceArray<uint8_t>> storage;
   cuda::DeviceArray<const uint8_t*> codes, scales;
   cuda::GroupedWeights weights;
 };
-DeviceExperts UploadMxfp4(const std::vector<Expert>& experts, int64_t out, int64_t in) {
+DeviceExperts UploadExperts(QuantizedWeight::Format format, const std::vector<Expert>& experts, int64_t out,
+                            int64_t in) {
   DeviceExperts d;
   std::vector<const uint8_t*> code_ptrs, scale_ptrs;
   for (const Expert& ex : experts) {
@@ -239,7 +240,7 @@ DeviceExperts UploadMxfp4(const std::vector<Expert>& experts, int64_t out, int64
   }
   d.codes = ToDevice(code_ptrs);
   d.scales = ToDevice(scale_ptrs);
-  d.weights.format = QuantizedWeight::Format::kMxfp4;
+  d.weights.format = format;
   d.weights.codes = d.codes.get();
   d.weights.scales = d.scales.get();
   d.weights.experts = static_cast<int64_t>(experts.size());
@@ -290,27 +291,12 @@ void ExpectGroupedLinearMatches(QuantizedWeight::Format format, int64_t out, int
     }
   }
 
-  std::vector<cuda::DeviceArray<uint8_t>> dcodes, dscales;
-  std::vector<const uint8_t*> code_ptrs, scale_ptrs;
-  for (const auto& ex : experts) {
-    dcodes.push_back(ToDevice(ex.codes));
-    dscales.push_back(ToDevice(ex.scales));
-    code_ptrs.push_back(dcodes.back().get());
-    scale_ptrs.push_back(dscales.back().get());
-  }
-  auto dcode_ptrs = ToDevice(code_ptrs);
-  auto dscale_ptrs = ToDevice(scale_ptrs);
+  const DeviceExperts device = UploadExperts(format, experts, out, in);
+  const cuda::GroupedWeights& w = device.weights;
   auto dx = ToDevice(x);
   auto dgather = ToDevice(gather_rows);
   auto doffsets = ToDevice(offsets);
   auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
-  cuda::GroupedWeights w;
-  w.format = format;
-  w.codes = dcode_ptrs.get();
-  w.scales = dscale_ptrs.get();
-  w.experts = E;
-  w.out = out;
-  w.in = in;
   TANDEM_ASSERT_OK(cuda::GroupedQuantizedLinear(w, dx.get(), gather ? dgather.get() : nullptr, doffsets.get(),
                                                 max_rows_bound, dy.get()));
   TANDEM_ASSERT_OK(Sync());
@@ -402,7 +388,7 @@ void ExpectNanScaleStaysInItsRow(int64_t out, int64_t in, int64_t bad_row, int64
       experts.back().scales[static_cast<size_t>(bad_row * (in / 32) + bad_group)] = 255;
     }
   }
-  const DeviceExperts device = UploadMxfp4(experts, out, in);
+  const DeviceExperts device = UploadExperts(QuantizedWeight::Format::kMxfp4, experts, out, in);
   const cuda::GroupedWeights& w = device.weights;
   auto dx = ToDevice(x);
   auto doffsets = ToDevice(offsets);
@@ -445,10 +431,10 @@ TEST_F(CudaTest, GroupedQuantizedLinearNanScale) {
 // Bad calls are refused with the parameter named, and nothing is launched: the output keeps its poison.
 TEST_F(CudaTest, GroupedLinearRefusesBadArguments) {
   const int64_t out = 256, in = 128;
-  const DeviceExperts device =
-      UploadMxfp4({RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_),
-                   RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_)},
-                  out, in);
+  const DeviceExperts device = UploadExperts(QuantizedWeight::Format::kMxfp4,
+                                             {RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_),
+                                              RandomExpert(QuantizedWeight::Format::kMxfp4, out, in, rng_)},
+                                             out, in);
   const cuda::GroupedWeights& w = device.weights;
   auto dx = ToDevice(Normal(static_cast<size_t>(4 * in), rng_));
   auto doffsets = ToDevice(std::vector<int64_t>{0, 2, 4});
@@ -495,30 +481,14 @@ void ExpectSwiGluLinearMatchesSeparate(QuantizedWeight::Format format, int64_t o
   std::vector<int32_t> gather_rows(static_cast<size_t>(std::max<int64_t>(1, rows)));
   std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(x_rows - 1));
   for (auto& g : gather_rows) g = gather ? pick(rng) : 0;
-  std::vector<cuda::DeviceArray<uint8_t>> storage;
-  auto upload = [&](std::vector<cuda::DeviceArray<const uint8_t*>>& keep) {
-    std::vector<const uint8_t*> codes, scales;
-    for (int64_t e = 0; e < E; ++e) {
-      const Expert ex = RandomExpert(format, out, in, rng);
-      storage.push_back(ToDevice(ex.codes));
-      codes.push_back(storage.back().get());
-      storage.push_back(ToDevice(ex.scales));
-      scales.push_back(storage.back().get());
-    }
-    keep.push_back(ToDevice(codes));
-    keep.push_back(ToDevice(scales));
-    cuda::GroupedWeights w;
-    w.format = format;
-    w.codes = keep[keep.size() - 2].get();
-    w.scales = keep.back().get();
-    w.experts = E;
-    w.out = out;
-    w.in = in;
-    return w;
+  auto upload = [&] {  // E random experts (w1's draws, then w3's)
+    std::vector<Expert> experts;
+    for (int64_t e = 0; e < E; ++e) experts.push_back(RandomExpert(format, out, in, rng));
+    return UploadExperts(format, experts, out, in);
   };
-  std::vector<cuda::DeviceArray<const uint8_t*>> keep;
-  keep.reserve(4);
-  const cuda::GroupedWeights w1 = upload(keep), w3 = upload(keep);
+  const DeviceExperts d1 = upload();
+  const DeviceExperts d3 = upload();
+  const cuda::GroupedWeights &w1 = d1.weights, &w3 = d3.weights;
   auto dx = ToDevice(x);
   auto dgather = ToDevice(gather_rows);
   auto doffsets = ToDevice(offsets);

@@ -30,8 +30,7 @@ TEST_F(CudaTest, StreamReadCoversEveryPieceOnce) {
     want ^= w[0] + 3u * w[1] + 5u * w[2] + 7u * w[3];
   }
   auto buffer = ToDevice(bytes);
-  for (const auto pattern : {cuda::StreamPattern::kQuad64, cuda::StreamPattern::kQuad64x2,
-                             cuda::StreamPattern::kHalf256, cuda::StreamPattern::kSequential}) {
+  for (const auto pattern : cuda::kStreamPatterns) {
     SCOPED_TRACE(cuda::StreamPatternName(pattern));
     auto sink = ToDevice(std::vector<uint32_t>{0u});
     TANDEM_ASSERT_OK(cuda::StreamRead(pattern, buffer.get(), bytes.size(), sink.get()));

@@ -247,7 +247,7 @@ struct Drawn {
 TEST(GpuEngineTest, DeviceSamplingGivesTheHostSamplersTokens) {
   const uint32_t seed = std::random_device{}();
   std::printf("[ seed     ] %u\n", seed);
-  auto backend = MakeCudaBackend(TinyWeights(), 0, CudaDense::kF32);
+  auto backend = MakeCudaBackend(TinyWeights(), 0, {.dense = CudaDense::kF32});
   ASSERT_TRUE(backend.ok()) << backend.status();
   ASSERT_TRUE(backend->runner->keeps_logits());
   const auto& config = TinyWeights()->config;

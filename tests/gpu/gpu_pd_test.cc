@@ -35,7 +35,7 @@ struct Side {
 
 std::unique_ptr<Side> MakeSide() {
   auto side = std::make_unique<Side>();
-  auto backend = MakeCudaBackend(Tiny(), 0, CudaDense::kF32);
+  auto backend = MakeCudaBackend(Tiny(), 0, {.dense = CudaDense::kF32});
   if (!backend.ok()) throw std::runtime_error(backend.status().ToString());
   side->backend = std::move(*backend);
   const auto& config = Tiny()->config;

@@ -168,6 +168,8 @@ absl::Status FillFp8Codes(uint8_t* codes, int64_t count, uint64_t seed, cudaStre
 //   kHalf256:  16 lanes a row, 256 contiguous bytes a row an instruction;
 //   kSequential: each warp reads its 64 KB in address order.
 enum class StreamPattern { kQuad64, kQuad64x2, kHalf256, kSequential };
+constexpr StreamPattern kStreamPatterns[] = {StreamPattern::kQuad64, StreamPattern::kQuad64x2, StreamPattern::kHalf256,
+                                             StreamPattern::kSequential};
 constexpr size_t kStreamUnitBytes = size_t{256} * 2048;
 absl::Status StreamRead(StreamPattern pattern, const uint8_t* buffer, size_t bytes, uint32_t* sink,
                         cudaStream_t stream = nullptr);

@@ -167,10 +167,7 @@ absl::Status LaunchGroupedLinear(const LinearArgs<M>& args, size_t smem, const c
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  if (smem > 0) {  // (over 48 KB with the static arrays needs it)
-    TANDEM_CUDA_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  TANDEM_RETURN_IF_ERROR(internal::AllowSharedMemory(kernel, smem, name));
   // One wave: the blocks that fit at once (2 by the launch bounds, fewer if the shared memory says so; the
   // static arrays and the 1 KB the runtime reserves per block counted generously).
   const size_t per_block = smem + 4096;

@@ -15,6 +15,7 @@ namespace tandem::kernels::cuda {
 namespace {  // one includer: its own copy, internal linkage as before the split
 
 using internal::SwiGluOne;
+using internal::Ue8m0ToFloat;
 
 // Units (moe_grouped.cu cuts the experts' work into them): GEMV (an expert with at most kGemvMaxRows rows): one
 // group of <= 4 rows against 128 weight rows (64 outputs of each of W1 and W3 when fused), all of K, x of the
@@ -53,13 +54,6 @@ struct LinearArgs {
   bool mma;   // MXFP4 experts with up to kMmaMaxRows rows take the tensor-core unit
   int64_t smem_bytes;  // the dynamic shared memory of the launch
 };
-
-// 2^(bits - 127) as an f32 (bits 0 is the subnormal 2^-127, 255 is NaN), as the CPU's Ue8m0ToFloat.
-__device__ __forceinline__ float Ue8m0(uint32_t bits) {
-  if (bits == 0) return __uint_as_float(0x00400000u);
-  if (bits == 255) return __uint_as_float(0x7fc00000u);
-  return __uint_as_float(bits << 23);
-}
 
 __device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t selector) {
   uint32_t d;
@@ -140,11 +134,11 @@ __device__ __forceinline__ void LoadCodes(const uint8_t* codes, const uint8_t* s
                                           int64_t k, uint4* v, float* scale) {
   if constexpr (F == Format::kMxfp4) {
     *v = LoadOnce<true>(codes + o * (in / 2) + k / 2);
-    *scale = Ue8m0(__ldg(scales + o * (in / 32) + k / 32));
+    *scale = Ue8m0ToFloat(__ldg(scales + o * (in / 32) + k / 32));
   } else {
     const int64_t block_cols = (in + 127) / 128;
     *v = LoadOnce<true>(codes + o * in + k);
-    *scale = Ue8m0(__ldg(scales + (o / 128) * block_cols + k / 128));
+    *scale = Ue8m0ToFloat(__ldg(scales + (o / 128) * block_cols + k / 128));
   }
 }
 
@@ -293,7 +287,7 @@ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? 
 // tile). The K order inside a step of 128 is permuted (the sum does not care): lane t of a quad owns the 32
 // inputs [32t, 32t + 32) of the step, one 16-byte code load and one scale. Its code word q (inputs 8q..8q+7
 // of the 32, values v0..v7) becomes the bf16 pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7), each value times
-// 2^-126 (ShiftMxfp4Word: two shifts and two masks a pair), and mma 2q + h takes pairs 2h and 2h + 1 as its
+// 2^-126 (ShiftMxfp4Word: a mask, a multiply and a mask a pair), and mma 2q + h takes pairs 2h and 2h + 1 as its
 // fragment slots (2t, 2t + 1) and (2t + 8, 2t + 9). x is staged with the same pairs of its inputs, hi and lo
 // interleaved, so one 16-byte shared load is a whole A fragment. One exact bf16x2 multiply by 2^(s - 1)
 // scales a pair; a step where some lane's scale is over 2^1 (s > 128, or 255 for NaN) multiplies by 2^126
@@ -449,12 +443,11 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
     for (int64_t k0 = p0; k0 < p0 + len; k0 += kStepInputs) {
       uint4 w[kMmaTiles];
       uint32_t factor[kMmaTiles];
-      const bool tail = k0 + kStepInputs > in;
       bool slow = false, past[kMmaTiles];
 #pragma unroll
       for (int i = 0; i < kMmaTiles; ++i) {
         w[i] = w_next[i];
-        past[i] = i % kMmaSlices != 0 && tail && k0 + kMmaStep * (i % kMmaSlices) >= in;
+        past[i] = i % kMmaSlices != 0 && k0 + kMmaStep * (i % kMmaSlices) >= in;  // (slice 0 starts below in)
         slow |= !past[i] && s_next[i] > 128u;
       }
       slow = __any_sync(internal::kFullMask, slow);

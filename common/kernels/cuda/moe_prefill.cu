@@ -15,6 +15,7 @@ namespace tandem::kernels::cuda {
 namespace {
 
 using internal::SwiGluOne;
+using internal::Ue8m0ToFloat;
 
 constexpr int kMxfp4Group = 32;  // values per ue8m0 scale
 
@@ -24,13 +25,6 @@ unsigned GridFor(int64_t work, int threads) {
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// 2^(bits - 127) as an f32 (bits 0 is the subnormal 2^-127, 255 is NaN), as the CPU's Ue8m0ToFloat.
-__device__ __forceinline__ float Ue8m0(uint32_t bits) {
-  if (bits == 0) return __uint_as_float(0x00400000u);
-  if (bits == 255) return __uint_as_float(0x7fc00000u);
-  return __uint_as_float(bits << 23);
-}
 
 // e2m1 code (low 4 bits): 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives, as the CPU's E2m1ToFloat.
 __device__ __forceinline__ float E2m1(uint32_t code) {
@@ -46,7 +40,7 @@ __global__ void DequantizeMxfp4Kernel(const uint8_t* codes, const uint8_t* scale
   const int64_t groups_per_row = in / kMxfp4Group;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < out * groups_per_row; g += stride) {
-    const float scale = Ue8m0(scales[g]);  // scales [out, in/32] is indexed by the group number itself
+    const float scale = Ue8m0ToFloat(scales[g]);  // scales [out, in/32] is indexed by the group number itself
     const uint4 packed = *reinterpret_cast<const uint4*>(codes + g * (kMxfp4Group / 2));
     const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
     __align__(16) __nv_bfloat16 values[kMxfp4Group];
@@ -66,7 +60,7 @@ __global__ void DequantizeMxfp4ScalarKernel(const uint8_t* codes, const uint8_t*
                                             __nv_bfloat16* dst) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < out * in / 2; i += stride) {
-    const float scale = Ue8m0(scales[(2 * i) / kMxfp4Group]);
+    const float scale = Ue8m0ToFloat(scales[(2 * i) / kMxfp4Group]);
     const uint32_t byte = codes[i];
     dst[2 * i] = __float2bfloat16_rn(E2m1(byte) * scale);
     dst[2 * i + 1] = __float2bfloat16_rn(E2m1(byte >> 4) * scale);
