@@ -254,6 +254,10 @@ TEST(GpuDeviceIpc, ExportOpenCopyAndInvert) {
   std::vector<uint8_t> pattern(kBytes), back(kBytes);
   for (size_t i = 0; i < kBytes; ++i) pattern[i] = static_cast<uint8_t>(i * 7 + 3);
   ASSERT_EQ(cudaMemcpy(src, pattern.data(), kBytes, cudaMemcpyHostToDevice), cudaSuccess);
+  // From pageable memory cudaMemcpy may return before its DMA lands, and the IPC stream is non-blocking (it
+  // does not wait on the legacy stream): without this the copy below raced the upload (failed once on H200).
+  // The engines' own copies follow a forward that ends in a stream synchronize.
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_TRUE((*ipc)->copier().Enqueue(dst, src, kBytes).ok());
   auto fence = (*ipc)->copier().Fence();
   ASSERT_TRUE(fence.ok()) << fence.status();
