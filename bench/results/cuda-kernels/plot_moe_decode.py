@@ -1,7 +1,7 @@
 """Plots moe-decode-history.csv (tests/gpu/cuda_kernel_bench, group moe, on the H200): the decode routed-expert
 kernels (GroupedSwiGluLinear over w1/w3 and GroupedQuantizedLinear over w2, MXFP4, T tokens x 6 of 256 experts)
 as a fraction of the device-to-device copy bandwidth measured in the same run, one series per kernel version
-(runs s2..s13 of 2026-12-02; a version measured in two runs appears twice). Writes moe-decode.png next to the CSV."""
+(runs s2..s13 of 2026-12-02 and s15 of 2026-12-03; a version measured in two runs appears twice). Writes moe-decode.png next to the CSV."""
 import csv
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ for ax, op, title in zip(axes, ["grouped_w13_swiglu_mxfp4", "grouped_w2_mxfp4"],
                         if r["run"] == run and r["version"] == version and r["op"] == op)
         if not points:
             continue
-        kept = version in ("d0", "d1", "d1'", "d5", "d6")
+        kept = version in ("d0", "d1", "d1'", "d5", "d6", "d7")
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o" if kept else ":x", markersize=4,
                 label=f"{version} ({run})", alpha=1.0 if kept else 0.6)
     ax.axhline(60, color="grey", linestyle="--", linewidth=1)

@@ -296,10 +296,10 @@ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? 
 // Each warp owns kMmaTiles tiles: 2 row tiles (M = 2: one of W1 and the same one of W3) x 2 K slices, so a
 // unit is 128 weight rows and a warp step covers 256 inputs, slice i of the row tile taking the step's
 // inputs [128i, 128i + 128) into its own accumulators (summed at the end). That makes a quad's two 16-byte
-// loads 128 contiguous bytes of its row, requested together. DRAM needs that: loads of 64 bytes a row, rows
-// 2 KB apart, ran at ~65% of the copy rate in a load-only test with no compute at all (H200, 2.74 of 4.20
-// TB/s), 128 contiguous bytes a row at 95% (3.99 TB/s); the 4 row tiles x 1 slice before this were held
-// under the first.
+// loads 128 contiguous bytes of its row, requested together. (A scratch load-only probe had read 64 bytes a
+// row, rows 2 KB apart, at ~65% of the copy rate and 128 bytes at 95%; StreamRead, the same pattern in the
+// bench, reads them at 93.7% and 99.1% (H200), so the pattern was not the limit it seemed: 16 tokens got
+// faster with the slices, 64 did not.)
 constexpr int kMmaMaxRows = 8;
 constexpr int kMmaTiles = 4;
 constexpr int kMmaSlices = 2;                             // K slices of 128 a step: tile i is slice i % kMmaSlices
@@ -315,27 +315,27 @@ constexpr int64_t kMmaMinRowsBound = 24;
 // x rows [row0, row0 + count) (through gather), inputs [k_begin, k_begin + k_len), as the unit's A fragments:
 // uint4 (step * 8 + 2q + h) * lanes + 4 * row + t holds, of the row's inputs 32t + 8q .. + 7 of the step (v0..v7),
 // {hi, lo} of the pair (v_2h, v_2h+4) and then of (v_2h+1, v_2h+5) (lanes = 4 * rows_staged; rows count.. are
-// zero).
+// zero). Item i is (step, q, row, t) with 4 * row + t fastest, so consecutive threads store consecutive uint4s
+// (no bank conflicts: the (row, k) order before made 8 threads of a store phase hit the same banks, 15-way).
 template <int M>
 __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, int rows_staged, int64_t k_begin,
                              int64_t k_len, uint4* smem) {
-  const int lanes = 4 * rows_staged;
-  const int64_t groups = k_len / 8;  // 8 inputs per item
-  for (int64_t item = threadIdx.x; item < rows_staged * groups; item += kLinearThreads) {
-    const int r = static_cast<int>(item / groups);
-    const int64_t k = (item % groups) * 8;  // within the phase
+  const int lanes = 4 * rows_staged, lanes_log2 = rows_staged == 4 ? 4 : 5;
+  // k_len is whole steps of a phase (at most the shared memory's 16-byte units: int is enough); 8 inputs an item.
+  const int items = static_cast<int>(k_len / 8) * rows_staged;
+  for (int item = static_cast<int>(threadIdx.x); item < items; item += kLinearThreads) {
+    const int lane = item & (lanes - 1), r = lane / 4, t = lane % 4;
+    const int sq = item >> lanes_log2;  // step * 4 + q
+    const int64_t k = k_begin + (sq / 4 * kMmaStep + 32 * t + 8 * (sq % 4));
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (r < count && k_begin + k < a.in) {
+    if (r < count && k < a.in) {
       const int64_t grouped = row0 + r;
-      const float* src = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in + k_begin + k;
+      const float* src = a.x + (a.gather ? a.gather[grouped] : grouped) * a.in + k;
       const float4 v0 = __ldg(reinterpret_cast<const float4*>(src));
       const float4 v1 = __ldg(reinterpret_cast<const float4*>(src) + 1);
       v[0] = v0.x, v[1] = v0.y, v[2] = v0.z, v[3] = v0.w, v[4] = v1.x, v[5] = v1.y, v[6] = v1.z, v[7] = v1.w;
     }
-    const int64_t step = k / kMmaStep;
-    const int within = static_cast<int>(k % kMmaStep);
-    const int t = within / 32, q = (within % 32) / 8;
-    uint4* dst = smem + (step * 8 + 2 * q) * lanes + 4 * r + t;
+    uint4* dst = smem + (sq / 4 * 8 + 2 * (sq % 4)) * lanes + lane;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint4 f;
@@ -346,19 +346,28 @@ __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, in
   }
 }
 
+// The x rows a tensor-core unit stages (4 or 8: A's 8 rows by whole quads of lanes) and the inputs of one
+// staging phase (whole steps; all of in when it fits the launch's shared memory).
+__host__ __device__ constexpr int MmaRowsStaged(int count) { return count <= 4 ? 4 : 8; }
+template <int M>
+__host__ __device__ constexpr int64_t MmaPhase(const LinearArgs<M>& a, int count) {
+  constexpr int64_t kStep = int64_t{kMmaStep} * kMmaSlices;  // a power of two; 4 B a staged input and row
+  const int64_t fits = (a.smem_bytes >> (MmaRowsStaged(count) == 4 ? 4 : 5)) & ~(kStep - 1);
+  return fits < ((a.in + kStep - 1) & ~(kStep - 1)) ? fits : a.in;
+}
+
 template <int M>
 __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, int64_t row0, int count, uint4* smem,
                         int64_t* staged_expert) {
   constexpr int kPerMatrix = kMmaRowTiles / M;  // row tiles of each matrix per warp
   constexpr int64_t kStepInputs = int64_t{kMmaStep} * kMmaSlices;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int rows_staged = count <= 4 ? 4 : 8;
+  const int rows_staged = MmaRowsStaged(count);
   const int lanes = 4 * rows_staged;
   const int a_lane = lane % lanes;  // rows past the staged ones repeat rows g - 4 (those C rows are not stored)
   const int64_t in = a.in;
-  const int64_t fits = a.smem_bytes / (4 * rows_staged) / kStepInputs * kStepInputs;
   // Staged lengths round up to whole steps (inputs past in are zero).
-  const int64_t phase = fits < CeilDiv(in, kStepInputs) * kStepInputs ? fits : in;
+  const int64_t phase = MmaPhase(a, count);
   const int64_t o_warp = o_unit + warp * (kPerMatrix * 8);
   // Tile i (row tile ri = i / kMmaSlices, slice i % kMmaSlices) reads weight row o_warp + 8 * (ri % kPerMatrix) + g
   // of matrix ri / kPerMatrix; a row past out reads row out - 1 instead (computed, never stored), so no load
