@@ -356,6 +356,26 @@ __host__ __device__ constexpr int64_t MmaPhase(const LinearArgs<M>& a, int count
   return fits < ((a.in + kStep - 1) & ~(kStep - 1)) ? fits : a.in;
 }
 
+// MmaPhase's shifts and masks give what the divisions they replace gave (checked at compile time over launch
+// sizes, lengths and row counts; the divisions stay out of the kernel, where 64-bit ones cost a call).
+constexpr bool MmaPhaseIsTheDivision() {
+  constexpr int64_t kStep = int64_t{kMmaStep} * kMmaSlices;
+  for (const int64_t smem : {int64_t{48} << 10, int64_t{64} << 10, int64_t{100} << 10, int64_t{116} << 10,
+                             int64_t{160} << 10, int64_t{227} << 10, int64_t{70001}}) {
+    for (int64_t in = kMmaStep; in <= 16384; in += kMmaStep) {
+      for (int count = 1; count <= kMmaMaxRows; ++count) {
+        LinearArgs<1> a{};
+        a.smem_bytes = smem;
+        a.in = in;
+        const int64_t fits = smem / (4 * MmaRowsStaged(count)) / kStep * kStep;
+        if (MmaPhase(a, count) != (fits < (in + kStep - 1) / kStep * kStep ? fits : in)) return false;
+      }
+    }
+  }
+  return true;
+}
+static_assert(MmaPhaseIsTheDivision());
+
 template <int M>
 __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, int64_t row0, int count, uint4* smem,
                         int64_t* staged_expert) {
