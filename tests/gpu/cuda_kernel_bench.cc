@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cuda_runtime_api.h>
@@ -1053,7 +1054,8 @@ void RunMoe(Bench& bench, std::vector<Row>& rows) {
 // call), so these rows are plain launches between events, median of 5 after 3 warm-ups, no L2 flush (1.1 GB of
 // weights pass per call). FLOPs = 2 x rows x out x in (the math; split does twice the MMAs); bytes = the
 // touched experts' codes + scales + x (f32) in + y (f32) out. After timing, every fused output must match the
-// lanes' (relative L2 under 1e-4, same operands and f32 accumulation, other summation order).
+// lanes' (relative L2 under 1e-4, same operands and f32 accumulation, other summation order). Then the fused
+// kernel's timing probes (rows `prefill_*_probe_*`: one stage left out; times only).
 void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
   using Format = QuantizedWeight::Format;
   const int64_t T = kPrefill, P = T * kTopExperts;
@@ -1126,6 +1128,26 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                  e13, e2);
     if (!(e13 < 1e-4) || !(e2 < 1e-4)) Fail("prefill experts: the fused kernel's output differs from the lanes'");
   }
+  // Timing probes of the fused kernel (x in one pass): the same launch without its dequantization, its MMAs
+  // or its x copies. Their output is not the product (not checked); bytes and FLOPs are the fused rows', so
+  // only the times mean anything: differences from `prefill_*_fused` place a step's time.
+  if (fused_y13[0].empty()) return;  // no fused kernel here
+  const std::pair<const char*, int> probes[] = {{"no_dequant", 1}, {"no_mma", 2}, {"no_x_copy", 3}};
+  for (const auto& [probe, id] : probes) {
+    GroupedExpertGemm::Options options;
+    options.max_weight_elements = 2 * kMoeInter * kHidden;
+    options.timing_probe = id;
+    auto grouped_or = GroupedExpertGemm::Create(options);
+    Check(grouped_or.status(), "GroupedExpertGemm::Create (probe)");
+    GroupedExpertGemm& grouped = **grouped_or;
+    const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
+    Add(rows, std::string("prefill_w13_mxfp4_probe_") + probe, T, 0, Timing{w13_us, false},
+        2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter), 4.0 * P * kMoeInter * kHidden);
+    const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
+    Add(rows, std::string("prefill_w2_mxfp4_probe_") + probe, T, 0, Timing{w2_us, false},
+        touched * w2.expert_bytes + 4.0 * P * (kMoeInter + kHidden), 2.0 * P * kHidden * kMoeInter);
+  }
+  Check(cudaDeviceSynchronize(), "prefill expert probes");
 }
 
 // ---- Output head at decode: hc_head, greedy and sampled picks over the 129280 vocabulary ----

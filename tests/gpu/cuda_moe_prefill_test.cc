@@ -328,6 +328,14 @@ TEST_F(CudaTest, GroupedExpertGemmRejectsBadInput) {
   const cuda::HostExpertWeights two[] = {w.Host(), w.Host()};  // 128 x 64 > max_weight_elements
   EXPECT_FALSE(grouped->Run(two, dx.get(), good, dy.get()).ok());
   TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), std::vector<int64_t>{0, 0, 0}, dy.get()));  // no rows: nothing to do
+  // Timing probes: 1..3 only, and only on the fused kernel with x in one pass.
+  EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = 4}).ok());
+  EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = -1}).ok());
+  EXPECT_FALSE(
+      cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .split_x = true, .timing_probe = 1}).ok());
+  EXPECT_FALSE(
+      cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .fused_mxfp4 = false, .timing_probe = 2}).ok());
+  TANDEM_ASSERT_OK(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = 3}).status());
 }
 
 }  // namespace

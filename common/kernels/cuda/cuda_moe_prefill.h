@@ -65,6 +65,10 @@ class GroupedExpertGemm {
     // aligned and a stream not capturing (its row tiles are uploaded per Run); otherwise, or when false, the
     // lanes serve.
     bool fused_mxfp4 = true;
+    // For tests/gpu/cuda_kernel_bench only: the fused kernel with one stage of its pipeline left out
+    // (internal::GemmProbe: 1 no dequantization, 2 no MMAs, 3 no x copies), so that differences of times
+    // place its step time. y is then not the product. Needs fused_mxfp4 and no split_x.
+    int timing_probe = 0;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();

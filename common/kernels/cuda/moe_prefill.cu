@@ -154,6 +154,11 @@ absl::Status SwiGluStacked(const float* gate_up, int64_t rows, int64_t inter, fl
 absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(const Options& options) {
   if (options.max_weight_elements <= 0) return absl::InvalidArgumentError("GroupedExpertGemm: max_weight_elements <= 0");
   if (options.lanes < 1 || options.lanes > 16) return absl::InvalidArgumentError("GroupedExpertGemm: lanes must be 1..16");
+  if (options.timing_probe < 0 || options.timing_probe > static_cast<int>(internal::GemmProbe::kNoXCopy) ||
+      (options.timing_probe != 0 && (options.split_x || !options.fused_mxfp4))) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm: timing_probe ", options.timing_probe,
+                                                   " (0..3; a probe needs fused_mxfp4 and no split_x)"));
+  }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
@@ -381,6 +386,7 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.in = stacked[0].in;
   args.total_out = total_out;
   args.out0 = stacked[0].out;
+  args.probe = static_cast<internal::GemmProbe>(options_.timing_probe);
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }
 

@@ -115,8 +115,9 @@ __device__ __forceinline__ void DequantRow(const RowCodes& r, uint32_t scales, u
 
 // One block's tile. kSplit: x_lo is not null (the lo part's MMAs follow hi's). Run<kMma> is the whole pipeline;
 // a warpgroup without rows runs it without MMAs (it still copies and dequantizes its share): a branch around
-// the wgmmas inside one loop would make ptxas wait for each wgmma before the next.
-template <bool kSplit>
+// the wgmmas inside one loop would make ptxas wait for each wgmma before the next. kProbe leaves a stage out
+// (GemmProbe: timing only).
+template <bool kSplit, GemmProbe kProbe>
 struct BlockTile {
   const GroupedMxfp4GemmArgs& a;
   ExpertTile tile;
@@ -179,7 +180,7 @@ struct BlockTile {
     const int64_t column = static_cast<int64_t>(step) * kDepth;
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
-      if (i < copies) {
+      if (i < copies && kProbe != GemmProbe::kNoXCopy) {
         CopyAsync16(stage + x_offset[i], x_source[i] + column);
         if constexpr (kSplit) CopyAsync16(stage + kXTileBytes + x_offset[i], a.x_lo + (x_source[i] - a.x) + column);
       }
@@ -203,7 +204,7 @@ struct BlockTile {
     LoadRowCodes(code_row, valid, 0, even);
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step 0's x and scales
     __syncthreads();
-    DequantRow(even, Scales(0), weight_s, tid);
+    if constexpr (kProbe != GemmProbe::kNoDequant) DequantRow(even, Scales(0), weight_s, tid);
     LoadRowCodes(code_row, valid, 1, odd);
     if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
     FenceProxyAsync();
@@ -235,8 +236,10 @@ struct BlockTile {
       // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes.
       if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
       if (k + 1 < steps) {
-        DequantRow(codes, Scales(k + 1), weight_s + static_cast<uint32_t>((k + 1) % kWeightStages) * kWeightTileBytes,
-                   tid);
+        if constexpr (kProbe != GemmProbe::kNoDequant) {
+          DequantRow(codes, Scales(k + 1),
+                     weight_s + static_cast<uint32_t>((k + 1) % kWeightStages) * kWeightTileBytes, tid);
+        }
         if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
       }
       asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x
@@ -274,11 +277,11 @@ struct BlockTile {
   }
 };
 
-template <bool kSplit>
+template <bool kSplit, GemmProbe kProbe = GemmProbe::kNone>
 __global__ void __launch_bounds__(kThreads, 1) GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a) {
   extern __shared__ __align__(1024) uint8_t shared[];
-  const BlockTile<kSplit> block(a, shared);
-  if (block.group * 64 < block.rows) {  // warpgroup-uniform
+  const BlockTile<kSplit, kProbe> block(a, shared);
+  if (kProbe != GemmProbe::kNoMma && block.group * 64 < block.rows) {  // warpgroup-uniform
     block.template Run<true>();
   } else {
     block.template Run<false>();
@@ -345,8 +348,26 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t s
   }
   if (a.tile_count > 65535) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: over 65535 row tiles");
   const bool split = a.x_lo != nullptr;
+  if (a.probe != GemmProbe::kNone && split) {
+    return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without split x");
+  }
   const size_t shared = SharedBytes(split);
-  const auto kernel = split ? GroupedMxfp4GemmKernel<true> : GroupedMxfp4GemmKernel<false>;
+  auto kernel = split ? GroupedMxfp4GemmKernel<true> : GroupedMxfp4GemmKernel<false>;
+  switch (a.probe) {
+    case GemmProbe::kNone:
+      break;
+    case GemmProbe::kNoDequant:
+      kernel = GroupedMxfp4GemmKernel<false, GemmProbe::kNoDequant>;
+      break;
+    case GemmProbe::kNoMma:
+      kernel = GroupedMxfp4GemmKernel<false, GemmProbe::kNoMma>;
+      break;
+    case GemmProbe::kNoXCopy:
+      kernel = GroupedMxfp4GemmKernel<false, GemmProbe::kNoXCopy>;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: unknown probe ", static_cast<int>(a.probe)));
+  }
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
   const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
   kernel<<<grid, kThreads, shared, stream>>>(a);

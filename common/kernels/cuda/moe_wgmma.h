@@ -35,6 +35,15 @@ struct ExpertTile {
 // produces). count % 8 == 0; all pointers 16-byte aligned.
 absl::Status ToBf16Permuted(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream);
 
+// Timing probes (tests/gpu/cuda_kernel_bench only): the same launch with one stage of every step left out, so
+// that differences of times place a step's time. y is not the product except with kNone; split x takes none.
+enum class GemmProbe : int {
+  kNone = 0,
+  kNoDequant = 1,  // codes still loaded; the bf16 weight tile is never written
+  kNoMma = 2,      // no warpgroup multiplies (nor stores)
+  kNoXCopy = 3,    // x's copies left out (the scale copies and the copy groups stay)
+};
+
 struct GroupedMxfp4GemmArgs {
   const ExpertTile* tiles = nullptr;  // device [tile_count]
   int64_t tile_count = 0;
@@ -44,6 +53,7 @@ struct GroupedMxfp4GemmArgs {
   int64_t in = 0;
   int64_t total_out = 0;
   int64_t out0 = 0;  // columns of part 0 (total_out when there is one part)
+  GemmProbe probe = GemmProbe::kNone;
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
