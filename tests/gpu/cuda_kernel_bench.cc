@@ -1141,6 +1141,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     Check(grouped_or.status(), "GroupedExpertGemm::Create (probe)");
     GroupedExpertGemm& grouped = **grouped_or;
     const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
+    if (!grouped.last_run_fused()) Fail("prefill expert probes: the lanes served instead of the fused kernel");
     Add(rows, std::string("prefill_w13_mxfp4_probe_") + probe, T, 0, Timing{w13_us, false},
         2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter), 4.0 * P * kMoeInter * kHidden);
     const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);

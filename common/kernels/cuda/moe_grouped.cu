@@ -33,10 +33,11 @@ __device__ __forceinline__ bool GemvExpert(const LinearArgs<M>& a, int64_t count
 }
 
 // Share weights of the tensor-core units (relative: only these units share their launch). A unit whose x
-// does not fit the shared memory in one phase (5-8 rows of a long in) stages it again for every unit; it
-// takes ~1.5x as long (ncu, H200, w1/w3 at 64 tokens: equal weights left the SMs active 73.5% of the
-// kernel, the blocks holding those experts finishing last; weighted 5 : 4, 90%). Weighted 6 : 4 the kernel
-// ran 15% faster at 64 tokens and no slower at 16 and 256; 7 and 8 lost at 256 tokens (cuda-kernels/NOTES.md).
+// does not fit the shared memory in one phase (MmaPhase < in; on the flash shapes, experts of 5-8 rows)
+// stages it again for every unit and takes ~1.5x as long (ncu, H200, w1/w3 at 64 tokens: equal weights left
+// the SMs active 73.5% of the kernel, the blocks holding those experts finishing last; weighted 5 : 4, 90%).
+// Weighted 6 : 4 the kernel ran 15% faster at 64 tokens and no slower at 16 and 256; 7 and 8 lost at 256
+// tokens (cuda-kernels/NOTES.md).
 constexpr int64_t kMmaUnitWeight = 4;
 constexpr int64_t kMmaRestagingUnitWeight = 6;
 

@@ -298,8 +298,8 @@ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? 
 // inputs [128i, 128i + 128) into its own accumulators (summed at the end). That makes a quad's two 16-byte
 // loads 128 contiguous bytes of its row, requested together. (A scratch load-only probe had read 64 bytes a
 // row, rows 2 KB apart, at ~65% of the copy rate and 128 bytes at 95%; StreamRead, the same pattern in the
-// bench, reads them at 93.7% and 99.1% (H200), so the pattern was not the limit it seemed: 16 tokens got
-// faster with the slices, 64 did not.)
+// bench, reads them at 93-95% and 95-99% (H200, three runs), so the pattern was not the limit it seemed: 16
+// tokens got faster with the slices, 64 did not.)
 constexpr int kMmaMaxRows = 8;
 constexpr int kMmaTiles = 4;
 constexpr int kMmaSlices = 2;                             // K slices of 128 a step: tile i is slice i % kMmaSlices
@@ -316,7 +316,8 @@ constexpr int64_t kMmaMinRowsBound = 24;
 // uint4 (step * 8 + 2q + h) * lanes + 4 * row + t holds, of the row's inputs 32t + 8q .. + 7 of the step (v0..v7),
 // {hi, lo} of the pair (v_2h, v_2h+4) and then of (v_2h+1, v_2h+5) (lanes = 4 * rows_staged; rows count.. are
 // zero). Item i is (step, q, row, t) with 4 * row + t fastest, so consecutive threads store consecutive uint4s
-// (no bank conflicts: the (row, k) order before made 8 threads of a store phase hit the same banks, 15-way).
+// (no bank conflicts: in the (row, k) order before, each 8-thread store phase hit 2 bank groups, 4-way; ncu
+// counted 74% of the shared-store wavefronts as excess).
 template <int M>
 __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, int rows_staged, int64_t k_begin,
                              int64_t k_len, uint4* smem) {
@@ -356,8 +357,9 @@ __host__ __device__ constexpr int64_t MmaPhase(const LinearArgs<M>& a, int count
   return fits < ((a.in + kStep - 1) & ~(kStep - 1)) ? fits : a.in;
 }
 
-// MmaPhase's shifts and masks give what the divisions they replace gave (checked at compile time over launch
-// sizes, lengths and row counts; the divisions stay out of the kernel, where 64-bit ones cost a call).
+// MmaPhase's shifts and masks give what the divisions they replace gave (checked at compile time over
+// shared-memory sizes, lengths and row counts; the divisions stay out of the kernel, where 64-bit ones cost a
+// call).
 constexpr bool MmaPhaseIsTheDivision() {
   constexpr int64_t kStep = int64_t{kMmaStep} * kMmaSlices;
   for (const int64_t smem : {int64_t{48} << 10, int64_t{64} << 10, int64_t{100} << 10, int64_t{116} << 10,

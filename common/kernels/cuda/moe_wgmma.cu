@@ -15,8 +15,8 @@
 // (bits 6-8) and its sign to bit 15, which reads as the code's value times 2^-126 (subnormals included);
 // one bf16 multiply by 2^(s - 1) (or, for s > 128, by 2^126 and then 2^(s - 127)) gives the exact product
 // (two significant bits: no rounding). s = 255 makes every value of the group NaN, as on the CPU.
-// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA"): the
-// instruction stream of the dequantization, not the tensor cores, sets the pace.
+// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA"): the tensor pipe
+// is ~33% busy; which stage sets the pace is not settled (the bench's timing probes are for that).
 #include "common/kernels/cuda/moe_wgmma.h"
 
 #include <cuda_runtime.h>

@@ -39,7 +39,7 @@ absl::Status ToBf16Permuted(const float* x, int64_t count, __nv_bfloat16* hi, __
 // that differences of times place a step's time. y is not the product except with kNone; split x takes none.
 enum class GemmProbe : int {
   kNone = 0,
-  kNoDequant = 1,  // codes still loaded; the bf16 weight tile is never written
+  kNoDequant = 1,  // codes still loaded but never used (so their wait goes too); the weight tile is not written
   kNoMma = 2,      // no warpgroup multiplies (nor stores)
   kNoXCopy = 3,    // x's copies left out (the scale copies and the copy groups stay)
 };
