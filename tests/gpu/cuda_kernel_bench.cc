@@ -1081,6 +1081,10 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
   auto y13 = Alloc<float>(static_cast<size_t>(P * 2 * kMoeInter));
   auto y2 = Alloc<float>(static_cast<size_t>(P * kHidden));
   const double touched = static_cast<double>(routing.touched);
+  const double w13_bytes = 2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter),
+               w13_flops = 4.0 * P * kMoeInter * kHidden;
+  const double w2_bytes = touched * w2.expert_bytes + 4.0 * P * (kMoeInter + kHidden),
+               w2_flops = 2.0 * P * kHidden * kMoeInter;
   struct Path {
     const char* name;
     bool fused, split;
@@ -1101,11 +1105,9 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                            "only the lanes rows\n");
       continue;
     }
-    Add(rows, std::string("prefill_w13_mxfp4_") + path.name, T, 0, Timing{w13_us, false},
-        2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter), 4.0 * P * kMoeInter * kHidden);
+    Add(rows, std::string("prefill_w13_mxfp4_") + path.name, T, 0, Timing{w13_us, false}, w13_bytes, w13_flops);
     const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
-    Add(rows, std::string("prefill_w2_mxfp4_") + path.name, T, 0, Timing{w2_us, false},
-        touched * w2.expert_bytes + 4.0 * P * (kMoeInter + kHidden), 2.0 * P * kHidden * kMoeInter);
+    Add(rows, std::string("prefill_w2_mxfp4_") + path.name, T, 0, Timing{w2_us, false}, w2_bytes, w2_flops);
     Check(cudaDeviceSynchronize(), "prefill experts");
     const std::vector<float> got13 = ToHost(y13), got2 = ToHost(y2);
     if (path.fused) {
@@ -1142,11 +1144,9 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     GroupedExpertGemm& grouped = **grouped_or;
     const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
     if (!grouped.last_run_fused()) Fail("prefill expert probes: the lanes served instead of the fused kernel");
-    Add(rows, std::string("prefill_w13_mxfp4_probe_") + probe, T, 0, Timing{w13_us, false},
-        2.0 * touched * w1.expert_bytes + 4.0 * P * (kHidden + 2 * kMoeInter), 4.0 * P * kMoeInter * kHidden);
+    Add(rows, std::string("prefill_w13_mxfp4_probe_") + probe, T, 0, Timing{w13_us, false}, w13_bytes, w13_flops);
     const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
-    Add(rows, std::string("prefill_w2_mxfp4_probe_") + probe, T, 0, Timing{w2_us, false},
-        touched * w2.expert_bytes + 4.0 * P * (kMoeInter + kHidden), 2.0 * P * kHidden * kMoeInter);
+    Add(rows, std::string("prefill_w2_mxfp4_probe_") + probe, T, 0, Timing{w2_us, false}, w2_bytes, w2_flops);
   }
   Check(cudaDeviceSynchronize(), "prefill expert probes");
 }

@@ -306,6 +306,7 @@ constexpr int kMmaSlices = 2;                             // K slices of 128 a s
 constexpr int kMmaRowTiles = kMmaTiles / kMmaSlices;      // of row tile i / kMmaSlices
 constexpr int kMmaUnitRows = kLinearWarps * kMmaRowTiles * 8;
 constexpr int kMmaStep = 128;
+constexpr int64_t kMmaStepInputs = int64_t{kMmaStep} * kMmaSlices;  // a warp step's inputs; a power of two
 // Below this host bound on rows per expert (about 4 tokens x 6 experts) the batch touches so few experts that
 // the tensor-core unit leaves most SMs idle: the f32 GEMV spreads better (H200, flash w1/w3 at 1 token: 77 us
 // on tensor cores vs 48 us in f32, measured with the 256-row units of 4 row tiles a warp).
@@ -352,16 +353,16 @@ __device__ void StageMmaRows(const LinearArgs<M>& a, int64_t row0, int count, in
 __host__ __device__ constexpr int MmaRowsStaged(int count) { return count <= 4 ? 4 : 8; }
 template <int M>
 __host__ __device__ constexpr int64_t MmaPhase(const LinearArgs<M>& a, int count) {
-  constexpr int64_t kStep = int64_t{kMmaStep} * kMmaSlices;  // a power of two; 4 B a staged input and row
-  const int64_t fits = (a.smem_bytes >> (MmaRowsStaged(count) == 4 ? 4 : 5)) & ~(kStep - 1);
-  return fits < ((a.in + kStep - 1) & ~(kStep - 1)) ? fits : a.in;
+  // 4 B a staged input and row: the shift divides by 4 x rows staged.
+  const int64_t fits = (a.smem_bytes >> (MmaRowsStaged(count) == 4 ? 4 : 5)) & ~(kMmaStepInputs - 1);
+  return fits < ((a.in + kMmaStepInputs - 1) & ~(kMmaStepInputs - 1)) ? fits : a.in;
 }
 
 // MmaPhase's shifts and masks give what the divisions they replace gave (checked at compile time over
 // shared-memory sizes, lengths and row counts; the divisions stay out of the kernel, where 64-bit ones cost a
 // call).
 constexpr bool MmaPhaseIsTheDivision() {
-  constexpr int64_t kStep = int64_t{kMmaStep} * kMmaSlices;
+  constexpr int64_t kStep = kMmaStepInputs;
   for (const int64_t smem : {int64_t{48} << 10, int64_t{64} << 10, int64_t{100} << 10, int64_t{116} << 10,
                              int64_t{160} << 10, int64_t{227} << 10, int64_t{70001}}) {
     for (int64_t in = kMmaStep; in <= 16384; in += kMmaStep) {
@@ -382,7 +383,6 @@ template <int M>
 __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, int64_t row0, int count, uint4* smem,
                         int64_t* staged_expert) {
   constexpr int kPerMatrix = kMmaRowTiles / M;  // row tiles of each matrix per warp
-  constexpr int64_t kStepInputs = int64_t{kMmaStep} * kMmaSlices;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int rows_staged = MmaRowsStaged(count);
   const int lanes = 4 * rows_staged;
@@ -423,7 +423,7 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
     }
   };
   auto load_step = [&](int64_t k0) {
-    if (k0 + kStepInputs <= in) {
+    if (k0 + kMmaStepInputs <= in) {
       load(std::false_type{}, k0);
     } else {
       load(std::true_type{}, k0);
@@ -467,11 +467,11 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
     // are consecutive): at 16 tokens most experts have one row and 16 units.
     if (phase < in || *staged_expert != expert) {
       __syncthreads();  // the previous phase's (or unit's) readers are done
-      StageMmaRows<M>(a, row0, count, rows_staged, p0, CeilDiv(len, kStepInputs) * kStepInputs, smem);
+      StageMmaRows<M>(a, row0, count, rows_staged, p0, CeilDiv(len, kMmaStepInputs) * kMmaStepInputs, smem);
       __syncthreads();
     }
 #pragma unroll 2
-    for (int64_t k0 = p0; k0 < p0 + len; k0 += kStepInputs) {
+    for (int64_t k0 = p0; k0 < p0 + len; k0 += kMmaStepInputs) {
       uint4 w[kMmaTiles];
       uint32_t factor[kMmaTiles];
       bool slow = false, past[kMmaTiles];
@@ -486,7 +486,7 @@ __device__ void MmaUnit(const LinearArgs<M>& a, int64_t expert, int64_t o_unit, 
       for (int i = 0; i < kMmaTiles; ++i) {
         factor[i] = past[i] ? 0u : slow ? internal::Ue8m0Bf16x2(s_next[i]) : internal::Mxfp4PairFactor(s_next[i]);
       }
-      if (k0 + kStepInputs < in) load_step(k0 + kStepInputs);
+      if (k0 + kMmaStepInputs < in) load_step(k0 + kMmaStepInputs);
       const uint4* frag = smem + (k0 - p0) / kMmaStep * 8 * lanes;
       if (slow) {
         multiply(std::false_type{}, frag, w, factor);
