@@ -1088,14 +1088,20 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
   struct Path {
     const char* name;
     bool fused, split;
+    int x_cluster = 0;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
   };
-  const Path paths[] = {{"fused", true, false}, {"lanes", false, false}, {"fused_split", true, true}, {"lanes_split", false, true}};
+  const Path paths[] = {{"fused", true, false},         {"lanes", false, false},
+                        {"fused_split", true, true},    {"lanes_split", false, true},
+                        {"tma_c1", true, false, 1},     {"tma_c2", true, false, 2},
+                        {"tma_c4", true, false, 4},     {"tma_c2_split", true, true, 2},
+                        {"tma_c4_split", true, true, 4}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
     GroupedExpertGemm::Options options;
     options.max_weight_elements = 2 * kMoeInter * kHidden;
     options.split_x = path.split;
     options.fused_mxfp4 = path.fused;
+    options.x_cluster = path.x_cluster;
     auto grouped_or = GroupedExpertGemm::Create(options);
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
@@ -1110,12 +1116,6 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     Add(rows, std::string("prefill_w2_mxfp4_") + path.name, T, 0, Timing{w2_us, false}, w2_bytes, w2_flops);
     Check(cudaDeviceSynchronize(), "prefill experts");
     const std::vector<float> got13 = ToHost(y13), got2 = ToHost(y2);
-    if (path.fused) {
-      fused_y13[path.split] = got13;
-      fused_y2[path.split] = got2;
-      continue;
-    }
-    if (fused_y13[path.split].empty()) continue;  // no fused run to compare with
     auto relative_l2 = [](const std::vector<float>& a, const std::vector<float>& b) {
       double num = 0.0, den = 0.0;
       for (size_t i = 0; i < a.size(); ++i) {
@@ -1125,6 +1125,19 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       }
       return std::sqrt(num / std::max(den, 1e-300));
     };
+    if (path.fused && path.x_cluster > 0) {
+      // The same MMAs in the same order as the cp.async kernel: the same bits.
+      const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
+      std::fprintf(stderr, "  prefill experts %s: vs the cp.async kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);
+      if (!(e13 == 0.0) || !(e2 == 0.0)) Fail("prefill experts: x by TMA changed the fused kernel's output");
+      continue;
+    }
+    if (path.fused) {
+      fused_y13[path.split] = got13;
+      fused_y2[path.split] = got2;
+      continue;
+    }
+    if (fused_y13[path.split].empty()) continue;  // no fused run to compare with
     const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
     std::fprintf(stderr, "  prefill experts%s: fused vs lanes relative L2 w13 %.2e, w2 %.2e\n", path.split ? " (split)" : "",
                  e13, e2);
@@ -1135,18 +1148,22 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
   // only the times mean anything: differences from `prefill_*_fused` place a step's time.
   if (fused_y13[0].empty()) return;  // no fused kernel here
   const std::pair<const char*, int> probes[] = {{"no_dequant", 1}, {"no_mma", 2}, {"no_x_copy", 3}};
-  for (const auto& [probe, id] : probes) {
-    GroupedExpertGemm::Options options;
-    options.max_weight_elements = 2 * kMoeInter * kHidden;
-    options.timing_probe = id;
-    auto grouped_or = GroupedExpertGemm::Create(options);
-    Check(grouped_or.status(), "GroupedExpertGemm::Create (probe)");
-    GroupedExpertGemm& grouped = **grouped_or;
-    const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
-    if (!grouped.last_run_fused()) Fail("prefill expert probes: the lanes served instead of the fused kernel");
-    Add(rows, std::string("prefill_w13_mxfp4_probe_") + probe, T, 0, Timing{w13_us, false}, w13_bytes, w13_flops);
-    const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
-    Add(rows, std::string("prefill_w2_mxfp4_probe_") + probe, T, 0, Timing{w2_us, false}, w2_bytes, w2_flops);
+  for (const int x_cluster : {0, 2}) {
+    for (const auto& [name, id] : probes) {
+      const std::string probe = std::string(x_cluster ? "tma_c2_" : "") + name;
+      GroupedExpertGemm::Options options;
+      options.max_weight_elements = 2 * kMoeInter * kHidden;
+      options.timing_probe = id;
+      options.x_cluster = x_cluster;
+      auto grouped_or = GroupedExpertGemm::Create(options);
+      Check(grouped_or.status(), "GroupedExpertGemm::Create (probe)");
+      GroupedExpertGemm& grouped = **grouped_or;
+      const double w13_us = bench.TimeOnceUs([&] { return grouped.Run(stacked, x.get(), routing.offsets, y13.get(), bench.stream()); }, 5);
+      if (!grouped.last_run_fused()) Fail("prefill expert probes: the lanes served instead of the fused kernel");
+      Add(rows, std::string("prefill_w13_mxfp4_probe_") + probe, T, 0, Timing{w13_us, false}, w13_bytes, w13_flops);
+      const double w2_us = bench.TimeOnceUs([&] { return grouped.Run(down, h.get(), routing.offsets, y2.get(), bench.stream()); }, 5);
+      Add(rows, std::string("prefill_w2_mxfp4_probe_") + probe, T, 0, Timing{w2_us, false}, w2_bytes, w2_flops);
+    }
   }
   Check(cudaDeviceSynchronize(), "prefill expert probes");
 }

@@ -1,6 +1,7 @@
 // The prefill expert path on the GPU (MXFP4 dequantization, GroupedExpertGemm, SwiGluStacked) against the
 // CPU's own code (kernels::DequantizeRows, kernels::QuantizedLinear). Fresh inputs every run.
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -216,6 +217,48 @@ TEST_F(CudaTest, GroupedExpertGemmStacksWeights) {
   EXPECT_TRUE(AllClose(ToHost(dh_stacked), ToHost(dh), 0.0, 1e-6));
 }
 
+// x by TMA (x_cluster 1, 2, 4: fetched once a cluster of column tiles and multicast) computes the same bits as
+// the cp.async kernel, one bf16 pass and split. Stacked outs of 2 x 384 make 3 column tiles (a partial cluster
+// of 2 and of 4: the padding tile fetches its share without storing); experts of 1 .. 300 rows give tiles of 64
+// rows or less (one TMA half), and the last tile reads past x's rows (zeros from the tensor map).
+TEST_F(CudaTest, GroupedExpertGemmXByTmaMatchesCpAsync) {
+  if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
+  const int64_t inter = 384, in = 256, experts = 6;
+  const std::vector<int64_t> offsets = Offsets({37, 0, 300, 64, 65, 1});
+  const int64_t rows = offsets.back();
+  const Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
+  const auto x = Normal(static_cast<size_t>(rows * in), rng_);
+  auto dx = ToDevice(x);
+  const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
+  for (const bool split : {false, true}) {
+    SCOPED_TRACE(split ? "split x" : "one bf16 pass");
+    std::vector<float> reference;
+    for (const int cluster : {0, 1, 2, 4}) {
+      SCOPED_TRACE(::testing::Message() << "x_cluster " << cluster);
+      auto grouped = Must(cuda::GroupedExpertGemm::Create(
+          {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .x_cluster = cluster}));
+      auto dy = Poisoned<float>(static_cast<size_t>(rows * 2 * inter));
+      for (int pass = 0; pass < 2; ++pass) TANDEM_ASSERT_OK(grouped->Run(stacked, dx.get(), offsets, dy.get()));
+      TANDEM_ASSERT_OK(Sync());
+      ASSERT_TRUE(grouped->last_run_fused());
+      const auto y = ToHost(dy);
+      if (cluster == 0) {
+        if (!split) ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
+        reference = y;
+        continue;
+      }
+      int64_t differ = 0;
+      for (size_t i = 0; i < y.size(); ++i) {
+        if (std::memcmp(&y[i], &reference[i], sizeof(float)) != 0 && differ++ < 5) {
+          ADD_FAILURE() << "y[" << i / (2 * inter) << "][" << i % (2 * inter) << "] " << y[i] << " vs cp.async "
+                        << reference[i];
+        }
+      }
+      EXPECT_EQ(differ, 0);
+    }
+  }
+}
+
 // split_x (x as bf16 hi + lo) on both paths: every output within 3e-5 of the f32-x result (relative to
 // sum |x w|), and its error well under the one-bf16 run's (which misses lo's product: ~2^-9 relative per term).
 TEST_F(CudaTest, GroupedExpertGemmSplitXMatchesF32) {
@@ -336,6 +379,9 @@ TEST_F(CudaTest, GroupedExpertGemmRejectsBadInput) {
   EXPECT_FALSE(
       cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .fused_mxfp4 = false, .timing_probe = 2}).ok());
   TANDEM_ASSERT_OK(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = 3}).status());
+  EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 3}).ok());
+  EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 8}).ok());
+  EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = -1}).ok());
 }
 
 }  // namespace

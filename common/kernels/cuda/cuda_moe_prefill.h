@@ -69,6 +69,9 @@ class GroupedExpertGemm {
     // (internal::GemmProbe: 1 no dequantization, 2 no MMAs, 3 no x copies), so that differences of times
     // place its step time. y is then not the product. Needs fused_mxfp4 and no split_x.
     int timing_probe = 0;
+    // The fused kernel's x: 0 by cp.async a block; 1, 2 or 4 by TMA, fetched once for a cluster of that many
+    // column tiles and multicast to their shared memories (internal::GroupedMxfp4GemmArgs::x_cluster).
+    int x_cluster = 0;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();

@@ -159,6 +159,9 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
     return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm: timing_probe ", options.timing_probe,
                                                    " (0..3; a probe needs fused_mxfp4 and no split_x)"));
   }
+  if (options.x_cluster != 0 && options.x_cluster != 1 && options.x_cluster != 2 && options.x_cluster != 4) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm: x_cluster ", options.x_cluster, " (0, 1, 2 or 4)"));
+  }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
@@ -387,6 +390,8 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.total_out = total_out;
   args.out0 = stacked[0].out;
   args.probe = static_cast<internal::GemmProbe>(options_.timing_probe);
+  args.x_cluster = options_.x_cluster;
+  args.x_rows = offsets[experts];
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }
 

@@ -19,7 +19,9 @@
 // is ~33% busy; which stage sets the pace is not settled (the bench's timing probes are for that).
 #include "common/kernels/cuda/moe_wgmma.h"
 
+#include <cuda.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 
@@ -41,10 +43,91 @@ constexpr uint32_t kWeightTileBytes = kColumns * kDepth * 2;  // 32 KB
 static_assert(kThreads == kColumns, "one weight row a thread");
 
 constexpr uint32_t kScaleSlotBytes = kColumns * 4;
+constexpr uint32_t kBarrierBytes = 2 * kXStages * 8;  // the TMA path's full and empty mbarriers of each x stage
 size_t SharedBytes(bool split) {
   return size_t{kXStages} * (split ? 2 : 1) * kXTileBytes + size_t{kWeightStages} * kWeightTileBytes +
-         size_t{kScaleSlots} * kScaleSlotBytes;
+         size_t{kScaleSlots} * kScaleSlotBytes + kBarrierBytes + 1024;  // + alignment slack
 }
+
+// ---- TMA and mbarriers (the x_cluster path; sm_90a) ----
+// x by TMA lands 128-byte swizzled: row r of a stage at 128 r, its 16-byte chunk c at chunk c ^ (r % 8) (the
+// tensor map's CU_TENSOR_MAP_SWIZZLE_128B; stages 1024-byte aligned). The wgmma descriptor of that layout
+// (K-major): leading byte offset unused (1), stride 1024 bytes (8 rows), layout type 1 (128-byte swizzle);
+// 16 more values of K are 32 bytes on.
+__device__ __forceinline__ uint64_t Swizzled128Descriptor(uint32_t shared_address) {
+  return static_cast<uint64_t>((shared_address & 0x3FFFFu) >> 4) | uint64_t{1} << 16 | uint64_t{1024 >> 4} << 32 |
+         uint64_t{1} << 62;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void MbarrierInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The inits visible to the cluster (the peers' TMAs and arrivals), before the cluster barrier that follows.
+__device__ __forceinline__ void FenceMbarrierInit() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t ClusterRank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+// This thread's arrival, expecting `bytes` more of asynchronous transactions in the current phase.
+__device__ __forceinline__ void MbarrierExpectBytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// An arrival on the barrier at the same offset in cluster block `rank`.
+__device__ __forceinline__ void MbarrierArriveRemote(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+// Until the phase of parity `parity` has completed.
+__device__ __forceinline__ void MbarrierWait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// The box at (c0 innermost, c1) of `map` into `dst` of every block in `mask` (same offset), each block's
+// barrier at `bar` counting its bytes.
+__device__ __forceinline__ void TmaLoadMulticast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
+                                                 uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+#else
+__device__ __forceinline__ void MbarrierInit(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void FenceMbarrierInit() { __trap(); }
+__device__ __forceinline__ void ClusterSync() { __trap(); }
+__device__ __forceinline__ uint32_t ClusterRank() { __trap(); return 0; }
+__device__ __forceinline__ void MbarrierExpectBytes(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void MbarrierArriveRemote(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void MbarrierWait(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void TmaLoadMulticast(uint32_t, const CUtensorMap*, int, int, uint32_t, uint16_t) { __trap(); }
+__device__ __forceinline__ void TmaLoad(uint32_t, const CUtensorMap*, int, int, uint32_t) { __trap(); }
+#endif
+
+// The x tensors' maps (hi, and lo when split), kernel parameters.
+struct XMaps {
+  CUtensorMap hi, lo;
+};
 
 // Byte offset of (row, 8-value chunk c) in a [rows][64] tile of core matrices: row group r / 8 holds the 8
 // chunks of its rows one core matrix after another (K-major: leading 128 bytes, stride 1 KB).
@@ -116,14 +199,16 @@ __device__ __forceinline__ void DequantRow(const RowCodes& r, uint32_t scales, u
 // One block's tile. kSplit: x_lo is not null (the lo part's MMAs follow hi's). Run<kMma> is the whole pipeline;
 // a warpgroup without rows runs it without MMAs (it still copies and dequantizes its share): a branch around
 // the wgmmas inside one loop would make ptxas wait for each wgmma before the next. kProbe leaves a stage out
-// (GemmProbe: timing only).
-template <bool kSplit, GemmProbe kProbe>
+// (GemmProbe: timing only). kTma: x by TMA, shared across a cluster of a.x_cluster column tiles (x_cluster).
+template <bool kSplit, GemmProbe kProbe, bool kTma>
 struct BlockTile {
   const GroupedMxfp4GemmArgs& a;
+  const XMaps& maps;
   ExpertTile tile;
   int tid, group, rows, steps;
   int64_t n0;
-  uint32_t x_stage_bytes, x_base, weight_base, scale_base;
+  uint32_t x_stage_bytes, x_base, weight_base, scale_base, barrier_base;
+  uint32_t rank = 0;  // in the cluster (kTma)
   uint8_t* weight_s;
   const uint32_t* scale_s;  // [kScaleSlots][kColumns]: steps 2m, 2m + 1 of each row in slot m % kScaleSlots
   const uint8_t* scale_source;  // this thread's scale row (a valid row when its own is past the outs)
@@ -137,7 +222,8 @@ struct BlockTile {
   const __nv_bfloat16* x_source[kCopies];
   uint32_t x_offset[kCopies];
 
-  __device__ BlockTile(const GroupedMxfp4GemmArgs& args, uint8_t* shared) : a(args), tile(args.tiles[blockIdx.y]) {
+  __device__ BlockTile(const GroupedMxfp4GemmArgs& args, const XMaps& x_maps, uint8_t* shared)
+      : a(args), maps(x_maps), tile(args.tiles[blockIdx.y]) {
     tid = static_cast<int>(threadIdx.x);
     group = tid / 128;
     rows = tile.rows;
@@ -149,6 +235,8 @@ struct BlockTile {
     x_base = SharedAddress(shared);
     weight_base = SharedAddress(weight_s);
     scale_base = SharedAddress(scale_s);
+    barrier_base = scale_base + kScaleSlots * kScaleSlotBytes;
+    if constexpr (kTma) rank = ClusterRank();
     const int64_t n = n0 + tid;
     valid = n < a.total_out;
     const int part = n >= a.out0 ? 1 : 0;
@@ -157,11 +245,13 @@ struct BlockTile {
     scale_source = valid ? (part ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32) : tile.scales[0];
     const int rows_loaded = rows > 64 ? kRows : 64;  // a warpgroup without rows copies none
     copies = rows_loaded * 8 / kThreads;
+    if constexpr (!kTma) {
 #pragma unroll
-    for (int i = 0; i < kCopies; ++i) {
-      const int c = tid + kThreads * i, row = (c & 7) + 8 * (c >> 6), chunk = (c >> 3) & 7;
-      x_source[i] = a.x + (tile.row0 + (row < rows ? row : rows - 1)) * a.in + chunk * 8;
-      x_offset[i] = TileOffset(row, chunk);
+      for (int i = 0; i < kCopies; ++i) {
+        const int c = tid + kThreads * i, row = (c & 7) + 8 * (c >> 6), chunk = (c >> 3) & 7;
+        x_source[i] = a.x + (tile.row0 + (row < rows ? row : rows - 1)) * a.in + chunk * 8;
+        x_offset[i] = TileOffset(row, chunk);
+      }
     }
   }
 
@@ -177,15 +267,66 @@ struct BlockTile {
       }
     }
     const uint32_t stage = x_base + static_cast<uint32_t>(step % kXStages) * x_stage_bytes;
-    const int64_t column = static_cast<int64_t>(step) * kDepth;
+    if constexpr (kTma) {
+      if (tid == 0 && kProbe != GemmProbe::kNoXCopy) LoadXTile(step, stage);
+    } else {
+      const int64_t column = static_cast<int64_t>(step) * kDepth;
 #pragma unroll
-    for (int i = 0; i < kCopies; ++i) {
-      if (i < copies && kProbe != GemmProbe::kNoXCopy) {
-        CopyAsync16(stage + x_offset[i], x_source[i] + column);
-        if constexpr (kSplit) CopyAsync16(stage + kXTileBytes + x_offset[i], a.x_lo + (x_source[i] - a.x) + column);
+      for (int i = 0; i < kCopies; ++i) {
+        if (i < copies && kProbe != GemmProbe::kNoXCopy) {
+          CopyAsync16(stage + x_offset[i], x_source[i] + column);
+          if constexpr (kSplit) CopyAsync16(stage + kXTileBytes + x_offset[i], a.x_lo + (x_source[i] - a.x) + column);
+        }
       }
     }
     CopyAsyncCommit();
+  }
+
+  // kTma: stage s's barriers. full[s] completes when the stage's x of its step has landed (one arrival, this
+  // block's, plus the tile's bytes from every block of the cluster); empty[s] when every block of the cluster
+  // is done multiplying the stage's previous step (one arrival a block).
+  __device__ __forceinline__ uint32_t FullBarrier(int step) const {
+    return barrier_base + 8u * static_cast<uint32_t>(step % kXStages);
+  }
+  __device__ __forceinline__ uint32_t EmptyBarrier(int step) const {
+    return barrier_base + 8u * static_cast<uint32_t>(kXStages + step % kXStages);
+  }
+  // A stage serves steps s, s + 3, ...: step k's use of it is phase k / 3.
+  __device__ __forceinline__ static uint32_t Parity(int step) { return static_cast<uint32_t>(step / kXStages) & 1u; }
+
+  // One thread: this block's share of step `step`'s x tile, into the stage of every block of the cluster.
+  // Block r of a cluster of c fetches rows [64 h + r 64 / c, + 64 / c) of each 64-row half h.
+  __device__ __forceinline__ void LoadXTile(int step, uint32_t stage) const {
+    const int cluster = a.x_cluster, slice = 64 / cluster, halves = rows > 64 ? 2 : 1;
+    if (step >= kXStages) MbarrierWait(EmptyBarrier(step), Parity(step) ^ 1u);  // the stage's previous step is done
+    MbarrierExpectBytes(FullBarrier(step), static_cast<uint32_t>(halves) * 64u * 128u * (kSplit ? 2u : 1u));
+    const int column = step * kDepth;
+    for (int h = 0; h < halves; ++h) {
+      const int row = 64 * h + static_cast<int>(rank) * slice;
+      const uint32_t dst = stage + static_cast<uint32_t>(row) * 128u;
+      const int x_row = static_cast<int>(tile.row0) + row;
+      if (cluster > 1) {
+        const uint16_t mask = static_cast<uint16_t>((1u << cluster) - 1u);
+        TmaLoadMulticast(dst, &maps.hi, column, x_row, FullBarrier(step), mask);
+        if constexpr (kSplit) TmaLoadMulticast(dst + kXTileBytes, &maps.lo, column, x_row, FullBarrier(step), mask);
+      } else {
+        TmaLoad(dst, &maps.hi, column, x_row, FullBarrier(step));
+        if constexpr (kSplit) TmaLoad(dst + kXTileBytes, &maps.lo, column, x_row, FullBarrier(step));
+      }
+    }
+  }
+  // Every thread: until step `step`'s x has landed (kTma), before the barrier that publishes the step.
+  __device__ __forceinline__ void WaitX(int step) const {
+    if constexpr (kTma && kProbe != GemmProbe::kNoXCopy) MbarrierWait(FullBarrier(step), Parity(step));
+  }
+  // One thread, after the barrier that ends step `step` (every warpgroup's MMAs on its stage are done): the
+  // stage is free in this block, for every block that will multicast into it.
+  __device__ __forceinline__ void ReleaseX(int step) const {
+    if constexpr (kTma) {
+      if (tid == 0 && step + kXStages < steps) {
+        for (int r = 0; r < a.x_cluster; ++r) MbarrierArriveRemote(EmptyBarrier(step), static_cast<uint32_t>(r));
+      }
+    }
   }
 
   // Step `step`'s two scale bytes of this thread's row.
@@ -196,6 +337,16 @@ struct BlockTile {
 
   template <bool kMma>
   __device__ __forceinline__ void Run() const {
+    if constexpr (kTma) {
+      if (tid == 0) {
+        for (int s = 0; s < kXStages; ++s) {
+          MbarrierInit(FullBarrier(s), 1);
+          MbarrierInit(EmptyBarrier(s), static_cast<uint32_t>(a.x_cluster));
+        }
+        FenceMbarrierInit();
+      }
+      ClusterSync();  // every block's barriers exist before any TMA or arrival reaches them
+    }
     CopyX(0);
     CopyX(1);  // steps >= 2: in is a multiple of 128
     // Two register sets of codes, loaded two steps before their dequantization (one step is ~1 us, about
@@ -203,6 +354,7 @@ struct BlockTile {
     RowCodes even, odd;
     LoadRowCodes(code_row, valid, 0, even);
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step 0's x and scales
+    WaitX(0);
     __syncthreads();
     if constexpr (kProbe != GemmProbe::kNoDequant) DequantRow(even, Scales(0), weight_s, tid);
     LoadRowCodes(code_row, valid, 1, odd);
@@ -220,15 +372,18 @@ struct BlockTile {
       if constexpr (kMma) {
         const uint32_t x_stage = x_base + static_cast<uint32_t>(k % kXStages) * x_stage_bytes + group_rows;
         const uint32_t weights = weight_base + static_cast<uint32_t>(k % kWeightStages) * kWeightTileBytes;
-        const uint64_t hi = WgmmaDescriptor(x_stage, kCore, kRowGroupBytes);
-        const uint64_t lo = WgmmaDescriptor(x_stage + kXTileBytes, kCore, kRowGroupBytes);
+        // 16 values of K: 2 core matrices on (32 bytes along a swizzled row with TMA).
+        constexpr uint32_t kXAdvance = kTma ? 32 : 2 * kCore;
+        const uint64_t hi = kTma ? Swizzled128Descriptor(x_stage) : WgmmaDescriptor(x_stage, kCore, kRowGroupBytes);
+        const uint64_t lo = kTma ? Swizzled128Descriptor(x_stage + kXTileBytes)
+                                 : WgmmaDescriptor(x_stage + kXTileBytes, kCore, kRowGroupBytes);
         const uint64_t w = WgmmaDescriptor(weights, kCore, kRowGroupBytes);
         WgmmaFence();
 #pragma unroll
         for (int kk = 0; kk < kDepth / 16; ++kk) {
-          WgmmaM64N256K16<false>(acc, WgmmaAdvance(hi, kk * 2 * kCore), WgmmaAdvance(w, kk * 2 * kCore), 1);
+          WgmmaM64N256K16<false>(acc, WgmmaAdvance(hi, kk * kXAdvance), WgmmaAdvance(w, kk * 2 * kCore), 1);
           if constexpr (kSplit) {
-            WgmmaM64N256K16<false>(acc, WgmmaAdvance(lo, kk * 2 * kCore), WgmmaAdvance(w, kk * 2 * kCore), 1);
+            WgmmaM64N256K16<false>(acc, WgmmaAdvance(lo, kk * kXAdvance), WgmmaAdvance(w, kk * 2 * kCore), 1);
           }
         }
         WgmmaCommit();
@@ -242,19 +397,22 @@ struct BlockTile {
         }
         if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
       }
-      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
+      if (k + 1 < steps) WaitX(k + 1);
       FenceProxyAsync();
       if constexpr (kMma) {
         WgmmaWait<0>();
         WgmmaTouch(acc);
       }
       __syncthreads();  // step k + 1's operands are visible; step k's stages are free
+      ReleaseX(k);
     };
     for (int k = 0; k < steps; k += 2) {
       step(k, odd);
       if (k + 1 < steps) step(k + 1, even);
     }
     CopyAsyncWaitAll();
+    if constexpr (kTma) ClusterSync();  // no block leaves while a peer may still arrive on its barriers
     if constexpr (kMma) Store(acc);
   }
 
@@ -277,10 +435,13 @@ struct BlockTile {
   }
 };
 
-template <bool kSplit, GemmProbe kProbe = GemmProbe::kNone>
-__global__ void __launch_bounds__(kThreads, 1) GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a) {
-  extern __shared__ __align__(1024) uint8_t shared[];
-  const BlockTile<kSplit, kProbe> block(a, shared);
+template <bool kSplit, GemmProbe kProbe, bool kTma>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
+  extern __shared__ __align__(1024) uint8_t shared_raw[];
+  // The swizzled x stages need 1024-byte alignment (SharedBytes has the slack).
+  uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
+  const BlockTile<kSplit, kProbe, kTma> block(a, maps, shared);
   if (kProbe != GemmProbe::kNoMma && block.group * 64 < block.rows) {  // warpgroup-uniform
     block.template Run<true>();
   } else {
@@ -338,6 +499,64 @@ bool GroupedMxfp4GemmWgmmaAvailable() {
 #endif
 }
 
+namespace {
+
+using Kernel = void (*)(GroupedMxfp4GemmArgs, const XMaps);
+
+template <bool kTma>
+absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe) {
+  if (split) {
+    if (probe != GemmProbe::kNone) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without split x");
+    return GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma>;
+  }
+  switch (probe) {
+    case GemmProbe::kNone:
+      return GroupedMxfp4GemmKernel<false, GemmProbe::kNone, kTma>;
+    case GemmProbe::kNoDequant:
+      return GroupedMxfp4GemmKernel<false, GemmProbe::kNoDequant, kTma>;
+    case GemmProbe::kNoMma:
+      return GroupedMxfp4GemmKernel<false, GemmProbe::kNoMma, kTma>;
+    case GemmProbe::kNoXCopy:
+      return GroupedMxfp4GemmKernel<false, GemmProbe::kNoXCopy, kTma>;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: unknown probe ", static_cast<int>(probe)));
+}
+
+// cuTensorMapEncodeTiled from the driver (through the runtime: no libcuda link), looked up once.
+absl::StatusOr<PFN_cuTensorMapEncodeTiled_v12000> TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (!encode) return absl::UnavailableError("GroupedMxfp4GemmWgmma: the driver has no cuTensorMapEncodeTiled");
+  return encode;
+}
+
+// x [rows, in] bf16 as boxes of 64 values x `box_rows` rows, 128-byte swizzled in shared memory.
+absl::Status EncodeXMap(const __nv_bfloat16* x, int64_t rows, int64_t in, int box_rows, CUtensorMap* map) {
+  TANDEM_ASSIGN_OR_RETURN(const PFN_cuTensorMapEncodeTiled_v12000 encode, TensorMapEncoder());
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(in), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(in) * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kDepth), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(x), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return absl::InternalError(absl::StrCat("GroupedMxfp4GemmWgmma: cuTensorMapEncodeTiled failed (CUresult ",
+                                            static_cast<int>(r), ") for x [", rows, ", ", in, "]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t stream) {
   if (a.tile_count == 0) return absl::OkStatus();
   if (!a.tiles || !a.x || !a.y) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: null pointer");
@@ -347,30 +566,39 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t s
                                                    "), total_out ", a.total_out, " (even), out0 ", a.out0));
   }
   if (a.tile_count > 65535) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: over 65535 row tiles");
+  const int cluster = a.x_cluster;
+  if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4) {
+    return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: x_cluster ", cluster, " (0, 1, 2 or 4)"));
+  }
+  if (cluster > 0 && a.x_rows <= 0) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: x_rows <= 0 with TMA");
   const bool split = a.x_lo != nullptr;
-  if (a.probe != GemmProbe::kNone && split) {
-    return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without split x");
-  }
+  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe) : PickKernel<false>(split, a.probe));
   const size_t shared = SharedBytes(split);
-  auto kernel = split ? GroupedMxfp4GemmKernel<true> : GroupedMxfp4GemmKernel<false>;
-  switch (a.probe) {
-    case GemmProbe::kNone:
-      break;
-    case GemmProbe::kNoDequant:
-      kernel = GroupedMxfp4GemmKernel<false, GemmProbe::kNoDequant>;
-      break;
-    case GemmProbe::kNoMma:
-      kernel = GroupedMxfp4GemmKernel<false, GemmProbe::kNoMma>;
-      break;
-    case GemmProbe::kNoXCopy:
-      kernel = GroupedMxfp4GemmKernel<false, GemmProbe::kNoXCopy>;
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: unknown probe ", static_cast<int>(a.probe)));
-  }
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
-  const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
-  kernel<<<grid, kThreads, shared, stream>>>(a);
+  XMaps maps{};
+  if (cluster > 0) {
+    TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64 / cluster, &maps.hi));
+    if (split) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64 / cluster, &maps.lo));
+  }
+  // Column tiles rounded up to whole clusters (a tile past total_out computes nothing and stores nothing,
+  // but fetches its share of x for its cluster).
+  const int64_t column_tiles = (a.total_out + kColumns - 1) / kColumns;
+  const int64_t per_cluster = std::max(cluster, 1);
+  const dim3 grid(static_cast<unsigned>((column_tiles + per_cluster - 1) / per_cluster * per_cluster),
+                  static_cast<unsigned>(a.tile_count));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(per_cluster);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = cluster > 0 ? 1 : 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, a, maps));
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmKernel");
   return absl::OkStatus();
 }

@@ -54,6 +54,11 @@ struct GroupedMxfp4GemmArgs {
   int64_t total_out = 0;
   int64_t out0 = 0;  // columns of part 0 (total_out when there is one part)
   GemmProbe probe = GemmProbe::kNone;
+  // 0: each block copies its x tile by cp.async. 1, 2 or 4: x by TMA (128-byte swizzled stages), the blocks
+  // of a cluster of this many column tiles (same row tile) each fetching 1/cluster of it for all of them
+  // (multicast), so L2 sends x once a cluster instead of once a block.
+  int x_cluster = 0;
+  int64_t x_rows = 0;  // rows of x (and x_lo): the TMA tensor's extent (rows past it read as zeros)
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <optional>
 
@@ -238,7 +239,9 @@ struct Layer {
   const float* bias = nullptr;
   const int32_t* tid2eid = nullptr;
   Experts routed;
-  Dense shared_w1, shared_w2, shared_w3;  // the shared expert, dequantized once: cuBLASLt at any batch
+  // The shared expert, dequantized once (cuBLASLt at any batch); w1 and w3 stacked into one [2I, D] weight
+  // (rows [0, I) are w1, [I, 2I) w3: one GEMM, then SwiGluStacked).
+  Dense shared_w13, shared_w2;
 };
 
 // Per-chunk geometry inside a batch.
@@ -314,12 +317,24 @@ struct DeviceModel::Impl {
   }
 
   // A packed (FP8/MXFP4) matrix dequantized exactly on the host, then uploaded as a dense layer.
-  absl::StatusOr<Dense> UploadPacked(const PackedWeight& w) {
+  absl::StatusOr<Dense> UploadPacked(const PackedWeight& w) { return UploadPackedStacked({&w}); }
+
+  // Packed matrices of one input width, their rows stacked in order into one dense layer.
+  absl::StatusOr<Dense> UploadPackedStacked(std::initializer_list<const PackedWeight*> parts) {
     DenseWeight dense;
-    dense.out = w.view.out;
-    dense.in = w.view.in;
+    dense.in = (*parts.begin())->view.in;
+    for (const PackedWeight* w : parts) {
+      if (w->view.in != dense.in) {
+        return absl::InvalidArgumentError(absl::StrCat("stacked weights differ in input width: ", w->view.in, " vs ", dense.in));
+      }
+      dense.out += w->view.out;
+    }
     dense.values.resize(static_cast<size_t>(dense.out * dense.in));
-    kernels::DequantizeRows(w.view, 0, dense.out, dense.values.data());
+    int64_t row = 0;
+    for (const PackedWeight* w : parts) {
+      kernels::DequantizeRows(w->view, 0, w->view.out, dense.values.data() + row * dense.in);
+      row += w->view.out;
+    }
     return UploadDense(dense, false);
   }
 
@@ -414,9 +429,12 @@ struct DeviceModel::Impl {
     std::vector<const ExpertWeights*> routed;
     for (const auto& e : f.experts) routed.push_back(&e);
     TANDEM_ASSIGN_OR_RETURN(l.routed, UploadExperts(routed));
-    TANDEM_ASSIGN_OR_RETURN(l.shared_w1, UploadPacked(f.shared.w1));
+    if (f.shared.w1.view.out != f.shared.w3.view.out) {
+      return absl::InvalidArgumentError(absl::StrCat("shared expert: w1 has ", f.shared.w1.view.out, " rows, w3 ",
+                                                     f.shared.w3.view.out));
+    }
+    TANDEM_ASSIGN_OR_RETURN(l.shared_w13, UploadPackedStacked({&f.shared.w1, &f.shared.w3}));
     TANDEM_ASSIGN_OR_RETURN(l.shared_w2, UploadPacked(f.shared.w2));
-    TANDEM_ASSIGN_OR_RETURN(l.shared_w3, UploadPacked(f.shared.w3));
     return l;
   }
 
@@ -755,8 +773,8 @@ struct DeviceModel::Impl {
     if (T * k >= options.prefill_expert_pairs) {
       TANDEM_ASSIGN_OR_RETURN(s.eb2, arena.Take<float>(T * k * 2 * I));
     }
-    TANDEM_ASSIGN_OR_RETURN(s.sa, arena.Take<float>(T * I));
-    TANDEM_ASSIGN_OR_RETURN(s.sb, arena.Take<float>(T * I));
+    TANDEM_ASSIGN_OR_RETURN(s.sa, arena.Take<float>(T * 2 * I));  // the shared expert's stacked gate | up
+    TANDEM_ASSIGN_OR_RETURN(s.sb, arena.Take<float>(T * I));       // its SwiGLU
     TANDEM_ASSIGN_OR_RETURN(s.shared_out, arena.Take<float>(T * D));
     const int64_t dense_rows = std::max<int64_t>(draft ? T * M : T, rows_out);
     const int64_t dense_in = std::max<int64_t>(max_dense_in, 1);
@@ -1138,10 +1156,9 @@ struct DeviceModel::Impl {
           TANDEM_RETURN_IF_ERROR(kc::GroupedQuantizedLinear(L.routed.w2, s.ea, nullptr, s.group_offsets, T * k, s.routed, stream));
         }
         TANDEM_RETURN_IF_ERROR(Mark("moe: routed experts"));
-        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w1, s.y, T, s.sa, s.xb));
-        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w3, s.y, T, s.sb, s.xb));
-        TANDEM_RETURN_IF_ERROR(kc::SwiGlu(s.sa, s.sb, T * I, limit, s.sa, stream));
-        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w2, s.sa, T, s.shared_out, s.xb));
+        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w13, s.y, T, s.sa, s.xb));  // sa [T, 2I] = [x.w1^T | x.w3^T]
+        TANDEM_RETURN_IF_ERROR(kc::SwiGluStacked(s.sa, T, I, limit, s.sb, stream));
+        TANDEM_RETURN_IF_ERROR(Linear(L.shared_w2, s.sb, T, s.shared_out, s.xb));
         TANDEM_RETURN_IF_ERROR(Mark("moe: shared expert"));
         TANDEM_RETURN_IF_ERROR(kc::MoeCombine(s.shared_out, s.routed, s.group_position, s.route_weights, T, k, D, s.out, stream));
         TANDEM_RETURN_IF_ERROR(kc::HcPost(mhc, s.out, s.post, s.comb, T, s.x, stream));
