@@ -19,6 +19,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common/kernels/cuda/cuda_attention.h"
+#include "common/kernels/cuda/cuda_model_ops.h"
 #include "common/kernels/cuda/cuda_moe.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
 #include "common/kernels/cuda/cuda_ops.h"
@@ -1142,6 +1143,46 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     std::fprintf(stderr, "  prefill experts%s: fused vs lanes relative L2 w13 %.2e, w2 %.2e\n", path.split ? " (split)" : "",
                  e13, e2);
     if (!(e13 < 1e-4) || !(e2 < 1e-4)) Fail("prefill experts: the fused kernel's output differs from the lanes'");
+  }
+  // The forward's inputs: w1/w3's x gathered from the token rows on the way in, w2's x the SwiGLU of the w1/w3
+  // output on the way in (ExpertInput: the fused kernel's bf16 x written straight from them), against the two
+  // steps they replace (GatherRows / SwiGluStacked into f32, then Run), in the same process. The outputs must
+  // be the same bits.
+  if (!fused_y13[0].empty()) {
+    GroupedExpertGemm::Options options;
+    options.max_weight_elements = 2 * kMoeInter * kHidden;
+    auto grouped_or = GroupedExpertGemm::Create(options);
+    Check(grouped_or.status(), "GroupedExpertGemm::Create (inputs)");
+    GroupedExpertGemm& grouped = **grouped_or;
+    auto tokens = RandomFloats(static_cast<size_t>(T * kHidden), 903);
+    auto gather = ToDevice(routing.gather);
+    auto xg = Alloc<float>(static_cast<size_t>(P * kHidden));
+    auto hg = Alloc<float>(static_cast<size_t>(P * kMoeInter));
+    const float limit = 7.0f;
+    const double gather_then = bench.TimeOnceUs([&] {
+      const absl::Status gathered = GatherRows(tokens.get(), gather.get(), P, kHidden, xg.get(), bench.stream());
+      return gathered.ok() ? grouped.Run(stacked, xg.get(), routing.offsets, y13.get(), bench.stream()) : gathered;
+    }, 5);
+    const std::vector<float> ref13 = ToHost(y13);
+    const double gathered = bench.TimeOnceUs([&] {
+      return grouped.Run(stacked, ExpertInput::Gathered(tokens.get(), gather.get()), routing.offsets, y13.get(),
+                         bench.stream());
+    }, 5);
+    if (ToHost(y13) != ref13) Fail("prefill experts: the gathered input's output differs from GatherRows + Run");
+    const double swiglu_then = bench.TimeOnceUs([&] {
+      const absl::Status h_done = SwiGluStacked(y13.get(), P, kMoeInter, limit, hg.get(), bench.stream());
+      return h_done.ok() ? grouped.Run(down, hg.get(), routing.offsets, y2.get(), bench.stream()) : h_done;
+    }, 5);
+    const std::vector<float> ref2 = ToHost(y2);
+    const double swiglu = bench.TimeOnceUs([&] {
+      return grouped.Run(down, ExpertInput::SwiGlu(y13.get(), limit), routing.offsets, y2.get(),
+                         bench.stream());
+    }, 5);
+    if (ToHost(y2) != ref2) Fail("prefill experts: the SwiGLU input's output differs from SwiGluStacked + Run");
+    Add(rows, "prefill_w13_mxfp4_gather_then_fused", T, 0, Timing{gather_then, false}, w13_bytes, w13_flops);
+    Add(rows, "prefill_w13_mxfp4_fused_gathered", T, 0, Timing{gathered, false}, w13_bytes, w13_flops);
+    Add(rows, "prefill_w2_mxfp4_swiglu_then_fused", T, 0, Timing{swiglu_then, false}, w2_bytes, w2_flops);
+    Add(rows, "prefill_w2_mxfp4_fused_swiglu", T, 0, Timing{swiglu, false}, w2_bytes, w2_flops);
   }
   // Timing probes of the fused kernel (x in one pass): the same launch without its dequantization, its MMAs
   // or its x copies. Their output is not the product (not checked); bytes and FLOPs are the fused rows', so

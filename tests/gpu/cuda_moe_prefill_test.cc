@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/core/dtype.h"
+#include "common/kernels/cuda/cuda_model_ops.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
 #include "common/kernels/kernels.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -257,6 +258,55 @@ TEST_F(CudaTest, GroupedExpertGemmXByTmaMatchesCpAsync) {
       EXPECT_EQ(differ, 0);
     }
   }
+}
+
+// ExpertInput: x gathered from token rows, or the SwiGLU of a stacked gate | up output, on the way in. On both
+// paths (fused, lanes) and one pass or split, the same bits as materializing x in f32 (GatherRows /
+// SwiGluStacked) and running on it.
+TEST_F(CudaTest, GroupedExpertGemmDerivedInputsMatchTwoSteps) {
+  const int64_t out = 256, in = 256, experts = 3, tokens = 50;
+  const std::vector<int64_t> offsets = Offsets({70, 0, 80});
+  const int64_t rows = offsets.back();
+  const Experts w(Format::kMxfp4, experts, out, in, rng_);
+  std::vector<int32_t> gather(static_cast<size_t>(rows));
+  std::uniform_int_distribution<int32_t> token(0, tokens - 1);
+  for (int32_t& g : gather) g = token(rng_);
+  auto dtokens = ToDevice(Normal(static_cast<size_t>(tokens * in), rng_));
+  auto dgather = ToDevice(gather);
+  // Gate | up values around the clamp (limit 1.5), so the SwiGLU's clamps are exercised.
+  std::vector<float> gate_up = Normal(static_cast<size_t>(rows * 2 * in), rng_);
+  for (float& v : gate_up) v *= 2.0f;
+  auto dgate_up = ToDevice(gate_up);
+  const float limit = 1.5f;
+  const cuda::HostExpertWeights one[] = {w.Host()};
+  for (const bool fused : {true, false}) {
+    for (const bool split : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << (fused ? "fused allowed" : "lanes") << (split ? ", split x" : ""));
+      auto grouped = Must(cuda::GroupedExpertGemm::Create(
+          {.max_weight_elements = out * in, .lanes = 2, .split_x = split, .fused_mxfp4 = fused}));
+      auto dx = Poisoned<float>(static_cast<size_t>(rows * in));
+      auto dy_ref = Poisoned<float>(static_cast<size_t>(rows * out));
+      auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
+      // Gathered.
+      TANDEM_ASSERT_OK(cuda::GatherRows(dtokens.get(), dgather.get(), rows, in, dx.get()));
+      TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), offsets, dy_ref.get()));
+      TANDEM_ASSERT_OK(grouped->Run(one, cuda::ExpertInput::Gathered(dtokens.get(), dgather.get()), offsets, dy.get()));
+      TANDEM_ASSERT_OK(Sync());
+      EXPECT_EQ(grouped->last_run_fused(), fused && DeviceIsSm90());
+      EXPECT_EQ(ToHost(dy), ToHost(dy_ref)) << "gathered";
+      // SwiGLU.
+      TANDEM_ASSERT_OK(cuda::SwiGluStacked(dgate_up.get(), rows, in, limit, dx.get()));
+      TANDEM_ASSERT_OK(grouped->Run(one, dx.get(), offsets, dy_ref.get()));
+      TANDEM_ASSERT_OK(grouped->Run(one, cuda::ExpertInput::SwiGlu(dgate_up.get(), limit), offsets, dy.get()));
+      TANDEM_ASSERT_OK(Sync());
+      EXPECT_EQ(ToHost(dy), ToHost(dy_ref)) << "SwiGLU";
+    }
+  }
+  auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = out * in}));
+  auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
+  cuda::ExpertInput both = cuda::ExpertInput::Gathered(dgate_up.get(), dgather.get());
+  both.swiglu_limit = limit;
+  EXPECT_FALSE(grouped->Run(one, both, offsets, dy.get()).ok()) << "gathered and SwiGLU at once";
 }
 
 // split_x (x as bf16 hi + lo) on both paths: every output within 3e-5 of the f32-x result (relative to

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -41,6 +42,32 @@ struct HostExpertWeights {
   static HostExpertWeights Of(const GroupedWeights& weights, const uint8_t* const* host_codes,
                               const uint8_t* const* host_scales) {
     return {weights.format, host_codes, host_scales, weights.experts, weights.out, weights.in};
+  }
+};
+
+// Where GroupedExpertGemm::Run's x [R, in] comes from: `x` itself, or derived from it on the way in. The fused
+// kernel's bf16 copy of x is then written straight from the source (no f32 x in between); the lanes
+// materialize x in f32 first.
+struct ExpertInput {
+  const float* x = nullptr;           // [R, in]; gathered: the rows gathered from; SwiGLU: [R, 2 in] gate | up
+  const int32_t* gather = nullptr;    // device [R]: x row r = x row gather[r] (as GatherRows)
+  std::optional<float> swiglu_limit;  // x = SwiGluStacked(x, limit) (the stacked w1/w3 output)
+  static ExpertInput Rows(const float* x) {
+    ExpertInput input;
+    input.x = x;
+    return input;
+  }
+  static ExpertInput Gathered(const float* source, const int32_t* rows) {
+    ExpertInput input;
+    input.x = source;
+    input.gather = rows;
+    return input;
+  }
+  static ExpertInput SwiGlu(const float* gate_up, float limit) {
+    ExpertInput input;
+    input.x = gate_up;
+    input.swiglu_limit = limit;
+    return input;
   }
 };
 
@@ -88,8 +115,12 @@ class GroupedExpertGemm {
   // [E + 1] on the host, offsets[0] = 0, non-decreasing. The stacked weights share experts and in; output
   // column block p is x . W_p^T (w1 and w3 stacked: y[:, :I] = x.w1^T, y[:, I:] = x.w3^T, see SwiGluStacked).
   // Reads x and writes y in `stream` order (lanes fork from and join back into it).
-  absl::Status Run(std::span<const HostExpertWeights> stacked, const float* x, std::span<const int64_t> host_offsets,
+  absl::Status Run(std::span<const HostExpertWeights> stacked, const ExpertInput& x, std::span<const int64_t> host_offsets,
                    float* y, cudaStream_t stream = nullptr);
+  absl::Status Run(std::span<const HostExpertWeights> stacked, const float* x, std::span<const int64_t> host_offsets,
+                   float* y, cudaStream_t stream = nullptr) {
+    return Run(stacked, ExpertInput::Rows(x), host_offsets, y, stream);
+  }
   absl::Status Run(const GroupedWeights& weights, const uint8_t* const* host_codes, const uint8_t* const* host_scales,
                    const float* x, std::span<const int64_t> host_offsets, float* y, cudaStream_t stream = nullptr) {
     const HostExpertWeights one = HostExpertWeights::Of(weights, host_codes, host_scales);
@@ -125,6 +156,8 @@ class GroupedExpertGemm {
   int64_t x_bf16_elements_ = 0;
   __nv_bfloat16* x_lo_ = nullptr;  // split_x: x - bf16(x) in bf16, laid out as x_bf16_
   int64_t x_lo_elements_ = 0;
+  float* x_f32_ = nullptr;  // the lanes' x of a gathered or SwiGLU ExpertInput
+  int64_t x_f32_elements_ = 0;
   std::vector<int64_t> x_starts_;  // per expert: first element of its row block in x_bf16_
   std::vector<int> lane_of_;       // per expert: its lane (-1: no rows)
   // The fused kernel's row tiles (internal::ExpertTile, 40 bytes each): pinned host staging and its device copy.

@@ -9,6 +9,7 @@
 #include "common/kernels/cuda/attention_device.cuh"
 #include "common/kernels/cuda/check.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
+#include "common/kernels/cuda/cuda_model_ops.h"
 #include "common/kernels/cuda/moe_wgmma.h"
 
 namespace tandem::kernels::cuda {
@@ -194,6 +195,7 @@ GroupedExpertGemm::~GroupedExpertGemm() {
   if (tiles_device_) cudaFree(tiles_device_);
   if (x_bf16_) cudaFree(x_bf16_);
   if (x_lo_) cudaFree(x_lo_);
+  if (x_f32_) cudaFree(x_f32_);
   if (fork_) cudaEventDestroy(fork_);
 }
 
@@ -204,7 +206,7 @@ absl::Status GroupedExpertGemm::Reserve(int64_t rows, int64_t in) {
   return absl::OkStatus();
 }
 
-absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, const float* x,
+absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, const ExpertInput& input,
                                     std::span<const int64_t> offsets, float* y, cudaStream_t stream) {
   if (stacked.empty()) return absl::InvalidArgumentError("GroupedExpertGemm::Run: no weights");
   const int64_t experts = stacked[0].experts, in = stacked[0].in;
@@ -240,16 +242,39 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
   }
   const int64_t rows_total = offsets[experts];
   if (rows_total == 0) return absl::OkStatus();
-  if (!x || !y) return absl::InvalidArgumentError("GroupedExpertGemm::Run: null x or y");
+  if (!input.x || !y) return absl::InvalidArgumentError("GroupedExpertGemm::Run: null x or y");
+  if (input.gather && input.swiglu_limit) {
+    return absl::InvalidArgumentError("GroupedExpertGemm::Run: an input is gathered or a SwiGLU, not both");
+  }
 
-  TANDEM_ASSIGN_OR_RETURN(const bool fused, FusedServes(stacked, offsets, total_out, x, y, stream));
+  TANDEM_ASSIGN_OR_RETURN(const bool fused, FusedServes(stacked, offsets, total_out, input.x, y, stream));
   last_run_fused_ = fused;
   if (fused) {  // x in the kernel's K order, contiguous (in % 128 == 0); not under capture (FusedServes)
     TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, rows_total * in));
     if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, rows_total * in));
+    const internal::PermutedSource source{.source = input.x,
+                                          .gather = input.gather,
+                                          .swiglu = input.swiglu_limit.has_value(),
+                                          .swiglu_limit = input.swiglu_limit.value_or(0.0f)};
     TANDEM_RETURN_IF_ERROR(
-        internal::ToBf16Permuted(x, rows_total * in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
+        internal::ToBf16Permuted(source, rows_total, in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
     return RunFused(stacked, offsets, total_out, y, stream);
+  }
+  // The lanes read x in f32: a derived input is materialized first.
+  const float* x = input.x;
+  if (input.gather || input.swiglu_limit) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+    if (rows_total * in > x_f32_elements_ && capture != cudaStreamCaptureStatusNone) {
+      return absl::FailedPreconditionError("GroupedExpertGemm::Run: scratch must grow during graph capture");
+    }
+    TANDEM_RETURN_IF_ERROR(Grow(&x_f32_, &x_f32_elements_, rows_total * in));
+    if (input.gather) {
+      TANDEM_RETURN_IF_ERROR(GatherRows(input.x, input.gather, rows_total, in, x_f32_, stream));
+    } else {
+      TANDEM_RETURN_IF_ERROR(SwiGluStacked(input.x, rows_total, in, *input.swiglu_limit, x_f32_, stream));
+    }
+    x = x_f32_;
   }
 
   // Row block starts in the bf16 copy of x: contiguous when rows are 16-byte multiples, else each expert's

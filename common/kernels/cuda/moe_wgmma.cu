@@ -450,19 +450,35 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Each 8 values of x as bf16 pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7), the order ShiftMxfp4Word gives the
-// weights; lo = bf16(x - hi) in the same order (exact difference, as FloatToBf16Split).
-__global__ void ToBf16PermutedKernel(const float* x, int64_t chunks, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+// weights; lo = bf16(x - hi) in the same order (exact difference, as FloatToBf16Split). kSource: 0 x's own
+// rows, 1 gathered rows, 2 the SwiGLU of stacked gate | up rows (PermutedSource).
+template <int kSource>
+__global__ void ToBf16PermutedKernel(PermutedSource x, int64_t rows, int64_t in, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+  const int64_t per_row = in / 8, chunks = rows * per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks; i += stride) {
-    const float4 a = reinterpret_cast<const float4*>(x)[2 * i], b = reinterpret_cast<const float4*>(x)[2 * i + 1];
-    const float first[4] = {a.x, a.y, a.z, a.w}, second[4] = {b.x, b.y, b.z, b.w};
+    const int64_t r = i / per_row, c = (i % per_row) * 8;
+    float v[8];
+    if constexpr (kSource == 2) {
+      const float* gate = x.source + r * 2 * in + c;
+      const float4 g0 = reinterpret_cast<const float4*>(gate)[0], g1 = reinterpret_cast<const float4*>(gate)[1];
+      const float4 u0 = reinterpret_cast<const float4*>(gate + in)[0], u1 = reinterpret_cast<const float4*>(gate + in)[1];
+      const float g[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+      const float u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = SwiGluOne(g[j], u[j], x.swiglu_limit);
+    } else {
+      const int64_t row = kSource == 1 ? static_cast<int64_t>(x.gather[r]) : r;
+      const float* src = x.source + row * in + c;
+      const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
     uint32_t h[4], l[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const __nv_bfloat162 pair = __floats2bfloat162_rn(first[j], second[j]);
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(v[j], v[j + 4]);
       h[j] = *reinterpret_cast<const uint32_t*>(&pair);
-      const __nv_bfloat162 rest =
-          __floats2bfloat162_rn(first[j] - __low2float(pair), second[j] - __high2float(pair));
+      const __nv_bfloat162 rest = __floats2bfloat162_rn(v[j] - __low2float(pair), v[j + 4] - __high2float(pair));
       l[j] = *reinterpret_cast<const uint32_t*>(&rest);
     }
     reinterpret_cast<uint4*>(hi)[i] = make_uint4(h[0], h[1], h[2], h[3]);
@@ -472,16 +488,24 @@ __global__ void ToBf16PermutedKernel(const float* x, int64_t chunks, __nv_bfloat
 
 }  // namespace
 
-absl::Status ToBf16Permuted(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream) {
-  if (count == 0) return absl::OkStatus();
+absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, __nv_bfloat16* hi, __nv_bfloat16* lo,
+                            cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
   const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
-  if (count < 0 || count % 8 != 0 || !x || !hi || misaligned(x) || misaligned(hi) || (lo && misaligned(lo))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ToBf16Permuted: count ", count, " must be a multiple of 8, pointers 16-byte aligned"));
+  if (rows < 0 || in <= 0 || in % 8 != 0 || !x.source || !hi || misaligned(x.source) || misaligned(hi) ||
+      (lo && misaligned(lo)) || (x.gather && x.swiglu)) {
+    return absl::InvalidArgumentError(absl::StrCat("ToBf16Permuted: rows ", rows, ", in ", in,
+                                                   " (a multiple of 8), pointers 16-byte aligned, gather or SwiGLU"));
   }
-  const int64_t chunks = count / 8;
+  const int64_t chunks = rows * (in / 8);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((chunks + 255) / 256, 132 * 16));
-  ToBf16PermutedKernel<<<grid, 256, 0, stream>>>(x, chunks, hi, lo);
+  if (x.swiglu) {
+    ToBf16PermutedKernel<2><<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
+  } else if (x.gather) {
+    ToBf16PermutedKernel<1><<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
+  } else {
+    ToBf16PermutedKernel<0><<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
+  }
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("ToBf16PermutedKernel");
   return absl::OkStatus();
 }

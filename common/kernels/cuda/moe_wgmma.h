@@ -30,10 +30,19 @@ struct ExpertTile {
   int32_t unused = 0;
 };
 
-// x f32 [count] -> bf16 hi (and lo = bf16(x - hi) when lo is not null) in the kernel's K order: within each 8
-// values v0..v7, the pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7) (the order its weight dequantization
-// produces). count % 8 == 0; all pointers 16-byte aligned.
-absl::Status ToBf16Permuted(const float* x, int64_t count, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream);
+// x [rows, in] f32 -> bf16 hi (and lo = bf16(x - hi) when lo is not null) in the kernel's K order: within each
+// 8 values v0..v7, the pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7) (the order its weight dequantization
+// produces). x row r is source row r; with `gather`, source row gather[r] (device [rows]); with
+// `swiglu_limit`, SwiGluOne(source[r, c], source[r, in + c], limit) (source [rows, 2 in], the stacked w1/w3
+// output). in % 8 == 0; all pointers 16-byte aligned. One pass: x itself is never written in f32.
+struct PermutedSource {
+  const float* source = nullptr;
+  const int32_t* gather = nullptr;
+  bool swiglu = false;
+  float swiglu_limit = 0.0f;
+};
+absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, __nv_bfloat16* hi, __nv_bfloat16* lo,
+                            cudaStream_t stream);
 
 // Timing probes (tests/gpu/cuda_kernel_bench only): the same launch with one stage of every step left out, so
 // that differences of times place a step's time. y is not the product except with kNone; split x takes none.

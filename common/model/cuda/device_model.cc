@@ -1142,14 +1142,17 @@ struct DeviceModel::Impl {
           TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(offsets.data(), s.group_offsets, offsets.size() * sizeof(int64_t),
                                                       cudaMemcpyDeviceToHost, stream));
           TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-          TANDEM_RETURN_IF_ERROR(kc::GatherRows(s.y, s.group_rows, T * k, D, s.routed, stream));  // x grouped [T*k, D]
+          // x grouped [T*k, D] (gathered from y on the way in), then h = SwiGLU of the stacked w1/w3 output [T*k, 2I]
+          // (computed on the way into the w2 GEMM): neither is written in f32 when the fused kernel serves.
           const kc::HostExpertWeights stacked[2] = {
               kc::HostExpertWeights::Of(L.routed.w1, L.routed.codes1.data(), L.routed.scales1.data()),
               kc::HostExpertWeights::Of(L.routed.w3, L.routed.codes3.data(), L.routed.scales3.data())};
-          TANDEM_RETURN_IF_ERROR(expert_gemm->Run(stacked, s.routed, offsets, s.eb2, stream));
-          TANDEM_RETURN_IF_ERROR(kc::SwiGluStacked(s.eb2, T * k, I, limit, s.ea, stream));
-          TANDEM_RETURN_IF_ERROR(expert_gemm->Run(L.routed.w2, L.routed.codes2.data(), L.routed.scales2.data(), s.ea,
-                                                  offsets, s.routed, stream));
+          TANDEM_RETURN_IF_ERROR(expert_gemm->Run(stacked, kc::ExpertInput::Gathered(s.y, s.group_rows), offsets,
+                                                  s.eb2, stream));
+          const kc::HostExpertWeights down[1] = {
+              kc::HostExpertWeights::Of(L.routed.w2, L.routed.codes2.data(), L.routed.scales2.data())};
+          TANDEM_RETURN_IF_ERROR(
+              expert_gemm->Run(down, kc::ExpertInput::SwiGlu(s.eb2, limit), offsets, s.routed, stream));
         } else {
           TANDEM_RETURN_IF_ERROR(kc::GroupedSwiGluLinear(L.routed.w1, L.routed.w3, s.y, s.group_rows, s.group_offsets, T * k,
                                                          limit, s.ea, stream));
