@@ -1089,11 +1089,14 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
   struct Path {
     const char* name;
     bool fused, split;
-    int x_cluster = 0;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
+    int x_cluster = 1;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
+    bool registers = false;  // Options::register_weights
   };
   const Path paths[] = {{"fused", true, false},         {"lanes", false, false},
                         {"fused_split", true, true},    {"lanes_split", false, true},
-                        {"tma_c1", true, false, 1},     {"tma_c2", true, false, 2},
+                        {"cp_async", true, false, 0},   {"cp_async_split", true, true, 0},
+                        {"tma_c2", true, false, 2},     {"register", true, false, 1, true},
+                        {"register_split", true, true, 1, true},
                         {"tma_c4", true, false, 4},     {"tma_c2_split", true, true, 2},
                         {"tma_c4_split", true, true, 4}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
@@ -1103,6 +1106,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     options.split_x = path.split;
     options.fused_mxfp4 = path.fused;
     options.x_cluster = path.x_cluster;
+    options.register_weights = path.registers;
     auto grouped_or = GroupedExpertGemm::Create(options);
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
@@ -1126,11 +1130,18 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       }
       return std::sqrt(num / std::max(den, 1e-300));
     };
-    if (path.fused && path.x_cluster > 0) {
-      // The same MMAs in the same order as the cp.async kernel: the same bits.
+    if (path.registers) {
+      // Other MMAs (W . x^T): the same products, summed in another order.
       const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
-      std::fprintf(stderr, "  prefill experts %s: vs the cp.async kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);
-      if (!(e13 == 0.0) || !(e2 == 0.0)) Fail("prefill experts: x by TMA changed the fused kernel's output");
+      std::fprintf(stderr, "  prefill experts %s: vs the default fused kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);
+      if (!(e13 < 1e-5) || !(e2 < 1e-5)) Fail("prefill experts: register weights differ from the weight-tile kernel");
+      continue;
+    }
+    if (path.fused && path.x_cluster != 1) {
+      // The same MMAs in the same order as the default (x by TMA, one block): the same bits.
+      const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
+      std::fprintf(stderr, "  prefill experts %s: vs the default fused kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);
+      if (!(e13 == 0.0) || !(e2 == 0.0)) Fail("prefill experts: the x path changed the fused kernel's output");
       continue;
     }
     if (path.fused) {
@@ -1189,9 +1200,9 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
   // only the times mean anything: differences from `prefill_*_fused` place a step's time.
   if (fused_y13[0].empty()) return;  // no fused kernel here
   const std::pair<const char*, int> probes[] = {{"no_dequant", 1}, {"no_mma", 2}, {"no_x_copy", 3}};
-  for (const int x_cluster : {0, 2}) {
+  for (const int x_cluster : {1, 0}) {
     for (const auto& [name, id] : probes) {
-      const std::string probe = std::string(x_cluster ? "tma_c2_" : "") + name;
+      const std::string probe = std::string(x_cluster == 0 ? "cp_async_" : "") + name;
       GroupedExpertGemm::Options options;
       options.max_weight_elements = 2 * kMoeInter * kHidden;
       options.timing_probe = id;

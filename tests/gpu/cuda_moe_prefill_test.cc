@@ -107,6 +107,7 @@ void ExpectMatchesCpu(const std::vector<const Experts*>& stacked, const std::vec
           }
           const float got = gpu[static_cast<size_t>((row0 + r) * total_out + column0 + o)];
           const float want = rounded[static_cast<size_t>(r * w->out + o)], want_f32 = exact[static_cast<size_t>(r * w->out + o)];
+          if (std::isnan(want) && std::isnan(got)) continue;  // a NaN group scale: NaN on both sides
           if (!(std::fabs(got - want) <= 1e-5 * magnitude + 1e-30) ||
               !(std::fabs(got - want_f32) <= std::ldexp(magnitude, -8) + 1e-30)) {
             if (bad++ < 5) {
@@ -258,6 +259,51 @@ TEST_F(CudaTest, GroupedExpertGemmXByTmaMatchesCpAsync) {
       EXPECT_EQ(differ, 0);
     }
   }
+}
+
+// Weights dequantized into the wgmma A fragments (register_weights): against the CPU, and split x against the
+// weight-tile kernel's split result. Stacked outs of 2 x 320: a 640-column tile row (a partial third tile, and
+// part 1 starting inside a thread's rows); tiles of 37, 128, 128, 44, 64, 65 and 1 rows (N = 64 and N = 128);
+// in = 384 (6 K steps: the x stages wrap); a group scale of 255 (NaN) and one above 128 (the slow path).
+TEST_F(CudaTest, GroupedExpertGemmRegisterWeightsMatchesCpu) {
+  if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
+  const int64_t inter = 320, in = 384, experts = 6;
+  const std::vector<int64_t> offsets = Offsets({37, 0, 300, 64, 65, 1});
+  const int64_t rows = offsets.back();
+  Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
+  w1.scales[2][7 * (in / 32) + 3] = 255;
+  w3.scales[2][9 * (in / 32) + 5] = 131;
+  w1.device_scales[2] = ToDevice(w1.scales[2]);
+  w1.scale_pointers[2] = w1.device_scales[2].get();
+  w3.device_scales[2] = ToDevice(w3.scales[2]);
+  w3.scale_pointers[2] = w3.device_scales[2].get();
+  const auto x = Normal(static_cast<size_t>(rows * in), rng_);
+  auto dx = ToDevice(x);
+  const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
+  auto run = [&](bool split, bool registers) {
+    auto grouped = Must(cuda::GroupedExpertGemm::Create(
+        {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .register_weights = registers}));
+    auto dy = Poisoned<float>(static_cast<size_t>(rows * 2 * inter));
+    for (int pass = 0; pass < 2; ++pass) EXPECT_TRUE(grouped->Run(stacked, dx.get(), offsets, dy.get()).ok());
+    EXPECT_TRUE(Sync().ok());
+    EXPECT_TRUE(grouped->last_run_fused());
+    return ToHost(dy);
+  };
+  const std::vector<float> y = run(false, true);
+  // Expert 2's weight row 7 of w1 is NaN for all its rows (ExpectMatchesCpu accepts NaN where the CPU has it).
+  for (int64_t r = offsets[2]; r < offsets[3]; ++r) EXPECT_TRUE(std::isnan(y[r * 2 * inter + 7])) << "row " << r;
+  ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
+  const std::vector<float> split_tile = run(true, false), split_registers = run(true, true);
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < split_tile.size(); ++i) {
+    if (std::isnan(split_tile[i])) {
+      EXPECT_TRUE(std::isnan(split_registers[i])) << i;
+      continue;
+    }
+    num += std::pow(static_cast<double>(split_registers[i]) - split_tile[i], 2);
+    den += std::pow(static_cast<double>(split_tile[i]), 2);
+  }
+  EXPECT_LT(std::sqrt(num / den), 1e-6) << "split x: register weights vs the weight tile";
 }
 
 // ExpertInput: x gathered from token rows, or the SwiGLU of a stacked gate | up output, on the way in. On both

@@ -96,9 +96,14 @@ class GroupedExpertGemm {
     // (internal::GemmProbe: 1 no dequantization, 2 no MMAs, 3 no x copies), so that differences of times
     // place its step time. y is then not the product. Needs fused_mxfp4 and no split_x.
     int timing_probe = 0;
-    // The fused kernel's x: 0 by cp.async a block; 1, 2 or 4 by TMA, fetched once for a cluster of that many
-    // column tiles and multicast to their shared memories (internal::GroupedMxfp4GemmArgs::x_cluster).
-    int x_cluster = 0;
+    // The fused kernel's x: 0 by cp.async a block; 1 by TMA a block (the default: H200, 8192 tokens, w1/w3
+    // 5.40 ms vs 5.93 ms by cp.async); 2 or 4 by TMA fetched once for a cluster of that many column tiles and
+    // multicast to their shared memories (slower there: 6.98 / 9.04 ms; internal::GroupedMxfp4GemmArgs).
+    int x_cluster = 1;
+    // The fused kernel's weights dequantized straight into the warpgroup-MMA A fragments (registers), x as B by
+    // TMA: no weight tile in shared memory and no block barrier a step. Takes no timing_probe and x_cluster
+    // of 0 or 1.
+    bool register_weights = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();

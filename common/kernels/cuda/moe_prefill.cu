@@ -163,6 +163,9 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
   if (options.x_cluster != 0 && options.x_cluster != 1 && options.x_cluster != 2 && options.x_cluster != 4) {
     return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm: x_cluster ", options.x_cluster, " (0, 1, 2 or 4)"));
   }
+  if (options.register_weights && (options.timing_probe != 0 || options.x_cluster > 1)) {
+    return absl::InvalidArgumentError("GroupedExpertGemm: register_weights takes no timing_probe and x_cluster 0 or 1");
+  }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
@@ -255,7 +258,8 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     const internal::PermutedSource source{.source = input.x,
                                           .gather = input.gather,
                                           .swiglu = input.swiglu_limit.has_value(),
-                                          .swiglu_limit = input.swiglu_limit.value_or(0.0f)};
+                                          .swiglu_limit = input.swiglu_limit.value_or(0.0f),
+                                          .register_order = options_.register_weights};
     TANDEM_RETURN_IF_ERROR(
         internal::ToBf16Permuted(source, rows_total, in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
     return RunFused(stacked, offsets, total_out, y, stream);
@@ -416,6 +420,7 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.out0 = stacked[0].out;
   args.probe = static_cast<internal::GemmProbe>(options_.timing_probe);
   args.x_cluster = options_.x_cluster;
+  args.register_weights = options_.register_weights;
   args.x_rows = offsets[experts];
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }

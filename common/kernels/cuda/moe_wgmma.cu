@@ -449,17 +449,250 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---- Weights as the A operand from registers (GroupedMxfp4GemmArgs::register_weights) ----
+// The same 256-column x 128-row tile with the roles swapped: D = W . x^T, the weight rows (y's columns) as M,
+// x's rows as N. Warpgroup w owns weight rows [128 w, 128 w + 128) of the tile as two 64-row slabs; each thread
+// dequantizes its 4 rows (slab s, rows 16 warp + lane / 4 and + 8) straight into the A fragments (no weight
+// tile in shared memory, no block barrier a step), and x comes by TMA (kRegStages stages, 128-byte swizzled)
+// as B, N = 128 (or 64 for tiles of <= 64 rows). Per K step of 64, a thread reads 8 code bytes of each of its
+// rows: lane % 4 = q reads values [16 q, 16 q + 16) of the step, one 32-group's scale byte. Its A pairs of
+// step slice kk are that word's ShiftMxfp4Word pairs 2 (kk % 2) and + 1 of word kk / 2, so x must come in the
+// order ToBf16Permuted's register order gives: logical k = 16 kk + 8 hh + 2 q + e holds value 16 q + (j % 4)
+// + 8 (j / 4) + 4 e of the step, j = 2 kk + hh.
+// Pipeline: the wgmmas of a K slice pair (kk 0-1, 2-3) are one group; one group stays in flight while the next
+// pair is dequantized (wait_group 1 before a pair's A registers are rewritten: the group that read them is done).
+constexpr int kRegStages = 4;  // x stages: step k + 3 is fetched while step k is multiplied
+size_t RegisterSharedBytes(bool split) {
+  return size_t{kRegStages} * (split ? 2 : 1) * kXTileBytes + 2 * kRegStages * 8 + 1024;  // + barriers, alignment
+}
+
+template <bool kSplit, int kN>
+struct RegisterTile {
+  static constexpr int kAcc = kN / 2;  // f32 accumulators a thread, per slab
+  const GroupedMxfp4GemmArgs& a;
+  const XMaps& maps;
+  ExpertTile tile;
+  int tid, group, steps, q;
+  int64_t n0;
+  uint32_t x_base, x_stage_bytes, barrier_base;
+  const uint8_t* code_row[4];   // [2 slab + half]: this thread's 4 weight rows (a valid row's when past the outs)
+  const uint8_t* scale_row[4];
+  uint32_t valid_mask = 0;      // bit r: row r exists
+
+  __device__ RegisterTile(const GroupedMxfp4GemmArgs& args, const XMaps& x_maps, uint8_t* shared)
+      : a(args), maps(x_maps), tile(args.tiles[blockIdx.y]) {
+    tid = static_cast<int>(threadIdx.x);
+    group = tid / 128;
+    const int warp = (tid % 128) / 32, lane = tid % 32;
+    q = lane % 4;
+    steps = static_cast<int>(a.in / kDepth);
+    n0 = static_cast<int64_t>(blockIdx.x) * kColumns;
+    x_stage_bytes = (kSplit ? 2u : 1u) * kXTileBytes;
+    x_base = SharedAddress(shared);
+    barrier_base = x_base + kRegStages * x_stage_bytes;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = n0 + 128 * group + 64 * (r / 2) + 16 * warp + lane / 4 + 8 * (r % 2);
+      const bool valid = n < a.total_out;
+      const int part = valid && n >= a.out0 ? 1 : 0;
+      const int64_t local = valid ? n - (part ? a.out0 : 0) : 0;
+      code_row[r] = tile.codes[part] + local * (a.in / 2) + 8 * q;
+      scale_row[r] = tile.scales[part] + local * (a.in / 32) + q / 2;
+      valid_mask |= valid ? 1u << r : 0u;
+    }
+  }
+
+  __device__ __forceinline__ uint32_t FullBarrier(int step) const { return barrier_base + 8u * (step % kRegStages); }
+  __device__ __forceinline__ uint32_t EmptyBarrier(int step) const {
+    return barrier_base + 8u * (kRegStages + step % kRegStages);
+  }
+  __device__ __forceinline__ static uint32_t Parity(int step) { return static_cast<uint32_t>(step / kRegStages) & 1u; }
+
+  // One thread: step `step`'s x tile (kN rows) into its stage, once both warpgroups are done with the stage's
+  // previous step.
+  __device__ __forceinline__ void LoadX(int step) const {
+    if (step >= kRegStages) MbarrierWait(EmptyBarrier(step), Parity(step) ^ 1u);
+    constexpr int kHalves = kN / 64;
+    MbarrierExpectBytes(FullBarrier(step), kHalves * 64u * 128u * (kSplit ? 2u : 1u));
+    const uint32_t stage = x_base + static_cast<uint32_t>(step % kRegStages) * x_stage_bytes;
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int row = static_cast<int>(tile.row0) + 64 * h;
+      TmaLoad(stage + 64u * 128u * h, &maps.hi, step * kDepth, row, FullBarrier(step));
+      if constexpr (kSplit) TmaLoad(stage + kXTileBytes + 64u * 128u * h, &maps.lo, step * kDepth, row, FullBarrier(step));
+    }
+  }
+
+  struct Codes {
+    uint2 w[4];
+    uint32_t s[4];
+  };
+  __device__ __forceinline__ void LoadCodes(int step, Codes& c) const {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      if (valid_mask & (1u << r)) {
+        asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];\n" : "=r"(c.w[r].x), "=r"(c.w[r].y) : "l"(code_row[r] + 32 * step));
+        c.s[r] = __ldg(scale_row[r] + 2 * step);
+      } else {
+        c.w[r] = make_uint2(0, 0);
+        c.s[r] = 127;
+      }
+    }
+  }
+
+  // The A pairs of slices 2 p and 2 p + 1 (word p of each row): pairs[r] = ShiftMxfp4Word pairs of row r, scaled.
+  __device__ __forceinline__ static void Dequant(const Codes& c, int p, uint4 (&pairs)[4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t word = p == 0 ? c.w[r].x : c.w[r].y;
+      pairs[r] = c.s[r] <= 128 ? DequantMxfp4Word<true>(word, c.s[r]) : DequantMxfp4Word<false>(word, c.s[r]);
+    }
+  }
+
+  // Slice kk (of a pair whose A pairs are `pairs`) for both slabs: 2 wgmmas (4 split).
+  __device__ __forceinline__ void Multiply(float (&acc)[2][kAcc], const uint4 (&pairs)[4], int kk, uint32_t stage) const {
+    const uint32_t second = kk % 2;
+#pragma unroll
+    for (int slab = 0; slab < 2; ++slab) {
+      const uint4& top = pairs[2 * slab];
+      const uint4& bottom = pairs[2 * slab + 1];
+      const uint32_t fragment[4] = {second ? top.z : top.x, second ? bottom.z : bottom.x, second ? top.w : top.y,
+                                    second ? bottom.w : bottom.y};
+      const uint64_t hi = Swizzled128Descriptor(stage + 32u * kk);
+      if constexpr (kN == 128) {
+        WgmmaM64N128K16Rs(acc[slab], fragment, hi, 1);
+      } else {
+        WgmmaM64N64K16Rs(acc[slab], fragment, hi, 1);
+      }
+      if constexpr (kSplit) {
+        const uint64_t lo = Swizzled128Descriptor(stage + kXTileBytes + 32u * kk);
+        if constexpr (kN == 128) {
+          WgmmaM64N128K16Rs(acc[slab], fragment, lo, 1);
+        } else {
+          WgmmaM64N64K16Rs(acc[slab], fragment, lo, 1);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void Run() const {
+    if (tid == 0) {
+      for (int s = 0; s < kRegStages; ++s) {
+        MbarrierInit(FullBarrier(s), 1);
+        MbarrierInit(EmptyBarrier(s), 2);  // one arrival a warpgroup
+      }
+      FenceMbarrierInit();
+    }
+    __syncthreads();
+    if (tid == 0) {
+      for (int s = 0; s < kRegStages - 1 && s < steps; ++s) LoadX(s);
+    }
+    Codes even, odd;
+    LoadCodes(0, even);
+    LoadCodes(1, odd);
+    float acc[2][kAcc];
+#pragma unroll
+    for (auto& slab : acc) {
+#pragma unroll
+      for (float& v : slab) v = 0.0f;
+    }
+    uint4 pairs[2][4];  // [slice pair]
+    // Step k: slices 0-1 from word 0, 2-3 from word 1 of `codes` (then refilled with step k + 2); the x stage
+    // of step k - 1 is released once its last group is done (after the wait at slice 2).
+    auto step = [&](int k, Codes& codes) {
+      const uint32_t stage = x_base + static_cast<uint32_t>(k % kRegStages) * x_stage_bytes;
+      MbarrierWait(FullBarrier(k), Parity(k));
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        WgmmaWait<1>();  // this pair's registers: the group that read them (step k - 1) is done
+        WgmmaTouch(acc[0]);
+        WgmmaTouch(acc[1]);
+        Dequant(codes, p, pairs[p]);
+        if (p == 1 && k > 0) {
+          // Every group of step k - 1 is done: its x stage is free (one arrival a warpgroup), and the thread
+          // that fetches refills it with step k + 3.
+          if (tid % 128 == 0) MbarrierArriveRemote(EmptyBarrier(k - 1), 0);
+        }
+        WgmmaFence();
+        Multiply(acc, pairs[p], 2 * p, stage);
+        Multiply(acc, pairs[p], 2 * p + 1, stage);
+        WgmmaCommit();
+      }
+      if (tid == 0 && k + kRegStages - 1 < steps) LoadX(k + kRegStages - 1);
+      if (k + 2 < steps) LoadCodes(k + 2, codes);
+    };
+    for (int k = 0; k < steps; k += 2) {
+      step(k, even);
+      if (k + 1 < steps) step(k + 1, odd);
+    }
+    WgmmaWait<0>();
+    WgmmaTouch(acc[0]);
+    WgmmaTouch(acc[1]);
+    Store(acc);
+  }
+
+  // acc[slab][4 j + 2 h + e]: weight row 16 warp + lane / 4 + 8 h of the slab, x row 8 j + 2 (lane % 4) + e.
+  __device__ __forceinline__ void Store(const float (&acc)[2][kAcc]) const {
+    const int warp = (tid % 128) / 32, lane = tid % 32;
+#pragma unroll
+    for (int slab = 0; slab < 2; ++slab) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t column = n0 + 128 * group + 64 * slab + 16 * warp + lane / 4 + 8 * h;
+        if (column >= a.total_out) continue;
+#pragma unroll
+        for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int row = 8 * j + 2 * q + e;
+            if (row < tile.rows) a.y[(tile.row0 + row) * a.total_out + column] = acc[slab][4 * j + 2 * h + e];
+          }
+        }
+      }
+    }
+  }
+};
+
+template <bool kSplit>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedMxfp4GemmRegisterKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
+  extern __shared__ __align__(1024) uint8_t shared_raw[];
+  uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
+  if (a.tiles[blockIdx.y].rows > 64) {  // block-uniform
+    const RegisterTile<kSplit, 128> block(a, maps, shared);
+    block.Run();
+  } else {
+    const RegisterTile<kSplit, 64> block(a, maps, shared);
+    block.Run();
+  }
+}
+
 // Each 8 values of x as bf16 pairs (v0, v4), (v1, v5), (v2, v6), (v3, v7), the order ShiftMxfp4Word gives the
 // weights; lo = bf16(x - hi) in the same order (exact difference, as FloatToBf16Split). kSource: 0 x's own
 // rows, 1 gathered rows, 2 the SwiGLU of stacked gate | up rows (PermutedSource).
 template <int kSource>
+__device__ __forceinline__ float SourceValue(const PermutedSource& x, int64_t r, int64_t in, int64_t c) {
+  if constexpr (kSource == 2) return SwiGluOne(x.source[r * 2 * in + c], x.source[r * 2 * in + in + c], x.swiglu_limit);
+  const int64_t row = kSource == 1 ? static_cast<int64_t>(x.gather[r]) : r;
+  return x.source[row * in + c];
+}
+
+// kRegister: RegisterTile's order instead. Output chunk c of each 64 values (logical k 8 c .. 8 c + 7) holds
+// values b + {0, 4, 16, 20, 32, 36, 48, 52} of the 64, b = c % 4 + 8 (c / 4), as consecutive bf16.
+template <int kSource, bool kRegister>
 __global__ void ToBf16PermutedKernel(PermutedSource x, int64_t rows, int64_t in, __nv_bfloat16* hi, __nv_bfloat16* lo) {
   const int64_t per_row = in / 8, chunks = rows * per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks; i += stride) {
     const int64_t r = i / per_row, c = (i % per_row) * 8;
     float v[8];
-    if constexpr (kSource == 2) {
+    if constexpr (kRegister) {
+      const int64_t block = c & ~int64_t{63}, chunk = (c & 63) / 8;
+      const int64_t base = block + (chunk & 3) + 8 * (chunk >> 2);
+      constexpr int kOffsets[8] = {0, 4, 16, 20, 32, 36, 48, 52};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = SourceValue<kSource>(x, r, in, base + kOffsets[j]);
+    } else if constexpr (kSource == 2) {
       const float* gate = x.source + r * 2 * in + c;
       const float4 g0 = reinterpret_cast<const float4*>(gate)[0], g1 = reinterpret_cast<const float4*>(gate)[1];
       const float4 u0 = reinterpret_cast<const float4*>(gate + in)[0], u1 = reinterpret_cast<const float4*>(gate + in)[1];
@@ -476,9 +709,11 @@ __global__ void ToBf16PermutedKernel(PermutedSource x, int64_t rows, int64_t in,
     uint32_t h[4], l[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const __nv_bfloat162 pair = __floats2bfloat162_rn(v[j], v[j + 4]);
+      // (v_j, v_j+4) for the weight tile's order, consecutive values for the register order.
+      const float first = kRegister ? v[2 * j] : v[j], second = kRegister ? v[2 * j + 1] : v[j + 4];
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(first, second);
       h[j] = *reinterpret_cast<const uint32_t*>(&pair);
-      const __nv_bfloat162 rest = __floats2bfloat162_rn(v[j] - __low2float(pair), v[j + 4] - __high2float(pair));
+      const __nv_bfloat162 rest = __floats2bfloat162_rn(first - __low2float(pair), second - __high2float(pair));
       l[j] = *reinterpret_cast<const uint32_t*>(&rest);
     }
     reinterpret_cast<uint4*>(hi)[i] = make_uint4(h[0], h[1], h[2], h[3]);
@@ -492,20 +727,21 @@ absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, _
                             cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
-  if (rows < 0 || in <= 0 || in % 8 != 0 || !x.source || !hi || misaligned(x.source) || misaligned(hi) ||
+  if (rows < 0 || in <= 0 || in % (x.register_order ? 64 : 8) != 0 || !x.source || !hi || misaligned(x.source) || misaligned(hi) ||
       (lo && misaligned(lo)) || (x.gather && x.swiglu)) {
     return absl::InvalidArgumentError(absl::StrCat("ToBf16Permuted: rows ", rows, ", in ", in,
                                                    " (a multiple of 8), pointers 16-byte aligned, gather or SwiGLU"));
   }
   const int64_t chunks = rows * (in / 8);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((chunks + 255) / 256, 132 * 16));
-  if (x.swiglu) {
-    ToBf16PermutedKernel<2><<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
-  } else if (x.gather) {
-    ToBf16PermutedKernel<1><<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
+  const int source = x.swiglu ? 2 : x.gather ? 1 : 0;
+  auto kernel = ToBf16PermutedKernel<0, false>;
+  if (x.register_order) {
+    kernel = source == 2 ? ToBf16PermutedKernel<2, true> : source == 1 ? ToBf16PermutedKernel<1, true> : ToBf16PermutedKernel<0, true>;
   } else {
-    ToBf16PermutedKernel<0><<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
+    kernel = source == 2 ? ToBf16PermutedKernel<2, false> : source == 1 ? ToBf16PermutedKernel<1, false> : kernel;
   }
+  kernel<<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("ToBf16PermutedKernel");
   return absl::OkStatus();
 }
@@ -596,6 +832,21 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t s
   }
   if (cluster > 0 && a.x_rows <= 0) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: x_rows <= 0 with TMA");
   const bool split = a.x_lo != nullptr;
+  if (a.register_weights) {
+    if (a.probe != GemmProbe::kNone || cluster > 1 || a.x_rows <= 0) {
+      return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: register weights take no probe, no cluster and need x_rows");
+    }
+    const Kernel kernel = split ? GroupedMxfp4GemmRegisterKernel<true> : GroupedMxfp4GemmRegisterKernel<false>;
+    const size_t shared = RegisterSharedBytes(split);
+    TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmRegisterKernel"));
+    XMaps maps{};
+    TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
+    if (split) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
+    const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
+    kernel<<<grid, kThreads, shared, stream>>>(a, maps);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmRegisterKernel");
+    return absl::OkStatus();
+  }
   TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe) : PickKernel<false>(split, a.probe));
   const size_t shared = SharedBytes(split);
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
@@ -621,7 +872,7 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t s
   attribute[0].val.clusterDim.y = 1;
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
-  config.numAttrs = cluster > 0 ? 1 : 0;
+  config.numAttrs = cluster > 1 ? 1 : 0;  // one block is its own cluster without the attribute
   TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, a, maps));
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmKernel");
   return absl::OkStatus();

@@ -40,6 +40,7 @@ struct PermutedSource {
   const int32_t* gather = nullptr;
   bool swiglu = false;
   float swiglu_limit = 0.0f;
+  bool register_order = false;  // the order of GroupedMxfp4GemmArgs::register_weights (in % 64 == 0)
 };
 absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, __nv_bfloat16* hi, __nv_bfloat16* lo,
                             cudaStream_t stream);
@@ -67,7 +68,10 @@ struct GroupedMxfp4GemmArgs {
   // of a cluster of this many column tiles (same row tile) each fetching 1/cluster of it for all of them
   // (multicast), so L2 sends x once a cluster instead of once a block.
   int x_cluster = 0;
-  int64_t x_rows = 0;  // rows of x (and x_lo): the TMA tensor's extent (rows past it read as zeros)
+  int64_t x_rows = 0;
+  // Weights dequantized straight into the wgmma A fragments (registers) with x as B by TMA; x in
+  // ToBf16Permuted's register order. Takes no probe and no x_cluster above 1.
+  bool register_weights = false;  // rows of x (and x_lo): the TMA tensor's extent (rows past it read as zeros)
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
