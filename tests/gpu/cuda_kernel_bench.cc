@@ -1091,15 +1091,12 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     bool fused, split;
     int x_cluster = 1;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
     bool registers = false;  // Options::register_weights
-    bool overlap = false;    // Options::mma_overlap
   };
   const Path paths[] = {{"fused", true, false},         {"lanes", false, false},
                         {"fused_split", true, true},    {"lanes_split", false, true},
                         {"cp_async", true, false, 0},   {"cp_async_split", true, true, 0},
                         {"tma_c2", true, false, 2},     {"register", true, false, 1, true},
                         {"register_split", true, true, 1, true},
-                        {"overlap", true, false, 1, false, true}, {"overlap_split", true, true, 1, false, true},
-                        {"overlap_cp_async", true, false, 0, false, true},
                         {"tma_c4", true, false, 4},     {"tma_c2_split", true, true, 2},
                         {"tma_c4_split", true, true, 4}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
@@ -1110,7 +1107,6 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     options.fused_mxfp4 = path.fused;
     options.x_cluster = path.x_cluster;
     options.register_weights = path.registers;
-    options.mma_overlap = path.overlap;
     auto grouped_or = GroupedExpertGemm::Create(options);
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
@@ -1141,7 +1137,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       if (!(e13 < 1e-5) || !(e2 < 1e-5)) Fail("prefill experts: register weights differ from the weight-tile kernel");
       continue;
     }
-    if (path.fused && (path.x_cluster != 1 || path.overlap)) {
+    if (path.fused && path.x_cluster != 1) {
       // The same MMAs in the same order as the default (x by TMA, one block): the same bits.
       const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
       std::fprintf(stderr, "  prefill experts %s: vs the default fused kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);

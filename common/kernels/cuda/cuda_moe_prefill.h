@@ -104,8 +104,6 @@ class GroupedExpertGemm {
     // TMA: no weight tile in shared memory and no block barrier a step. Takes no timing_probe and x_cluster
     // of 0 or 1.
     bool register_weights = false;
-    // The weight-tile kernel with each K step's MMAs left in flight across the step's block barrier.
-    bool mma_overlap = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();

@@ -421,7 +421,6 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.probe = static_cast<internal::GemmProbe>(options_.timing_probe);
   args.x_cluster = options_.x_cluster;
   args.register_weights = options_.register_weights;
-  args.mma_overlap = options_.mma_overlap;
   args.x_rows = offsets[experts];
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }

@@ -34,9 +34,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = kExpertTileRows, kColumns = kExpertTileColumns, kDepth = kExpertTileDepth;
 constexpr int kXStages = 3;       // x tiles in the ring: the copy of step k + 2 flies during step k
-// bf16 weight tiles: step k + 1 is written while step k is multiplied (and, with kOverlap, step k - 1's MMAs
-// may still read theirs).
-constexpr int kWeightStages = 3;
+constexpr int kWeightStages = 2;  // bf16 weight tiles: step k + 1 is written while step k is multiplied
 constexpr int kScaleSlots = 2;    // the weight rows' scales of two steps a slot (one 4-byte cp.async a row)
 constexpr uint32_t kCore = 128;   // a core matrix: 8 rows x 16 bytes
 constexpr uint32_t kRowGroupBytes = kDepth / 8 * kCore;  // 8 rows x 64 values: 1 KB
@@ -202,9 +200,7 @@ __device__ __forceinline__ void DequantRow(const RowCodes& r, uint32_t scales, u
 // a warpgroup without rows runs it without MMAs (it still copies and dequantizes its share): a branch around
 // the wgmmas inside one loop would make ptxas wait for each wgmma before the next. kProbe leaves a stage out
 // (GemmProbe: timing only). kTma: x by TMA, shared across a cluster of a.x_cluster column tiles (x_cluster).
-// kOverlap: a step's wgmma group stays in flight across the step barrier (wait_group 1; the next step's x is
-// copied after the barrier, into the stage of the step whose MMAs the wait just completed).
-template <bool kSplit, GemmProbe kProbe, bool kTma, bool kOverlap = false>
+template <bool kSplit, GemmProbe kProbe, bool kTma>
 struct BlockTile {
   const GroupedMxfp4GemmArgs& a;
   const XMaps& maps;
@@ -392,11 +388,8 @@ struct BlockTile {
         }
         WgmmaCommit();
       }
-      // While step k multiplies: step k + 2's x copy (after the barrier with kOverlap), step k + 1's weights, step
-      // k + 3's codes.
-      if constexpr (!kOverlap) {
-        if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
-      }
+      // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes.
+      if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
       if (k + 1 < steps) {
         if constexpr (kProbe != GemmProbe::kNoDequant) {
           DequantRow(codes, Scales(k + 1),
@@ -404,38 +397,21 @@ struct BlockTile {
         }
         if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
       }
-      if constexpr (kOverlap) {
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
-      } else {
-        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-      }
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
       if (k + 1 < steps) WaitX(k + 1);
       FenceProxyAsync();
       if constexpr (kMma) {
-        if constexpr (kOverlap) {
-          WgmmaWait<1>();  // step k - 1's group: its x and weight stages are free after the barrier
-        } else {
-          WgmmaWait<0>();
-        }
+        WgmmaWait<0>();
         WgmmaTouch(acc);
       }
-      __syncthreads();  // step k + 1's operands are visible
-      if constexpr (kOverlap) {
-        if (k > 0) ReleaseX(k - 1);
-        if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
-      } else {
-        ReleaseX(k);
-      }
+      __syncthreads();  // step k + 1's operands are visible; step k's stages are free
+      ReleaseX(k);
     };
     for (int k = 0; k < steps; k += 2) {
       step(k, odd);
       if (k + 1 < steps) step(k + 1, even);
     }
     CopyAsyncWaitAll();
-    if constexpr (kMma && kOverlap) {
-      WgmmaWait<0>();
-      WgmmaTouch(acc);
-    }
     if constexpr (kTma) ClusterSync();  // no block leaves while a peer may still arrive on its barriers
     if constexpr (kMma) Store(acc);
   }
@@ -459,13 +435,13 @@ struct BlockTile {
   }
 };
 
-template <bool kSplit, GemmProbe kProbe, bool kTma, bool kOverlap = false>
+template <bool kSplit, GemmProbe kProbe, bool kTma>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
   extern __shared__ __align__(1024) uint8_t shared_raw[];
   // The swizzled x stages need 1024-byte alignment (SharedBytes has the slack).
   uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
-  const BlockTile<kSplit, kProbe, kTma, kOverlap> block(a, maps, shared);
+  const BlockTile<kSplit, kProbe, kTma> block(a, maps, shared);
   if (kProbe != GemmProbe::kNoMma && block.group * 64 < block.rows) {  // warpgroup-uniform
     block.template Run<true>();
   } else {
@@ -788,17 +764,14 @@ namespace {
 using Kernel = void (*)(GroupedMxfp4GemmArgs, const XMaps);
 
 template <bool kTma>
-absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe, bool overlap) {
+absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe) {
   if (split) {
     if (probe != GemmProbe::kNone) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without split x");
-    return overlap ? GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma, true> : GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma>;
-  }
-  if (overlap && probe != GemmProbe::kNone) {
-    return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without the MMA overlap");
+    return GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma>;
   }
   switch (probe) {
     case GemmProbe::kNone:
-      return overlap ? GroupedMxfp4GemmKernel<false, GemmProbe::kNone, kTma, true> : GroupedMxfp4GemmKernel<false, GemmProbe::kNone, kTma>;
+      return GroupedMxfp4GemmKernel<false, GemmProbe::kNone, kTma>;
     case GemmProbe::kNoDequant:
       return GroupedMxfp4GemmKernel<false, GemmProbe::kNoDequant, kTma>;
     case GemmProbe::kNoMma:
@@ -874,8 +847,7 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t s
     TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmRegisterKernel");
     return absl::OkStatus();
   }
-  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe, a.mma_overlap)
-                                                           : PickKernel<false>(split, a.probe, a.mma_overlap));
+  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe) : PickKernel<false>(split, a.probe));
   const size_t shared = SharedBytes(split);
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
   XMaps maps{};
