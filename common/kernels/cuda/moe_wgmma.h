@@ -68,10 +68,10 @@ struct GroupedMxfp4GemmArgs {
   // of a cluster of this many column tiles (same row tile) each fetching 1/cluster of it for all of them
   // (multicast), so L2 sends x once a cluster instead of once a block.
   int x_cluster = 0;
-  int64_t x_rows = 0;
+  int64_t x_rows = 0;  // rows of x (and x_lo): the TMA tensor's extent (rows past it read as zeros)
   // Weights dequantized straight into the wgmma A fragments (registers) with x as B by TMA; x in
   // ToBf16Permuted's register order. Takes no probe and no x_cluster above 1.
-  bool register_weights = false;  // rows of x (and x_lo): the TMA tensor's extent (rows past it read as zeros)
+  bool register_weights = false;
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
