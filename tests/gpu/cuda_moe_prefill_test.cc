@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "common/core/dtype.h"
@@ -325,11 +326,16 @@ TEST_F(CudaTest, GroupedExpertGemmDerivedInputsMatchTwoSteps) {
   auto dgate_up = ToDevice(gate_up);
   const float limit = 1.5f;
   const cuda::HostExpertWeights one[] = {w.Host()};
-  for (const bool fused : {true, false}) {
+  // Paths: the weight-tile kernel, the register-weights kernel (its own K order of x), the lanes.
+  for (const auto& [fused, registers] : {std::pair{true, false}, {true, true}, {false, false}}) {
     for (const bool split : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << (fused ? "fused allowed" : "lanes") << (split ? ", split x" : ""));
-      auto grouped = Must(cuda::GroupedExpertGemm::Create(
-          {.max_weight_elements = out * in, .lanes = 2, .split_x = split, .fused_mxfp4 = fused}));
+      SCOPED_TRACE(::testing::Message() << (fused ? "fused allowed" : "lanes") << (registers ? ", register weights" : "")
+                                        << (split ? ", split x" : ""));
+      auto grouped = Must(cuda::GroupedExpertGemm::Create({.max_weight_elements = out * in,
+                                                           .lanes = 2,
+                                                           .split_x = split,
+                                                           .fused_mxfp4 = fused,
+                                                           .register_weights = registers}));
       auto dx = Poisoned<float>(static_cast<size_t>(rows * in));
       auto dy_ref = Poisoned<float>(static_cast<size_t>(rows * out));
       auto dy = Poisoned<float>(static_cast<size_t>(rows * out));
@@ -478,6 +484,12 @@ TEST_F(CudaTest, GroupedExpertGemmRejectsBadInput) {
   EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 3}).ok());
   EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 8}).ok());
   EXPECT_FALSE(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = -1}).ok());
+  EXPECT_FALSE(
+      cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 2, .register_weights = true}).ok());
+  EXPECT_FALSE(
+      cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 0, .register_weights = true}).ok());
+  EXPECT_FALSE(
+      cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = 1, .register_weights = true}).ok());
 }
 
 }  // namespace

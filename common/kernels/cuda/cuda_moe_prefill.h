@@ -103,7 +103,7 @@ class GroupedExpertGemm {
     // The fused kernel's weights dequantized straight into the warpgroup-MMA A fragments (registers), x as B by
     // TMA: no weight tile in shared memory and no block barrier a step. Correct but slower so far (H200, 8192
     // tokens, w1/w3: 6.05 ms vs 5.40 ms; bench/results/cuda-kernels/NOTES.md). Takes no timing_probe and
-    // x_cluster of 0 or 1.
+    // x_cluster 1 only.
     bool register_weights = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);

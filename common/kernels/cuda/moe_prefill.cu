@@ -163,8 +163,8 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
   if (options.x_cluster != 0 && options.x_cluster != 1 && options.x_cluster != 2 && options.x_cluster != 4) {
     return absl::InvalidArgumentError(absl::StrCat("GroupedExpertGemm: x_cluster ", options.x_cluster, " (0, 1, 2 or 4)"));
   }
-  if (options.register_weights && (options.timing_probe != 0 || options.x_cluster > 1)) {
-    return absl::InvalidArgumentError("GroupedExpertGemm: register_weights takes no timing_probe and x_cluster 0 or 1");
+  if (options.register_weights && (options.timing_probe != 0 || options.x_cluster != 1)) {
+    return absl::InvalidArgumentError("GroupedExpertGemm: register_weights takes no timing_probe and x_cluster 1 (x by TMA)");
   }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
@@ -365,6 +365,7 @@ absl::StatusOr<bool> GroupedExpertGemm::FusedServes(std::span<const HostExpertWe
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return false;
+  if ((options_.register_weights || options_.x_cluster > 1) && !internal::TensorMapsAvailable()) return false;
   return internal::GroupedMxfp4GemmWgmmaAvailable();
 }
 

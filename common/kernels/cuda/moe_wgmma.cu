@@ -1,22 +1,24 @@
 // Prefill grouped expert GEMM from MXFP4 weights on warpgroup MMA (moe_wgmma.h).
 //
 // A block of two warpgroups computes a 128-row x 256-column tile of y for one expert, in K steps of 64:
-// - x (bf16 from ToBf16Permuted, and its lo part when split) arrives by cp.async two steps ahead into a
-//   3-stage ring;
+// - x (bf16 from ToBf16Permuted, and its lo part when split) arrives two steps ahead into a 3-stage ring: by
+//   TMA (x_cluster >= 1, the default; one thread a block, 128-byte swizzled, an mbarrier a stage) or by
+//   cp.async from every thread (x_cluster 0, or when the driver has no tensor-map encoder);
 // - each thread owns one weight row of the tile: it loads that row's 32 code bytes two steps ahead into
 //   registers (its scales come by cp.async with the x copies) and dequantizes them into a bf16 tile (2 stages);
 // - warpgroup w multiplies rows [64 w, 64 w + 64) by all 256 columns: 4 wgmma m64n256k16 a step (8 when
 //   split), both operands K-major in shared memory, f32 accumulators in registers (128 a thread). Step k's
 //   wgmmas run while step k + 1 is dequantized.
-// Rows past the tile's count are computed from a repeated row and never stored; a warpgroup whose 64 rows
-// are all past the count skips its MMAs.
+// Rows past the tile's count are computed from a repeated row (cp.async) or whatever rows follow (TMA; zeros
+// past x's end) and never stored; a warpgroup whose 64 rows are all past the count skips its MMAs.
+// RegisterTile (register_weights, below) is the variant with the weights as the A operand from registers.
 //
 // Dequantization, exactly as DequantizeMxfp4: an e2m1 code's 3 magnitude bits go under the bf16 exponent
 // (bits 6-8) and its sign to bit 15, which reads as the code's value times 2^-126 (subnormals included);
 // one bf16 multiply by 2^(s - 1) (or, for s > 128, by 2^126 and then 2^(s - 127)) gives the exact product
 // (two significant bits: no rounding). s = 255 makes every value of the group NaN, as on the CPU.
-// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA"): the tensor pipe
-// is ~33% busy; which stage sets the pace is not settled (the bench's timing probes are for that).
+// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA" and "The probes, x
+// by TMA..."): no single stage sets the pace; without any MMA a step still takes ~2.5x the MMAs' time.
 #include "common/kernels/cuda/moe_wgmma.h"
 
 #include <cuda.h>
@@ -729,8 +731,9 @@ absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, _
   const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
   if (rows < 0 || in <= 0 || in % (x.register_order ? 64 : 8) != 0 || !x.source || !hi || misaligned(x.source) || misaligned(hi) ||
       (lo && misaligned(lo)) || (x.gather && x.swiglu)) {
-    return absl::InvalidArgumentError(absl::StrCat("ToBf16Permuted: rows ", rows, ", in ", in,
-                                                   " (a multiple of 8), pointers 16-byte aligned, gather or SwiGLU"));
+    return absl::InvalidArgumentError(absl::StrCat("ToBf16Permuted: rows ", rows, ", in ", in, " (a multiple of ",
+                                                   x.register_order ? 64 : 8,
+                                                   "), pointers 16-byte aligned, gather or SwiGLU"));
   }
   const int64_t chunks = rows * (in / 8);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((chunks + 255) / 256, 132 * 16));
@@ -817,7 +820,12 @@ absl::Status EncodeXMap(const __nv_bfloat16* x, int64_t rows, int64_t in, int bo
 
 }  // namespace
 
-absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t stream) {
+bool TensorMapsAvailable() { return TensorMapEncoder().ok(); }
+
+absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_t stream) {
+  GroupedMxfp4GemmArgs a = args;
+  // One block's TMA has a cp.async twin with the same bits; a driver without the encoder gets that.
+  if (a.x_cluster == 1 && !a.register_weights && !TensorMapsAvailable()) a.x_cluster = 0;
   if (a.tile_count == 0) return absl::OkStatus();
   if (!a.tiles || !a.x || !a.y) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: null pointer");
   if (a.in <= 0 || a.in % (2 * kDepth) != 0 || a.total_out <= 0 || a.total_out % 2 != 0 || a.out0 <= 0 ||
@@ -830,7 +838,10 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& a, cudaStream_t s
   if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4) {
     return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: x_cluster ", cluster, " (0, 1, 2 or 4)"));
   }
-  if (cluster > 0 && a.x_rows <= 0) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: x_rows <= 0 with TMA");
+  if ((cluster > 0 || a.register_weights) && (a.x_rows <= 0 || a.x_rows > INT32_MAX - kExpertTileRows)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GroupedMxfp4GemmWgmma: x_rows ", a.x_rows, " (TMA row coordinates are 32-bit, 1..2^31 - 129)"));
+  }
   const bool split = a.x_lo != nullptr;
   if (a.register_weights) {
     if (a.probe != GemmProbe::kNone || cluster > 1 || a.x_rows <= 0) {

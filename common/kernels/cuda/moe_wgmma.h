@@ -78,6 +78,10 @@ struct GroupedMxfp4GemmArgs {
 // memory within the opt-in limit).
 bool GroupedMxfp4GemmWgmmaAvailable();
 
+// Whether the driver encodes TMA tensor maps (cuTensorMapEncodeTiled): x_cluster > 1 and register_weights need
+// it; x_cluster 1 falls back to cp.async (the same bits) without it.
+bool TensorMapsAvailable();
+
 // One launch over all tiles (grid: column tiles x tiles).
 absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_t stream);
 

@@ -321,6 +321,7 @@ struct DeviceModel::Impl {
 
   // Packed matrices of one input width, their rows stacked in order into one dense layer.
   absl::StatusOr<Dense> UploadPackedStacked(std::initializer_list<const PackedWeight*> parts) {
+    if (parts.size() == 0) return absl::InvalidArgumentError("UploadPackedStacked: no weights");
     DenseWeight dense;
     dense.in = (*parts.begin())->view.in;
     for (const PackedWeight* w : parts) {
