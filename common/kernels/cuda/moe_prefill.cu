@@ -264,22 +264,7 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
         internal::ToBf16Permuted(source, rows_total, in, x_bf16_, options_.split_x ? x_lo_ : nullptr, stream));
     return RunFused(stacked, offsets, total_out, y, stream);
   }
-  // The lanes read x in f32: a derived input is materialized first.
-  const float* x = input.x;
-  if (input.gather || input.swiglu_limit) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
-    if (rows_total * in > x_f32_elements_ && capture != cudaStreamCaptureStatusNone) {
-      return absl::FailedPreconditionError("GroupedExpertGemm::Run: scratch must grow during graph capture");
-    }
-    TANDEM_RETURN_IF_ERROR(Grow(&x_f32_, &x_f32_elements_, rows_total * in));
-    if (input.gather) {
-      TANDEM_RETURN_IF_ERROR(GatherRows(input.x, input.gather, rows_total, in, x_f32_, stream));
-    } else {
-      TANDEM_RETURN_IF_ERROR(SwiGluStacked(input.x, rows_total, in, *input.swiglu_limit, x_f32_, stream));
-    }
-    x = x_f32_;
-  }
+  const bool derived = input.gather || input.swiglu_limit;  // the lanes read it in f32, from x_f32_
 
   // Row block starts in the bf16 copy of x: contiguous when rows are 16-byte multiples, else each expert's
   // block starts on a 16-byte boundary (cuBLASLt's fast kernels and TMA want aligned bases).
@@ -303,7 +288,8 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     load[lane] += rows + 128;
     if (!Aligned16(y + offsets[e] * total_out)) staging_needed[lane] = std::max(staging_needed[lane], rows * total_out);
   }
-  bool grow = x_needed > x_bf16_elements_ || (options_.split_x && x_needed > x_lo_elements_);
+  bool grow = x_needed > x_bf16_elements_ || (options_.split_x && x_needed > x_lo_elements_) ||
+              (derived && rows_total * in > x_f32_elements_);
   for (size_t l = 0; l < lanes_.size(); ++l) grow = grow || staging_needed[l] > lanes_[l].staging_elements;
   if (grow) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -313,9 +299,19 @@ absl::Status GroupedExpertGemm::Run(std::span<const HostExpertWeights> stacked, 
     }
     TANDEM_RETURN_IF_ERROR(Grow(&x_bf16_, &x_bf16_elements_, x_needed));
     if (options_.split_x) TANDEM_RETURN_IF_ERROR(Grow(&x_lo_, &x_lo_elements_, x_needed));
+    if (derived) TANDEM_RETURN_IF_ERROR(Grow(&x_f32_, &x_f32_elements_, rows_total * in));
     for (size_t l = 0; l < lanes_.size(); ++l) {
       TANDEM_RETURN_IF_ERROR(Grow(&lanes_[l].staging, &lanes_[l].staging_elements, staging_needed[l]));
     }
+  }
+  // A derived input materialized in f32 for the lanes.
+  const float* x = input.x;
+  if (input.gather) {
+    TANDEM_RETURN_IF_ERROR(GatherRows(input.x, input.gather, rows_total, in, x_f32_, stream));
+    x = x_f32_;
+  } else if (input.swiglu_limit) {
+    TANDEM_RETURN_IF_ERROR(SwiGluStacked(input.x, rows_total, in, *input.swiglu_limit, x_f32_, stream));
+    x = x_f32_;
   }
 
   if (options_.split_x) {

@@ -126,6 +126,32 @@ __device__ __forceinline__ void TmaLoadMulticast(uint32_t, const CUtensorMap*, i
 __device__ __forceinline__ void TmaLoad(uint32_t, const CUtensorMap*, int, int, uint32_t) { __trap(); }
 #endif
 
+// The full and empty mbarriers of a ring of kStages x stages (8 bytes each, from `base`). full[s] completes
+// when the stage's x of its step has landed; empty[s] when its consumers are done with the stage's step. A
+// stage serves steps s, s + kStages, ...: step k's use of it is phase k / kStages.
+template <int kStages>
+struct StageBarriers {
+  uint32_t base = 0;
+  __device__ __forceinline__ uint32_t Full(int step) const { return base + 8u * static_cast<uint32_t>(step % kStages); }
+  __device__ __forceinline__ uint32_t Empty(int step) const {
+    return base + 8u * static_cast<uint32_t>(kStages + step % kStages);
+  }
+  __device__ __forceinline__ static uint32_t Parity(int step) { return static_cast<uint32_t>(step / kStages) & 1u; }
+  // One thread, before the barrier that publishes them.
+  __device__ __forceinline__ void Init(uint32_t empty_arrivals) const {
+    for (int s = 0; s < kStages; ++s) {
+      MbarrierInit(Full(s), 1);
+      MbarrierInit(Empty(s), empty_arrivals);
+    }
+    FenceMbarrierInit();
+  }
+  __device__ __forceinline__ void WaitFull(int step) const { MbarrierWait(Full(step), Parity(step)); }
+  // Until the stage's previous step (step - kStages) is released; at once for the ring's first round.
+  __device__ __forceinline__ void WaitEmpty(int step) const {
+    if (step >= kStages) MbarrierWait(Empty(step), Parity(step) ^ 1u);
+  }
+};
+
 // The x tensors' maps (hi, and lo when split), kernel parameters.
 struct XMaps {
   CUtensorMap hi, lo;
@@ -209,8 +235,10 @@ struct BlockTile {
   ExpertTile tile;
   int tid, group, rows, steps;
   int64_t n0;
-  uint32_t x_stage_bytes, x_base, weight_base, scale_base, barrier_base;
-  uint32_t rank = 0;  // in the cluster (kTma)
+  uint32_t x_stage_bytes, x_base, weight_base, scale_base;
+  StageBarriers<kXStages> barriers;  // kTma: full (one arrival, this block's, plus the tile's bytes from every
+                                     // block of the cluster) and empty (one arrival a block of the cluster)
+  uint32_t rank = 0;                 // in the cluster (kTma)
   uint8_t* weight_s;
   const uint32_t* scale_s;  // [kScaleSlots][kColumns]: steps 2m, 2m + 1 of each row in slot m % kScaleSlots
   const uint8_t* scale_source;  // this thread's scale row (a valid row when its own is past the outs)
@@ -237,7 +265,7 @@ struct BlockTile {
     x_base = SharedAddress(shared);
     weight_base = SharedAddress(weight_s);
     scale_base = SharedAddress(scale_s);
-    barrier_base = scale_base + kScaleSlots * kScaleSlotBytes;
+    barriers.base = scale_base + kScaleSlots * kScaleSlotBytes;
     if constexpr (kTma) rank = ClusterRank();
     const int64_t n = n0 + tid;
     valid = n < a.total_out;
@@ -284,24 +312,13 @@ struct BlockTile {
     CopyAsyncCommit();
   }
 
-  // kTma: stage s's barriers. full[s] completes when the stage's x of its step has landed (one arrival, this
-  // block's, plus the tile's bytes from every block of the cluster); empty[s] when every block of the cluster
-  // is done multiplying the stage's previous step (one arrival a block).
-  __device__ __forceinline__ uint32_t FullBarrier(int step) const {
-    return barrier_base + 8u * static_cast<uint32_t>(step % kXStages);
-  }
-  __device__ __forceinline__ uint32_t EmptyBarrier(int step) const {
-    return barrier_base + 8u * static_cast<uint32_t>(kXStages + step % kXStages);
-  }
-  // A stage serves steps s, s + 3, ...: step k's use of it is phase k / 3.
-  __device__ __forceinline__ static uint32_t Parity(int step) { return static_cast<uint32_t>(step / kXStages) & 1u; }
-
   // One thread: this block's share of step `step`'s x tile, into the stage of every block of the cluster.
   // Block r of a cluster of c fetches rows [64 h + r 64 / c, + 64 / c) of each 64-row half h.
   __device__ __forceinline__ void LoadXTile(int step, uint32_t stage) const {
     const int cluster = a.x_cluster, slice = 64 / cluster, halves = rows > 64 ? 2 : 1;
-    if (step >= kXStages) MbarrierWait(EmptyBarrier(step), Parity(step) ^ 1u);  // the stage's previous step is done
-    MbarrierExpectBytes(FullBarrier(step), static_cast<uint32_t>(halves) * 64u * 128u * (kSplit ? 2u : 1u));
+    barriers.WaitEmpty(step);
+    const uint32_t full = barriers.Full(step);
+    MbarrierExpectBytes(full, static_cast<uint32_t>(halves) * 64u * 128u * (kSplit ? 2u : 1u));
     const int column = step * kDepth;
     for (int h = 0; h < halves; ++h) {
       const int row = 64 * h + static_cast<int>(rank) * slice;
@@ -309,24 +326,24 @@ struct BlockTile {
       const int x_row = static_cast<int>(tile.row0) + row;
       if (cluster > 1) {
         const uint16_t mask = static_cast<uint16_t>((1u << cluster) - 1u);
-        TmaLoadMulticast(dst, &maps.hi, column, x_row, FullBarrier(step), mask);
-        if constexpr (kSplit) TmaLoadMulticast(dst + kXTileBytes, &maps.lo, column, x_row, FullBarrier(step), mask);
+        TmaLoadMulticast(dst, &maps.hi, column, x_row, full, mask);
+        if constexpr (kSplit) TmaLoadMulticast(dst + kXTileBytes, &maps.lo, column, x_row, full, mask);
       } else {
-        TmaLoad(dst, &maps.hi, column, x_row, FullBarrier(step));
-        if constexpr (kSplit) TmaLoad(dst + kXTileBytes, &maps.lo, column, x_row, FullBarrier(step));
+        TmaLoad(dst, &maps.hi, column, x_row, full);
+        if constexpr (kSplit) TmaLoad(dst + kXTileBytes, &maps.lo, column, x_row, full);
       }
     }
   }
   // Every thread: until step `step`'s x has landed (kTma), before the barrier that publishes the step.
   __device__ __forceinline__ void WaitX(int step) const {
-    if constexpr (kTma && kProbe != GemmProbe::kNoXCopy) MbarrierWait(FullBarrier(step), Parity(step));
+    if constexpr (kTma && kProbe != GemmProbe::kNoXCopy) barriers.WaitFull(step);
   }
   // One thread, after the barrier that ends step `step` (every warpgroup's MMAs on its stage are done): the
   // stage is free in this block, for every block that will multicast into it.
   __device__ __forceinline__ void ReleaseX(int step) const {
     if constexpr (kTma) {
       if (tid == 0 && step + kXStages < steps) {
-        for (int r = 0; r < a.x_cluster; ++r) MbarrierArriveRemote(EmptyBarrier(step), static_cast<uint32_t>(r));
+        for (int r = 0; r < a.x_cluster; ++r) MbarrierArriveRemote(barriers.Empty(step), static_cast<uint32_t>(r));
       }
     }
   }
@@ -340,13 +357,7 @@ struct BlockTile {
   template <bool kMma>
   __device__ __forceinline__ void Run() const {
     if constexpr (kTma) {
-      if (tid == 0) {
-        for (int s = 0; s < kXStages; ++s) {
-          MbarrierInit(FullBarrier(s), 1);
-          MbarrierInit(EmptyBarrier(s), static_cast<uint32_t>(a.x_cluster));
-        }
-        FenceMbarrierInit();
-      }
+      if (tid == 0) barriers.Init(static_cast<uint32_t>(a.x_cluster));
       ClusterSync();  // every block's barriers exist before any TMA or arrival reaches them
     }
     CopyX(0);
@@ -476,7 +487,8 @@ struct RegisterTile {
   ExpertTile tile;
   int tid, group, steps, q;
   int64_t n0;
-  uint32_t x_base, x_stage_bytes, barrier_base;
+  uint32_t x_base, x_stage_bytes;
+  StageBarriers<kRegStages> barriers;  // empty: one arrival a warpgroup
   const uint8_t* code_row[4];   // [2 slab + half]: this thread's 4 weight rows (a valid row's when past the outs)
   const uint8_t* scale_row[4];
   uint32_t valid_mask = 0;      // bit r: row r exists
@@ -491,7 +503,7 @@ struct RegisterTile {
     n0 = static_cast<int64_t>(blockIdx.x) * kColumns;
     x_stage_bytes = (kSplit ? 2u : 1u) * kXTileBytes;
     x_base = SharedAddress(shared);
-    barrier_base = x_base + kRegStages * x_stage_bytes;
+    barriers.base = x_base + kRegStages * x_stage_bytes;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int64_t n = n0 + 128 * group + 64 * (r / 2) + 16 * warp + lane / 4 + 8 * (r % 2);
@@ -504,24 +516,19 @@ struct RegisterTile {
     }
   }
 
-  __device__ __forceinline__ uint32_t FullBarrier(int step) const { return barrier_base + 8u * (step % kRegStages); }
-  __device__ __forceinline__ uint32_t EmptyBarrier(int step) const {
-    return barrier_base + 8u * (kRegStages + step % kRegStages);
-  }
-  __device__ __forceinline__ static uint32_t Parity(int step) { return static_cast<uint32_t>(step / kRegStages) & 1u; }
-
   // One thread: step `step`'s x tile (kN rows) into its stage, once both warpgroups are done with the stage's
   // previous step.
   __device__ __forceinline__ void LoadX(int step) const {
-    if (step >= kRegStages) MbarrierWait(EmptyBarrier(step), Parity(step) ^ 1u);
+    barriers.WaitEmpty(step);
     constexpr int kHalves = kN / 64;
-    MbarrierExpectBytes(FullBarrier(step), kHalves * 64u * 128u * (kSplit ? 2u : 1u));
+    const uint32_t full = barriers.Full(step);
+    MbarrierExpectBytes(full, kHalves * 64u * 128u * (kSplit ? 2u : 1u));
     const uint32_t stage = x_base + static_cast<uint32_t>(step % kRegStages) * x_stage_bytes;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
       const int row = static_cast<int>(tile.row0) + 64 * h;
-      TmaLoad(stage + 64u * 128u * h, &maps.hi, step * kDepth, row, FullBarrier(step));
-      if constexpr (kSplit) TmaLoad(stage + kXTileBytes + 64u * 128u * h, &maps.lo, step * kDepth, row, FullBarrier(step));
+      TmaLoad(stage + 64u * 128u * h, &maps.hi, step * kDepth, row, full);
+      if constexpr (kSplit) TmaLoad(stage + kXTileBytes + 64u * 128u * h, &maps.lo, step * kDepth, row, full);
     }
   }
 
@@ -560,31 +567,21 @@ struct RegisterTile {
       const uint4& bottom = pairs[2 * slab + 1];
       const uint32_t fragment[4] = {second ? top.z : top.x, second ? bottom.z : bottom.x, second ? top.w : top.y,
                                     second ? bottom.w : bottom.y};
-      const uint64_t hi = Swizzled128Descriptor(stage + 32u * kk);
-      if constexpr (kN == 128) {
-        WgmmaM64N128K16Rs(acc[slab], fragment, hi, 1);
-      } else {
-        WgmmaM64N64K16Rs(acc[slab], fragment, hi, 1);
-      }
-      if constexpr (kSplit) {
-        const uint64_t lo = Swizzled128Descriptor(stage + kXTileBytes + 32u * kk);
+      const auto mma = [&](uint32_t x_stage) {
+        const uint64_t b = Swizzled128Descriptor(x_stage + 32u * kk);
         if constexpr (kN == 128) {
-          WgmmaM64N128K16Rs(acc[slab], fragment, lo, 1);
+          WgmmaM64N128K16Rs(acc[slab], fragment, b, 1);
         } else {
-          WgmmaM64N64K16Rs(acc[slab], fragment, lo, 1);
+          WgmmaM64N64K16Rs(acc[slab], fragment, b, 1);
         }
-      }
+      };
+      mma(stage);
+      if constexpr (kSplit) mma(stage + kXTileBytes);
     }
   }
 
   __device__ __forceinline__ void Run() const {
-    if (tid == 0) {
-      for (int s = 0; s < kRegStages; ++s) {
-        MbarrierInit(FullBarrier(s), 1);
-        MbarrierInit(EmptyBarrier(s), 2);  // one arrival a warpgroup
-      }
-      FenceMbarrierInit();
-    }
+    if (tid == 0) barriers.Init(2);  // one arrival a warpgroup
     __syncthreads();
     if (tid == 0) {
       for (int s = 0; s < kRegStages - 1 && s < steps; ++s) LoadX(s);
@@ -603,7 +600,7 @@ struct RegisterTile {
     // of step k - 1 is released once its last group is done (after the wait at slice 2).
     auto step = [&](int k, Codes& codes) {
       const uint32_t stage = x_base + static_cast<uint32_t>(k % kRegStages) * x_stage_bytes;
-      MbarrierWait(FullBarrier(k), Parity(k));
+      barriers.WaitFull(k);
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
         WgmmaWait<1>();  // this pair's registers: the group that read them (step k - 1) is done
@@ -613,7 +610,7 @@ struct RegisterTile {
         if (p == 1 && k > 0) {
           // Every group of step k - 1 is done: its x stage is free (one arrival a warpgroup), and the thread
           // that fetches refills it with step k + 3.
-          if (tid % 128 == 0) MbarrierArriveRemote(EmptyBarrier(k - 1), 0);
+          if (tid % 128 == 0) MbarrierArriveRemote(barriers.Empty(k - 1), 0);
         }
         WgmmaFence();
         Multiply(acc, pairs[p], 2 * p, stage);
@@ -723,6 +720,12 @@ __global__ void ToBf16PermutedKernel(PermutedSource x, int64_t rows, int64_t in,
   }
 }
 
+template <bool kRegister>
+auto PermutedKernelFor(const PermutedSource& x) {
+  return x.swiglu ? ToBf16PermutedKernel<2, kRegister>
+                  : x.gather ? ToBf16PermutedKernel<1, kRegister> : ToBf16PermutedKernel<0, kRegister>;
+}
+
 }  // namespace
 
 absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, __nv_bfloat16* hi, __nv_bfloat16* lo,
@@ -737,13 +740,7 @@ absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, _
   }
   const int64_t chunks = rows * (in / 8);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((chunks + 255) / 256, 132 * 16));
-  const int source = x.swiglu ? 2 : x.gather ? 1 : 0;
-  auto kernel = ToBf16PermutedKernel<0, false>;
-  if (x.register_order) {
-    kernel = source == 2 ? ToBf16PermutedKernel<2, true> : source == 1 ? ToBf16PermutedKernel<1, true> : ToBf16PermutedKernel<0, true>;
-  } else {
-    kernel = source == 2 ? ToBf16PermutedKernel<2, false> : source == 1 ? ToBf16PermutedKernel<1, false> : kernel;
-  }
+  const auto kernel = x.register_order ? PermutedKernelFor<true>(x) : PermutedKernelFor<false>(x);
   kernel<<<grid, 256, 0, stream>>>(x, rows, in, hi, lo);
   TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("ToBf16PermutedKernel");
   return absl::OkStatus();
@@ -844,8 +841,8 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
   }
   const bool split = a.x_lo != nullptr;
   if (a.register_weights) {
-    if (a.probe != GemmProbe::kNone || cluster > 1 || a.x_rows <= 0) {
-      return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: register weights take no probe, no cluster and need x_rows");
+    if (a.probe != GemmProbe::kNone || cluster > 1) {
+      return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: register weights take no probe and no cluster");
     }
     const Kernel kernel = split ? GroupedMxfp4GemmRegisterKernel<true> : GroupedMxfp4GemmRegisterKernel<false>;
     const size_t shared = RegisterSharedBytes(split);
