@@ -1091,6 +1091,8 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     bool fused, split;
     int x_cluster = 1;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
     bool registers = false;  // Options::register_weights
+    bool producer = false;   // Options::producer_warpgroup
+    bool late = false;       // Options::loads_after_fence
   };
   const Path paths[] = {{"fused", true, false},         {"lanes", false, false},
                         {"fused_split", true, true},    {"lanes_split", false, true},
@@ -1098,7 +1100,12 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                         {"tma_c2", true, false, 2},     {"register", true, false, 1, true},
                         {"register_split", true, true, 1, true},
                         {"tma_c4", true, false, 4},     {"tma_c2_split", true, true, 2},
-                        {"tma_c4_split", true, true, 4}};
+                        {"tma_c4_split", true, true, 4},
+                        {"producer", true, false, 1, false, true},
+                        {"producer_split", true, true, 1, false, true},
+                        {"late", true, false, 1, false, false, true},
+                        {"late_split", true, true, 1, false, false, true},
+                        {"cp_async_late", true, false, 0, false, false, true}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
     GroupedExpertGemm::Options options;
@@ -1107,6 +1114,8 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     options.fused_mxfp4 = path.fused;
     options.x_cluster = path.x_cluster;
     options.register_weights = path.registers;
+    options.producer_warpgroup = path.producer;
+    options.loads_after_fence = path.late;
     auto grouped_or = GroupedExpertGemm::Create(options);
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
@@ -1137,7 +1146,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       if (!(e13 < 1e-5) || !(e2 < 1e-5)) Fail("prefill experts: register weights differ from the weight-tile kernel");
       continue;
     }
-    if (path.fused && path.x_cluster != 1) {
+    if (path.fused && (path.x_cluster != 1 || path.producer || path.late)) {
       // The same MMAs in the same order as the default (x by TMA, one block): the same bits.
       const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
       std::fprintf(stderr, "  prefill experts %s: vs the default fused kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);

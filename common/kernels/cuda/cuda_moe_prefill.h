@@ -105,6 +105,13 @@ class GroupedExpertGemm {
     // tokens, w1/w3: 6.05 ms vs 5.40 ms; bench/results/cuda-kernels/NOTES.md). Takes no timing_probe and
     // x_cluster 1 only.
     bool register_weights = false;
+    // The fused kernel warp-specialized: one warpgroup copies and dequantizes, two only multiply, stages handed
+    // over by mbarriers instead of a block barrier a step (internal::GroupedMxfp4GemmArgs::producer_warpgroup).
+    // The same bits as the default. Takes no timing_probe, x_cluster 1 and no register_weights.
+    bool producer_warpgroup = false;
+    // The fused kernel with each step's x copy and code loads issued after the step's fence instead of before
+    // it (internal::GroupedMxfp4GemmArgs::loads_after_fence). The same bits. Takes no timing_probe.
+    bool loads_after_fence = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();

@@ -166,6 +166,13 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
   if (options.register_weights && (options.timing_probe != 0 || options.x_cluster != 1)) {
     return absl::InvalidArgumentError("GroupedExpertGemm: register_weights takes no timing_probe and x_cluster 1 (x by TMA)");
   }
+  if (options.producer_warpgroup && (options.timing_probe != 0 || options.x_cluster != 1 || options.register_weights)) {
+    return absl::InvalidArgumentError(
+        "GroupedExpertGemm: producer_warpgroup takes no timing_probe, x_cluster 1 (x by TMA) and no register_weights");
+  }
+  if (options.loads_after_fence && options.timing_probe != 0) {
+    return absl::InvalidArgumentError("GroupedExpertGemm: loads_after_fence takes no timing_probe");
+  }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
@@ -361,7 +368,10 @@ absl::StatusOr<bool> GroupedExpertGemm::FusedServes(std::span<const HostExpertWe
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return false;
-  if ((options_.register_weights || options_.x_cluster > 1) && !internal::TensorMapsAvailable()) return false;
+  if ((options_.register_weights || options_.producer_warpgroup || options_.x_cluster > 1) &&
+      !internal::TensorMapsAvailable()) {
+    return false;
+  }
   return internal::GroupedMxfp4GemmWgmmaAvailable();
 }
 
@@ -418,6 +428,8 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.probe = static_cast<internal::GemmProbe>(options_.timing_probe);
   args.x_cluster = options_.x_cluster;
   args.register_weights = options_.register_weights;
+  args.producer_warpgroup = options_.producer_warpgroup;
+  args.loads_after_fence = options_.loads_after_fence;
   args.x_rows = offsets[experts];
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }

@@ -108,6 +108,15 @@ __device__ __forceinline__ void TmaLoadMulticast(uint32_t dst, const CUtensorMap
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
       : "memory");
 }
+// This thread's arrival on a barrier of its own block.
+__device__ __forceinline__ void MbarrierArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// The warpgroup's register budget a thread lowered (the rest released to the SM).
+template <int kRegisters>
+__device__ __forceinline__ void LowerRegisters() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
 __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
@@ -124,7 +133,21 @@ __device__ __forceinline__ void MbarrierArriveRemote(uint32_t, uint32_t) { __tra
 __device__ __forceinline__ void MbarrierWait(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void TmaLoadMulticast(uint32_t, const CUtensorMap*, int, int, uint32_t, uint16_t) { __trap(); }
 __device__ __forceinline__ void TmaLoad(uint32_t, const CUtensorMap*, int, int, uint32_t) { __trap(); }
+__device__ __forceinline__ void MbarrierArrive(uint32_t) { __trap(); }
+template <int kRegisters>
+__device__ __forceinline__ void LowerRegisters() { __trap(); }
 #endif
+
+// 16 bytes global -> shared through L1 (both 16-byte aligned): two lanes asking for the halves of one 32-byte
+// sector make one request.
+__device__ __forceinline__ void CopyAsync16Cached(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// Until at most N of this thread's cp.async groups are pending.
+template <int N>
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // The full and empty mbarriers of a ring of kStages x stages (8 bytes each, from `base`). full[s] completes
 // when the stage's x of its step has landed; empty[s] when its consumers are done with the stage's step. A
@@ -138,9 +161,9 @@ struct StageBarriers {
   }
   __device__ __forceinline__ static uint32_t Parity(int step) { return static_cast<uint32_t>(step / kStages) & 1u; }
   // One thread, before the barrier that publishes them.
-  __device__ __forceinline__ void Init(uint32_t empty_arrivals) const {
+  __device__ __forceinline__ void Init(uint32_t empty_arrivals, uint32_t full_arrivals = 1) const {
     for (int s = 0; s < kStages; ++s) {
-      MbarrierInit(Full(s), 1);
+      MbarrierInit(Full(s), full_arrivals);
       MbarrierInit(Empty(s), empty_arrivals);
     }
     FenceMbarrierInit();
@@ -224,11 +247,31 @@ __device__ __forceinline__ void DequantRow(const RowCodes& r, uint32_t scales, u
   }
 }
 
+// A warpgroup's 64 x 256 accumulators (rows [64 group, + 64) of the tile) into y, rows past the tile's count
+// and columns past total_out left out. Fragments: warp q of the warpgroup holds rows 16 q + lane / 4 and + 8,
+// columns 8 j + 2 (lane % 4) and + 1.
+__device__ __forceinline__ void StoreTile(const GroupedMxfp4GemmArgs& a, const ExpertTile& tile, int64_t n0, int group,
+                                          int tid, const float (&acc)[128]) {
+  const int lane = tid % 32, warp = (tid % 128) / 32;
+  const int r0 = group * 64 + warp * 16 + lane / 4, r1 = r0 + 8;
+#pragma unroll
+  for (int j = 0; j < kColumns / 8; ++j) {
+    const int64_t column = n0 + 8 * j + 2 * (lane % 4);
+    if (column >= a.total_out) continue;
+    if (r0 < tile.rows) {
+      *reinterpret_cast<float2*>(a.y + (tile.row0 + r0) * a.total_out + column) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    }
+    if (r1 < tile.rows) {
+      *reinterpret_cast<float2*>(a.y + (tile.row0 + r1) * a.total_out + column) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+}
+
 // One block's tile. kSplit: x_lo is not null (the lo part's MMAs follow hi's). Run<kMma> is the whole pipeline;
 // a warpgroup without rows runs it without MMAs (it still copies and dequantizes its share): a branch around
 // the wgmmas inside one loop would make ptxas wait for each wgmma before the next. kProbe leaves a stage out
 // (GemmProbe: timing only). kTma: x by TMA, shared across a cluster of a.x_cluster column tiles (x_cluster).
-template <bool kSplit, GemmProbe kProbe, bool kTma>
+template <bool kSplit, GemmProbe kProbe, bool kTma, bool kLate>
 struct BlockTile {
   const GroupedMxfp4GemmArgs& a;
   const XMaps& maps;
@@ -370,9 +413,15 @@ struct BlockTile {
     WaitX(0);
     __syncthreads();
     if constexpr (kProbe != GemmProbe::kNoDequant) DequantRow(even, Scales(0), weight_s, tid);
-    LoadRowCodes(code_row, valid, 1, odd);
-    if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
+    if constexpr (!kLate) {
+      LoadRowCodes(code_row, valid, 1, odd);
+      if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
+    }
     FenceProxyAsync();
+    if constexpr (kLate) {
+      LoadRowCodes(code_row, valid, 1, odd);
+      if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
+    }
     __syncthreads();
 
     float acc[kMma ? 128 : 1];
@@ -401,18 +450,31 @@ struct BlockTile {
         }
         WgmmaCommit();
       }
-      // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes.
-      if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
+      // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes. kLate: the
+      // copy and the codes' loads after the fence, which waits for every load and copy of this thread still in
+      // flight (fence.proxy.async is MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S): before it, each step waited for
+      // the loads it had just issued.
+      if constexpr (!kLate) {
+        if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
+      }
       if (k + 1 < steps) {
         if constexpr (kProbe != GemmProbe::kNoDequant) {
           DequantRow(codes, Scales(k + 1),
                      weight_s + static_cast<uint32_t>((k + 1) % kWeightStages) * kWeightTileBytes, tid);
         }
-        if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
+        if (!kLate && k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
       }
-      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
+      if constexpr (kLate) {
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
+      } else {
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+      }
       if (k + 1 < steps) WaitX(k + 1);
       FenceProxyAsync();
+      if constexpr (kLate) {
+        if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
+        if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
+      }
       if constexpr (kMma) {
         WgmmaWait<0>();
         WgmmaTouch(acc);
@@ -429,36 +491,261 @@ struct BlockTile {
     if constexpr (kMma) Store(acc);
   }
 
-  // Fragments: warp q of the warpgroup holds rows 16 q + lane / 4 and + 8, columns 8 j + 2 (lane % 4) and + 1.
-  __device__ __forceinline__ void Store(const float (&acc)[128]) const {
-    const int lane = tid % 32, warp = (tid % 128) / 32;
-    const int r0 = group * 64 + warp * 16 + lane / 4, r1 = r0 + 8;
-#pragma unroll
-    for (int j = 0; j < kColumns / 8; ++j) {
-      const int64_t column = n0 + 8 * j + 2 * (lane % 4);
-      if (column >= a.total_out) continue;
-      if (r0 < rows) {
-        *reinterpret_cast<float2*>(a.y + (tile.row0 + r0) * a.total_out + column) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      }
-      if (r1 < rows) {
-        *reinterpret_cast<float2*>(a.y + (tile.row0 + r1) * a.total_out + column) =
-            make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-      }
-    }
-  }
+  __device__ __forceinline__ void Store(const float (&acc)[128]) const { StoreTile(a, tile, n0, group, tid, acc); }
 };
 
-template <bool kSplit, GemmProbe kProbe, bool kTma>
+template <bool kSplit, GemmProbe kProbe, bool kTma, bool kLate = false>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
   extern __shared__ __align__(1024) uint8_t shared_raw[];
   // The swizzled x stages need 1024-byte alignment (SharedBytes has the slack).
   uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
-  const BlockTile<kSplit, kProbe, kTma> block(a, maps, shared);
+  const BlockTile<kSplit, kProbe, kTma, kLate> block(a, maps, shared);
   if (kProbe != GemmProbe::kNoMma && block.group * 64 < block.rows) {  // warpgroup-uniform
     block.template Run<true>();
   } else {
     block.template Run<false>();
+  }
+}
+
+// ---- Warp-specialized (GroupedMxfp4GemmArgs::producer_warpgroup) ----
+// The weight-tile kernel's tile (128 rows x 256 columns, K steps of 64, the same wgmmas in the same order: the
+// same bits) with its work split over three warpgroups and no block barrier between steps:
+// - warpgroup 0 dequantizes: thread t weight rows t and t + 128, from a code stage into a weight stage; its
+//   thread 0 also fetches x by TMA two steps (split: one) ahead of its own dequantization;
+// - warpgroups 1 and 2 multiply rows [0, 64) and [64, 128) (4 wgmma m64n256k16 a step, 8 split), and while a
+//   step's wgmmas run they copy the codes of step k + kCodeStages - 1 (two threads a 32-byte sector: one
+//   request each) and the rows' scale pairs by cp.async into a code stage, completion counted on the stage's
+//   mbarrier (cp.async.mbarrier.arrive).
+// Each ring (x, weights, codes) has full and empty mbarriers a stage. The copies are not the dequantizing
+// threads' own because fence.proxy.async (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S), which each step's weight tile
+// needs before the wgmmas read it, waits for every copy and load of its thread still in flight: a first
+// version whose dequantizing warps copied their own rows three steps ahead paid a copy's whole latency every
+// step (H200, 8192 tokens, w1/w3: 7.80 ms vs 5.34 ms; bench/results/cuda-kernels/NOTES.md).
+// 384 threads: the launch bound caps every thread at 168 registers (the consumers' 128 accumulators fit);
+// setmaxnreg lowers the dequantizing warpgroup to 56.
+constexpr int kProducerThreads = 384;
+constexpr int kDequantRegisters = 56;
+constexpr uint32_t kCodeStageBytes = kColumns * kDepth / 2;  // 8 KB: 32 code bytes a row
+constexpr uint32_t kScaleStageBytes = kColumns * 4;          // a row's scale pair (steps 2m, 2m + 1)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// An arrival on `bar` once all of this thread's earlier cp.async copies have landed (counted in the barrier's
+// expected arrivals).
+__device__ __forceinline__ void CopyAsyncArrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+#else
+__device__ __forceinline__ void CopyAsyncArrive(uint32_t) { __trap(); }
+#endif
+
+template <bool kSplit>
+struct ProducerTile {
+  // The consumers copy step k + kCodeStages - 1 at step k; the dequantization runs up to kWeightStages - 1
+  // steps ahead of them, so the codes land kCodeStages - kWeightStages steps before it needs them.
+  static constexpr int kWeightStages = 2;
+  static constexpr int kCodeStages = 5;
+  // Thread 0 fetches x of step k + kXStages - 2 at its step k (split x: 3 stages, within the shared memory).
+  static constexpr int kXStages = kSplit ? 3 : 4;
+  static constexpr size_t SharedBytes() {
+    return size_t{kXStages} * (kSplit ? 2 : 1) * kXTileBytes + size_t{kWeightStages} * kWeightTileBytes +
+           size_t{kCodeStages} * (kCodeStageBytes + kScaleStageBytes) +
+           2 * 8 * (kXStages + kWeightStages + kCodeStages) + 1024;
+  }
+  const GroupedMxfp4GemmArgs& a;
+  const XMaps& maps;
+  ExpertTile tile;
+  int tid, steps;
+  int64_t n0;
+  uint32_t x_stage_bytes, x_base, weight_base, code_base, scale_base;
+  uint8_t* weight_s;
+  StageBarriers<kXStages> x_barriers;    // full: thread 0's arrival + the TMA bytes; empty: 8 consumer warps
+  StageBarriers<kWeightStages> weight_barriers;  // full: 128 dequantizing threads; empty: 8 consumer warps
+  StageBarriers<kCodeStages> code_barriers;      // full: 256 consumer threads' copies; empty: 128 dequantizing threads
+
+  __device__ ProducerTile(const GroupedMxfp4GemmArgs& args, const XMaps& x_maps, uint8_t* shared)
+      : a(args), maps(x_maps), tile(args.tiles[blockIdx.y]) {
+    tid = static_cast<int>(threadIdx.x);
+    steps = static_cast<int>(a.in / kDepth);
+    n0 = static_cast<int64_t>(blockIdx.x) * kColumns;
+    x_stage_bytes = (kSplit ? 2u : 1u) * kXTileBytes;
+    x_base = SharedAddress(shared);
+    weight_s = shared + kXStages * x_stage_bytes;
+    weight_base = SharedAddress(weight_s);
+    code_base = weight_base + kWeightStages * kWeightTileBytes;
+    scale_base = code_base + kCodeStages * kCodeStageBytes;
+    x_barriers.base = scale_base + kCodeStages * kScaleStageBytes;
+    weight_barriers.base = x_barriers.base + 2 * 8 * kXStages;
+    code_barriers.base = weight_barriers.base + 2 * 8 * kWeightStages;
+  }
+
+  __device__ __forceinline__ void InitBarriers() const {
+    x_barriers.Init(8);
+    weight_barriers.Init(8, 128);
+    code_barriers.Init(128, 256);
+  }
+
+  // Weight row `row` of the tile: its codes and scales (row 0 of part 0 for a row past the outs, whose columns
+  // are never stored).
+  __device__ __forceinline__ void WeightRow(int row, const uint8_t** codes, const uint8_t** scales) const {
+    const int64_t n = n0 + row;
+    if (n >= a.total_out) {
+      *codes = tile.codes[0];
+      *scales = tile.scales[0];
+      return;
+    }
+    const bool second = n >= a.out0;  // (selects: an index into tile's arrays would put them on the stack)
+    const int64_t local = n - (second ? a.out0 : 0);
+    *codes = (second ? tile.codes[1] : tile.codes[0]) + local * (a.in / 2);
+    *scales = (second ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32);
+  }
+  // Half h of row `row`'s 32 code bytes in a code stage: the halves swapped on every other 4 rows, so that 8
+  // lanes reading 8 consecutive rows' half h hit distinct banks.
+  __device__ __forceinline__ static uint32_t CodeOffset(int row, int half) {
+    return static_cast<uint32_t>(row) * 32u + static_cast<uint32_t>(half ^ ((row >> 2) & 1)) * 16u;
+  }
+
+  // Thread 0: step `step`'s x (the tile's 64-row halves) into its stage once the consumers are
+  // done with the stage's previous step.
+  __device__ __forceinline__ void LoadX(int step) const {
+    x_barriers.WaitEmpty(step);
+    const uint32_t full = x_barriers.Full(step);
+    const int halves = tile.rows > 64 ? 2 : 1;
+    MbarrierExpectBytes(full, static_cast<uint32_t>(halves) * 64u * 128u * (kSplit ? 2u : 1u));
+    const uint32_t stage = x_base + static_cast<uint32_t>(step % kXStages) * x_stage_bytes;
+    for (int h = 0; h < halves; ++h) {
+      const int x_row = static_cast<int>(tile.row0) + 64 * h;
+      TmaLoad(stage + 64u * 128u * h, &maps.hi, step * kDepth, x_row, full);
+      if constexpr (kSplit) TmaLoad(stage + kXTileBytes + 64u * 128u * h, &maps.lo, step * kDepth, x_row, full);
+    }
+  }
+
+  // Consumer thread c (0..255): its share of step `step`'s codes and scales into the step's code stage, once
+  // the dequantization is done with the stage's previous step: halves c % 2 of rows c / 2 and 128 + c / 2, and
+  // row c's scale pair.
+  struct CopySources {
+    const uint8_t* codes[2];
+    const uint8_t* scales;
+    uint32_t code_offset[2];
+  };
+  __device__ __forceinline__ CopySources CopySourcesOf(int c) const {
+    CopySources from;
+    const uint8_t* unused = nullptr;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = c / 2 + 128 * i;
+      WeightRow(row, &from.codes[i], &unused);
+      from.codes[i] += 16 * (c % 2);
+      from.code_offset[i] = CodeOffset(row, c % 2);
+    }
+    WeightRow(c, &unused, &from.scales);
+    return from;
+  }
+  __device__ __forceinline__ void CopyCodes(int step, int c, const CopySources& from) const {
+    code_barriers.WaitEmpty(step);
+    const uint32_t stage = static_cast<uint32_t>(step % kCodeStages);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      CopyAsync16Cached(code_base + stage * kCodeStageBytes + from.code_offset[i], from.codes[i] + step * (kDepth / 2));
+    }
+    CopyAsync4(scale_base + stage * kScaleStageBytes + 4u * static_cast<uint32_t>(c), from.scales + 4 * (step / 2));
+    CopyAsyncArrive(code_barriers.Full(step));
+  }
+
+  // Warpgroup 0: thread t dequantizes weight rows t and t + 128 of every step; thread 0 fetches x.
+  __device__ __forceinline__ void Dequantize() const {
+    const int t = tid;
+    if (t == 0) {
+      for (int s = 0; s < kXStages - 2 && s < steps; ++s) LoadX(s);
+    }
+    const uint8_t* code_s = weight_s + kWeightStages * kWeightTileBytes;
+    const uint32_t* scale_s = reinterpret_cast<const uint32_t*>(code_s + kCodeStages * kCodeStageBytes);
+    for (int k = 0; k < steps; ++k) {
+      if (t == 0 && k + kXStages - 2 < steps) LoadX(k + kXStages - 2);
+      code_barriers.WaitFull(k);
+      const uint32_t code_stage = static_cast<uint32_t>(k % kCodeStages);
+      const uint8_t* codes = code_s + code_stage * kCodeStageBytes;
+      RowCodes r[2];
+      uint32_t pair[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = t + 128 * i;
+        r[i].low = *reinterpret_cast<const uint4*>(codes + CodeOffset(row, 0));
+        r[i].high = *reinterpret_cast<const uint4*>(codes + CodeOffset(row, 1));
+        pair[i] = scale_s[code_stage * kColumns + row];
+      }
+      MbarrierArrive(code_barriers.Empty(k));  // (release: after the reads above)
+      weight_barriers.WaitEmpty(k);
+      uint8_t* weights = weight_s + static_cast<uint32_t>(k % kWeightStages) * kWeightTileBytes;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) DequantRow(r[i], k % 2 ? pair[i] >> 16 : pair[i] & 0xffffu, weights, t + 128 * i);
+      FenceProxyAsync();
+      MbarrierArrive(weight_barriers.Full(k));
+    }
+  }
+
+  // Consumer warpgroup `group` (rows [64 group, + 64)); without rows it only keeps the barriers' count.
+  template <bool kMma>
+  __device__ __forceinline__ void Consume(int group) const {
+    float acc[kMma ? 128 : 1];
+#pragma unroll
+    for (float& v : acc) v = 0.0f;
+    WgmmaTouch(acc);
+    const uint32_t group_rows = static_cast<uint32_t>(group) * 8 * kRowGroupBytes;  // 64 swizzled rows
+    const bool arrives = tid % 32 == 0;
+    const int c = tid - 128;
+    const CopySources from = CopySourcesOf(c);
+    for (int s = 0; s < kCodeStages - 1 && s < steps; ++s) CopyCodes(s, c, from);
+    for (int k = 0; k < steps; ++k) {
+      x_barriers.WaitFull(k);
+      weight_barriers.WaitFull(k);
+      if constexpr (kMma) {
+        const uint32_t x_stage = x_base + static_cast<uint32_t>(k % kXStages) * x_stage_bytes + group_rows;
+        const uint32_t weights = weight_base + static_cast<uint32_t>(k % kWeightStages) * kWeightTileBytes;
+        const uint64_t hi = Swizzled128Descriptor(x_stage), lo = Swizzled128Descriptor(x_stage + kXTileBytes);
+        const uint64_t w = WgmmaDescriptor(weights, kCore, kRowGroupBytes);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kDepth / 16; ++kk) {
+          WgmmaM64N256K16<false>(acc, WgmmaAdvance(hi, kk * 32), WgmmaAdvance(w, kk * 2 * kCore), 1);
+          if constexpr (kSplit) WgmmaM64N256K16<false>(acc, WgmmaAdvance(lo, kk * 32), WgmmaAdvance(w, kk * 2 * kCore), 1);
+        }
+        WgmmaCommit();
+      }
+      if (k + kCodeStages - 1 < steps) CopyCodes(k + kCodeStages - 1, c, from);
+      if constexpr (kMma) {
+        WgmmaWait<1>();  // step k - 1's wgmmas are done with its stages
+        WgmmaTouch(acc);
+      }
+      if (k > 0 && arrives) {
+        MbarrierArrive(x_barriers.Empty(k - 1));
+        MbarrierArrive(weight_barriers.Empty(k - 1));
+      }
+    }
+    if constexpr (kMma) {
+      WgmmaWait<0>();
+      WgmmaTouch(acc);
+      StoreTile(a, tile, n0, group, tid, acc);
+    }
+  }
+};
+
+template <bool kSplit>
+__global__ void __launch_bounds__(kProducerThreads, 1)
+    GroupedMxfp4GemmProducerKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
+  extern __shared__ __align__(1024) uint8_t shared_raw[];
+  uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
+  const ProducerTile<kSplit> block(a, maps, shared);
+  if (block.tid == 0) block.InitBarriers();
+  __syncthreads();  // the barriers exist before any wait, arrival or copy
+  const int role = block.tid / 128;  // warpgroup-uniform
+  if (role == 0) {
+    LowerRegisters<kDequantRegisters>();
+    block.Dequantize();
+  } else if (64 * (role - 1) < block.tile.rows) {
+    block.template Consume<true>(role - 1);
+  } else {
+    block.template Consume<false>(role - 1);
   }
 }
 
@@ -508,10 +795,10 @@ struct RegisterTile {
     for (int r = 0; r < 4; ++r) {
       const int64_t n = n0 + 128 * group + 64 * (r / 2) + 16 * warp + lane / 4 + 8 * (r % 2);
       const bool valid = n < a.total_out;
-      const int part = valid && n >= a.out0 ? 1 : 0;
-      const int64_t local = valid ? n - (part ? a.out0 : 0) : 0;
-      code_row[r] = tile.codes[part] + local * (a.in / 2) + 8 * q;
-      scale_row[r] = tile.scales[part] + local * (a.in / 32) + q / 2;
+      const bool second = valid && n >= a.out0;  // (selects: an index into tile's arrays puts them on the stack)
+      const int64_t local = valid ? n - (second ? a.out0 : 0) : 0;
+      code_row[r] = (second ? tile.codes[1] : tile.codes[0]) + local * (a.in / 2) + 8 * q;
+      scale_row[r] = (second ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32) + q / 2;
       valid_mask |= valid ? 1u << r : 0u;
     }
   }
@@ -764,7 +1051,11 @@ namespace {
 using Kernel = void (*)(GroupedMxfp4GemmArgs, const XMaps);
 
 template <bool kTma>
-absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe) {
+absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe, bool late) {
+  if (late) {
+    if (probe != GemmProbe::kNone) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run with the loads before the fence");
+    return split ? GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma, true> : GroupedMxfp4GemmKernel<false, GemmProbe::kNone, kTma, true>;
+  }
   if (split) {
     if (probe != GemmProbe::kNone) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without split x");
     return GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma>;
@@ -822,7 +1113,7 @@ bool TensorMapsAvailable() { return TensorMapEncoder().ok(); }
 absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_t stream) {
   GroupedMxfp4GemmArgs a = args;
   // One block's TMA has a cp.async twin with the same bits; a driver without the encoder gets that.
-  if (a.x_cluster == 1 && !a.register_weights && !TensorMapsAvailable()) a.x_cluster = 0;
+  if (a.x_cluster == 1 && !a.register_weights && !a.producer_warpgroup && !TensorMapsAvailable()) a.x_cluster = 0;
   if (a.tile_count == 0) return absl::OkStatus();
   if (!a.tiles || !a.x || !a.y) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: null pointer");
   if (a.in <= 0 || a.in % (2 * kDepth) != 0 || a.total_out <= 0 || a.total_out % 2 != 0 || a.out0 <= 0 ||
@@ -835,11 +1126,27 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
   if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4) {
     return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: x_cluster ", cluster, " (0, 1, 2 or 4)"));
   }
-  if ((cluster > 0 || a.register_weights) && (a.x_rows <= 0 || a.x_rows > INT32_MAX - kExpertTileRows)) {
+  if ((cluster > 0 || a.register_weights || a.producer_warpgroup) && (a.x_rows <= 0 || a.x_rows > INT32_MAX - kExpertTileRows)) {
     return absl::InvalidArgumentError(
         absl::StrCat("GroupedMxfp4GemmWgmma: x_rows ", a.x_rows, " (TMA row coordinates are 32-bit, 1..2^31 - 129)"));
   }
   const bool split = a.x_lo != nullptr;
+  if (a.producer_warpgroup) {
+    if (a.probe != GemmProbe::kNone || cluster != 1 || a.register_weights) {
+      return absl::InvalidArgumentError(
+          "GroupedMxfp4GemmWgmma: the producer warpgroup takes no probe, x_cluster 1 and no register weights");
+    }
+    const Kernel kernel = split ? GroupedMxfp4GemmProducerKernel<true> : GroupedMxfp4GemmProducerKernel<false>;
+    const size_t shared = split ? ProducerTile<true>::SharedBytes() : ProducerTile<false>::SharedBytes();
+    TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmProducerKernel"));
+    XMaps maps{};
+    TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
+    if (split) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
+    const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
+    kernel<<<grid, kProducerThreads, shared, stream>>>(a, maps);
+    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmProducerKernel");
+    return absl::OkStatus();
+  }
   if (a.register_weights) {
     if (a.probe != GemmProbe::kNone || cluster > 1) {
       return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: register weights take no probe and no cluster");
@@ -855,7 +1162,8 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
     TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmRegisterKernel");
     return absl::OkStatus();
   }
-  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe) : PickKernel<false>(split, a.probe));
+  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe, a.loads_after_fence)
+                                                                   : PickKernel<false>(split, a.probe, a.loads_after_fence));
   const size_t shared = SharedBytes(split);
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
   XMaps maps{};

@@ -72,6 +72,14 @@ struct GroupedMxfp4GemmArgs {
   // Weights dequantized straight into the wgmma A fragments (registers) with x as B by TMA; x in
   // ToBf16Permuted's register order. Takes no probe and no x_cluster above 1.
   bool register_weights = false;
+  // Warp-specialized: one warpgroup copies and dequantizes (codes by cp.async into a ring of its own, x by TMA),
+  // two only multiply, with full / empty mbarriers a stage instead of a block barrier a step. The same wgmmas
+  // in the same order as the weight-tile kernel (the same bits). Takes no probe, x_cluster 1, no register
+  // weights.
+  bool producer_warpgroup = false;
+  // The weight-tile kernel with each step's x copy and code loads issued after its fence.proxy.async instead of
+  // before (that fence waits for every load of the thread still in flight). The same bits. Takes no probe.
+  bool loads_after_fence = false;
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
