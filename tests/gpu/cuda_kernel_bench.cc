@@ -1092,7 +1092,6 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     int x_cluster = 1;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
     bool registers = false;  // Options::register_weights
     bool producer = false;   // Options::producer_warpgroup
-    bool late = false;       // Options::loads_after_fence
   };
   const Path paths[] = {{"fused", true, false},         {"lanes", false, false},
                         {"fused_split", true, true},    {"lanes_split", false, true},
@@ -1102,10 +1101,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                         {"tma_c4", true, false, 4},     {"tma_c2_split", true, true, 2},
                         {"tma_c4_split", true, true, 4},
                         {"producer", true, false, 1, false, true},
-                        {"producer_split", true, true, 1, false, true},
-                        {"late", true, false, 1, false, false, true},
-                        {"late_split", true, true, 1, false, false, true},
-                        {"cp_async_late", true, false, 0, false, false, true}};
+                        {"producer_split", true, true, 1, false, true}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
     GroupedExpertGemm::Options options;
@@ -1115,7 +1111,6 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     options.x_cluster = path.x_cluster;
     options.register_weights = path.registers;
     options.producer_warpgroup = path.producer;
-    options.loads_after_fence = path.late;
     auto grouped_or = GroupedExpertGemm::Create(options);
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
@@ -1146,7 +1141,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       if (!(e13 < 1e-5) || !(e2 < 1e-5)) Fail("prefill experts: register weights differ from the weight-tile kernel");
       continue;
     }
-    if (path.fused && (path.x_cluster != 1 || path.producer || path.late)) {
+    if (path.fused && (path.x_cluster != 1 || path.producer)) {
       // The same MMAs in the same order as the default (x by TMA, one block): the same bits.
       const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
       std::fprintf(stderr, "  prefill experts %s: vs the default fused kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);

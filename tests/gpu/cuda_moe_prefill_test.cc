@@ -262,13 +262,12 @@ TEST_F(CudaTest, GroupedExpertGemmXByTmaMatchesCpAsync) {
   }
 }
 
-// The producer warpgroup (warp-specialized kernel) and the weight-tile kernel with its loads after the fence
-// (x by TMA and by cp.async): the same wgmmas in the same order as the default, so the same bits, one bf16 pass
-// and split, and one pass against the CPU. Stacked outs of 2 x 320 (a partial third column tile, part 1
+// The producer warpgroup (the warp-specialized kernel): the same wgmmas in the same order as the default, so the
+// same bits, one bf16 pass and split, and one pass against the CPU. Stacked outs of 2 x 320 (a partial third column tile, part 1
 // starting inside a tile); tiles of 37, 128, 128, 44, 64, 65 and 1 rows (one or two consumer warpgroups with
 // rows); in = 640 (10 K steps: every ring wraps); a group scale of 255 (NaN) and one above 128 (the slow
 // dequantization).
-TEST_F(CudaTest, GroupedExpertGemmProducerAndLateLoadsMatchWeightTile) {
+TEST_F(CudaTest, GroupedExpertGemmProducerWarpgroupMatchesWeightTile) {
   if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
   const int64_t inter = 320, in = 640, experts = 6;
   const std::vector<int64_t> offsets = Offsets({37, 0, 300, 64, 65, 1});
@@ -283,15 +282,9 @@ TEST_F(CudaTest, GroupedExpertGemmProducerAndLateLoadsMatchWeightTile) {
   const auto x = Normal(static_cast<size_t>(rows * in), rng_);
   auto dx = ToDevice(x);
   const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
-  enum class Kernel { kDefault, kProducer, kLate, kLateCpAsync };
-  auto run = [&](bool split, Kernel kernel) {
+  auto run = [&](bool split, bool producer) {
     auto grouped = Must(cuda::GroupedExpertGemm::Create(
-        {.max_weight_elements = 2 * inter * in,
-         .lanes = 1,
-         .split_x = split,
-         .x_cluster = kernel == Kernel::kLateCpAsync ? 0 : 1,
-         .producer_warpgroup = kernel == Kernel::kProducer,
-         .loads_after_fence = kernel == Kernel::kLate || kernel == Kernel::kLateCpAsync}));
+        {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .producer_warpgroup = producer}));
     auto dy = Poisoned<float>(static_cast<size_t>(rows * 2 * inter));
     for (int pass = 0; pass < 2; ++pass) EXPECT_TRUE(grouped->Run(stacked, dx.get(), offsets, dy.get()).ok());
     EXPECT_TRUE(Sync().ok());
@@ -299,24 +292,20 @@ TEST_F(CudaTest, GroupedExpertGemmProducerAndLateLoadsMatchWeightTile) {
     return ToHost(dy);
   };
   for (const bool split : {false, true}) {
-    const std::vector<float> reference = run(split, Kernel::kDefault);
-    for (const Kernel kernel : {Kernel::kProducer, Kernel::kLate, Kernel::kLateCpAsync}) {
-      SCOPED_TRACE(::testing::Message() << (split ? "split x" : "one bf16 pass") << ", kernel "
-                                        << static_cast<int>(kernel));
-      const std::vector<float> y = run(split, kernel);
-      if (!split) {
-        for (int64_t r = offsets[2]; r < offsets[3]; ++r) EXPECT_TRUE(std::isnan(y[r * 2 * inter + 7])) << "row " << r;
-        ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
-      }
-      int64_t differ = 0;
-      for (size_t i = 0; i < y.size(); ++i) {
-        if (std::memcmp(&y[i], &reference[i], sizeof(float)) != 0 && differ++ < 5) {
-          ADD_FAILURE() << "y[" << i / (2 * inter) << "][" << i % (2 * inter) << "] " << y[i] << " vs the default "
-                        << reference[i];
-        }
-      }
-      EXPECT_EQ(differ, 0);
+    SCOPED_TRACE(split ? "split x" : "one bf16 pass");
+    const std::vector<float> reference = run(split, false), y = run(split, true);
+    if (!split) {
+      for (int64_t r = offsets[2]; r < offsets[3]; ++r) EXPECT_TRUE(std::isnan(y[r * 2 * inter + 7])) << "row " << r;
+      ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
     }
+    int64_t differ = 0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      if (std::memcmp(&y[i], &reference[i], sizeof(float)) != 0 && differ++ < 5) {
+        ADD_FAILURE() << "y[" << i / (2 * inter) << "][" << i % (2 * inter) << "] " << y[i] << " vs the default "
+                      << reference[i];
+      }
+    }
+    EXPECT_EQ(differ, 0);
   }
 }
 
@@ -548,8 +537,7 @@ TEST_F(CudaTest, GroupedExpertGemmRejectsBadInput) {
       cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 0, .register_weights = true}).ok());
   EXPECT_FALSE(
       cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = 1, .register_weights = true}).ok());
-  // The producer warpgroup: x by TMA a block, no probe, not with register weights; the loads after the fence:
-  // no probe.
+  // The producer warpgroup: x by TMA a block, no probe, not with register weights.
   TANDEM_ASSERT_OK(cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .producer_warpgroup = true}).status());
   EXPECT_FALSE(
       cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .x_cluster = 0, .producer_warpgroup = true}).ok());
@@ -560,8 +548,6 @@ TEST_F(CudaTest, GroupedExpertGemmRejectsBadInput) {
   EXPECT_FALSE(cuda::GroupedExpertGemm::Create(
                    {.max_weight_elements = 64 * 64, .register_weights = true, .producer_warpgroup = true})
                    .ok());
-  EXPECT_FALSE(
-      cuda::GroupedExpertGemm::Create({.max_weight_elements = 64 * 64, .timing_probe = 1, .loads_after_fence = true}).ok());
 }
 
 }  // namespace

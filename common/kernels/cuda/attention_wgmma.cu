@@ -201,6 +201,11 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
     const int valid = min(kTile, tile_end - tile0);
     CopyAsyncWaitAll();  // this tile's raw bytes (the only group in flight)
     __syncthreads();     // ... visible to all; the previous tile's PV is done with kv_s and p_s
+    {
+      const int ahead = tile0 + kTile;
+      issue(ahead, stage ^ 1, pending);
+      pending = ref_for(ahead + kTile);
+    }
 
     // 1. Dequantize: warp w's lanes l take candidate 8 w + l % 8 (a store phase of 8 lanes covers 8 distinct
     // core-matrix rows) and chunks l / 8 + 4 j; zeros past `valid`, so that P = 0 never meets stale bytes.
@@ -223,15 +228,6 @@ __global__ void __launch_bounds__(kThreads, 1) SparseAttentionWgmmaKernel(Attent
       }
     }
     FenceProxyAsync();
-    // The next tile's copy (its raw stage was last read by the previous tile's dequantization, before the
-    // barrier above) only now: fence.proxy.async (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S) waits for every copy
-    // and load of its thread in flight, so issued before the dequantization the copy's whole latency was
-    // waited for here. The probabilities' fence below waits for what of it is left after QK and the softmax.
-    {
-      const int ahead = tile0 + kTile;
-      issue(ahead, stage ^ 1, pending);
-      pending = ref_for(ahead + kTile);
-    }
     __syncthreads();  // the tile is visible to both warpgroups' wgmmas
 
     // 2. Scores of this group's 32 candidates, all 64 heads, over the 512 dims.

@@ -109,9 +109,6 @@ class GroupedExpertGemm {
     // over by mbarriers instead of a block barrier a step (internal::GroupedMxfp4GemmArgs::producer_warpgroup).
     // The same bits as the default. Takes no timing_probe, x_cluster 1 and no register_weights.
     bool producer_warpgroup = false;
-    // The fused kernel with each step's x copy and code loads issued after the step's fence instead of before
-    // it (internal::GroupedMxfp4GemmArgs::loads_after_fence). The same bits. Takes no timing_probe.
-    bool loads_after_fence = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);
   ~GroupedExpertGemm();

@@ -170,9 +170,6 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
     return absl::InvalidArgumentError(
         "GroupedExpertGemm: producer_warpgroup takes no timing_probe, x_cluster 1 (x by TMA) and no register_weights");
   }
-  if (options.loads_after_fence && options.timing_probe != 0) {
-    return absl::InvalidArgumentError("GroupedExpertGemm: loads_after_fence takes no timing_probe");
-  }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
@@ -429,7 +426,6 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.x_cluster = options_.x_cluster;
   args.register_weights = options_.register_weights;
   args.producer_warpgroup = options_.producer_warpgroup;
-  args.loads_after_fence = options_.loads_after_fence;
   args.x_rows = offsets[experts];
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }

@@ -79,20 +79,24 @@ __device__ __forceinline__ uint32_t ClusterRank() {
 __device__ __forceinline__ void MbarrierExpectBytes(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// An arrival on the barrier at the same offset in cluster block `rank`.
+// An arrival on the barrier at the same offset in cluster block `rank`. The default semantics (release at CTA
+// scope) as CUTLASS's cluster barriers use them: with .release.cluster ptxas put a MEMBAR.ALL.GPU before each
+// arrival, which waited for the thread's loads in flight.
 __device__ __forceinline__ void MbarrierArriveRemote(uint32_t bar, uint32_t rank) {
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
       "r"(rank)
       : "memory");
 }
-// Until the phase of parity `parity` has completed.
+// Until the phase of parity `parity` has completed (acquire at CTA scope, the default: the TMA's bytes and the
+// arrivals this waits for all land in this block's shared memory; .acquire.cluster made ptxas invalidate L1,
+// CCTL.IVALL, after every wait).
 __device__ __forceinline__ void MbarrierWait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   do {
     asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
@@ -271,7 +275,7 @@ __device__ __forceinline__ void StoreTile(const GroupedMxfp4GemmArgs& a, const E
 // a warpgroup without rows runs it without MMAs (it still copies and dequantizes its share): a branch around
 // the wgmmas inside one loop would make ptxas wait for each wgmma before the next. kProbe leaves a stage out
 // (GemmProbe: timing only). kTma: x by TMA, shared across a cluster of a.x_cluster column tiles (x_cluster).
-template <bool kSplit, GemmProbe kProbe, bool kTma, bool kLate>
+template <bool kSplit, GemmProbe kProbe, bool kTma>
 struct BlockTile {
   const GroupedMxfp4GemmArgs& a;
   const XMaps& maps;
@@ -401,7 +405,13 @@ struct BlockTile {
   __device__ __forceinline__ void Run() const {
     if constexpr (kTma) {
       if (tid == 0) barriers.Init(static_cast<uint32_t>(a.x_cluster));
-      ClusterSync();  // every block's barriers exist before any TMA or arrival reaches them
+      // Every block's barriers exist before any TMA or arrival reaches them. (A block of its own takes the
+      // block barrier: the cluster barrier's release / acquire at cluster scope is MEMBAR.ALL.GPU + CCTL.IVALL.)
+      if (a.x_cluster > 1) {
+        ClusterSync();
+      } else {
+        __syncthreads();
+      }
     }
     CopyX(0);
     CopyX(1);  // steps >= 2: in is a multiple of 128
@@ -413,15 +423,9 @@ struct BlockTile {
     WaitX(0);
     __syncthreads();
     if constexpr (kProbe != GemmProbe::kNoDequant) DequantRow(even, Scales(0), weight_s, tid);
-    if constexpr (!kLate) {
-      LoadRowCodes(code_row, valid, 1, odd);
-      if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
-    }
+    LoadRowCodes(code_row, valid, 1, odd);
+    if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
     FenceProxyAsync();
-    if constexpr (kLate) {
-      LoadRowCodes(code_row, valid, 1, odd);
-      if (steps > 2) LoadRowCodes(code_row, valid, 2, even);
-    }
     __syncthreads();
 
     float acc[kMma ? 128 : 1];
@@ -450,31 +454,18 @@ struct BlockTile {
         }
         WgmmaCommit();
       }
-      // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes. kLate: the
-      // copy and the codes' loads after the fence, which waits for every load and copy of this thread still in
-      // flight (fence.proxy.async is MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S): before it, each step waited for
-      // the loads it had just issued.
-      if constexpr (!kLate) {
-        if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
-      }
+      // While step k multiplies: step k + 2's x copy, step k + 1's weights, step k + 3's codes.
+      if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
       if (k + 1 < steps) {
         if constexpr (kProbe != GemmProbe::kNoDequant) {
           DequantRow(codes, Scales(k + 1),
                      weight_s + static_cast<uint32_t>((k + 1) % kWeightStages) * kWeightTileBytes, tid);
         }
-        if (!kLate && k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
-      }
-      if constexpr (kLate) {
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
-      } else {
-        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-      }
-      if (k + 1 < steps) WaitX(k + 1);
-      FenceProxyAsync();
-      if constexpr (kLate) {
-        if (k + 2 < steps) CopyX(k + 2); else CopyAsyncCommit();
         if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
       }
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
+      if (k + 1 < steps) WaitX(k + 1);
+      FenceProxyAsync();
       if constexpr (kMma) {
         WgmmaWait<0>();
         WgmmaTouch(acc);
@@ -487,20 +478,20 @@ struct BlockTile {
       if (k + 1 < steps) step(k + 1, even);
     }
     CopyAsyncWaitAll();
-    if constexpr (kTma) ClusterSync();  // no block leaves while a peer may still arrive on its barriers
+    if (kTma && a.x_cluster > 1) ClusterSync();  // no block leaves while a peer may still arrive on its barriers
     if constexpr (kMma) Store(acc);
   }
 
   __device__ __forceinline__ void Store(const float (&acc)[128]) const { StoreTile(a, tile, n0, group, tid, acc); }
 };
 
-template <bool kSplit, GemmProbe kProbe, bool kTma, bool kLate = false>
+template <bool kSplit, GemmProbe kProbe, bool kTma>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedMxfp4GemmKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
   extern __shared__ __align__(1024) uint8_t shared_raw[];
   // The swizzled x stages need 1024-byte alignment (SharedBytes has the slack).
   uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
-  const BlockTile<kSplit, kProbe, kTma, kLate> block(a, maps, shared);
+  const BlockTile<kSplit, kProbe, kTma> block(a, maps, shared);
   if (kProbe != GemmProbe::kNoMma && block.group * 64 < block.rows) {  // warpgroup-uniform
     block.template Run<true>();
   } else {
@@ -1051,11 +1042,7 @@ namespace {
 using Kernel = void (*)(GroupedMxfp4GemmArgs, const XMaps);
 
 template <bool kTma>
-absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe, bool late) {
-  if (late) {
-    if (probe != GemmProbe::kNone) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run with the loads before the fence");
-    return split ? GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma, true> : GroupedMxfp4GemmKernel<false, GemmProbe::kNone, kTma, true>;
-  }
+absl::StatusOr<Kernel> PickKernel(bool split, GemmProbe probe) {
   if (split) {
     if (probe != GemmProbe::kNone) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: timing probes run without split x");
     return GroupedMxfp4GemmKernel<true, GemmProbe::kNone, kTma>;
@@ -1162,8 +1149,7 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
     TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmRegisterKernel");
     return absl::OkStatus();
   }
-  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe, a.loads_after_fence)
-                                                                   : PickKernel<false>(split, a.probe, a.loads_after_fence));
+  TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe) : PickKernel<false>(split, a.probe));
   const size_t shared = SharedBytes(split);
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmKernel"));
   XMaps maps{};

@@ -77,9 +77,6 @@ struct GroupedMxfp4GemmArgs {
   // in the same order as the weight-tile kernel (the same bits). Takes no probe, x_cluster 1, no register
   // weights.
   bool producer_warpgroup = false;
-  // The weight-tile kernel with each step's x copy and code loads issued after its fence.proxy.async instead of
-  // before (that fence waits for every load of the thread still in flight). The same bits. Takes no probe.
-  bool loads_after_fence = false;
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
