@@ -867,7 +867,8 @@ Routing RandomRouting(std::mt19937_64& rng, int64_t T) {
 // the shared expert's weights have their own 20 copies.
 // Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=patterns,layer,attention,indexer,
 // compressor,moe,prefill_experts,head
-// and TANDEM_KERNEL_BENCH_TOKENS=1,64,... (both unset: everything).
+// and TANDEM_KERNEL_BENCH_TOKENS=1,64,... (both unset: everything); TANDEM_KERNEL_BENCH_PATHS=fused,producer,...
+// picks prefill_experts' paths (unset: all; "fused" always runs, the others compare with it).
 bool InList(const char* env, const std::string& item) {
   const char* list = std::getenv(env);
   if (!list || !*list) return true;
@@ -1104,6 +1105,11 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                         {"producer_split", true, true, 1, false, true}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
+    if (path.fused && !path.split && path.x_cluster == 1 && !path.registers && !path.producer) {
+      // the default: always (the other paths' outputs are compared with it)
+    } else if (!InList("TANDEM_KERNEL_BENCH_PATHS", path.name)) {
+      continue;
+    }
     GroupedExpertGemm::Options options;
     options.max_weight_elements = 2 * kMoeInter * kHidden;
     options.split_x = path.split;
