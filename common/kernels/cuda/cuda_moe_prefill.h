@@ -97,17 +97,18 @@ class GroupedExpertGemm {
     // place its step time. y is then not the product. Needs fused_mxfp4 and no split_x.
     int timing_probe = 0;
     // The fused kernel's x: 0 by cp.async a block; 1 by TMA a block (the default: H200, 8192 tokens, w1/w3
-    // 5.40 ms vs 5.93 ms by cp.async); 2 or 4 by TMA fetched once for a cluster of that many column tiles and
-    // multicast to their shared memories (slower there: 6.98 / 9.04 ms; internal::GroupedMxfp4GemmArgs).
+    // 4.75 ms vs 5.76 ms by cp.async); 2 or 4 by TMA fetched once for a cluster of that many column tiles and
+    // multicast to their shared memories (4.89 / 5.46 ms; split x 6.34 vs 6.46 ms; internal::GroupedMxfp4GemmArgs).
     int x_cluster = 1;
     // The fused kernel's weights dequantized straight into the warpgroup-MMA A fragments (registers), x as B by
-    // TMA: no weight tile in shared memory and no block barrier a step. Correct but slower so far (H200, 8192
-    // tokens, w1/w3: 6.05 ms vs 5.40 ms; bench/results/cuda-kernels/NOTES.md). Takes no timing_probe and
-    // x_cluster 1 only.
+    // TMA: no weight tile in shared memory and no block barrier a step. Correct; about as fast (H200, 8192
+    // tokens, w1/w3: 4.94 ms vs 4.75 ms; split x 6.32 vs 6.46 ms; bench/results/cuda-kernels/NOTES.md). Takes no
+    // timing_probe and x_cluster 1 only.
     bool register_weights = false;
     // The fused kernel warp-specialized: one warpgroup copies and dequantizes, two only multiply, stages handed
     // over by mbarriers instead of a block barrier a step (internal::GroupedMxfp4GemmArgs::producer_warpgroup).
-    // The same bits as the default. Takes no timing_probe, x_cluster 1 and no register_weights.
+    // The same bits as the default; slower for w1/w3 so far (H200, 8192 tokens: 5.62 ms vs 4.74 ms; w2 split x
+    // 3.26 vs 3.46 ms). Takes no timing_probe, x_cluster 1 and no register_weights.
     bool producer_warpgroup = false;
   };
   static absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> Create(const Options& options);

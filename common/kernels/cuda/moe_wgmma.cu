@@ -11,14 +11,15 @@
 //   wgmmas run while step k + 1 is dequantized.
 // Rows past the tile's count are computed from a repeated row (cp.async) or whatever rows follow (TMA; zeros
 // past x's end) and never stored; a warpgroup whose 64 rows are all past the count skips its MMAs.
-// RegisterTile (register_weights, below) is the variant with the weights as the A operand from registers.
+// RegisterTile (register_weights, below) is the variant with the weights as the A operand from registers, and
+// ProducerTile (producer_warpgroup) the warp-specialized one.
 //
 // Dequantization, exactly as DequantizeMxfp4: an e2m1 code's 3 magnitude bits go under the bf16 exponent
 // (bits 6-8) and its sign to bit 15, which reads as the code's value times 2^-126 (subnormals included);
 // one bf16 multiply by 2^(s - 1) (or, for s > 128, by 2^126 and then 2^(s - 127)) gives the exact product
 // (two significant bits: no rounding). s = 255 makes every value of the group NaN, as on the CPU.
-// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA" and "The probes, x
-// by TMA..."): no single stage sets the pace; without any MMA a step still takes ~2.5x the MMAs' time.
+// Measured (H200, bench/results/cuda-kernels/NOTES.md "Prefill experts on warpgroup MMA" and the sections after
+// it): no single stage sets the pace; without any MMA a step still takes ~2x the MMAs' time.
 #include "common/kernels/cuda/moe_wgmma.h"
 
 #include <cuda.h>
@@ -503,16 +504,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 // The weight-tile kernel's tile (128 rows x 256 columns, K steps of 64, the same wgmmas in the same order: the
 // same bits) with its work split over three warpgroups and no block barrier between steps:
 // - warpgroup 0 dequantizes: thread t weight rows t and t + 128, from a code stage into a weight stage; its
-//   thread 0 also fetches x by TMA two steps (split: one) ahead of its own dequantization;
+//   thread 0 also fetches x by TMA one step (split: none) ahead of its own dequantization;
 // - warpgroups 1 and 2 multiply rows [0, 64) and [64, 128) (4 wgmma m64n256k16 a step, 8 split), and while a
 //   step's wgmmas run they copy the codes of step k + kCodeStages - 1 (two threads a 32-byte sector: one
 //   request each) and the rows' scale pairs by cp.async into a code stage, completion counted on the stage's
 //   mbarrier (cp.async.mbarrier.arrive).
-// Each ring (x, weights, codes) has full and empty mbarriers a stage. The copies are not the dequantizing
-// threads' own because fence.proxy.async (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S), which each step's weight tile
-// needs before the wgmmas read it, waits for every copy and load of its thread still in flight: a first
-// version whose dequantizing warps copied their own rows three steps ahead paid a copy's whole latency every
-// step (H200, 8192 tokens, w1/w3: 7.80 ms vs 5.34 ms; bench/results/cuda-kernels/NOTES.md).
+// Each ring (x, weights, codes) has full and empty mbarriers a stage; the consumers copy the codes with the
+// issue slots their wgmmas leave idle, off the dequantization's path (bench/results/cuda-kernels/NOTES.md has
+// the versions measured).
 // 384 threads: the launch bound caps every thread at 168 registers (the consumers' 128 accumulators fit);
 // setmaxnreg lowers the dequantizing warpgroup to 56.
 constexpr int kProducerThreads = 384;
@@ -532,12 +531,17 @@ __device__ __forceinline__ void CopyAsyncArrive(uint32_t) { __trap(); }
 
 template <bool kSplit>
 struct ProducerTile {
-  // The consumers copy step k + kCodeStages - 1 at step k; the dequantization runs up to kWeightStages - 1
-  // steps ahead of them, so the codes land kCodeStages - kWeightStages steps before it needs them.
-  static constexpr int kWeightStages = 2;
-  static constexpr int kCodeStages = 5;
-  // Thread 0 fetches x of step k + kXStages - 2 at its step k (split x: 3 stages, within the shared memory).
+  // The rings' depths decouple the roles. Dequantizing step k needs the consumers' release of step k - 3 (so it
+  // can run two steps ahead of them; with two weight stages it waited for the release of step k - 2, given only
+  // once the consumers had seen step k - 1's weights, so every step paid both hand-overs: H200, 8192 tokens,
+  // w1/w3 7.33 ms). Thread 0 fetches x of step k + kXStages - 3 at its step k: the stage's release then comes
+  // from a consumer step no later than k - 2 as well. The consumers copy the codes of step k + kCodeStages - 1
+  // at their step k, kCodeStages - 3 steps before the dequantization can need them (split x: none ahead,
+  // within the shared memory).
+  static constexpr int kWeightStages = 3;
+  static constexpr int kCodeStages = kSplit ? 3 : 5;
   static constexpr int kXStages = kSplit ? 3 : 4;
+  static constexpr int kXAhead = kXStages - 3;  // x fetched this many steps ahead of the dequantization
   static constexpr size_t SharedBytes() {
     return size_t{kXStages} * (kSplit ? 2 : 1) * kXTileBytes + size_t{kWeightStages} * kWeightTileBytes +
            size_t{kCodeStages} * (kCodeStageBytes + kScaleStageBytes) +
@@ -647,12 +651,12 @@ struct ProducerTile {
   __device__ __forceinline__ void Dequantize() const {
     const int t = tid;
     if (t == 0) {
-      for (int s = 0; s < kXStages - 2 && s < steps; ++s) LoadX(s);
+      for (int s = 0; s < kXAhead && s < steps; ++s) LoadX(s);
     }
     const uint8_t* code_s = weight_s + kWeightStages * kWeightTileBytes;
     const uint32_t* scale_s = reinterpret_cast<const uint32_t*>(code_s + kCodeStages * kCodeStageBytes);
     for (int k = 0; k < steps; ++k) {
-      if (t == 0 && k + kXStages - 2 < steps) LoadX(k + kXStages - 2);
+      if (t == 0 && k + kXAhead < steps) LoadX(k + kXAhead);
       code_barriers.WaitFull(k);
       const uint32_t code_stage = static_cast<uint32_t>(k % kCodeStages);
       const uint8_t* codes = code_s + code_stage * kCodeStageBytes;
@@ -1093,6 +1097,18 @@ absl::Status EncodeXMap(const __nv_bfloat16* x, int64_t rows, int64_t in, int bo
   return absl::OkStatus();
 }
 
+// One launch of a kernel whose blocks each fetch their own x by TMA (64-row boxes): grid column tiles x tiles.
+absl::Status LaunchWithXMaps(const GroupedMxfp4GemmArgs& a, Kernel kernel, int threads, size_t shared, const char* name,
+                             cudaStream_t stream) {
+  TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, name));
+  XMaps maps{};
+  TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
+  if (a.x_lo) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
+  const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
+  kernel<<<grid, threads, shared, stream>>>(a, maps);
+  return CudaStatus(cudaGetLastError(), absl::StrCat("launch of ", name).c_str(), __FILE__, __LINE__);
+}
+
 }  // namespace
 
 bool TensorMapsAvailable() { return TensorMapEncoder().ok(); }
@@ -1123,31 +1139,16 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
       return absl::InvalidArgumentError(
           "GroupedMxfp4GemmWgmma: the producer warpgroup takes no probe, x_cluster 1 and no register weights");
     }
-    const Kernel kernel = split ? GroupedMxfp4GemmProducerKernel<true> : GroupedMxfp4GemmProducerKernel<false>;
-    const size_t shared = split ? ProducerTile<true>::SharedBytes() : ProducerTile<false>::SharedBytes();
-    TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmProducerKernel"));
-    XMaps maps{};
-    TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
-    if (split) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
-    const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
-    kernel<<<grid, kProducerThreads, shared, stream>>>(a, maps);
-    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmProducerKernel");
-    return absl::OkStatus();
+    return LaunchWithXMaps(a, split ? GroupedMxfp4GemmProducerKernel<true> : GroupedMxfp4GemmProducerKernel<false>,
+                           kProducerThreads, split ? ProducerTile<true>::SharedBytes() : ProducerTile<false>::SharedBytes(),
+                           "GroupedMxfp4GemmProducerKernel", stream);
   }
   if (a.register_weights) {
     if (a.probe != GemmProbe::kNone || cluster > 1) {
       return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: register weights take no probe and no cluster");
     }
-    const Kernel kernel = split ? GroupedMxfp4GemmRegisterKernel<true> : GroupedMxfp4GemmRegisterKernel<false>;
-    const size_t shared = RegisterSharedBytes(split);
-    TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, "GroupedMxfp4GemmRegisterKernel"));
-    XMaps maps{};
-    TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
-    if (split) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
-    const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
-    kernel<<<grid, kThreads, shared, stream>>>(a, maps);
-    TANDEM_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedMxfp4GemmRegisterKernel");
-    return absl::OkStatus();
+    return LaunchWithXMaps(a, split ? GroupedMxfp4GemmRegisterKernel<true> : GroupedMxfp4GemmRegisterKernel<false>,
+                           kThreads, RegisterSharedBytes(split), "GroupedMxfp4GemmRegisterKernel", stream);
   }
   TANDEM_ASSIGN_OR_RETURN(const Kernel kernel, cluster > 0 ? PickKernel<true>(split, a.probe) : PickKernel<false>(split, a.probe));
   const size_t shared = SharedBytes(split);
