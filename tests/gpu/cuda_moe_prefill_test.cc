@@ -66,6 +66,12 @@ struct Experts {
     }
   }
   QuantizedWeight View(size_t e) const { return {format, codes[e].data(), scales[e].data(), out, in}; }
+  // Scale byte `index` of expert e set to `value`, on the host and the device.
+  void SetScale(size_t e, size_t index, uint8_t value) {
+    scales[e][index] = value;
+    device_scales[e] = ToDevice(scales[e]);
+    scale_pointers[e] = device_scales[e].get();
+  }
   cuda::HostExpertWeights Host() const {
     return {format, code_pointers.data(), scale_pointers.data(), static_cast<int64_t>(codes.size()), out, in};
   }
@@ -263,22 +269,18 @@ TEST_F(CudaTest, GroupedExpertGemmXByTmaMatchesCpAsync) {
 }
 
 // The producer warpgroup (the warp-specialized kernel): the same wgmmas in the same order as the default, so the
-// same bits, one bf16 pass and split, and one pass against the CPU. Stacked outs of 2 x 320 (a partial third column tile, part 1
-// starting inside a tile); tiles of 37, 128, 128, 44, 64, 65 and 1 rows (one or two consumer warpgroups with
-// rows); in = 640 (10 K steps: every ring wraps); a group scale of 255 (NaN) and one above 128 (the slow
-// dequantization).
+// same bits, one bf16 pass and split, and one pass against the CPU. Stacked outs of 2 x 320 (a partial third
+// column tile, part 1 starting inside a tile); tiles of 37, 128, 128, 44, 64, 65 and 1 rows (one or two consumer
+// warpgroups with rows); in = 640 (10 K steps: every ring wraps); a group scale of 255 (NaN) and one above 128
+// (the slow dequantization).
 TEST_F(CudaTest, GroupedExpertGemmProducerWarpgroupMatchesWeightTile) {
   if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
   const int64_t inter = 320, in = 640, experts = 6;
   const std::vector<int64_t> offsets = Offsets({37, 0, 300, 64, 65, 1});
   const int64_t rows = offsets.back();
   Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
-  w1.scales[2][7 * (in / 32) + 3] = 255;
-  w3.scales[4][9 * (in / 32) + 18] = 131;
-  w1.device_scales[2] = ToDevice(w1.scales[2]);
-  w1.scale_pointers[2] = w1.device_scales[2].get();
-  w3.device_scales[4] = ToDevice(w3.scales[4]);
-  w3.scale_pointers[4] = w3.device_scales[4].get();
+  w1.SetScale(2, 7 * (in / 32) + 3, 255);
+  w3.SetScale(4, 9 * (in / 32) + 18, 131);
   const auto x = Normal(static_cast<size_t>(rows * in), rng_);
   auto dx = ToDevice(x);
   const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
@@ -319,12 +321,8 @@ TEST_F(CudaTest, GroupedExpertGemmRegisterWeightsMatchesCpu) {
   const std::vector<int64_t> offsets = Offsets({37, 0, 300, 64, 65, 1});
   const int64_t rows = offsets.back();
   Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
-  w1.scales[2][7 * (in / 32) + 3] = 255;
-  w3.scales[2][9 * (in / 32) + 5] = 131;
-  w1.device_scales[2] = ToDevice(w1.scales[2]);
-  w1.scale_pointers[2] = w1.device_scales[2].get();
-  w3.device_scales[2] = ToDevice(w3.scales[2]);
-  w3.scale_pointers[2] = w3.device_scales[2].get();
+  w1.SetScale(2, 7 * (in / 32) + 3, 255);
+  w3.SetScale(2, 9 * (in / 32) + 5, 131);
   const auto x = Normal(static_cast<size_t>(rows * in), rng_);
   auto dx = ToDevice(x);
   const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
@@ -464,10 +462,8 @@ TEST_F(CudaTest, GroupedExpertGemmSplitXMatchesF32) {
 TEST_F(CudaTest, GroupedExpertGemmScaleEdges) {
   const int64_t out = 256, in = 128;
   Experts w(Format::kMxfp4, 1, out, in, rng_);
-  w.scales[0][5 * (in / 32) + 1] = 255;
-  w.scales[0][6 * (in / 32) + 2] = 0;
-  w.device_scales[0] = ToDevice(w.scales[0]);
-  w.scale_pointers[0] = w.device_scales[0].get();
+  w.SetScale(0, 5 * (in / 32) + 1, 255);
+  w.SetScale(0, 6 * (in / 32) + 2, 0);
   const std::vector<int64_t> offsets = {0, 3};
   const auto x = Normal(static_cast<size_t>(3 * in), rng_);
   auto dx = ToDevice(x);
