@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -268,6 +269,19 @@ TEST_F(CudaTest, GroupedExpertGemmXByTmaMatchesCpAsync) {
   }
 }
 
+// y [rows, sum of outs] from two Runs of a fresh GroupedExpertGemm (the second reuses its scratch and tile
+// table) into a poisoned y, on the fused kernel.
+std::vector<float> RunFusedTwice(const cuda::GroupedExpertGemm::Options& options,
+                                 std::span<const cuda::HostExpertWeights> stacked, const float* x,
+                                 const std::vector<int64_t>& offsets, size_t y_size) {
+  auto grouped = Must(cuda::GroupedExpertGemm::Create(options));
+  auto dy = Poisoned<float>(y_size);
+  for (int pass = 0; pass < 2; ++pass) EXPECT_TRUE(grouped->Run(stacked, x, offsets, dy.get()).ok());
+  EXPECT_TRUE(Sync().ok());
+  EXPECT_TRUE(grouped->last_run_fused());
+  return ToHost(dy);
+}
+
 // The producer warpgroup (the warp-specialized kernel): the same wgmmas in the same order as the default, so the
 // same bits, one bf16 pass and split, and one pass against the CPU. Stacked outs of 2 x 320 (a partial third
 // column tile, part 1 starting inside a tile); tiles of 37, 128, 128, 44, 64, 65 and 1 rows (one or two consumer
@@ -285,13 +299,9 @@ TEST_F(CudaTest, GroupedExpertGemmProducerWarpgroupMatchesWeightTile) {
   auto dx = ToDevice(x);
   const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
   auto run = [&](bool split, bool producer) {
-    auto grouped = Must(cuda::GroupedExpertGemm::Create(
-        {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .producer_warpgroup = producer}));
-    auto dy = Poisoned<float>(static_cast<size_t>(rows * 2 * inter));
-    for (int pass = 0; pass < 2; ++pass) EXPECT_TRUE(grouped->Run(stacked, dx.get(), offsets, dy.get()).ok());
-    EXPECT_TRUE(Sync().ok());
-    EXPECT_TRUE(grouped->last_run_fused());
-    return ToHost(dy);
+    return RunFusedTwice(
+        {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .producer_warpgroup = producer}, stacked,
+        dx.get(), offsets, static_cast<size_t>(rows * 2 * inter));
   };
   for (const bool split : {false, true}) {
     SCOPED_TRACE(split ? "split x" : "one bf16 pass");
@@ -327,13 +337,9 @@ TEST_F(CudaTest, GroupedExpertGemmRegisterWeightsMatchesCpu) {
   auto dx = ToDevice(x);
   const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
   auto run = [&](bool split, bool registers) {
-    auto grouped = Must(cuda::GroupedExpertGemm::Create(
-        {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .register_weights = registers}));
-    auto dy = Poisoned<float>(static_cast<size_t>(rows * 2 * inter));
-    for (int pass = 0; pass < 2; ++pass) EXPECT_TRUE(grouped->Run(stacked, dx.get(), offsets, dy.get()).ok());
-    EXPECT_TRUE(Sync().ok());
-    EXPECT_TRUE(grouped->last_run_fused());
-    return ToHost(dy);
+    return RunFusedTwice(
+        {.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .register_weights = registers}, stacked,
+        dx.get(), offsets, static_cast<size_t>(rows * 2 * inter));
   };
   const std::vector<float> y = run(false, true);
   // Expert 2's weight row 7 of w1 is NaN for all its rows (ExpectMatchesCpu accepts NaN where the CPU has it).
