@@ -868,7 +868,8 @@ Routing RandomRouting(std::mt19937_64& rng, int64_t T) {
 // Optional filters for profiling runs (ncu): TANDEM_KERNEL_BENCH_GROUPS=patterns,layer,attention,indexer,
 // compressor,moe,prefill_experts,head
 // and TANDEM_KERNEL_BENCH_TOKENS=1,64,... (both unset: everything); TANDEM_KERNEL_BENCH_PATHS=fused,producer,...
-// picks prefill_experts' paths (unset: all; "fused" always runs, the others compare with it).
+// picks prefill_experts' paths (unset: all; "fused" always runs: the one-pass paths compare with it, the split
+// ones with "fused_split" when it is picked).
 bool InList(const char* env, const std::string& item) {
   const char* list = std::getenv(env);
   if (!list || !*list) return true;
@@ -1105,11 +1106,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                         {"producer_split", true, true, 1, false, true}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
-    if (path.fused && !path.split && path.x_cluster == 1 && !path.registers && !path.producer) {
-      // the default: always (the other paths' outputs are compared with it)
-    } else if (!InList("TANDEM_KERNEL_BENCH_PATHS", path.name)) {
-      continue;
-    }
+    if (std::string(path.name) != "fused" && !InList("TANDEM_KERNEL_BENCH_PATHS", path.name)) continue;
     GroupedExpertGemm::Options options;
     options.max_weight_elements = 2 * kMoeInter * kHidden;
     options.split_x = path.split;

@@ -105,7 +105,7 @@ class GroupedExpertGemm {
     // tokens, w1/w3: 4.94 ms vs 4.75 ms; split x 6.32 vs 6.46 ms; bench/results/cuda-kernels/NOTES.md). Takes no
     // timing_probe and x_cluster 1 only.
     bool register_weights = false;
-    // The fused kernel warp-specialized: one warpgroup copies and dequantizes, two only multiply, stages handed
+    // The fused kernel warp-specialized: one warpgroup dequantizes, two multiply and copy the codes, stages handed
     // over by mbarriers instead of a block barrier a step (internal::GroupedMxfp4GemmArgs::producer_warpgroup).
     // The same bits as the default; slower for w1/w3 so far (H200, 8192 tokens: 5.62 ms vs 4.74 ms; w2 split x
     // 3.26 vs 3.46 ms). Takes no timing_probe, x_cluster 1 and no register_weights.

@@ -369,7 +369,7 @@ absl::StatusOr<bool> GroupedExpertGemm::FusedServes(std::span<const HostExpertWe
       !internal::TensorMapsAvailable()) {
     return false;
   }
-  return internal::GroupedMxfp4GemmWgmmaAvailable();
+  return internal::GroupedMxfp4GemmWgmmaAvailable(options_.producer_warpgroup);
 }
 
 absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets,

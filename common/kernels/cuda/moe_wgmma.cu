@@ -420,7 +420,7 @@ struct BlockTile {
     // a load's latency under this traffic).
     RowCodes even, odd;
     LoadRowCodes(code_row, valid, 0, even);
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step 0's x and scales
+    CopyAsyncWait<1>();  // step 0's x and scales
     WaitX(0);
     __syncthreads();
     if constexpr (kProbe != GemmProbe::kNoDequant) DequantRow(even, Scales(0), weight_s, tid);
@@ -464,7 +464,7 @@ struct BlockTile {
         }
         if (k + 3 < steps) LoadRowCodes(code_row, valid, k + 3, codes);
       }
-      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // step k + 1's x (scales only with TMA)
+      CopyAsyncWait<1>();  // step k + 1's x (scales only with TMA)
       if (k + 1 < steps) WaitX(k + 1);
       FenceProxyAsync();
       if constexpr (kMma) {
@@ -1028,14 +1028,16 @@ absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, _
   return absl::OkStatus();
 }
 
-bool GroupedMxfp4GemmWgmmaAvailable() {
+bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup) {
 #if defined(TANDEM_CUDA_SM90A)
   const absl::StatusOr<DeviceLimits> limits = CurrentDeviceLimits();
   if (!limits.ok()) {
     (void)cudaGetLastError();  // a failed query must not read as a later launch's failure
     return false;
   }
-  return limits->compute_capability == 90 && SharedBytes(true) <= limits->shared_optin;
+  // The largest shared memory of the kernel's forms that would serve (split x: the most).
+  const size_t shared = producer_warpgroup ? ProducerTile<true>::SharedBytes() : SharedBytes(true);
+  return limits->compute_capability == 90 && shared <= limits->shared_optin;
 #else
   return false;
 #endif

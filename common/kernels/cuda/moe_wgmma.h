@@ -72,19 +72,18 @@ struct GroupedMxfp4GemmArgs {
   // Weights dequantized straight into the wgmma A fragments (registers) with x as B by TMA; x in
   // ToBf16Permuted's register order. Takes no probe and no x_cluster above 1.
   bool register_weights = false;
-  // Warp-specialized: one warpgroup copies and dequantizes (codes by cp.async into a ring of its own, x by TMA),
-  // two only multiply, with full / empty mbarriers a stage instead of a block barrier a step. The same wgmmas
-  // in the same order as the weight-tile kernel (the same bits). Takes no probe, x_cluster 1, no register
-  // weights.
+  // Warp-specialized: one warpgroup dequantizes (and fetches x by TMA), two multiply and copy the codes by
+  // cp.async, with full / empty mbarriers a stage instead of a block barrier a step. The same wgmmas in the same
+  // order as the weight-tile kernel (the same bits). Takes no probe, x_cluster 1, no register weights.
   bool producer_warpgroup = false;
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
-// memory within the opt-in limit).
-bool GroupedMxfp4GemmWgmmaAvailable();
+// memory within the opt-in limit; the warp-specialized form's when producer_warpgroup).
+bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup = false);
 
-// Whether the driver encodes TMA tensor maps (cuTensorMapEncodeTiled): x_cluster > 1 and register_weights need
-// it; x_cluster 1 falls back to cp.async (the same bits) without it.
+// Whether the driver encodes TMA tensor maps (cuTensorMapEncodeTiled): x_cluster > 1, register_weights and
+// producer_warpgroup need it; x_cluster 1 falls back to cp.async (the same bits) without it.
 bool TensorMapsAvailable();
 
 // One launch over all tiles (grid: column tiles x tiles).
