@@ -1094,6 +1094,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     int x_cluster = 1;  // the fused kernel's x: 0 by cp.async, else by TMA shared by this many column tiles
     bool registers = false;  // Options::register_weights
     bool producer = false;   // Options::producer_warpgroup
+    bool wide = false;       // Options::wide_tiles
   };
   const Path paths[] = {{"fused", true, false},         {"lanes", false, false},
                         {"fused_split", true, true},    {"lanes_split", false, true},
@@ -1103,7 +1104,9 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                         {"tma_c4", true, false, 4},     {"tma_c2_split", true, true, 2},
                         {"tma_c4_split", true, true, 4},
                         {"producer", true, false, 1, false, true},
-                        {"producer_split", true, true, 1, false, true}};
+                        {"producer_split", true, true, 1, false, true},
+                        {"wide", true, false, 1, false, false, true},
+                        {"wide_split", true, true, 1, false, false, true}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
     if (std::string(path.name) != "fused" && !InList("TANDEM_KERNEL_BENCH_PATHS", path.name)) continue;
@@ -1114,6 +1117,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
     options.x_cluster = path.x_cluster;
     options.register_weights = path.registers;
     options.producer_warpgroup = path.producer;
+    options.wide_tiles = path.wide;
     auto grouped_or = GroupedExpertGemm::Create(options);
     Check(grouped_or.status(), "GroupedExpertGemm::Create");
     GroupedExpertGemm& grouped = **grouped_or;
@@ -1137,11 +1141,11 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
       }
       return std::sqrt(num / std::max(den, 1e-300));
     };
-    if (path.registers) {
+    if (path.registers || path.wide) {
       // Other MMAs (W . x^T): the same products, summed in another order.
       const double e13 = relative_l2(fused_y13[path.split], got13), e2 = relative_l2(fused_y2[path.split], got2);
       std::fprintf(stderr, "  prefill experts %s: vs the default fused kernel relative L2 w13 %.2e, w2 %.2e\n", path.name, e13, e2);
-      if (!(e13 < 1e-5) || !(e2 < 1e-5)) Fail("prefill experts: register weights differ from the weight-tile kernel");
+      if (!(e13 < 1e-5) || !(e2 < 1e-5)) Fail("prefill experts: W . x^T (register weights, wide tiles) differs from the weight-tile kernel");
       continue;
     }
     if (path.fused && (path.x_cluster != 1 || path.producer)) {

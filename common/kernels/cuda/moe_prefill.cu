@@ -170,6 +170,12 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
     return absl::InvalidArgumentError(
         "GroupedExpertGemm: producer_warpgroup takes no timing_probe, x_cluster 1 (x by TMA) and no register_weights");
   }
+  if (options.wide_tiles && (options.timing_probe != 0 || options.x_cluster != 1 || options.register_weights ||
+                             options.producer_warpgroup)) {
+    return absl::InvalidArgumentError(
+        "GroupedExpertGemm: wide_tiles takes no timing_probe, x_cluster 1 (x by TMA) and neither register_weights nor "
+        "producer_warpgroup");
+  }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&grouped->fork_, cudaEventDisableTiming));
@@ -369,17 +375,19 @@ absl::StatusOr<bool> GroupedExpertGemm::FusedServes(std::span<const HostExpertWe
       !internal::TensorMapsAvailable()) {
     return false;
   }
-  return internal::GroupedMxfp4GemmWgmmaAvailable(options_.producer_warpgroup);
+  return internal::GroupedMxfp4GemmWgmmaAvailable(options_.producer_warpgroup, options_.wide_tiles);
 }
 
 absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stacked, std::span<const int64_t> offsets,
                                          int64_t total_out, float* y, cudaStream_t stream) {
   using internal::ExpertTile;
   const int64_t experts = stacked[0].experts;
+  // Wide tiles need TMA; without a tensor-map encoder the weight-tile kernel serves (the same bits: the bench
+  // compares them every run).
+  const bool wide = options_.wide_tiles && internal::TensorMapsAvailable();
+  const int64_t tile_rows = wide ? internal::kExpertWideTileRows : internal::kExpertTileRows;
   int64_t count = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    count += (offsets[e + 1] - offsets[e] + internal::kExpertTileRows - 1) / internal::kExpertTileRows;
-  }
+  for (int64_t e = 0; e < experts; ++e) count += (offsets[e + 1] - offsets[e] + tile_rows - 1) / tile_rows;
   // The previous upload must be out of the staging before it is rewritten (or freed).
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(tiles_copied_));
   if (count > tiles_capacity_) {
@@ -399,7 +407,7 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   ExpertTile* tiles = static_cast<ExpertTile*>(tiles_host_);
   int64_t t = 0;
   for (int64_t e = 0; e < experts; ++e) {
-    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += internal::kExpertTileRows) {
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += tile_rows) {
       ExpertTile& tile = tiles[t++];
       for (size_t p = 0; p < 2; ++p) {
         const HostExpertWeights& w = stacked[std::min(p, stacked.size() - 1)];
@@ -407,7 +415,7 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
         tile.scales[p] = w.scales[e];
       }
       tile.row0 = r;
-      tile.rows = static_cast<int32_t>(std::min<int64_t>(internal::kExpertTileRows, offsets[e + 1] - r));
+      tile.rows = static_cast<int32_t>(std::min<int64_t>(tile_rows, offsets[e + 1] - r));
     }
   }
   TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tiles_device_, tiles_host_, static_cast<size_t>(count) * sizeof(ExpertTile),
@@ -426,6 +434,7 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.x_cluster = options_.x_cluster;
   args.register_weights = options_.register_weights;
   args.producer_warpgroup = options_.producer_warpgroup;
+  args.wide_tiles = wide;
   args.x_rows = offsets[experts];
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }

@@ -11,8 +11,9 @@
 //   wgmmas run while step k + 1 is dequantized.
 // Rows past the tile's count are computed from a repeated row (cp.async) or whatever rows follow (TMA; zeros
 // past x's end) and never stored; a warpgroup whose 64 rows are all past the count skips its MMAs.
-// RegisterTile (register_weights, below) is the variant with the weights as the A operand from registers, and
-// ProducerTile (producer_warpgroup) the warp-specialized one.
+// RegisterTile (register_weights, below) is the variant with the weights as the A operand from registers,
+// ProducerTile (producer_warpgroup) the warp-specialized one, and WideTile (wide_tiles, the forward's) the one
+// with up to 256 rows x 128 columns a block and the weights as the A operand from shared memory.
 //
 // Dequantization, exactly as DequantizeMxfp4: an e2m1 code's 3 magnitude bits go under the bf16 exponent
 // (bits 6-8) and its sign to bit 15, which reads as the code's value times 2^-126 (subnormals included);
@@ -117,11 +118,6 @@ __device__ __forceinline__ void TmaLoadMulticast(uint32_t dst, const CUtensorMap
 __device__ __forceinline__ void MbarrierArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// The warpgroup's register budget a thread lowered (the rest released to the SM).
-template <int kRegisters>
-__device__ __forceinline__ void LowerRegisters() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
 __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
@@ -139,8 +135,6 @@ __device__ __forceinline__ void MbarrierWait(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void TmaLoadMulticast(uint32_t, const CUtensorMap*, int, int, uint32_t, uint16_t) { __trap(); }
 __device__ __forceinline__ void TmaLoad(uint32_t, const CUtensorMap*, int, int, uint32_t) { __trap(); }
 __device__ __forceinline__ void MbarrierArrive(uint32_t) { __trap(); }
-template <int kRegisters>
-__device__ __forceinline__ void LowerRegisters() { __trap(); }
 #endif
 
 // 16 bytes global -> shared through L1 (both 16-byte aligned): two lanes asking for the halves of one 32-byte
@@ -512,10 +506,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Each ring (x, weights, codes) has full and empty mbarriers a stage; the consumers copy the codes with the
 // issue slots their wgmmas leave idle, off the dequantization's path (bench/results/cuda-kernels/NOTES.md has
 // the versions measured).
-// 384 threads: the launch bound caps every thread at 168 registers (the consumers' 128 accumulators fit);
-// setmaxnreg lowers the dequantizing warpgroup to 56.
+// 384 threads: the launch bound caps every thread at 168 registers (the consumers' 128 accumulators fit). No
+// setmaxnreg: lowering the dequantizing warpgroup to 56 kept ptxas from interleaving its two rows' words (H200,
+// 8192 tokens, w1/w3: 5.62 ms with it, 5.54 ms without).
 constexpr int kProducerThreads = 384;
-constexpr int kDequantRegisters = 56;
 constexpr uint32_t kCodeStageBytes = kColumns * kDepth / 2;  // 8 KB: 32 code bytes a row
 constexpr uint32_t kScaleStageBytes = kColumns * 4;          // a row's scale pair (steps 2m, 2m + 1)
 
@@ -735,12 +729,285 @@ __global__ void __launch_bounds__(kProducerThreads, 1)
   __syncthreads();  // the barriers exist before any wait, arrival or copy
   const int role = block.tid / 128;  // warpgroup-uniform
   if (role == 0) {
-    LowerRegisters<kDequantRegisters>();
     block.Dequantize();
   } else if (64 * (role - 1) < block.tile.rows) {
     block.template Consume<true>(role - 1);
   } else {
     block.template Consume<false>(role - 1);
+  }
+}
+
+// ---- Wide tiles (GroupedMxfp4GemmArgs::wide_tiles) ----
+// The roles of the operands swapped: a block computes up to 256 rows of one expert x 128 output columns, the
+// weights the wgmma A operand (warpgroup w: weight rows [64 w, + 64) of the tile) and x the B operand (N = the
+// tile's rows rounded up to 64: wgmma m64nNk16, N 64..256, by TMA in 64-row boxes). An expert of up to 256 rows
+// is one tile, so each weight is dequantized once per expert and 128 columns, where the weight-tile kernel
+// dequantizes it once per 128 rows and 256 columns (twice for the ~192-row experts of an 8192-token prefill).
+// Each thread dequantizes half a weight row a step (row t / 2, values [32 (t % 2), + 32) of the step: 16 code
+// bytes and one scale byte, loaded two steps ahead), so a warpgroup writes exactly the weight rows its own
+// wgmmas read: the weight stages pass between the threads of one warpgroup.
+// - One bf16 pass (RunPipelined): no block barrier. A warpgroup issues step k's wgmmas, waits for step k - 1's
+//   (so two steps are in flight at a time on the same accumulators), dequantizes step k + 2 into the weight
+//   stage step k - 1 used, and publishes it with a warpgroup barrier; x comes by TMA two steps ahead into a
+//   4-stage ring with full and empty mbarriers (an empty stage: all 8 warps past its wgmmas).
+// - Split x (RunSynchronous, two x tiles a stage: the shared memory holds 3 x stages and 2 weight stages): the
+//   weight-tile kernel's pipeline, step k + 1 dequantized while step k's wgmmas run and one block barrier a step
+//   (which also frees the x stage the next TMA overwrites).
+constexpr int kWideRows = kExpertWideTileRows;  // 256
+constexpr int kWideColumns = kExpertWideTileColumns;  // 128
+constexpr uint32_t kWideXTileBytes = kWideRows * kDepth * 2;           // 32 KB
+constexpr uint32_t kWideWeightTileBytes = kWideColumns * kDepth * 2;   // 16 KB
+static_assert(kThreads == 2 * kWideColumns, "half a weight row a thread");
+constexpr int WideXStages(bool split) { return split ? 3 : 4; }
+constexpr int WideWeightStages(bool split) { return split ? 2 : 3; }
+size_t WideSharedBytes(bool split) {
+  return size_t(WideXStages(split)) * (split ? 2 : 1) * kWideXTileBytes +
+         size_t(WideWeightStages(split)) * kWideWeightTileBytes + 2 * 8 * size_t(WideXStages(split)) +
+         1024;  // + alignment slack
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The 128 threads of warpgroup `group` (named barrier 1 + group; 0 is __syncthreads').
+__device__ __forceinline__ void WarpgroupBarrier(int group) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + group) : "memory");
+}
+#else
+__device__ __forceinline__ void WarpgroupBarrier(int) { __trap(); }
+#endif
+
+// Half a weight row's codes and scale for one K step.
+struct HalfRowCodes {
+  uint4 codes;
+  uint32_t scale;
+};
+
+template <bool kSplit>
+struct WideTile {
+  static constexpr int kXStages = WideXStages(kSplit);
+  static constexpr int kWeightStages = WideWeightStages(kSplit);
+  const GroupedMxfp4GemmArgs& a;
+  const XMaps& maps;
+  ExpertTile tile;
+  int tid, group, steps, boxes;  // boxes: the 64-row TMA boxes of x a step (the tile's rows rounded up)
+  int row, half;                 // this thread's weight row in the tile and half of each step's 64 values
+  int64_t n0;
+  uint32_t x_stage_bytes, x_base, weight_base;
+  // full: thread 0's arrival plus the TMA bytes; empty (RunPipelined): one arrival a warp
+  StageBarriers<kXStages> barriers;
+  uint8_t* weight_s;
+  bool valid;  // this thread's weight row exists
+  const uint8_t* code_row;   // its 16 code bytes of step 0
+  const uint8_t* scale_row;  // its scale byte of step 0
+
+  __device__ WideTile(const GroupedMxfp4GemmArgs& args, const XMaps& x_maps, uint8_t* shared)
+      : a(args), maps(x_maps), tile(args.tiles[blockIdx.y]) {
+    tid = static_cast<int>(threadIdx.x);
+    group = tid / 128;
+    row = tid / 2;
+    half = tid % 2;
+    steps = static_cast<int>(a.in / kDepth);
+    boxes = (tile.rows + 63) / 64;
+    n0 = static_cast<int64_t>(blockIdx.x) * kWideColumns;
+    x_stage_bytes = (kSplit ? 2u : 1u) * kWideXTileBytes;
+    x_base = SharedAddress(shared);
+    weight_s = shared + kXStages * x_stage_bytes;
+    weight_base = SharedAddress(weight_s);
+    barriers.base = weight_base + kWeightStages * kWideWeightTileBytes;
+    const int64_t n = n0 + row;
+    valid = n < a.total_out;
+    const bool second = n >= a.out0;  // (selects: an index into tile's arrays would put them on the stack)
+    const int64_t local = n - (second ? a.out0 : 0);
+    code_row = valid ? (second ? tile.codes[1] : tile.codes[0]) + local * (a.in / 2) + 16 * half : nullptr;
+    scale_row = valid ? (second ? tile.scales[1] : tile.scales[0]) + local * (a.in / 32) + half : nullptr;
+  }
+
+  __device__ __forceinline__ void LoadCodes(int step, HalfRowCodes& c) const {
+    if (!valid) {
+      c = {make_uint4(0, 0, 0, 0), 127u};
+      return;
+    }
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(c.codes.x), "=r"(c.codes.y), "=r"(c.codes.z), "=r"(c.codes.w)
+                 : "l"(code_row + step * (kDepth / 2)));
+    asm volatile("ld.global.nc.u8 %0, [%1];\n" : "=r"(c.scale) : "l"(scale_row + 2 * step));
+  }
+
+  // This thread's 32 values of a step into weight stage `stage` (8-value chunks 4 half .. + 3 of its row).
+  __device__ __forceinline__ void Dequant(const HalfRowCodes& c, int stage) const {
+    uint8_t* tile_s = weight_s + static_cast<uint32_t>(stage) * kWideWeightTileBytes;
+    const uint32_t words[4] = {c.codes.x, c.codes.y, c.codes.z, c.codes.w};
+    if (c.scale <= 128) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        *reinterpret_cast<uint4*>(tile_s + TileOffset(row, 4 * half + i)) = DequantMxfp4Word<true>(words[i], c.scale);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        *reinterpret_cast<uint4*>(tile_s + TileOffset(row, 4 * half + i)) = DequantMxfp4Word<false>(words[i], c.scale);
+      }
+    }
+  }
+
+  // Thread 0: step `step`'s x (the tile's boxes; rows past the tile's count are other experts' rows or zeros
+  // past x's end, never stored) once its stage is free: `wait_empty` for RunPipelined's ring (RunSynchronous's
+  // block barrier that ended step step - kXStages freed it).
+  __device__ __forceinline__ void LoadX(int step, bool wait_empty) const {
+    if (tid != 0) return;
+    if (wait_empty) barriers.WaitEmpty(step);
+    const uint32_t full = barriers.Full(step);
+    MbarrierExpectBytes(full, static_cast<uint32_t>(boxes) * 64u * 128u * (kSplit ? 2u : 1u));
+    const uint32_t stage = x_base + static_cast<uint32_t>(step % kXStages) * x_stage_bytes;
+    for (int b = 0; b < boxes; ++b) {
+      const int x_row = static_cast<int>(tile.row0) + 64 * b;
+      TmaLoad(stage + 64u * 128u * b, &maps.hi, step * kDepth, x_row, full);
+      if constexpr (kSplit) TmaLoad(stage + kWideXTileBytes + 64u * 128u * b, &maps.lo, step * kDepth, x_row, full);
+    }
+  }
+
+  // Step k's wgmmas of this warpgroup (x hi, and lo when split), one commit group.
+  template <int kN>
+  __device__ __forceinline__ void Multiply(int k, float (&acc)[kN / 2]) const {
+    const uint32_t x_stage = x_base + static_cast<uint32_t>(k % kXStages) * x_stage_bytes;
+    const uint32_t weights = weight_base + static_cast<uint32_t>(k % kWeightStages) * kWideWeightTileBytes +
+                             static_cast<uint32_t>(group) * 8 * kRowGroupBytes;  // the warpgroup's 64 rows
+    const uint64_t w = WgmmaDescriptor(weights, kCore, kRowGroupBytes);
+    const uint64_t hi = Swizzled128Descriptor(x_stage), lo = Swizzled128Descriptor(x_stage + kWideXTileBytes);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kDepth / 16; ++kk) {
+      // 16 values of K: 2 core matrices on in the weight tile, 32 bytes along a swizzled x row.
+      WgmmaM64NK16<kN>(acc, WgmmaAdvance(w, kk * 2 * kCore), WgmmaAdvance(hi, kk * 32));
+      if constexpr (kSplit) WgmmaM64NK16<kN>(acc, WgmmaAdvance(w, kk * 2 * kCore), WgmmaAdvance(lo, kk * 32));
+    }
+    WgmmaCommit();
+  }
+
+  template <int kN>
+  __device__ __forceinline__ void Run() const {
+    if (tid == 0) barriers.Init(8);
+    __syncthreads();
+    float acc[kN / 2];
+#pragma unroll
+    for (float& v : acc) v = 0.0f;
+    WgmmaTouch(acc);
+    if constexpr (kSplit) {
+      RunSynchronous<kN>(acc);
+    } else {
+      RunPipelined<kN>(acc);
+    }
+    WgmmaWait<0>();
+    WgmmaTouch(acc);
+    Store<kN>(acc);
+  }
+
+  template <int kN>
+  __device__ __forceinline__ void RunPipelined(float (&acc)[kN / 2]) const {
+    LoadX(0, false);
+    LoadX(1, false);  // steps >= 2: in is a multiple of 128
+    HalfRowCodes even, odd;
+    LoadCodes(0, even);
+    LoadCodes(1, odd);
+    Dequant(even, 0);
+    Dequant(odd, 1);
+    if (steps > 2) LoadCodes(2, even);
+    if (steps > 3) LoadCodes(3, odd);
+    FenceProxyAsync();
+    WarpgroupBarrier(group);
+    // Step k dequantizes step k + 2 from the set loaded at step k - 2 and refills it with step k + 4. No
+    // accumulator is touched between the wgmmas (that would make ptxas wait for each one).
+    auto step = [&](int k, HalfRowCodes& codes) {
+      barriers.WaitFull(k);
+      Multiply<kN>(k, acc);
+      WgmmaWait<1>();  // this warpgroup's step k - 1 is done with its x and weight stages
+      if (k > 0 && tid % 32 == 0) MbarrierArrive(barriers.Empty(k - 1));
+      if (k + 2 < steps) {
+        LoadX(k + 2, true);  // into the stage of step k - 2
+        Dequant(codes, (k + 2) % kWeightStages);
+        if (k + 4 < steps) LoadCodes(k + 4, codes);
+        FenceProxyAsync();
+      }
+      WarpgroupBarrier(group);  // step k + 2's weights are visible to the warpgroup's wgmmas
+    };
+    for (int k = 0; k < steps; k += 2) {
+      step(k, even);
+      if (k + 1 < steps) step(k + 1, odd);
+    }
+  }
+
+  template <int kN>
+  __device__ __forceinline__ void RunSynchronous(float (&acc)[kN / 2]) const {
+    LoadX(0, false);
+    LoadX(1, false);
+    HalfRowCodes even, odd;
+    LoadCodes(0, even);
+    if (steps > 1) LoadCodes(1, odd);
+    Dequant(even, 0);
+    if (steps > 2) LoadCodes(2, even);
+    FenceProxyAsync();
+    barriers.WaitFull(0);
+    __syncthreads();
+    // Step k dequantizes step k + 1 from the set loaded at step k - 1 and refills it with step k + 3.
+    auto step = [&](int k, HalfRowCodes& codes) {
+      Multiply<kN>(k, acc);
+      if (k + 2 < steps) LoadX(k + 2, false);
+      if (k + 1 < steps) {
+        Dequant(codes, (k + 1) % kWeightStages);
+        if (k + 3 < steps) LoadCodes(k + 3, codes);
+        FenceProxyAsync();
+        barriers.WaitFull(k + 1);
+      }
+      WgmmaWait<0>();
+      WgmmaTouch(acc);
+      __syncthreads();  // step k + 1's weights are visible; step k's x and weight stages are free
+    };
+    for (int k = 0; k < steps; k += 2) {
+      step(k, odd);
+      if (k + 1 < steps) step(k + 1, even);
+    }
+  }
+
+  // acc[4 j + e]: weight row m = 64 group + 16 warp + lane / 4 (+ 8 for e >= 2) of the tile, x row
+  // n = 8 j + 2 (lane % 4) (+ 1 for odd e). Each store instruction of a warp writes 4 rows' 8 consecutive
+  // columns: whole 32-byte sectors.
+  template <int kN>
+  __device__ __forceinline__ void Store(const float (&acc)[kN / 2]) const {
+    const int lane = tid % 32, warp = (tid % 128) / 32;
+    const int64_t m0 = n0 + 64 * group + 16 * warp + lane / 4, m1 = m0 + 8;
+    const bool store0 = m0 < a.total_out, store1 = m1 < a.total_out;
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int n = 8 * j + 2 * (lane % 4) + e;
+        if (n >= tile.rows) continue;
+        float* y_row = a.y + (tile.row0 + n) * a.total_out;
+        if (store0) y_row[m0] = acc[4 * j + e];
+        if (store1) y_row[m1] = acc[4 * j + 2 + e];
+      }
+    }
+  }
+};
+
+template <bool kSplit>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedMxfp4GemmWideKernel(GroupedMxfp4GemmArgs a, const __grid_constant__ XMaps maps) {
+  extern __shared__ __align__(1024) uint8_t shared_raw[];
+  uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
+  const WideTile<kSplit> block(a, maps, shared);
+  switch (block.boxes) {  // block-uniform
+    case 1:
+      block.template Run<64>();
+      break;
+    case 2:
+      block.template Run<128>();
+      break;
+    case 3:
+      block.template Run<192>();
+      break;
+    default:
+      block.template Run<256>();
+      break;
   }
 }
 
@@ -1028,7 +1295,7 @@ absl::Status ToBf16Permuted(const PermutedSource& x, int64_t rows, int64_t in, _
   return absl::OkStatus();
 }
 
-bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup) {
+bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup, bool wide_tiles) {
 #if defined(TANDEM_CUDA_SM90A)
   const absl::StatusOr<DeviceLimits> limits = CurrentDeviceLimits();
   if (!limits.ok()) {
@@ -1036,7 +1303,9 @@ bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup) {
     return false;
   }
   // The largest shared memory of the kernel's forms that would serve (split x: the most).
-  const size_t shared = producer_warpgroup ? ProducerTile<true>::SharedBytes() : SharedBytes(true);
+  const size_t shared = producer_warpgroup ? ProducerTile<true>::SharedBytes()
+                        : wide_tiles       ? WideSharedBytes(true)
+                                           : SharedBytes(true);
   return limits->compute_capability == 90 && shared <= limits->shared_optin;
 #else
   return false;
@@ -1101,12 +1370,12 @@ absl::Status EncodeXMap(const __nv_bfloat16* x, int64_t rows, int64_t in, int bo
 
 // One launch of a kernel whose blocks each fetch their own x by TMA (64-row boxes): grid column tiles x tiles.
 absl::Status LaunchWithXMaps(const GroupedMxfp4GemmArgs& a, Kernel kernel, int threads, size_t shared, const char* name,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, int columns = kColumns) {
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, name));
   XMaps maps{};
   TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
   if (a.x_lo) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
-  const dim3 grid(static_cast<unsigned>((a.total_out + kColumns - 1) / kColumns), static_cast<unsigned>(a.tile_count));
+  const dim3 grid(static_cast<unsigned>((a.total_out + columns - 1) / columns), static_cast<unsigned>(a.tile_count));
   kernel<<<grid, threads, shared, stream>>>(a, maps);
   return CudaStatus(cudaGetLastError(), absl::StrCat("launch of ", name).c_str(), __FILE__, __LINE__);
 }
@@ -1118,7 +1387,9 @@ bool TensorMapsAvailable() { return TensorMapEncoder().ok(); }
 absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_t stream) {
   GroupedMxfp4GemmArgs a = args;
   // One block's TMA has a cp.async twin with the same bits; a driver without the encoder gets that.
-  if (a.x_cluster == 1 && !a.register_weights && !a.producer_warpgroup && !TensorMapsAvailable()) a.x_cluster = 0;
+  if (a.x_cluster == 1 && !a.register_weights && !a.producer_warpgroup && !a.wide_tiles && !TensorMapsAvailable()) {
+    a.x_cluster = 0;
+  }
   if (a.tile_count == 0) return absl::OkStatus();
   if (!a.tiles || !a.x || !a.y) return absl::InvalidArgumentError("GroupedMxfp4GemmWgmma: null pointer");
   if (a.in <= 0 || a.in % (2 * kDepth) != 0 || a.total_out <= 0 || a.total_out % 2 != 0 || a.out0 <= 0 ||
@@ -1131,11 +1402,21 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
   if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4) {
     return absl::InvalidArgumentError(absl::StrCat("GroupedMxfp4GemmWgmma: x_cluster ", cluster, " (0, 1, 2 or 4)"));
   }
-  if ((cluster > 0 || a.register_weights || a.producer_warpgroup) && (a.x_rows <= 0 || a.x_rows > INT32_MAX - kExpertTileRows)) {
+  if ((cluster > 0 || a.register_weights || a.producer_warpgroup || a.wide_tiles) &&
+      (a.x_rows <= 0 || a.x_rows > INT32_MAX - kExpertWideTileRows)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("GroupedMxfp4GemmWgmma: x_rows ", a.x_rows, " (TMA row coordinates are 32-bit, 1..2^31 - 129)"));
+        absl::StrCat("GroupedMxfp4GemmWgmma: x_rows ", a.x_rows, " (TMA row coordinates are 32-bit, 1..2^31 - 257)"));
   }
   const bool split = a.x_lo != nullptr;
+  if (a.wide_tiles) {
+    if (a.probe != GemmProbe::kNone || cluster != 1 || a.register_weights || a.producer_warpgroup) {
+      return absl::InvalidArgumentError(
+          "GroupedMxfp4GemmWgmma: wide tiles take no probe, x_cluster 1 and neither register weights nor the producer "
+          "warpgroup");
+    }
+    return LaunchWithXMaps(a, split ? GroupedMxfp4GemmWideKernel<true> : GroupedMxfp4GemmWideKernel<false>, kThreads,
+                           WideSharedBytes(split), "GroupedMxfp4GemmWideKernel", stream, kWideColumns);
+  }
   if (a.producer_warpgroup) {
     if (a.probe != GemmProbe::kNone || cluster != 1 || a.register_weights) {
       return absl::InvalidArgumentError(

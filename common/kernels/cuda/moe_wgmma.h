@@ -20,13 +20,16 @@ namespace tandem::kernels::cuda::internal {
 constexpr int kExpertTileRows = 128;     // rows a block multiplies (two warpgroups of 64)
 constexpr int kExpertTileColumns = 256;  // output columns a block computes
 constexpr int kExpertTileDepth = 64;     // the K step: `in` must be a multiple of twice it (scales come in pairs of steps)
+// GroupedMxfp4GemmArgs::wide_tiles: up to this many rows of one expert a block, this many output columns.
+constexpr int kExpertWideTileRows = 256;
+constexpr int kExpertWideTileColumns = 128;
 
-// Up to kExpertTileRows grouped rows of one expert, with that expert's weights (device pointers, one per part).
+// Up to kExpertTileRows (wide tiles: kExpertWideTileRows) grouped rows of one expert, with that expert's weights (device pointers, one per part).
 struct ExpertTile {
   const uint8_t* codes[2];   // [out_p, in / 2] e2m1 pairs, low nibble first; 16-byte aligned
   const uint8_t* scales[2];  // [out_p, in / 32] ue8m0; 4-byte aligned
   int64_t row0;              // first row in x and y
-  int32_t rows;              // 1..kExpertTileRows
+  int32_t rows;              // 1..kExpertTileRows (kExpertWideTileRows)
   int32_t unused = 0;
 };
 
@@ -76,14 +79,20 @@ struct GroupedMxfp4GemmArgs {
   // cp.async, with full / empty mbarriers a stage instead of a block barrier a step. The same wgmmas in the same
   // order as the weight-tile kernel (the same bits). Takes no probe, x_cluster 1, no register weights.
   bool producer_warpgroup = false;
+  // Tiles of up to kExpertWideTileRows rows x kExpertWideTileColumns columns with the weights as the wgmma A
+  // operand and x (by TMA) as B: each weight dequantized once per 256 rows instead of once per 128. The tile
+  // table must hold tiles of up to kExpertWideTileRows rows. Takes no probe, x_cluster 1 and neither of the two
+  // forms above.
+  bool wide_tiles = false;
 };
 
 // Whether this build and the current device run the kernel (sm_90a code, compute capability 9.0, its shared
-// memory within the opt-in limit; the warp-specialized form's when producer_warpgroup).
-bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup = false);
+// memory within the opt-in limit; the warp-specialized form's when producer_warpgroup, the wide tiles' when
+// wide_tiles).
+bool GroupedMxfp4GemmWgmmaAvailable(bool producer_warpgroup = false, bool wide_tiles = false);
 
-// Whether the driver encodes TMA tensor maps (cuTensorMapEncodeTiled): x_cluster > 1, register_weights and
-// producer_warpgroup need it; x_cluster 1 falls back to cp.async (the same bits) without it.
+// Whether the driver encodes TMA tensor maps (cuTensorMapEncodeTiled): x_cluster > 1, register_weights,
+// producer_warpgroup and wide_tiles need it; x_cluster 1 falls back to cp.async (the same bits) without it.
 bool TensorMapsAvailable();
 
 // One launch over all tiles (grid: column tiles x tiles).

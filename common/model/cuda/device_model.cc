@@ -449,6 +449,7 @@ struct DeviceModel::Impl {
     expert_options.max_weight_elements = 2 * c.moe_intermediate_size * c.hidden_size;  // w1 and w3 stacked
     expert_options.split_x = options.dense != DenseFormat::kBf16;  // f32 runs get the closest of the two
     expert_options.fused_mxfp4 = options.fused_prefill_experts;
+    expert_options.wide_tiles = true;  // the fastest form of the fused kernel (cuda_moe_prefill.h)
     TANDEM_ASSIGN_OR_RETURN(expert_gemm, kc::GroupedExpertGemm::Create(expert_options));
     for (const auto& layer : w.layers) {
       TANDEM_ASSIGN_OR_RETURN(Layer l, UploadLayer(layer));
