@@ -748,9 +748,8 @@ __global__ void __launch_bounds__(kProducerThreads, 1)
 // weight rows its own wgmmas read: the weight stages pass between the threads of one warpgroup, with no block
 // barrier. A warpgroup issues step k's wgmmas, waits for its step k - 1's (two steps in flight on the same
 // accumulators), dequantizes step k + D into the weight stage step k - 1 used (D = weight stages - 1: 2 with
-// one bf16 pass, 1 split) and publishes it with a warpgroup barrier. x comes by TMA kXStages - 2 steps ahead
-// (2 / 1) into a ring with full and empty mbarriers (empty: both warpgroups of every block of the cluster past
-// the step). With x_cluster 2 the two column tiles of a cluster each fetch half of every 64-row box for both
+// one bf16 pass, 1 split) and publishes it with a warpgroup barrier. x comes by TMA two steps ahead into a
+// ring with full and empty mbarriers (empty: all 8 warps of every block of the cluster past the step). With x_cluster 2 the two column tiles of a cluster each fetch half of every 64-row box for both
 // (multicast), so L2 sends x once a cluster.
 constexpr int kWideRows = kExpertWideTileRows;  // 256
 constexpr int kWideColumns = kExpertWideTileColumns;  // 128
@@ -786,7 +785,10 @@ struct WideTile {
   static constexpr int kXStages = WideXStages(kSplit);
   static constexpr int kWeightStages = WideWeightStages(kSplit);
   static constexpr int kDequantAhead = kWeightStages - 1;  // step k dequantizes step k + kDequantAhead
-  static constexpr int kXAhead = kXStages - 2;  // step k fetches x of step k + kXAhead (the stage of step k - 2)
+  // Step k fetches x of step k + 2, into the stage of step k - 2 (one bf16 pass) or k - 1 (split): at least a
+  // step's time before its wgmmas (one step ahead would leave only the dequantization's: H200, w1/w3 split, 6.68
+  // vs 5.64 ms).
+  static constexpr int kXAhead = 2;
   const GroupedMxfp4GemmArgs& a;
   const XMaps& maps;
   ExpertTile tile;
@@ -796,8 +798,8 @@ struct WideTile {
   uint32_t rank = 0;             // in the cluster
   int64_t n0;
   uint32_t x_stage_bytes, x_base, weight_base;
-  // full: thread 0's arrival plus the TMA bytes (of every block of the cluster); empty: one arrival a
-  // warpgroup of every block of the cluster
+  // full: thread 0's arrival plus the TMA bytes (of every block of the cluster); empty: one arrival a warp of
+  // every block of the cluster
   StageBarriers<kXStages> barriers;
   uint8_t* weight_s;
   bool valid;  // this thread's weight row exists
@@ -901,7 +903,7 @@ struct WideTile {
 
   template <int kN>
   __device__ __forceinline__ void Run() const {
-    if (tid == 0) barriers.Init(static_cast<uint32_t>(2 * cluster));
+    if (tid == 0) barriers.Init(static_cast<uint32_t>(8 * cluster));
     // Every block's barriers exist before any TMA or arrival reaches them (a block of its own: __syncthreads).
     if (cluster > 1) {
       ClusterSync();
@@ -929,6 +931,15 @@ struct WideTile {
       barriers.WaitFull(k);
       Multiply<kN>(k, acc);
       WgmmaWait<1>();  // this warpgroup's step k - 1 is done with its x and weight stages
+      // The warp is past step k - 1 in every block. (Released here, not after the warpgroup barrier below: thread
+      // 0's fetch waits for it. H200, w1/w3: 3.87 ms released after the barrier, 3.61 ms here.)
+      if (k > 0 && tid % 32 == 0) {
+        if (cluster > 1) {
+          for (int r = 0; r < cluster; ++r) MbarrierArriveRemote(barriers.Empty(k - 1), static_cast<uint32_t>(r));
+        } else {
+          MbarrierArrive(barriers.Empty(k - 1));
+        }
+      }
       if (k + kXAhead < steps) LoadX(k + kXAhead);
       const int next = k + kDequantAhead;
       if (next < steps) {
@@ -937,9 +948,6 @@ struct WideTile {
         FenceProxyAsync();
       }
       WarpgroupBarrier(group);  // step `next`'s weights are visible to the warpgroup's wgmmas
-      if (k > 0 && tid % 128 == 0) {  // the warpgroup is past step k - 1 (its wait above) in every block
-        for (int r = 0; r < cluster; ++r) MbarrierArriveRemote(barriers.Empty(k - 1), static_cast<uint32_t>(r));
-      }
     };
     for (int k = 0; k < steps; k += 2) {
       step(k, codes[kDequantAhead % 2]);
