@@ -1106,9 +1106,7 @@ void RunPrefillExperts(Bench& bench, std::vector<Row>& rows) {
                         {"producer", true, false, 1, false, true},
                         {"producer_split", true, true, 1, false, true},
                         {"wide", true, false, 1, false, false, true},
-                        {"wide_split", true, true, 1, false, false, true},
-                        {"wide_c2", true, false, 2, false, false, true},
-                        {"wide_c2_split", true, true, 2, false, false, true}};
+                        {"wide_split", true, true, 1, false, false, true}};
   std::vector<float> fused_y13[2], fused_y2[2];  // [split]
   for (const Path& path : paths) {
     if (std::string(path.name) != "fused" && !InList("TANDEM_KERNEL_BENCH_PATHS", path.name)) continue;

@@ -170,11 +170,11 @@ absl::StatusOr<std::unique_ptr<GroupedExpertGemm>> GroupedExpertGemm::Create(con
     return absl::InvalidArgumentError(
         "GroupedExpertGemm: producer_warpgroup takes no timing_probe, x_cluster 1 (x by TMA) and no register_weights");
   }
-  if (options.wide_tiles && (options.timing_probe != 0 || options.x_cluster == 0 || options.register_weights ||
+  if (options.wide_tiles && (options.timing_probe != 0 || options.x_cluster != 1 || options.register_weights ||
                              options.producer_warpgroup)) {
     return absl::InvalidArgumentError(
-        "GroupedExpertGemm: wide_tiles takes no timing_probe, x_cluster 1, 2 or 4 (x by TMA) and neither "
-        "register_weights nor producer_warpgroup");
+        "GroupedExpertGemm: wide_tiles takes no timing_probe, x_cluster 1 (x by TMA) and neither register_weights nor "
+        "producer_warpgroup");
   }
   std::unique_ptr<GroupedExpertGemm> grouped(new GroupedExpertGemm());
   grouped->options_ = options;

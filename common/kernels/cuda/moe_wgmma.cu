@@ -744,19 +744,20 @@ __global__ void __launch_bounds__(kProducerThreads, 1)
 // is one tile, so each weight is dequantized once per expert and 128 columns, where the weight-tile kernel
 // dequantizes it once per 128 rows and 256 columns (twice for the ~192-row experts of an 8192-token prefill).
 // Each thread dequantizes half a weight row a step (row t / 2, values [32 (t % 2), + 32) of the step: 16 code
-// bytes and one scale byte, loaded two steps before their dequantization), so a warpgroup writes exactly the
-// weight rows its own wgmmas read: the weight stages pass between the threads of one warpgroup, with no block
-// barrier. A warpgroup issues step k's wgmmas, waits for its step k - 1's (two steps in flight on the same
-// accumulators), dequantizes step k + D into the weight stage step k - 1 used (D = weight stages - 1: 2 with
-// one bf16 pass, 1 split) and publishes it with a warpgroup barrier. x comes by TMA two steps ahead into a
-// ring with full and empty mbarriers (empty: all 8 warps of every block of the cluster past the step). With x_cluster 2 the two column tiles of a cluster each fetch half of every 64-row box for both
-// (multicast), so L2 sends x once a cluster.
+// bytes and one scale byte, loaded two steps ahead), so a warpgroup writes exactly the weight rows its own
+// wgmmas read: the weight stages pass between the threads of one warpgroup.
+// - One bf16 pass (RunPipelined): no block barrier. A warpgroup issues step k's wgmmas, waits for step k - 1's
+//   (so two steps are in flight at a time on the same accumulators), dequantizes step k + 2 into the weight
+//   stage step k - 1 used, and publishes it with a warpgroup barrier; x comes by TMA two steps ahead into a
+//   4-stage ring with full and empty mbarriers (an empty stage: all 8 warps past its wgmmas).
+// - Split x (RunSynchronous, two x tiles a stage: the shared memory holds 3 x stages and 2 weight stages): the
+//   weight-tile kernel's pipeline, step k + 1 dequantized while step k's wgmmas run and one block barrier a step
+//   (which also frees the x stage the next TMA overwrites).
 constexpr int kWideRows = kExpertWideTileRows;  // 256
 constexpr int kWideColumns = kExpertWideTileColumns;  // 128
 constexpr uint32_t kWideXTileBytes = kWideRows * kDepth * 2;           // 32 KB
 constexpr uint32_t kWideWeightTileBytes = kWideColumns * kDepth * 2;   // 16 KB
 static_assert(kThreads == 2 * kWideColumns, "half a weight row a thread");
-// Split x has two x tiles a stage: 3 x stages and 2 weight stages fill the shared memory (224 KB).
 constexpr int WideXStages(bool split) { return split ? 3 : 4; }
 constexpr int WideWeightStages(bool split) { return split ? 2 : 3; }
 size_t WideSharedBytes(bool split) {
@@ -784,22 +785,14 @@ template <bool kSplit>
 struct WideTile {
   static constexpr int kXStages = WideXStages(kSplit);
   static constexpr int kWeightStages = WideWeightStages(kSplit);
-  static constexpr int kDequantAhead = kWeightStages - 1;  // step k dequantizes step k + kDequantAhead
-  // Step k fetches x of step k + 2, into the stage of step k - 2 (one bf16 pass) or k - 1 (split): at least a
-  // step's time before its wgmmas (one step ahead would leave only the dequantization's: H200, w1/w3 split, 6.68
-  // vs 5.64 ms).
-  static constexpr int kXAhead = 2;
   const GroupedMxfp4GemmArgs& a;
   const XMaps& maps;
   ExpertTile tile;
   int tid, group, steps, boxes;  // boxes: the 64-row TMA boxes of x a step (the tile's rows rounded up)
   int row, half;                 // this thread's weight row in the tile and half of each step's 64 values
-  int cluster;                   // a.x_cluster
-  uint32_t rank = 0;             // in the cluster
   int64_t n0;
   uint32_t x_stage_bytes, x_base, weight_base;
-  // full: thread 0's arrival plus the TMA bytes (of every block of the cluster); empty: one arrival a warp of
-  // every block of the cluster
+  // full: thread 0's arrival plus the TMA bytes; empty (RunPipelined): one arrival a warp
   StageBarriers<kXStages> barriers;
   uint8_t* weight_s;
   bool valid;  // this thread's weight row exists
@@ -814,8 +807,6 @@ struct WideTile {
     half = tid % 2;
     steps = static_cast<int>(a.in / kDepth);
     boxes = (tile.rows + 63) / 64;
-    cluster = a.x_cluster;
-    if (cluster > 1) rank = ClusterRank();
     n0 = static_cast<int64_t>(blockIdx.x) * kWideColumns;
     x_stage_bytes = (kSplit ? 2u : 1u) * kWideXTileBytes;
     x_base = SharedAddress(shared);
@@ -858,28 +849,19 @@ struct WideTile {
     }
   }
 
-  // Thread 0: this block's share of step `step`'s x into the stage of every block of the cluster, once the
-  // stage is free in all of them: rows [64 b + rank 64 / cluster, + 64 / cluster) of each of the tile's boxes b
-  // (rows past the tile's count are other experts' rows or zeros past x's end, never stored).
-  __device__ __forceinline__ void LoadX(int step) const {
+  // Thread 0: step `step`'s x (the tile's boxes; rows past the tile's count are other experts' rows or zeros
+  // past x's end, never stored) once its stage is free: `wait_empty` for RunPipelined's ring (RunSynchronous's
+  // block barrier that ended step step - kXStages freed it).
+  __device__ __forceinline__ void LoadX(int step, bool wait_empty) const {
     if (tid != 0) return;
-    barriers.WaitEmpty(step);
+    if (wait_empty) barriers.WaitEmpty(step);
     const uint32_t full = barriers.Full(step);
     MbarrierExpectBytes(full, static_cast<uint32_t>(boxes) * 64u * 128u * (kSplit ? 2u : 1u));
     const uint32_t stage = x_base + static_cast<uint32_t>(step % kXStages) * x_stage_bytes;
-    const int slice = 64 / cluster;
-    const uint16_t mask = static_cast<uint16_t>((1u << cluster) - 1u);
     for (int b = 0; b < boxes; ++b) {
-      const int box_row = 64 * b + static_cast<int>(rank) * slice;
-      const uint32_t dst = stage + 128u * static_cast<uint32_t>(box_row);
-      const int x_row = static_cast<int>(tile.row0) + box_row;
-      if (cluster > 1) {
-        TmaLoadMulticast(dst, &maps.hi, step * kDepth, x_row, full, mask);
-        if constexpr (kSplit) TmaLoadMulticast(dst + kWideXTileBytes, &maps.lo, step * kDepth, x_row, full, mask);
-      } else {
-        TmaLoad(dst, &maps.hi, step * kDepth, x_row, full);
-        if constexpr (kSplit) TmaLoad(dst + kWideXTileBytes, &maps.lo, step * kDepth, x_row, full);
-      }
+      const int x_row = static_cast<int>(tile.row0) + 64 * b;
+      TmaLoad(stage + 64u * 128u * b, &maps.hi, step * kDepth, x_row, full);
+      if constexpr (kSplit) TmaLoad(stage + kWideXTileBytes + 64u * 128u * b, &maps.lo, step * kDepth, x_row, full);
     }
   }
 
@@ -903,60 +885,86 @@ struct WideTile {
 
   template <int kN>
   __device__ __forceinline__ void Run() const {
-    if (tid == 0) barriers.Init(static_cast<uint32_t>(8 * cluster));
-    // Every block's barriers exist before any TMA or arrival reaches them (a block of its own: __syncthreads).
-    if (cluster > 1) {
-      ClusterSync();
-    } else {
-      __syncthreads();
-    }
-    for (int s = 0; s < kXAhead; ++s) LoadX(s);  // steps >= 2 (in is a multiple of 128)
-    // Two code sets: step s's codes in set s % 2, loaded two steps before their dequantization.
-    HalfRowCodes codes[2];
-    LoadCodes(0, codes[0]);
-    LoadCodes(1, codes[1]);
-#pragma unroll
-    for (int s = 0; s < kDequantAhead; ++s) {
-      Dequant(codes[s], s);
-      if (s + 2 < steps) LoadCodes(s + 2, codes[s]);
-    }
-    FenceProxyAsync();
-    WarpgroupBarrier(group);
+    if (tid == 0) barriers.Init(8);
+    __syncthreads();
     float acc[kN / 2];
 #pragma unroll
     for (float& v : acc) v = 0.0f;
     WgmmaTouch(acc);
-    // No accumulator is touched between the wgmmas (that would make ptxas wait for each one).
-    auto step = [&](int k, HalfRowCodes& set) {
-      barriers.WaitFull(k);
-      Multiply<kN>(k, acc);
-      WgmmaWait<1>();  // this warpgroup's step k - 1 is done with its x and weight stages
-      // The warp is past step k - 1 in every block. (Released here, not after the warpgroup barrier below: thread
-      // 0's fetch waits for it. H200, w1/w3: 3.87 ms released after the barrier, 3.61 ms here.)
-      if (k > 0 && tid % 32 == 0) {
-        if (cluster > 1) {
-          for (int r = 0; r < cluster; ++r) MbarrierArriveRemote(barriers.Empty(k - 1), static_cast<uint32_t>(r));
-        } else {
-          MbarrierArrive(barriers.Empty(k - 1));
-        }
-      }
-      if (k + kXAhead < steps) LoadX(k + kXAhead);
-      const int next = k + kDequantAhead;
-      if (next < steps) {
-        Dequant(set, next % kWeightStages);  // the stage of step k - 1
-        if (next + 2 < steps) LoadCodes(next + 2, set);
-        FenceProxyAsync();
-      }
-      WarpgroupBarrier(group);  // step `next`'s weights are visible to the warpgroup's wgmmas
-    };
-    for (int k = 0; k < steps; k += 2) {
-      step(k, codes[kDequantAhead % 2]);
-      if (k + 1 < steps) step(k + 1, codes[(kDequantAhead + 1) % 2]);
+    if constexpr (kSplit) {
+      RunSynchronous<kN>(acc);
+    } else {
+      RunPipelined<kN>(acc);
     }
     WgmmaWait<0>();
     WgmmaTouch(acc);
-    if (cluster > 1) ClusterSync();  // no block leaves while a peer may still multicast or arrive into it
     Store<kN>(acc);
+  }
+
+  template <int kN>
+  __device__ __forceinline__ void RunPipelined(float (&acc)[kN / 2]) const {
+    LoadX(0, false);
+    LoadX(1, false);  // steps >= 2: in is a multiple of 128
+    HalfRowCodes even, odd;
+    LoadCodes(0, even);
+    LoadCodes(1, odd);
+    Dequant(even, 0);
+    Dequant(odd, 1);
+    if (steps > 2) LoadCodes(2, even);
+    if (steps > 3) LoadCodes(3, odd);
+    FenceProxyAsync();
+    WarpgroupBarrier(group);
+    // Step k dequantizes step k + 2 from the set loaded at step k - 2 and refills it with step k + 4. No
+    // accumulator is touched between the wgmmas (that would make ptxas wait for each one).
+    auto step = [&](int k, HalfRowCodes& codes) {
+      barriers.WaitFull(k);
+      Multiply<kN>(k, acc);
+      WgmmaWait<1>();  // this warpgroup's step k - 1 is done with its x and weight stages
+      if (k > 0 && tid % 32 == 0) MbarrierArrive(barriers.Empty(k - 1));
+      if (k + 2 < steps) {
+        LoadX(k + 2, true);  // into the stage of step k - 2
+        Dequant(codes, (k + 2) % kWeightStages);
+        if (k + 4 < steps) LoadCodes(k + 4, codes);
+        FenceProxyAsync();
+      }
+      WarpgroupBarrier(group);  // step k + 2's weights are visible to the warpgroup's wgmmas
+    };
+    for (int k = 0; k < steps; k += 2) {
+      step(k, even);
+      if (k + 1 < steps) step(k + 1, odd);
+    }
+  }
+
+  template <int kN>
+  __device__ __forceinline__ void RunSynchronous(float (&acc)[kN / 2]) const {
+    LoadX(0, false);
+    LoadX(1, false);
+    HalfRowCodes even, odd;
+    LoadCodes(0, even);
+    if (steps > 1) LoadCodes(1, odd);
+    Dequant(even, 0);
+    if (steps > 2) LoadCodes(2, even);
+    FenceProxyAsync();
+    barriers.WaitFull(0);
+    __syncthreads();
+    // Step k dequantizes step k + 1 from the set loaded at step k - 1 and refills it with step k + 3.
+    auto step = [&](int k, HalfRowCodes& codes) {
+      Multiply<kN>(k, acc);
+      if (k + 2 < steps) LoadX(k + 2, false);
+      if (k + 1 < steps) {
+        Dequant(codes, (k + 1) % kWeightStages);
+        if (k + 3 < steps) LoadCodes(k + 3, codes);
+        FenceProxyAsync();
+        barriers.WaitFull(k + 1);
+      }
+      WgmmaWait<0>();
+      WgmmaTouch(acc);
+      __syncthreads();  // step k + 1's weights are visible; step k's x and weight stages are free
+    };
+    for (int k = 0; k < steps; k += 2) {
+      step(k, odd);
+      if (k + 1 < steps) step(k + 1, even);
+    }
   }
 
   // acc[4 j + e]: weight row m = 64 group + 16 warp + lane / 4 (+ 8 for e >= 2) of the tile, x row
@@ -1360,29 +1368,15 @@ absl::Status EncodeXMap(const __nv_bfloat16* x, int64_t rows, int64_t in, int bo
   return absl::OkStatus();
 }
 
-// One launch of a kernel that fetches x by TMA: grid column tiles (of `columns`, rounded up to whole clusters)
-// x tiles; each block of a cluster of `cluster` column tiles fetches 64 / cluster rows of each 64-row box.
+// One launch of a kernel whose blocks each fetch their own x by TMA (64-row boxes): grid column tiles x tiles.
 absl::Status LaunchWithXMaps(const GroupedMxfp4GemmArgs& a, Kernel kernel, int threads, size_t shared, const char* name,
-                             cudaStream_t stream, int columns = kColumns, int cluster = 1) {
+                             cudaStream_t stream, int columns = kColumns) {
   TANDEM_RETURN_IF_ERROR(AllowSharedMemory(kernel, shared, name));
   XMaps maps{};
-  TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64 / cluster, &maps.hi));
-  if (a.x_lo) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64 / cluster, &maps.lo));
-  const int64_t column_tiles = (a.total_out + columns - 1) / columns;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((column_tiles + cluster - 1) / cluster * cluster),
-                        static_cast<unsigned>(a.tile_count));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = cluster > 1 ? 1 : 0;  // one block is its own cluster without the attribute
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, a, maps));
+  TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x, a.x_rows, a.in, 64, &maps.hi));
+  if (a.x_lo) TANDEM_RETURN_IF_ERROR(EncodeXMap(a.x_lo, a.x_rows, a.in, 64, &maps.lo));
+  const dim3 grid(static_cast<unsigned>((a.total_out + columns - 1) / columns), static_cast<unsigned>(a.tile_count));
+  kernel<<<grid, threads, shared, stream>>>(a, maps);
   return CudaStatus(cudaGetLastError(), absl::StrCat("launch of ", name).c_str(), __FILE__, __LINE__);
 }
 
@@ -1415,13 +1409,13 @@ absl::Status GroupedMxfp4GemmWgmma(const GroupedMxfp4GemmArgs& args, cudaStream_
   }
   const bool split = a.x_lo != nullptr;
   if (a.wide_tiles) {
-    if (a.probe != GemmProbe::kNone || cluster < 1 || a.register_weights || a.producer_warpgroup) {
+    if (a.probe != GemmProbe::kNone || cluster != 1 || a.register_weights || a.producer_warpgroup) {
       return absl::InvalidArgumentError(
-          "GroupedMxfp4GemmWgmma: wide tiles take no probe, x_cluster 1, 2 or 4 and neither register weights nor the "
-          "producer warpgroup");
+          "GroupedMxfp4GemmWgmma: wide tiles take no probe, x_cluster 1 and neither register weights nor the producer "
+          "warpgroup");
     }
     return LaunchWithXMaps(a, split ? GroupedMxfp4GemmWideKernel<true> : GroupedMxfp4GemmWideKernel<false>, kThreads,
-                           WideSharedBytes(split), "GroupedMxfp4GemmWideKernel", stream, kWideColumns, cluster);
+                           WideSharedBytes(split), "GroupedMxfp4GemmWideKernel", stream, kWideColumns);
   }
   if (a.producer_warpgroup) {
     if (a.probe != GemmProbe::kNone || cluster != 1 || a.register_weights) {

@@ -81,8 +81,8 @@ struct GroupedMxfp4GemmArgs {
   bool producer_warpgroup = false;
   // Tiles of up to kExpertWideTileRows rows x kExpertWideTileColumns columns with the weights as the wgmma A
   // operand and x (by TMA) as B: each weight dequantized once per 256 rows instead of once per 128. The tile
-  // table must hold tiles of up to kExpertWideTileRows rows. Takes no probe, x_cluster 1, 2 or 4 (x multicast to
-  // the cluster's column tiles) and neither of the two forms above.
+  // table must hold tiles of up to kExpertWideTileRows rows. Takes no probe, x_cluster 1 and neither of the two
+  // forms above.
   bool wide_tiles = false;
 };
 
