@@ -324,12 +324,13 @@ TEST_F(CudaTest, GroupedExpertGemmProducerWarpgroupMatchesWeightTile) {
 // Wide tiles (the weights as the wgmma A operand, up to 256 rows of an expert a block): against the CPU, and both
 // x forms against the weight-tile kernel (the same products, summed in another order). Stacked outs of 2 x 320: 5
 // column tiles of 128 (part 1 starting inside the third); experts of 37, 0, 300 (a tile of 256 and one of 44),
-// 100, 130, 256, 193 and 1 rows (N = 64, 128, 192 and 256; the tile of 1 row reads past x's end); in = 640 (10
-// K steps: the x ring wraps); a group scale of 255 (NaN) and one above 128 (the slow dequantization).
+// 100, 130, 170, 256, 193 and 1 rows (N = 64, 128, 160, 192, 256 and 224; the tile of 1 row reads past x's end);
+// in = 640 (10 K steps: the x ring wraps); a group scale of 255 (NaN) and one above 128 (the slow
+// dequantization).
 TEST_F(CudaTest, GroupedExpertGemmWideTilesMatchCpu) {
   if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
-  const int64_t inter = 320, in = 640, experts = 8;
-  const std::vector<int64_t> offsets = Offsets({37, 0, 300, 100, 130, 256, 193, 1});
+  const int64_t inter = 320, in = 640, experts = 9;
+  const std::vector<int64_t> offsets = Offsets({37, 0, 300, 100, 130, 170, 256, 193, 1});
   const int64_t rows = offsets.back();
   Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
   w1.SetScale(2, 7 * (in / 32) + 3, 255);

@@ -740,7 +740,7 @@ __global__ void __launch_bounds__(kProducerThreads, 1)
 // ---- Wide tiles (GroupedMxfp4GemmArgs::wide_tiles) ----
 // The roles of the operands swapped: a block computes up to 256 rows of one expert x 128 output columns, the
 // weights the wgmma A operand (warpgroup w: weight rows [64 w, + 64) of the tile) and x the B operand (N = the
-// tile's rows rounded up to 64: wgmma m64nNk16, N 64..256, by TMA in 64-row boxes). An expert of up to 256 rows
+// tile's rows rounded up to 64, or to 32 past 128: wgmma m64nNk16, N 64..256; x by TMA in 64-row boxes). An expert of up to 256 rows
 // is one tile, so each weight is dequantized once per expert and 128 columns, where the weight-tile kernel
 // dequantizes it once per 128 rows and 256 columns (twice for the ~192-row experts of an 8192-token prefill).
 // Each thread dequantizes half a weight row a step (row t / 2, values [32 (t % 2), + 32) of the step: 16 code
@@ -905,17 +905,21 @@ struct WideTile {
   __device__ __forceinline__ void RunPipelined(float (&acc)[kN / 2]) const {
     LoadX(0, false);
     LoadX(1, false);  // steps >= 2: in is a multiple of 128
-    HalfRowCodes even, odd;
-    LoadCodes(0, even);
-    LoadCodes(1, odd);
-    Dequant(even, 0);
-    Dequant(odd, 1);
-    if (steps > 2) LoadCodes(2, even);
-    if (steps > 3) LoadCodes(3, odd);
+    // Four code sets: step s's in set s % 4, loaded four steps before its dequantization (the codes come from
+    // DRAM: each expert's weights are read once per column tile).
+    HalfRowCodes set[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      if (s < steps) LoadCodes(s, set[s]);
+    }
+    Dequant(set[0], 0);
+    Dequant(set[1], 1);
+    if (steps > 4) LoadCodes(4, set[0]);
+    if (steps > 5) LoadCodes(5, set[1]);
     FenceProxyAsync();
     WarpgroupBarrier(group);
-    // Step k dequantizes step k + 2 from the set loaded at step k - 2 and refills it with step k + 4. No
-    // accumulator is touched between the wgmmas (that would make ptxas wait for each one).
+    // Step k dequantizes step k + 2 from its set and refills it with step k + 6. No accumulator is touched
+    // between the wgmmas (that would make ptxas wait for each one).
     auto step = [&](int k, HalfRowCodes& codes) {
       barriers.WaitFull(k);
       Multiply<kN>(k, acc);
@@ -924,14 +928,18 @@ struct WideTile {
       if (k + 2 < steps) {
         LoadX(k + 2, true);  // into the stage of step k - 2
         Dequant(codes, (k + 2) % kWeightStages);
-        if (k + 4 < steps) LoadCodes(k + 4, codes);
+        if (k + 6 < steps) LoadCodes(k + 6, codes);
         FenceProxyAsync();
       }
       WarpgroupBarrier(group);  // step k + 2's weights are visible to the warpgroup's wgmmas
     };
-    for (int k = 0; k < steps; k += 2) {
-      step(k, even);
-      if (k + 1 < steps) step(k + 1, odd);
+    for (int k = 0; k < steps; k += 4) {  // steps is even
+      step(k, set[2]);
+      step(k + 1, set[3]);
+      if (k + 2 < steps) {
+        step(k + 2, set[0]);
+        step(k + 3, set[1]);
+      }
     }
   }
 
@@ -995,19 +1003,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) uint8_t shared_raw[];
   uint8_t* shared = shared_raw + ((1024u - (SharedAddress(shared_raw) & 1023u)) & 1023u);
   const WideTile<kSplit> block(a, maps, shared);
-  switch (block.boxes) {  // block-uniform
-    case 1:
-      block.template Run<64>();
-      break;
-    case 2:
-      block.template Run<128>();
-      break;
-    case 3:
-      block.template Run<192>();
-      break;
-    default:
-      block.template Run<256>();
-      break;
+  // N: the tile's rows rounded up to 64 below 128 and to 32 above (fewer wasted MMA columns for the ~192-row
+  // experts of a prefill; the TMA still fetches whole 64-row boxes). Block-uniform.
+  const int rows = block.tile.rows;
+  if (rows <= 64) {
+    block.template Run<64>();
+  } else if (rows <= 128) {
+    block.template Run<128>();
+  } else if (rows <= 160) {
+    block.template Run<160>();
+  } else if (rows <= 192) {
+    block.template Run<192>();
+  } else if (rows <= 224) {
+    block.template Run<224>();
+  } else {
+    block.template Run<256>();
   }
 }
 
