@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/core/dtype.h"
 #include "common/kernels/cuda/cuda_model_ops.h"
 #include "common/kernels/cuda/cuda_moe_prefill.h"
@@ -325,40 +326,43 @@ TEST_F(CudaTest, GroupedExpertGemmProducerWarpgroupMatchesWeightTile) {
 // x forms against the weight-tile kernel (the same products, summed in another order). Stacked outs of 2 x 320: 5
 // column tiles of 128 (part 1 starting inside the third); experts of 37, 0, 300 (a tile of 256 and one of 44),
 // 100, 130, 170, 256, 193 and 1 rows (N = 64, 128, 160, 192, 256 and 224; the tile of 1 row reads past x's end);
-// in = 640 (10 K steps: the x ring wraps); a group scale of 255 (NaN) and one above 128 (the slow
-// dequantization).
+// a group scale of 255 (NaN) and one above 128 (the slow dequantization). In = 640 (10 K steps: the x ring wraps,
+// the loop's last round of four steps is half) and 512 (8 steps: whole rounds).
 TEST_F(CudaTest, GroupedExpertGemmWideTilesMatchCpu) {
   if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
-  const int64_t inter = 320, in = 640, experts = 9;
+  const int64_t inter = 320, experts = 9;
   const std::vector<int64_t> offsets = Offsets({37, 0, 300, 100, 130, 170, 256, 193, 1});
   const int64_t rows = offsets.back();
-  Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
-  w1.SetScale(2, 7 * (in / 32) + 3, 255);
-  w3.SetScale(5, 9 * (in / 32) + 18, 131);
-  const auto x = Normal(static_cast<size_t>(rows * in), rng_);
-  auto dx = ToDevice(x);
-  const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
-  auto run = [&](bool split, bool wide) {
-    return RunFusedTwice({.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .wide_tiles = wide},
-                         stacked, dx.get(), offsets, static_cast<size_t>(rows * 2 * inter));
-  };
-  for (const bool split : {false, true}) {
-    SCOPED_TRACE(split ? "split x" : "one bf16 pass");
-    const std::vector<float> reference = run(split, false), y = run(split, true);
-    // Expert 2's weight row 7 of w1 is NaN for all its rows (ExpectMatchesCpu accepts NaN where the CPU has it).
-    for (int64_t r = offsets[2]; r < offsets[3]; ++r) EXPECT_TRUE(std::isnan(y[r * 2 * inter + 7])) << "row " << r;
-    if (!split) ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < reference.size(); ++i) {
-      if (std::isnan(reference[i])) {
-        EXPECT_TRUE(std::isnan(y[i])) << i;
-        continue;
+  for (const int64_t in : {640, 512}) {
+    Experts w1(Format::kMxfp4, experts, inter, in, rng_), w3(Format::kMxfp4, experts, inter, in, rng_);
+    w1.SetScale(2, 7 * (in / 32) + 3, 255);
+    w3.SetScale(5, 9 * (in / 32) + 18, 131);
+    const auto x = Normal(static_cast<size_t>(rows * in), rng_);
+    auto dx = ToDevice(x);
+    const cuda::HostExpertWeights stacked[] = {w1.Host(), w3.Host()};
+    auto run = [&](bool split, bool wide) {
+      return RunFusedTwice({.max_weight_elements = 2 * inter * in, .lanes = 1, .split_x = split, .wide_tiles = wide},
+                           stacked, dx.get(), offsets, static_cast<size_t>(rows * 2 * inter));
+    };
+    for (const bool split : {false, true}) {
+      const std::vector<float> reference = run(split, false);
+      SCOPED_TRACE(absl::StrCat("in ", in, split ? ", split x" : ", one bf16 pass"));
+      const std::vector<float> y = run(split, true);
+      // Expert 2's weight row 7 of w1 is NaN for all its rows (ExpectMatchesCpu accepts NaN where the CPU has it).
+      for (int64_t r = offsets[2]; r < offsets[3]; ++r) EXPECT_TRUE(std::isnan(y[r * 2 * inter + 7])) << "row " << r;
+      if (!split) ExpectMatchesCpu({&w1, &w3}, x, offsets, y);
+      double num = 0.0, den = 0.0;
+      for (size_t i = 0; i < reference.size(); ++i) {
+        if (std::isnan(reference[i])) {
+          EXPECT_TRUE(std::isnan(y[i])) << i;
+          continue;
+        }
+        ASSERT_TRUE(std::isfinite(y[i])) << "y[" << i / (2 * inter) << "][" << i % (2 * inter) << "]";
+        num += std::pow(static_cast<double>(y[i]) - reference[i], 2);
+        den += std::pow(static_cast<double>(reference[i]), 2);
       }
-      ASSERT_TRUE(std::isfinite(y[i])) << "y[" << i / (2 * inter) << "][" << i % (2 * inter) << "]";
-      num += std::pow(static_cast<double>(y[i]) - reference[i], 2);
-      den += std::pow(static_cast<double>(reference[i]), 2);
+      EXPECT_LT(std::sqrt(num / den), 1e-6) << "wide tiles vs the weight tile";
     }
-    EXPECT_LT(std::sqrt(num / den), 1e-6) << "wide tiles vs the weight tile";
   }
 }
 

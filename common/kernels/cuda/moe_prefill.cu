@@ -418,6 +418,11 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
       tile.rows = static_cast<int32_t>(std::min<int64_t>(tile_rows, offsets[e + 1] - r));
     }
   }
+  // Wide tiles: the largest tiles first, so that the last blocks to start are the shortest (each output is one
+  // block's: the order changes no bits). H200, 8192 tokens: w2 1.90 vs 1.95-2.00 ms, w1/w3 3.53-3.55 vs 3.56-3.57.
+  if (wide) {
+    std::stable_sort(tiles, tiles + count, [](const ExpertTile& l, const ExpertTile& r) { return l.rows > r.rows; });
+  }
   TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tiles_device_, tiles_host_, static_cast<size_t>(count) * sizeof(ExpertTile),
                                               cudaMemcpyHostToDevice, stream));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(tiles_copied_, stream));

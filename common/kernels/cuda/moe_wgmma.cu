@@ -743,8 +743,8 @@ __global__ void __launch_bounds__(kProducerThreads, 1)
 // tile's rows rounded up to 64, or to 32 past 128: wgmma m64nNk16, N 64..256; x by TMA in 64-row boxes). An expert of up to 256 rows
 // is one tile, so each weight is dequantized once per expert and 128 columns, where the weight-tile kernel
 // dequantizes it once per 128 rows and 256 columns (twice for the ~192-row experts of an 8192-token prefill).
-// Each thread dequantizes half a weight row a step (row t / 2, values [32 (t % 2), + 32) of the step: 16 code
-// bytes and one scale byte, loaded two steps ahead), so a warpgroup writes exactly the weight rows its own
+// Each thread dequantizes half a weight row a step (row 8 (t / 16) + t % 8, values [32 h, + 32) of the step
+// with h = (t / 8) % 2: 16 code bytes and one scale byte, loaded four steps ahead, two when split), so a warpgroup writes exactly the weight rows its own
 // wgmmas read: the weight stages pass between the threads of one warpgroup.
 // - One bf16 pass (RunPipelined): no block barrier. A warpgroup issues step k's wgmmas, waits for step k - 1's
 //   (so two steps are in flight at a time on the same accumulators), dequantizes step k + 2 into the weight
@@ -803,8 +803,12 @@ struct WideTile {
       : a(args), maps(x_maps), tile(args.tiles[blockIdx.y]) {
     tid = static_cast<int>(threadIdx.x);
     group = tid / 128;
-    row = tid / 2;
-    half = tid % 2;
+    // Threads 8 h .. 8 h + 7 of each 16 share a half and cover 8 consecutive rows: a quarter warp's 16-byte
+    // stores fill one 128-byte core-matrix row (with row tid / 2 and half tid % 2 a quarter warp's two halves of
+    // a row fell on the same banks; H200, 8192 tokens: w1/w3 3.51-3.52 vs 3.55-3.56 ms, split 5.59-5.60 vs
+    // 5.66-5.69 ms). A warp still holds 16 whole rows and reads whole 32-byte sectors of codes.
+    row = (tid / 16) * 8 + tid % 8;
+    half = (tid / 8) % 2;
     steps = static_cast<int>(a.in / kDepth);
     boxes = (tile.rows + 63) / 64;
     n0 = static_cast<int64_t>(blockIdx.x) * kWideColumns;
