@@ -385,9 +385,22 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   // Wide tiles need TMA; without a tensor-map encoder the weight-tile kernel serves (the same bits: the bench
   // compares them every run).
   const bool wide = options_.wide_tiles && internal::TensorMapsAvailable();
-  const int64_t tile_rows = wide ? internal::kExpertWideTileRows : internal::kExpertTileRows;
-  int64_t count = 0;
-  for (int64_t e = 0; e < experts; ++e) count += (offsets[e + 1] - offsets[e] + tile_rows - 1) / tile_rows;
+  // With wide tiles, experts that fit one weight tile (up to kExpertTileRows rows) still go to the weight-tile
+  // kernel, in a second launch: it serves them faster (H200, the flash-layer bench's prefill of 8192 tokens, whose
+  // random gate sends a third of the tiles under 65 rows: routed experts 9.47-9.52 vs 10.04 ms split, 6.62-6.68
+  // vs 6.89-6.92 ms bf16; experts up to 64 rows only: 9.68 / 6.72 ms).
+  const int64_t small = internal::kExpertTileRows;
+  // An expert's tiles: rows of up to kExpertWideTileRows on the wide kernel, kExpertTileRows on the weight-tile
+  // kernel.
+  auto tile_rows = [&](int64_t rows) {
+    return wide && rows > small ? internal::kExpertWideTileRows : internal::kExpertTileRows;
+  };
+  int64_t count = 0, wide_count = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e], n = (rows + tile_rows(rows) - 1) / tile_rows(rows);
+    count += n;
+    if (wide && rows > small) wide_count += n;
+  }
   // The previous upload must be out of the staging before it is rewritten (or freed).
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(tiles_copied_));
   if (count > tiles_capacity_) {
@@ -404,25 +417,25 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
       TANDEM_CUDA_RETURN_IF_ERROR(pinned);
     }
   }
+  // The wide kernel's tiles first, then the weight-tile kernel's.
   ExpertTile* tiles = static_cast<ExpertTile*>(tiles_host_);
-  int64_t t = 0;
+  int64_t next_wide = 0, next_small = wide_count;
   for (int64_t e = 0; e < experts; ++e) {
-    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += tile_rows) {
-      ExpertTile& tile = tiles[t++];
+    const int64_t rows = offsets[e + 1] - offsets[e], step = tile_rows(rows);
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += step) {
+      ExpertTile& tile = tiles[wide && rows > small ? next_wide++ : next_small++];
       for (size_t p = 0; p < 2; ++p) {
         const HostExpertWeights& w = stacked[std::min(p, stacked.size() - 1)];
         tile.codes[p] = w.codes[e];
         tile.scales[p] = w.scales[e];
       }
       tile.row0 = r;
-      tile.rows = static_cast<int32_t>(std::min<int64_t>(tile_rows, offsets[e + 1] - r));
+      tile.rows = static_cast<int32_t>(std::min<int64_t>(step, offsets[e + 1] - r));
     }
   }
   // Wide tiles: the largest tiles first, so that the last blocks to start are the shortest (each output is one
   // block's: the order changes no bits). H200, 8192 tokens: w2 1.90 vs 1.95-2.00 ms, w1/w3 3.53-3.55 vs 3.56-3.57.
-  if (wide) {
-    std::stable_sort(tiles, tiles + count, [](const ExpertTile& l, const ExpertTile& r) { return l.rows > r.rows; });
-  }
+  std::stable_sort(tiles, tiles + wide_count, [](const ExpertTile& l, const ExpertTile& r) { return l.rows > r.rows; });
   TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tiles_device_, tiles_host_, static_cast<size_t>(count) * sizeof(ExpertTile),
                                               cudaMemcpyHostToDevice, stream));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(tiles_copied_, stream));
@@ -439,8 +452,16 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   args.x_cluster = options_.x_cluster;
   args.register_weights = options_.register_weights;
   args.producer_warpgroup = options_.producer_warpgroup;
-  args.wide_tiles = wide;
   args.x_rows = offsets[experts];
+  if (wide_count > 0) {
+    args.wide_tiles = true;
+    args.tile_count = wide_count;
+    TANDEM_RETURN_IF_ERROR(internal::GroupedMxfp4GemmWgmma(args, stream));
+  }
+  if (count == wide_count) return absl::OkStatus();
+  args.wide_tiles = false;
+  args.tiles = static_cast<const ExpertTile*>(tiles_device_) + wide_count;
+  args.tile_count = count - wide_count;
   return internal::GroupedMxfp4GemmWgmma(args, stream);
 }
 
