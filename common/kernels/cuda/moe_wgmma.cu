@@ -740,12 +740,13 @@ __global__ void __launch_bounds__(kProducerThreads, 1)
 // ---- Wide tiles (GroupedMxfp4GemmArgs::wide_tiles) ----
 // The roles of the operands swapped: a block computes up to 256 rows of one expert x 128 output columns, the
 // weights the wgmma A operand (warpgroup w: weight rows [64 w, + 64) of the tile) and x the B operand (N = the
-// tile's rows rounded up to 64, or to 32 past 128: wgmma m64nNk16, N 64..256; x by TMA in 64-row boxes). An expert of up to 256 rows
-// is one tile, so each weight is dequantized once per expert and 128 columns, where the weight-tile kernel
-// dequantizes it once per 128 rows and 256 columns (twice for the ~192-row experts of an 8192-token prefill).
-// Each thread dequantizes half a weight row a step (row 8 (t / 16) + t % 8, values [32 h, + 32) of the step
-// with h = (t / 8) % 2: 16 code bytes and one scale byte, loaded four steps ahead, two when split), so a warpgroup writes exactly the weight rows its own
-// wgmmas read: the weight stages pass between the threads of one warpgroup.
+// tile's rows rounded up to 64, or to 32 past 128: wgmma m64nNk16, N 64..256; x by TMA in 64-row boxes). An
+// expert of up to 256 rows is one tile, so each weight is dequantized once per expert and 128 columns, where the
+// weight-tile kernel dequantizes it once per 128 rows and 256 columns (twice for the ~192-row experts of an
+// 8192-token prefill). Each thread dequantizes half a weight row a step (row 8 (t / 16) + t % 8, values
+// [32 h, + 32) of the step with h = (t / 8) % 2: 16 code bytes and one scale byte, loaded four steps ahead, two
+// when split), so a warpgroup writes exactly the weight rows its own wgmmas read: the weight stages pass between
+// the threads of one warpgroup.
 // - One bf16 pass (RunPipelined): no block barrier. A warpgroup issues step k's wgmmas, waits for step k - 1's
 //   (so two steps are in flight at a time on the same accumulators), dequantizes step k + 2 into the weight
 //   stage step k - 1 used, and publishes it with a warpgroup barrier; x comes by TMA two steps ahead into a
