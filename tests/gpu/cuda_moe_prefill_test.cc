@@ -326,10 +326,10 @@ TEST_F(CudaTest, GroupedExpertGemmProducerWarpgroupMatchesWeightTile) {
 // x forms against the weight-tile kernel (the same products, summed in another order). Experts of 37, 0, 300 (a
 // tile of 256 and one of 44), 356 (256 + 100), 130, 170, 256, 193 and 1 rows: N = 256, 64, 128, 160, 192 and 224
 // on the wide kernel, the experts of 37 and 1 rows (one weight tile: the tile of 1 row reads past x's end) on the
-// weight-tile kernel's launch after it; a group scale of 255 (NaN) and one above 128 (the slow dequantization). In = 640
-// (10 K steps: the x ring wraps, the loop's last round of four steps is half) with stacked outs of 2 x 320 (5
-// column tiles of 128, part 1 starting inside the third), and in = 512 (8 steps: whole rounds) with 2 x 321
-// (part 1 starting at an odd column, y's rows 8-byte aligned only).
+// weight-tile kernel's launch after it; a group scale of 255 (NaN) and one above 128 (the slow dequantization).
+// In = 640 (10 K steps: the x ring wraps, the loop's last round of four steps is half) with stacked outs of
+// 2 x 320 (5 column tiles of 128, part 1 starting inside the third), and in = 512 (8 steps: whole rounds) with
+// 2 x 321 (part 1 starting at an odd column, y's rows 8-byte aligned only).
 TEST_F(CudaTest, GroupedExpertGemmWideTilesMatchCpu) {
   if (!DeviceIsSm90()) GTEST_SKIP() << "the fused kernel needs compute capability 9.0";
   const int64_t experts = 9;

@@ -389,17 +389,17 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   // kernel, in a second launch: it serves them faster (H200, the flash-layer bench's prefill of 8192 tokens, whose
   // random gate sends a third of the tiles under 65 rows: routed experts 9.47-9.52 vs 10.04 ms split, 6.62-6.68
   // vs 6.89-6.92 ms bf16; experts up to 64 rows only: 9.68 / 6.72 ms).
-  const int64_t small = internal::kExpertTileRows;
   // An expert's tiles: rows of up to kExpertWideTileRows on the wide kernel, kExpertTileRows on the weight-tile
   // kernel.
+  auto on_wide = [&](int64_t rows) { return wide && rows > internal::kExpertTileRows; };
   auto tile_rows = [&](int64_t rows) {
-    return wide && rows > small ? internal::kExpertWideTileRows : internal::kExpertTileRows;
+    return on_wide(rows) ? internal::kExpertWideTileRows : internal::kExpertTileRows;
   };
   int64_t count = 0, wide_count = 0;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e], n = (rows + tile_rows(rows) - 1) / tile_rows(rows);
     count += n;
-    if (wide && rows > small) wide_count += n;
+    if (on_wide(rows)) wide_count += n;
   }
   // The previous upload must be out of the staging before it is rewritten (or freed).
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(tiles_copied_));
@@ -423,7 +423,7 @@ absl::Status GroupedExpertGemm::RunFused(std::span<const HostExpertWeights> stac
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e], step = tile_rows(rows);
     for (int64_t r = offsets[e]; r < offsets[e + 1]; r += step) {
-      ExpertTile& tile = tiles[wide && rows > small ? next_wide++ : next_small++];
+      ExpertTile& tile = tiles[on_wide(rows) ? next_wide++ : next_small++];
       for (size_t p = 0; p < 2; ++p) {
         const HostExpertWeights& w = stacked[std::min(p, stacked.size() - 1)];
         tile.codes[p] = w.codes[e];
